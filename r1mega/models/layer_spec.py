@@ -1,0 +1,61 @@
+"""Chooses the transformer-layer implementation: Transformer Engine when usable, torch otherwise.
+
+This is the one place that decides. The local spec is megatron-core's own, with two modules swapped
+for r1mega's (see ``local_layers``): a sequence-parallel-capable norm and an SDPA core attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from r1mega.models.local_layers import SDPAttention, SequenceParallelNorm
+from r1mega.platform.optional import have_transformer_engine
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec  # noqa: E402
+from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: E402
+
+_LOCAL_REPLACEMENTS = {WrappedTorchNorm: SequenceParallelNorm, DotProductAttention: SDPAttention}
+
+
+def use_transformer_engine(precision: str) -> bool:
+    """TE when importable; FP8 demands it (the error says what to install)."""
+    te = have_transformer_engine()
+    if precision == "fp8" and not te:
+        raise RuntimeError(
+            "model.precision=fp8 needs Transformer Engine on an FP8-capable GPU (H100 or newer): "
+            "install the `gpu` extra (`pip install -e .[gpu]`) or set model.precision=bf16."
+        )
+    return te
+
+
+def build_block_spec(config, use_te: bool):
+    """Per-layer specs for the decoder (dense and MoE layers as ``config.moe_layer_freq`` says)."""
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
+                                      normalization=config.normalization)
+    return spec if use_te else _swap_modules(spec, _LOCAL_REPLACEMENTS, {})
+
+
+def _swap_modules(node, replacements: dict, seen: dict):
+    """Copy a spec tree with classes replaced; shared sub-specs stay shared."""
+    if isinstance(node, type):
+        return replacements.get(node, node)
+    if id(node) in seen:
+        return seen[id(node)]
+    if isinstance(node, list):
+        out = [_swap_modules(n, replacements, seen) for n in node]
+    elif isinstance(node, ModuleSpec):
+        out = dataclasses.replace(
+            node,
+            module=_swap_modules(node.module, replacements, seen),
+            submodules=_swap_modules(node.submodules, replacements, seen),
+        )
+    elif dataclasses.is_dataclass(node):
+        changes = {f.name: _swap_modules(getattr(node, f.name), replacements, seen)
+                   for f in dataclasses.fields(node)}
+        out = dataclasses.replace(node, **changes)
+    else:
+        return node
+    seen[id(node)] = out
+    return out

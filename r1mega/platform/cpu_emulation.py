@@ -1,0 +1,264 @@
+"""Let megatron-core run on a CPU-only machine (gloo), for tests, the demo and development.
+
+megatron-core assumes CUDA: it calls ``torch.cuda.*`` unconditionally, allocates with
+``device=torch.cuda.current_device()``, asserts ``torch.cuda.FloatTensor`` and uses collectives that
+gloo lacks. :func:`install` patches exactly those places, once per process, *before* megatron is
+imported, and only when CUDA is unavailable. Everything version-specific to megatron-core lives here
+and in :mod:`r1mega.platform.megatron_compat`, so a newer megatron on a GPU cluster never sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import sys
+import types
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+_INSTALLED = False
+_CPU = torch.device("cpu")
+
+
+def is_needed() -> bool:
+    return not torch.cuda.is_available()
+
+
+def is_installed() -> bool:
+    return _INSTALLED
+
+
+def _to_cpu_device(device):
+    """Map any CUDA device spec (``'cuda'``, ``'cuda:0'``, ``0``, ``torch.device('cuda')``) to CPU."""
+    if device is None:
+        return None
+    if isinstance(device, int) and not isinstance(device, bool):
+        return _CPU
+    if isinstance(device, str) and device.startswith("cuda"):
+        return _CPU
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return _CPU
+    return device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Redirects tensors that megatron places on CUDA to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1:
+            target = args[1]
+            if isinstance(target, (str, int, torch.device)) and not isinstance(target, bool):
+                args = (args[0], _to_cpu_device(target)) + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stand-in for ``torch.cuda.Stream``/``Event``: CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        self.device = _CPU
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def wait_stream(self, *a, **k):
+        pass
+
+    def wait_event(self, *a, **k):
+        pass
+
+    def record_event(self, *a, **k):
+        return _NullStream()
+
+    def record(self, *a, **k):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def wait(self, *a, **k):
+        pass
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cpu_generator = torch.default_generator
+
+    cuda.current_device = lambda: "cpu"
+    cuda.device_count = lambda: 1
+    cuda.set_device = lambda *a, **k: None
+    cuda.synchronize = lambda *a, **k: None
+    cuda.empty_cache = lambda: None
+    cuda.Stream = _NullStream
+    cuda.Event = _NullStream
+    cuda.ExternalStream = _NullStream
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.set_stream = lambda *a, **k: None
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.memory_reserved = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_reserved = lambda *a, **k: 0
+    cuda.reset_peak_memory_stats = lambda *a, **k: None
+    cuda.memory_stats = lambda *a, **k: {}
+    cuda.get_rng_state = lambda *a, **k: cpu_generator.get_state()
+    cuda.set_rng_state = lambda state, *a, **k: cpu_generator.set_state(state)
+    cuda.manual_seed = lambda seed: None  # torch.manual_seed already seeds the CPU generator
+    cuda.manual_seed_all = lambda seed: None
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.random.set_rng_state = cuda.set_rng_state
+    cuda.get_device_capability = lambda *a, **k: (0, 0)
+    nvtx = types.SimpleNamespace(
+        range_push=lambda *a, **k: None,
+        range_pop=lambda *a, **k: None,
+        range=lambda *a, **k: contextlib.nullcontext(),
+        mark=lambda *a, **k: None,
+    )
+    cuda.nvtx = nvtx
+
+
+def _patch_collectives() -> None:
+    """gloo lacks uneven all_to_all_single and the *_tensor collectives megatron uses."""
+    orig_all_to_all_single = dist.all_to_all_single
+    orig_all_gather_into_tensor = dist.all_gather_into_tensor
+    orig_reduce_scatter_tensor = dist.reduce_scatter_tensor
+
+    def _is_gloo(group) -> bool:
+        return dist.get_backend(group) == "gloo"
+
+    def _done(async_op):
+        if not async_op:
+            return None
+        return _CompletedWork()
+
+    @functools.wraps(orig_all_to_all_single)
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None,
+                          group=None, async_op=False):
+        if not _is_gloo(group):
+            return orig_all_to_all_single(output, input, output_split_sizes, input_split_sizes,
+                                          group=group, async_op=async_op)
+        world = dist.get_world_size(group)
+        in_sizes = _split_sizes(input_split_sizes, input.shape[0], world)
+        out_sizes = _split_sizes(output_split_sizes, output.shape[0], world)
+        inputs = [t.contiguous() for t in torch.split(input, in_sizes)]
+        outputs = [torch.empty((n,) + tuple(output.shape[1:]), dtype=output.dtype) for n in out_sizes]
+        _all_to_all_via_p2p(outputs, inputs, group)
+        if outputs:
+            torch.cat(outputs, out=output) if output.numel() else None
+        return _done(async_op)
+
+    @functools.wraps(orig_all_gather_into_tensor)
+    def all_gather_into_tensor(output, input, group=None, async_op=False):
+        if not _is_gloo(group):
+            return orig_all_gather_into_tensor(output, input, group=group, async_op=async_op)
+        world = dist.get_world_size(group)
+        chunks = list(output.chunk(world)) if output.dim() else [output]
+        if output.shape[0] != input.shape[0] * world:
+            # Megatron's buffers are flat: view them as `world` equal chunks.
+            chunks = list(output.view(world, -1).unbind(0))
+            parts = [torch.empty_like(c) for c in chunks]
+            dist.all_gather(parts, input.reshape(-1).contiguous(), group=group)
+            for c, p in zip(chunks, parts):
+                c.copy_(p)
+            return _done(async_op)
+        parts = [torch.empty_like(input) for _ in range(world)]
+        dist.all_gather(parts, input.contiguous(), group=group)
+        torch.cat(parts, out=output)
+        return _done(async_op)
+
+    @functools.wraps(orig_reduce_scatter_tensor)
+    def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if not _is_gloo(group):
+            return orig_reduce_scatter_tensor(output, input, op=op, group=group, async_op=async_op)
+        world = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        full = input.contiguous().clone()
+        dist.all_reduce(full, op=op, group=group)
+        output.copy_(full.reshape(world, -1)[rank].reshape(output.shape))
+        return _done(async_op)
+
+    dist.all_to_all_single = all_to_all_single
+    dist.all_gather_into_tensor = all_gather_into_tensor
+    dist.reduce_scatter_tensor = reduce_scatter_tensor
+    dist._all_gather_base = all_gather_into_tensor
+    dist._reduce_scatter_base = reduce_scatter_tensor
+
+
+class _CompletedWork:
+    def wait(self, *a, **k):
+        return True
+
+    def is_completed(self):
+        return True
+
+
+def _split_sizes(sizes, total, world):
+    if sizes is None:
+        return [total // world] * world
+    return [int(s) for s in sizes]
+
+
+def _all_to_all_via_p2p(outputs, inputs, group) -> None:
+    """all_to_all with uneven sizes on gloo: every pair exchanges with isend/irecv."""
+    rank = dist.get_rank(group)
+    world = dist.get_world_size(group)
+    ops = []
+    for peer in range(world):
+        if peer == rank:
+            outputs[peer].copy_(inputs[peer])
+            continue
+        global_peer = dist.get_global_rank(group, peer) if group is not None else peer
+        if inputs[peer].numel():
+            ops.append(dist.P2POp(dist.isend, inputs[peer], global_peer, group))
+        if outputs[peer].numel():
+            ops.append(dist.P2POp(dist.irecv, outputs[peer], global_peer, group))
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+def _disable_compile() -> None:
+    import torch._dynamo
+
+    torch._dynamo.config.disable = True
+
+
+def install() -> bool:
+    """Install the emulation once (idempotent); returns whether it is active in this process."""
+    global _INSTALLED
+    if _INSTALLED:
+        return True
+    if not is_needed():
+        return False
+    if any(name == "megatron.core" or name.startswith("megatron.core.") for name in sys.modules):
+        raise RuntimeError(
+            "r1mega's CPU emulation must be installed before megatron.core is imported: call "
+            "r1mega.platform.ensure_megatron() (or import r1mega.platform) first."
+        )
+    _patch_torch_cuda()
+    _patch_collectives()
+    _disable_compile()
+    _CudaToCpuMode().__enter__()
+    _INSTALLED = True
+    log.warning("CUDA unavailable: running megatron-core on CPU through r1mega's emulation layer (gloo).")
+    return True

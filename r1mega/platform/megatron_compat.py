@@ -1,0 +1,121 @@
+"""The one place that imports megatron-core and papers over its version and CPU differences.
+
+Call :func:`ensure_megatron` before touching ``megatron.core``. On a CUDA machine it only imports and
+checks the version; on CPU it installs :mod:`r1mega.platform.cpu_emulation` first and then patches
+the few megatron functions that hard-code CUDA tensors (each patch names the file it replaces).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from importlib import metadata
+
+import torch
+import torch.distributed as dist
+
+from r1mega.platform import cpu_emulation
+from r1mega.platform.optional import have_transformer_engine
+
+log = logging.getLogger(__name__)
+
+MIN_MEGATRON = (0, 16, 0)
+_READY = False
+
+
+def megatron_version() -> tuple[int, ...]:
+    raw = metadata.version("megatron-core")
+    return tuple(int(p) for p in raw.split(".")[:3] if p.isdigit())
+
+
+def ensure_megatron() -> None:
+    """Import megatron-core ready for this machine (idempotent)."""
+    global _READY
+    if _READY:
+        return
+    try:
+        version = megatron_version()
+    except metadata.PackageNotFoundError as e:
+        raise RuntimeError("megatron-core is not installed: run `make setup` (see README).") from e
+    if version < MIN_MEGATRON:
+        raise RuntimeError(
+            f"megatron-core {'.'.join(map(str, version))} is too old; r1mega needs >= "
+            f"{'.'.join(map(str, MIN_MEGATRON))}: `pip install -e .` pins a compatible release."
+        )
+    on_cpu = cpu_emulation.install()
+    # megatron warns at import about missing TE/apex; r1mega reports its chosen path once itself
+    # (platform.optional), so these repeat what is already logged.
+    for pattern in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    import megatron.core  # noqa: F401  (after the emulation, by design)
+
+    if on_cpu:
+        _patch_megatron_for_cpu()
+    if not have_transformer_engine():
+        _patch_megatron_without_te()
+    _patch_megatron_bugs()
+    _READY = True
+
+
+def _patch_megatron_for_cpu() -> None:
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    # optimizer/clip_grads.py asserts `param.grad.type() == 'torch.cuda.FloatTensor'`.
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0:
+            for g in grads:
+                g.mul_(clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+    # tensor_parallel/random.py reads/writes CUDA generators for the model-parallel RNG tracker.
+    def _get_rng_state(device="cuda", clone=False, graph_safe=False):
+        return torch.default_generator.get_state()
+
+    def _set_rng_state(new_state, device=-1, graph_safe=False):
+        torch.default_generator.set_state(new_state)
+
+    mp_random._get_cuda_rng_state = _get_rng_state
+    mp_random._set_cuda_rng_state = _set_rng_state
+
+    # moe_utils.maybe_move_tensor_to_cpu ignores `as_numpy` for CPU tensors; the alltoall
+    # dispatcher then passes tensors where split-size lists are expected.
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.detach().cpu().numpy()
+        return tensor
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+    # moe_utils.router_gating_linear references te_general_gemm, defined only when TE imports.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _patch_megatron_without_te() -> None:
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    # multi_latent_attention.py believes TE is present when megatron's TE extension module imports
+    # (it does, with placeholders), then calls isinstance(x, None).
+    mla.HAVE_TE = False
+
+
+def _patch_megatron_bugs() -> None:
+    """Fixes for megatron-core bugs that are not CPU specific (see docs/architecture.md)."""
+    from r1mega.models import mla_fix
+
+    mla_fix.install()
+
+
+def barrier_all() -> None:
+    if dist.is_initialized():
+        dist.barrier()
