@@ -55,6 +55,11 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = _to_cpu_device(kwargs["device"])
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron asserts e.g. `param.type() == 'torch.cuda.FloatTensor'`: every emulated
+            # tensor is a "CUDA" tensor, so report it as one.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
         if func is torch.Tensor.to and len(args) > 1:
             target = args[1]
             if isinstance(target, (str, int, torch.device)) and not isinstance(target, bool):

@@ -85,6 +85,10 @@ def _patch_megatron_for_cpu() -> None:
 
     mp_random._get_cuda_rng_state = _get_rng_state
     mp_random._set_cuda_rng_state = _set_rng_state
+    # The emulated CUDA generator *is* the CPU generator, so the tracker's "CPU RNG state changed
+    # within GPU RNG context" check fires on every fork; the swap itself is exact.
+    logging.getLogger(mp_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed" not in record.getMessage())
 
     # moe_utils.maybe_move_tensor_to_cpu ignores `as_numpy` for CPU tensors; the alltoall
     # dispatcher then passes tensors where split-size lists are expected.

@@ -1,0 +1,46 @@
+"""Run configuration: typed schema, model presets, YAML/CLI loading and validation.
+
+Import-light on purpose (no torch, no megatron) so a recipe can be checked before any process
+group or accelerator is touched.
+"""
+
+from r1mega.config.errors import ConfigError
+from r1mega.config.loader import config_to_yaml, load_config, save_config
+from r1mega.config.presets import PRESETS, resolve_model
+from r1mega.config.schema import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    R1Config,
+    RewardConfig,
+    RewardTermConfig,
+    RolloutConfig,
+    TrainerConfig,
+)
+from r1mega.config.validate import derived_dp, effective_sequence_parallel, validate_config
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "PRESETS",
+    "ParallelConfig",
+    "R1Config",
+    "RewardConfig",
+    "RewardTermConfig",
+    "RolloutConfig",
+    "TrainerConfig",
+    "config_to_yaml",
+    "derived_dp",
+    "effective_sequence_parallel",
+    "load_config",
+    "resolve_model",
+    "save_config",
+    "validate_config",
+]

@@ -1,0 +1,444 @@
+"""Cross-field checks of an ``R1Config`` with megatron-core semantics, run before any process group.
+
+megatron-core reports a bad layout as an assert deep inside model construction on every rank, often
+after minutes of start-up. These checks state the same rules up front, collect every violation and
+raise one ``ConfigError`` that says what to change. No torch or megatron import: this module must
+run on a login node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Optional
+
+from r1mega.config.errors import ConfigError
+from r1mega.config.presets import resolve_model
+from r1mega.config.schema import (
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    R1Config,
+    RolloutConfig,
+    TrainerConfig,
+)
+
+PRECISIONS = ("fp32", "bf16", "fp8")
+OPTIMIZERS = ("adam", "sgd")
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+Problems = list[str]
+
+
+# --------------------------------------------------------------------------- public helpers
+
+
+def derived_dp(parallel: ParallelConfig, world_size: Optional[int] = None) -> int:
+    """Data-parallel size: ``parallel.dp`` if set, else ``world_size // (tp * pp)`` as megatron does."""
+    if parallel.dp:
+        return parallel.dp
+    if world_size is None:
+        raise ConfigError(
+            "parallel.dp=0 means 'derive from the world size' but no world size is known: "
+            "pass world_size or set parallel.dp explicitly"
+        )
+    model_parallel = parallel.tp * parallel.pp
+    if model_parallel < 1 or world_size % model_parallel:
+        raise ConfigError(
+            f"world size {world_size} is not a multiple of tp*pp={model_parallel}: "
+            f"choose tp*pp from {_divisors(world_size)}"
+        )
+    return world_size // model_parallel
+
+
+def effective_sequence_parallel(parallel: ParallelConfig) -> bool:
+    """``sequence_parallel=None`` means on whenever tp > 1 (what megatron MoE needs)."""
+    if parallel.sequence_parallel is None:
+        return parallel.tp > 1
+    return parallel.sequence_parallel
+
+
+def validate_config(cfg: R1Config, world_size: Optional[int] = None) -> None:
+    """Check ``cfg`` (and its layout on ``world_size`` ranks, if given); raise one ``ConfigError``.
+
+    Model fields left ``None`` are filled from the preset on a copy first, so the checks see the
+    architecture that will actually be built; ``cfg`` itself is not modified.
+    """
+    problems: Problems = []
+    model = _resolved_model(cfg.model, problems)
+    dp = _known_dp(cfg.parallel, world_size)
+    problems += _check_parallel(cfg.parallel, world_size)
+    problems += _check_expert_layout(cfg.parallel, dp)
+    problems += _check_model(model)
+    problems += _check_model_vs_parallel(model, cfg.parallel)
+    problems += _check_optimizer(cfg.optimizer)
+    problems += _check_trainer(cfg.trainer, cfg.parallel, dp)
+    problems += _check_rollout(cfg.rollout)
+    problems += _check_misc(cfg)
+    if problems:
+        raise ConfigError(problems)
+
+
+# --------------------------------------------------------------------------- small utilities
+
+
+def _divisors(n: int) -> list[int]:
+    """Valid choices for a size that must divide ``n``; shown in messages so the fix is obvious."""
+    if n < 1:
+        return []
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _one_of(key: str, value: object, allowed: tuple[str, ...]) -> Problems:
+    if value is None or value in allowed:
+        return []
+    return [f"{key}={value!r} is not supported: choose one of {list(allowed)}"]
+
+
+def _at_least(key: str, value: Optional[float], low: float, hint: str = "") -> Problems:
+    if value is None or value >= low:
+        return []
+    return [f"{key}={value} must be >= {low}: {hint or f'set it to {low} or more'}"]
+
+
+def _check_all(checks: list[Callable[[], Problems]]) -> Problems:
+    """Run independent checks and concatenate their problems (keeps each check one expression)."""
+    out: Problems = []
+    for check in checks:
+        out += check()
+    return out
+
+
+def _resolved_model(model: ModelConfig, problems: Problems) -> ModelConfig:
+    """Preset-filled copy of ``model``; an unknown preset/size becomes a problem, not a crash."""
+    try:
+        return resolve_model(replace(model))
+    except ValueError as exc:
+        problems.append(str(exc))
+        return model
+
+
+def _known_dp(parallel: ParallelConfig, world_size: Optional[int]) -> Optional[int]:
+    """dp when it can be known without guessing; None when the layout is already inconsistent."""
+    if parallel.dp > 0:
+        return parallel.dp
+    model_parallel = parallel.tp * parallel.pp
+    if world_size is None or model_parallel < 1 or world_size % model_parallel:
+        return None
+    return world_size // model_parallel or None
+
+
+# --------------------------------------------------------------------------- parallel layout
+
+
+def _check_parallel(p: ParallelConfig, world_size: Optional[int]) -> Problems:
+    out: Problems = []
+    for name, hint in (("tp", "tensor"), ("pp", "pipeline"), ("ep", "expert"), ("etp", "expert tensor")):
+        out += _at_least(f"parallel.{name}", getattr(p, name), 1, f"set 1 to disable {hint} parallelism")
+    out += _at_least("parallel.dp", p.dp, 0, "set 0 to derive it from the world size")
+    out += _at_least("parallel.micro_batch_size", p.micro_batch_size, 1)
+    out += _at_least("parallel.timeout_minutes", p.timeout_minutes, 1)
+    if world_size is not None and min(p.tp, p.pp) >= 1 and p.dp >= 0:
+        out += _check_world_size(p, world_size)
+    return out
+
+
+def _check_world_size(p: ParallelConfig, world_size: int) -> Problems:
+    """megatron: world = tp * pp * dp exactly (context parallel is not used here)."""
+    if world_size < 1:
+        return [f"world size {world_size} must be >= 1: launch at least one rank"]
+    model_parallel = p.tp * p.pp
+    if world_size % model_parallel:
+        return [
+            f"world size {world_size} is not a multiple of tp*pp={p.tp}*{p.pp}={model_parallel}: "
+            f"choose parallel.tp and parallel.pp whose product is in {_divisors(world_size)}, "
+            f"or launch a multiple of {model_parallel} ranks"
+        ]
+    if p.dp and model_parallel * p.dp != world_size:
+        return [
+            f"parallel.tp*pp*dp = {p.tp}*{p.pp}*{p.dp} = {model_parallel * p.dp} but world size is "
+            f"{world_size}: set parallel.dp=0 to derive it, or parallel.dp="
+            f"{world_size // model_parallel}"
+        ]
+    return []
+
+
+def _check_expert_layout(p: ParallelConfig, dp: Optional[int]) -> Problems:
+    """megatron carves the expert grid (etp * ep * expert-dp) out of the tp * dp ranks of a stage."""
+    if dp is None or min(p.tp, p.ep, p.etp) < 1:
+        return []
+    dense_ranks, expert_ranks = p.tp * dp, p.etp * p.ep
+    if dense_ranks % expert_ranks == 0:
+        return []
+    if dense_ranks % p.etp:
+        fix = f"choose parallel.etp from {_divisors(dense_ranks)}"
+    else:
+        fix = f"choose parallel.ep from {_divisors(dense_ranks // p.etp)}"
+    return [
+        f"parallel.etp*ep = {p.etp}*{p.ep} = {expert_ranks} does not divide tp*dp = {p.tp}*{dp} = "
+        f"{dense_ranks} (experts are sharded over the tp*dp ranks of each pipeline stage): {fix}"
+    ]
+
+
+# --------------------------------------------------------------------------- model architecture
+
+
+def _check_model(m: ModelConfig) -> Problems:
+    return _check_all([
+        lambda: _one_of("model.precision", m.precision, PRECISIONS),
+        lambda: _check_sizes(m),
+        lambda: _check_moe(m),
+        lambda: _check_router_groups(m),
+        lambda: _check_mla(m),
+        lambda: _one_of("model.moe_router_score_function", m.moe_router_score_function,
+                        ROUTER_SCORE_FUNCTIONS),
+        lambda: _one_of("model.moe_router_load_balancing_type", m.moe_router_load_balancing_type,
+                        LOAD_BALANCING_TYPES),
+    ])
+
+
+def _check_sizes(m: ModelConfig) -> Problems:
+    out: Problems = []
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
+        out += _at_least(f"model.{name}", getattr(m, name), 1)
+    heads, groups = m.num_attention_heads, m.num_query_groups
+    if heads is not None and groups is not None and heads >= 1:
+        if groups < 1 or heads % groups:
+            out.append(
+                f"model.num_query_groups={m.num_query_groups} does not divide "
+                f"model.num_attention_heads={m.num_attention_heads}: choose num_query_groups from "
+                f"{_divisors(m.num_attention_heads)}"
+            )
+    if m.max_position_embeddings is not None and m.seq_length > m.max_position_embeddings:
+        out.append(
+            f"model.seq_length={m.seq_length} exceeds model.max_position_embeddings="
+            f"{m.max_position_embeddings}: lower seq_length or raise max_position_embeddings"
+        )
+    return out
+
+
+def _check_moe(m: ModelConfig) -> Problems:
+    if m.num_experts is None:
+        return []
+    if m.num_experts < 1:
+        return [f"model.num_experts={m.num_experts} must be >= 1: set null for a dense model"]
+    out: Problems = []
+    if m.moe_router_topk is not None and not 1 <= m.moe_router_topk <= m.num_experts:
+        out.append(
+            f"model.moe_router_topk={m.moe_router_topk} must be between 1 and model.num_experts="
+            f"{m.num_experts}: lower moe_router_topk or add experts"
+        )
+    dense = m.first_k_dense_layers
+    if dense is not None and dense < 0:
+        out.append(f"model.first_k_dense_layers={dense} must be >= 0: set 0 for an all-MoE stack")
+    elif dense is not None and m.num_layers is not None and m.num_layers <= dense:
+        out.append(
+            f"model.num_layers={m.num_layers} must exceed model.first_k_dense_layers={dense} "
+            f"(no MoE layer would remain): lower first_k_dense_layers or add layers"
+        )
+    return out
+
+
+def _check_router_groups(m: ModelConfig) -> Problems:
+    """Group-limited routing (DeepSeek-V3): top-k is taken inside the best ``group_topk`` groups."""
+    groups, group_topk = m.moe_router_num_groups, m.moe_router_group_topk
+    if groups is None or m.num_experts is None or m.num_experts < 1:
+        return []
+    if groups < 1 or m.num_experts % groups:
+        return [
+            f"model.moe_router_num_groups={groups} does not divide model.num_experts="
+            f"{m.num_experts}: choose moe_router_num_groups from {_divisors(m.num_experts)}"
+        ]
+    if group_topk is None or not 1 <= group_topk <= groups:
+        return [
+            f"model.moe_router_group_topk={group_topk} must be between 1 and "
+            f"model.moe_router_num_groups={groups}: set it in that range"
+        ]
+    reachable = group_topk * (m.num_experts // groups)
+    if m.moe_router_topk is not None and m.moe_router_topk > reachable:
+        return [
+            f"model.moe_router_topk={m.moe_router_topk} exceeds the {reachable} experts in the top "
+            f"{group_topk} groups: raise moe_router_group_topk or lower moe_router_topk"
+        ]
+    return []
+
+
+def _check_mla(m: ModelConfig) -> Problems:
+    if not m.multi_latent_attention:
+        return []
+    needed = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+    missing = [n for n in needed if getattr(m, n) is None or getattr(m, n) < 1]
+    if not missing:
+        return []
+    return [
+        f"model.multi_latent_attention=true needs {', '.join('model.' + n for n in missing)} "
+        f"set to positive sizes: set them, or use a preset that defines them (deepseek_v3)"
+    ]
+
+
+def _check_model_vs_parallel(m: ModelConfig, p: ParallelConfig) -> Problems:
+    if min(p.tp, p.pp, p.ep, p.etp) < 1:
+        return []  # already reported; divisibility by a non-positive size is meaningless
+    return _check_all([
+        lambda: _check_tp_split(m, p),
+        lambda: _check_pipeline_split(m, p),
+        lambda: _check_experts_vs_ep(m, p),
+        lambda: _check_sequence_parallel(m, p),
+    ])
+
+
+def _must_divide(key: str, value: Optional[int], size_key: str, size: int) -> Problems:
+    """One '<size> does not divide <value>' problem with the valid choices of the size."""
+    if value is None or size <= 1 or value % size == 0:
+        return []
+    return [f"{size_key}={size} does not divide {key}={value}: choose {size_key.split('.')[-1]} "
+            f"from {_divisors(value)}"]
+
+
+def _check_tp_split(m: ModelConfig, p: ParallelConfig) -> Problems:
+    """Heads, KV groups and MLP columns are split across tensor-parallel ranks."""
+    tp = ("parallel.tp", p.tp)
+    return (
+        _must_divide("model.num_attention_heads", m.num_attention_heads, *tp)
+        + _must_divide("model.num_query_groups", m.num_query_groups, *tp)
+        + _must_divide("model.ffn_hidden_size", m.ffn_hidden_size, *tp)
+        + _must_divide("model.moe_shared_expert_intermediate_size",
+                       m.moe_shared_expert_intermediate_size, *tp)
+        # routed experts are split by the expert-tensor-parallel size, not tp
+        + _must_divide("model.moe_ffn_hidden_size",
+                       m.moe_ffn_hidden_size if m.num_experts else None, "parallel.etp", p.etp)
+    )
+
+
+def _check_pipeline_split(m: ModelConfig, p: ParallelConfig) -> Problems:
+    """Even split needs pp | num_layers; otherwise first/last stage sizes must make it even."""
+    first, last = p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage
+    if m.num_layers is None or m.num_layers < 1:
+        return []
+    if first is None and last is None:
+        if m.num_layers % p.pp == 0:
+            return []
+        return [
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}: choose pp "
+            f"from {_divisors(m.num_layers)}, or set parallel.num_layers_in_first_pipeline_stage/"
+            f"num_layers_in_last_pipeline_stage for an uneven split"
+        ]
+    return _check_uneven_split(m.num_layers, p.pp, first, last)
+
+
+def _check_uneven_split(num_layers: int, pp: int, first: Optional[int], last: Optional[int]) -> Problems:
+    edges = [v for v in (first, last) if v is not None]
+    if pp < 1 + len(edges):
+        return [
+            f"parallel.num_layers_in_first/last_pipeline_stage need parallel.pp >= {1 + len(edges)} "
+            f"(got pp={pp}): raise pp or unset them"
+        ]
+    if any(v < 1 for v in edges):
+        return ["parallel.num_layers_in_first/last_pipeline_stage must be >= 1: raise or unset them"]
+    middle_layers, middle_stages = num_layers - sum(edges), pp - len(edges)
+    if middle_layers < 0 or bool(middle_layers) != bool(middle_stages) or (
+        middle_stages and middle_layers % middle_stages
+    ):
+        return [
+            f"uneven pipeline split leaves {middle_layers} layers for {middle_stages} middle stages "
+            f"(model.num_layers={num_layers}, parallel.pp={pp}, first={first}, last={last}): pick "
+            f"first/last so that the remaining layers divide evenly over the middle stages"
+        ]
+    return []
+
+
+def _check_experts_vs_ep(m: ModelConfig, p: ParallelConfig) -> Problems:
+    if m.num_experts is None:
+        if p.ep > 1:
+            return [f"parallel.ep={p.ep} needs an MoE model but model.num_experts is unset: "
+                    f"set parallel.ep=1 or model.num_experts"]
+        return []
+    if m.num_experts < 1 or m.num_experts % p.ep == 0:
+        return []
+    return [
+        f"model.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}: choose ep from "
+        f"{_divisors(m.num_experts)}"
+    ]
+
+
+def _check_sequence_parallel(m: ModelConfig, p: ParallelConfig) -> Problems:
+    out: Problems = []
+    if p.sequence_parallel is False and p.tp > 1 and m.num_experts:
+        out.append(
+            f"parallel.sequence_parallel=false with parallel.tp={p.tp} on an MoE model: megatron-core "
+            f"MoE needs sequence parallelism when tp > 1; set parallel.sequence_parallel=true "
+            f"(or null to follow tp)"
+        )
+    if effective_sequence_parallel(p) and p.tp > 1 and m.seq_length % p.tp:
+        out.append(
+            f"model.seq_length={m.seq_length} is not divisible by parallel.tp={p.tp} (sequence "
+            f"parallelism splits the sequence over tp ranks): use a multiple of {p.tp}"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- training sections
+
+
+def _check_optimizer(o: OptimizerConfig) -> Problems:
+    out = _one_of("optimizer.name", o.name, OPTIMIZERS)
+    out += _one_of("optimizer.lr_decay_style", o.lr_decay_style, LR_DECAY_STYLES)
+    if not o.lr > 0:
+        out.append(f"optimizer.lr={o.lr} must be > 0: set a positive learning rate such as 1e-6")
+    if not 0 <= o.min_lr <= max(o.lr, 0):
+        out.append(f"optimizer.min_lr={o.min_lr} must be in [0, optimizer.lr={o.lr}]: lower it")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(o, name) < 1:
+            out.append(f"optimizer.{name}={getattr(o, name)} must be in [0, 1): e.g. 0.9 or 0.95")
+    if not o.adam_eps > 0:
+        out.append(f"optimizer.adam_eps={o.adam_eps} must be > 0: e.g. 1e-8")
+    out += _at_least("optimizer.weight_decay", o.weight_decay, 0)
+    out += _at_least("optimizer.clip_grad", o.clip_grad, 0, "set 0 to disable clipping")
+    out += _at_least("optimizer.warmup_steps", o.warmup_steps, 0)
+    return out
+
+
+def _check_trainer(t: TrainerConfig, p: ParallelConfig, dp: Optional[int]) -> Problems:
+    out = _at_least("trainer.steps", t.steps, 0)
+    out += _at_least("trainer.global_batch_size", t.global_batch_size, 1)
+    out += _at_least("trainer.log_interval", t.log_interval, 1)
+    out += _at_least("trainer.eval_interval", t.eval_interval, 0, "set 0 to disable evaluation")
+    if dp is None or p.micro_batch_size < 1 or t.global_batch_size < 1:
+        return out
+    per_step = dp * p.micro_batch_size
+    if t.global_batch_size % per_step:
+        lower = max(per_step, t.global_batch_size // per_step * per_step)
+        out.append(
+            f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
+            f"dp*micro_batch_size = {dp}*{p.micro_batch_size} = {per_step}: use a multiple of "
+            f"{per_step} (e.g. {lower} or {lower + per_step}) or change parallel.micro_batch_size"
+        )
+    return out
+
+
+def _check_rollout(r: RolloutConfig) -> Problems:
+    out: Problems = []
+    if not r.temperature > 0:
+        out.append(f"rollout.temperature={r.temperature} must be > 0: use 1.0 for RL sampling")
+    if not 0 < r.top_p <= 1:
+        out.append(f"rollout.top_p={r.top_p} must be in (0, 1]: use 1.0 to disable nucleus sampling")
+    if r.top_k != -1 and r.top_k < 1:
+        out.append(f"rollout.top_k={r.top_k} must be -1 (disabled) or >= 1")
+    if not 0 < r.gpu_memory_utilization <= 1:
+        out.append(f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} must be in (0, 1]")
+    out += _at_least("rollout.n", r.n, 1, "GRPO needs at least one sample per prompt")
+    out += _at_least("rollout.max_new_tokens", r.max_new_tokens, 1)
+    out += _at_least("rollout.tp", r.tp, 1)
+    return out
+
+
+def _check_misc(cfg: R1Config) -> Problems:
+    out = _one_of("logging.level", cfg.logging.level, LOG_LEVELS)
+    out += _at_least("data.max_prompt_length", cfg.data.max_prompt_length, 1)
+    out += _at_least("reward.num_workers", cfg.reward.num_workers, 0)
+    out += _at_least("checkpoint.save_interval", cfg.checkpoint.save_interval, 0,
+                     "set 0 to disable periodic saves")
+    return out

@@ -1,0 +1,95 @@
+"""One next-token-prediction training step over megatron's forward/backward schedules.
+
+Used by the parity tool, checkpoint tests and (with masks) SFT. Works for every TP/PP/EP layout:
+the schedule handles pipeline send/receive; DDP + ``finalize_model_grads`` reduce gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from r1mega.train.model_setup import TrainingModel
+
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean LM loss over the global batch (same value on every rank)
+    grad_norm: float
+    skipped: bool
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    per_token = output_tensor.float()
+    loss = (per_token * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+    return loss, {"lm loss": loss.detach()}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    tokens = batch[:, :-1].contiguous()
+    labels = batch[:, 1:].contiguous()
+    positions = torch.arange(tokens.size(1)).unsqueeze(0).expand_as(tokens)
+    output = model(tokens, positions, None, labels=labels)
+    return output, partial(_loss_func, torch.ones_like(labels, dtype=torch.float32))
+
+
+def local_batch(global_tokens: torch.Tensor) -> torch.Tensor:
+    """This data-parallel rank's contiguous slice of the global batch."""
+    dp = parallel_state.get_data_parallel_world_size()
+    rank = parallel_state.get_data_parallel_rank()
+    if global_tokens.size(0) % dp:
+        raise ValueError(f"global batch {global_tokens.size(0)} is not divisible by dp={dp}")
+    return global_tokens.chunk(dp)[rank]
+
+
+def lm_train_step(tm: TrainingModel, tokens: torch.Tensor, micro_batch_size: int,
+                  force_all_reduce: bool = False, forward_only: bool = False) -> StepResult:
+    """Forward/backward over this rank's ``tokens`` [b, s+1] in micro-batches, then an optimizer step.
+
+    ``force_all_reduce`` all-reduces gradients even with the distributed optimizer, so every rank
+    holds full gradients afterwards (parity checks read them).
+    """
+    if tokens.size(0) % micro_batch_size:
+        raise ValueError(f"local batch {tokens.size(0)} is not divisible by micro_batch_size={micro_batch_size}")
+    num_micro = tokens.size(0) // micro_batch_size
+    micro_batches = iter(tokens.split(micro_batch_size))
+    if not forward_only:
+        tm.ddp.zero_grad_buffer()
+        tm.optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=micro_batches,
+        model=[tm.ddp],
+        num_microbatches=num_micro,
+        seq_length=tokens.size(1) - 1,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+        force_all_reduce=force_all_reduce,
+    )
+    loss = _global_mean_loss(losses)
+    if forward_only:
+        return StepResult(loss=loss, grad_norm=0.0, skipped=False)
+    success, grad_norm, _ = tm.optimizer.step()
+    if success:
+        tm.scheduler.step(increment=1)
+    return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0), skipped=not success)
+
+
+def _global_mean_loss(losses: list[dict]) -> float:
+    """Average over micro-batches (last stage) and DP ranks, then share with every rank."""
+    value = torch.zeros(2, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage() and losses:
+        value[0] = sum(float(d["lm loss"]) for d in losses)
+        value[1] = len(losses)
+    if dist.is_initialized():
+        # Sum over the whole world counts each last-stage value tp times per DP replica; ratios cancel.
+        dist.all_reduce(value)
+    return float(value[0] / value[1]) if value[1] else math.nan

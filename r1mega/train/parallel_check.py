@@ -1,0 +1,250 @@
+"""Parallel-correctness check: every layout must train exactly like one process.
+
+For each layout (e.g. ``tp2ep2pp2``) spawn ``tp*pp*dp`` CPU processes (gloo), build the policy with
+layout-invariant init, run ``steps`` training steps (megatron DDP + distributed optimizer) on the
+same global batches, and compare with a single-process reference: loss per step, gradients of the
+last step, and parameters after the last optimizer step. Each run is a subprocess with a timeout, so
+a hang fails instead of stalling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig
+
+_LAYOUT = re.compile(r"(tp|pp|ep|dp|etp)(\d+)")
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    dp: int = 1
+    etp: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "Layout":
+        """``tp2ep2pp2`` -> Layout; dp defaults to ep so expert parallelism has ranks to use."""
+        text = text.strip().lower()
+        if text in ("1", "ref", "single"):
+            return cls()
+        parts = dict((k, int(v)) for k, v in _LAYOUT.findall(text))
+        if "".join(f"{k}{v}" for k, v in _LAYOUT.findall(text)) != text or not parts:
+            raise ValueError(f"layout {text!r}: write it like tp2, ep2, pp2, tp2ep2, tp2ep2pp2 (optional dpN, etpN)")
+        parts.setdefault("dp", max(1, parts.get("ep", 1) * parts.get("etp", 1) // parts.get("tp", 1)))
+        return cls(**parts)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def name(self) -> str:
+        return "".join(f"{k}{v}" for k, v in dataclasses.asdict(self).items() if v > 1) or "1"
+
+    def parallel_config(self, micro_batch_size: int) -> ParallelConfig:
+        return ParallelConfig(tp=self.tp, pp=self.pp, ep=self.ep, etp=self.etp, dp=self.dp,
+                              use_distributed_optimizer=True, micro_batch_size=micro_batch_size)
+
+
+@dataclass
+class CheckSpec:
+    model: ModelConfig
+    steps: int = 2
+    global_batch: int = 4
+    micro_batch_size: int = 1
+    seq_length: int = 32
+    data_seed: int = 7
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-3, clip_grad=0.0))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CheckSpec":
+        return cls(**dict(d, model=ModelConfig(**d["model"]), optimizer=OptimizerConfig(**d["optimizer"])))
+
+
+@dataclass
+class LayoutReport:
+    layout: str
+    world_size: int
+    seconds: float
+    loss_rel_err: float
+    grad_rel_err: float
+    param_rel_err: float
+    losses: list[float]
+
+    @property
+    def max_rel_err(self) -> float:
+        return max(self.loss_rel_err, self.grad_rel_err, self.param_rel_err)
+
+
+def global_batches(spec: CheckSpec, vocab_size: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(spec.data_seed)
+    return [torch.randint(0, vocab_size, (spec.global_batch, spec.seq_length + 1), generator=gen)
+            for _ in range(spec.steps)]
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def _worker(spec: CheckSpec, layout: Layout, out_path: str) -> None:
+    from r1mega.config.presets import resolve_model
+    from r1mega.platform.distributed import init_model_parallel, init_process_group, shutdown
+
+    init_process_group(timeout_minutes=5)
+    parallel = layout.parallel_config(spec.micro_batch_size)
+    model_cfg = resolve_model(spec.model)
+    init_model_parallel(parallel, seed=model_cfg.seed)
+
+    from r1mega.models.sharding import gather_full
+    from r1mega.train.lm_step import lm_train_step, local_batch
+    from r1mega.train.model_setup import build_training_model
+
+    tm = build_training_model(model_cfg, parallel, spec.optimizer, total_steps=spec.steps)
+    initial = gather_full(tm.module, tm.config)
+    losses, grads = [], None
+    for step, batch in enumerate(global_batches(spec, model_cfg.vocab_size)):
+        last = step == spec.steps - 1
+        # The step's optimizer update happens inside; read grads of the last step before it.
+        if last:
+            tm.optimizer.step = _capture_grads_then(tm, tm.optimizer.step, sink := {})
+        result = lm_train_step(tm, local_batch(batch), spec.micro_batch_size, force_all_reduce=last)
+        losses.append(result.loss)
+        if last:
+            grads = sink["grads"]
+    final = gather_full(tm.module, tm.config)
+    if torch.distributed.get_rank() == 0:
+        torch.save({"losses": losses, "initial": initial, "grads": grads, "final": final}, out_path)
+    shutdown()
+
+
+def _capture_grads_then(tm, step_fn, sink: dict):
+    from r1mega.models.sharding import gather_full
+
+    def step():
+        main_grads = {n: p.main_grad for n, p in tm.module.named_parameters()}
+        sink["grads"] = gather_full(tm.module, tm.config, main_grads)
+        return step_fn()
+
+    return step
+
+
+# ----------------------------------------------------------------------------- launcher side
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_layout(spec: CheckSpec, layout: Layout, timeout_s: float = 300.0) -> dict:
+    """Run one layout in fresh processes; returns rank 0's gathered results."""
+    with tempfile.TemporaryDirectory(prefix="r1mega-parity-") as tmp:
+        spec_path, out_path = Path(tmp, "spec.pt"), Path(tmp, "out.pt")
+        spec_path.write_text(json.dumps({"spec": dataclasses.asdict(spec), "layout": dataclasses.asdict(layout)}))
+        port = _free_port()
+        procs = []
+        logs = []
+        for rank in range(layout.world_size):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(layout.world_size),
+                       LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                       OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+            log = open(Path(tmp, f"rank{rank}.log"), "w+")
+            logs.append(log)
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "r1mega.train.parallel_check", "--worker", str(spec_path), str(out_path)],
+                env=env, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout_s
+        failed = None
+        try:
+            for rank, proc in enumerate(procs):
+                remaining = max(1.0, deadline - time.monotonic())
+                try:
+                    if proc.wait(timeout=remaining) != 0 and failed is None:
+                        failed = rank
+                except subprocess.TimeoutExpired:
+                    failed = rank if failed is None else failed
+                    raise TimeoutError(f"layout {layout.name()} did not finish within {timeout_s:.0f}s")
+        except TimeoutError as e:
+            for p in procs:
+                p.kill()
+            raise TimeoutError(f"{e}\n{_tail(logs[failed or 0])}") from None
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        if failed is not None:
+            raise RuntimeError(f"layout {layout.name()}: rank {failed} failed:\n{_tail(logs[failed])}")
+        for log in logs:
+            log.close()
+        return torch.load(out_path, weights_only=True)
+
+
+def _tail(log, chars: int = 4000) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read()[-chars:]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+def compare(ref: dict, got: dict) -> tuple[float, float, float]:
+    """(loss, grad, param) relative errors; param error is relative to the reference update size."""
+    loss_err = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(got["losses"], ref["losses"]))
+    if ref["grads"].keys() != got["grads"].keys():
+        missing = sorted(set(ref["grads"]) ^ set(got["grads"]))
+        raise AssertionError(f"parameter sets differ: {missing[:5]}")
+    grad_err = max(_rel(got["grads"][n], g) for n, g in ref["grads"].items() if g.norm() > 0)
+    param_err = 0.0
+    for name, final in ref["final"].items():
+        update = final - ref["initial"][name]
+        if update.norm() > 0:
+            param_err = max(param_err, float((got["final"][name] - final).norm() / update.norm()))
+    return loss_err, grad_err, param_err
+
+
+def check_layouts(spec: CheckSpec, layouts: list[Layout], timeout_s: float = 300.0,
+                  reference: dict | None = None) -> list[LayoutReport]:
+    t0 = time.monotonic()
+    ref = reference or run_layout(spec, Layout(), timeout_s)
+    reports = [LayoutReport("1", 1, time.monotonic() - t0, 0.0, 0.0, 0.0, ref["losses"])]
+    for layout in layouts:
+        t0 = time.monotonic()
+        got = run_layout(spec, layout, timeout_s)
+        errs = compare(ref, got)
+        reports.append(LayoutReport(layout.name(), layout.world_size, time.monotonic() - t0, *errs,
+                                    got["losses"]))
+    return reports
+
+
+def format_table(model: str, reports: list[LayoutReport]) -> str:
+    lines = [f"model={model}",
+             f"{'layout':<12}{'procs':>6}{'time_s':>8}{'loss_rel':>11}{'grad_rel':>11}{'param_rel':>11}  losses"]
+    for r in reports:
+        losses = " ".join(f"{x:.6f}" for x in r.losses)
+        lines.append(f"{r.layout:<12}{r.world_size:>6}{r.seconds:>8.1f}{r.loss_rel_err:>11.2e}"
+                     f"{r.grad_rel_err:>11.2e}{r.param_rel_err:>11.2e}  {losses}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
+    payload = json.loads(Path(sys.argv[2]).read_text())
+    _worker(CheckSpec.from_dict(payload["spec"]), Layout(**payload["layout"]), sys.argv[3])
+elif __name__ == "__main__":
+    argparse.ArgumentParser().error("internal worker entry; use tools/check_parallel.py")
