@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from r1mega.config.errors import ConfigError
 from r1mega.config.presets import resolve_model
 from r1mega.config.schema import R1Config
-from r1mega.config.validate import validate_config
+from r1mega.config.validate import resolve_parallel, validate_config
 
 PathLike = Union[str, os.PathLike]
 Leaf = tuple[str, Any, Any]  # (dotted key, value, annotated field type)
@@ -48,6 +48,7 @@ def load_config(
         cfg.model = resolve_model(cfg.model)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    cfg.parallel = resolve_parallel(cfg.parallel)
     validate_config(cfg, world_size)
     return cfg
 

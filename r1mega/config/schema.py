@@ -67,7 +67,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     ep: int = 1
-    etp: int = 1  # expert tensor parallel size
+    etp: Optional[int] = None  # expert tensor parallel size; None = tp (megatron's default)
     dp: int = 0  # 0 = world_size // (tp * pp)
     # Uneven pipeline split (megatron-core names): layers on the first / last stage, the rest spread
     # evenly over the middle stages. Needed when num_layers % pp != 0 (DeepSeek-V3: 61 layers).

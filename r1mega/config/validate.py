@@ -69,13 +69,14 @@ def validate_config(cfg: R1Config, world_size: Optional[int] = None) -> None:
     """
     problems: Problems = []
     model = _resolved_model(cfg.model, problems)
-    dp = _known_dp(cfg.parallel, world_size)
-    problems += _check_parallel(cfg.parallel, world_size)
-    problems += _check_expert_layout(cfg.parallel, dp)
+    parallel = resolve_parallel(cfg.parallel)
+    dp = _known_dp(parallel, world_size)
+    problems += _check_parallel(parallel, world_size)
+    problems += _check_expert_layout(parallel, dp, model)
     problems += _check_model(model)
-    problems += _check_model_vs_parallel(model, cfg.parallel)
+    problems += _check_model_vs_parallel(model, parallel)
     problems += _check_optimizer(cfg.optimizer)
-    problems += _check_trainer(cfg.trainer, cfg.parallel, dp)
+    problems += _check_trainer(cfg.trainer, parallel, dp)
     problems += _check_rollout(cfg.rollout)
     problems += _check_misc(cfg)
     if problems:
@@ -166,8 +167,19 @@ def _check_world_size(p: ParallelConfig, world_size: int) -> Problems:
     return []
 
 
-def _check_expert_layout(p: ParallelConfig, dp: Optional[int]) -> Problems:
+def resolve_parallel(p: ParallelConfig) -> ParallelConfig:
+    """Fill derived defaults: ``etp=None`` means etp = tp, as in megatron-core."""
+    return replace(p, etp=p.tp) if p.etp is None else p
+
+
+def _check_expert_layout(p: ParallelConfig, dp: Optional[int], m: ModelConfig) -> Problems:
     """megatron carves the expert grid (etp * ep * expert-dp) out of the tp * dp ranks of a stage."""
+    if min(p.tp, p.ep, p.etp) >= 1 and m.num_experts and p.ep == 1 and p.etp != p.tp:
+        # megatron-core marks expert weights as dense (reduced over the dense DP group only) when
+        # ep == 1, so expert-data-parallel copies across TP ranks would never be summed.
+        return [f"parallel.etp={p.etp} differs from parallel.tp={p.tp} with parallel.ep=1: expert "
+                f"gradients would not be reduced across TP ranks; set parallel.etp={p.tp} (or leave it "
+                f"unset), or use parallel.ep>1"]
     if dp is None or min(p.tp, p.ep, p.etp) < 1:
         return []
     dense_ranks, expert_ranks = p.tp * dp, p.etp * p.ep

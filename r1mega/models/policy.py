@@ -64,6 +64,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         expert_tensor_parallel_size=parallel.etp,
         sequence_parallel=sequence_parallel,
         params_dtype=_dtype(model.precision),
+        pipeline_dtype=_dtype(model.precision),
         bf16=model.precision in ("bf16", "fp8"),
         fp8="hybrid" if model.precision == "fp8" else None,
         fp8_recipe="delayed" if model.precision == "fp8" else None,

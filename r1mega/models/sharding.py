@@ -138,9 +138,14 @@ def gather_full(model: torch.nn.Module, config, tensors: dict[str, torch.Tensor]
             return None
     by_name: dict[str, dict[int, torch.Tensor]] = {}
     info_of: dict[str, ShardInfo] = {}
-    for rank_payload in gathered:
+    for rank, rank_payload in enumerate(gathered):
         for info, tensor in rank_payload:
-            by_name.setdefault(info.canonical_name, {}).setdefault(info.tp_rank, tensor)
+            first = by_name.setdefault(info.canonical_name, {}).setdefault(info.tp_rank, tensor)
+            if first is not tensor and not torch.equal(first, tensor):
+                # Replicas (data-parallel copies, TP-replicated norms) must be bit-identical.
+                raise RuntimeError(
+                    f"{info.canonical_name} (TP shard {info.tp_rank}) differs between replicas: rank {rank} "
+                    f"is off by {float((first - tensor).abs().max()):.3e}")
             info_of[info.canonical_name] = info
     full = {}
     for name, shards in by_name.items():

@@ -202,6 +202,50 @@ def _patch_collectives() -> None:
         output.copy_(full.reshape(world, -1)[rank].reshape(output.shape))
         return _done(async_op)
 
+    orig_all_gather = dist.all_gather
+    orig_reduce_scatter = dist.reduce_scatter
+
+    @functools.wraps(orig_all_gather)
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        shapes = {tuple(t.shape) for t in tensor_list}
+        if not _is_gloo(group) or len(shapes) == 1 and tuple(tensor.shape) in shapes:
+            return orig_all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        # Uneven first dimensions (MoE token gathers): pad to the largest, gather, trim.
+        longest = max(t.shape[0] for t in tensor_list)
+        padded = tensor.new_zeros((longest,) + tuple(tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in tensor_list]
+        orig_all_gather(parts, padded, group=group)
+        for out, part in zip(tensor_list, parts):
+            out.copy_(part[: out.shape[0]])
+        return _done(async_op)
+
+    @functools.wraps(orig_reduce_scatter)
+    def reduce_scatter(output, input_list, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if not _is_gloo(group):
+            return orig_reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+        # gloo has no reduce_scatter: all-reduce everything, keep this rank's part.
+        sizes = [t.shape[0] for t in input_list]
+        full = torch.cat([t.contiguous() for t in input_list])
+        dist.all_reduce(full, op=op, group=group)
+        output.copy_(torch.split(full, sizes)[dist.get_rank(group)])
+        return _done(async_op)
+
+    orig_coalescing_manager = dist._coalescing_manager
+
+    @contextlib.contextmanager
+    def _coalescing_manager(group=None, device=None, async_ops=False):
+        # gloo would queue the collectives issued inside and run them on exit, after the emulated
+        # ones above have already read their (not yet reduced) results: run each one eagerly.
+        if _is_gloo(group):
+            yield _CompletedWork()
+            return
+        with orig_coalescing_manager(group, device, async_ops) as cm:
+            yield cm
+
+    dist._coalescing_manager = _coalescing_manager
+    dist.all_gather = all_gather
+    dist.reduce_scatter = reduce_scatter
     dist.all_to_all_single = all_to_all_single
     dist.all_gather_into_tensor = all_gather_into_tensor
     dist.reduce_scatter_tensor = reduce_scatter_tensor

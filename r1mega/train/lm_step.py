@@ -29,7 +29,8 @@ class StepResult:
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     per_token = output_tensor.float()
     loss = (per_token * loss_mask).sum() / loss_mask.sum().clamp(min=1)
-    return loss, {"lm loss": loss.detach()}
+    # clone: megatron divides the returned loss by the micro-batch count in place.
+    return loss, {"lm loss": loss.detach().clone()}
 
 
 def _forward_step(data_iterator, model):

@@ -26,7 +26,7 @@ import torch
 
 from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig
 
-_LAYOUT = re.compile(r"(tp|pp|ep|dp|etp)(\d+)")
+_LAYOUT = re.compile(r"(etp|tp|pp|ep|dp)(\d+)")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Layout:
     pp: int = 1
     ep: int = 1
     dp: int = 1
-    etp: int = 1
+    etp: int = 0  # 0 = tp (megatron's default)
 
     @classmethod
     def parse(cls, text: str) -> "Layout":
@@ -46,7 +46,8 @@ class Layout:
         parts = dict((k, int(v)) for k, v in _LAYOUT.findall(text))
         if "".join(f"{k}{v}" for k, v in _LAYOUT.findall(text)) != text or not parts:
             raise ValueError(f"layout {text!r}: write it like tp2, ep2, pp2, tp2ep2, tp2ep2pp2 (optional dpN, etpN)")
-        parts.setdefault("dp", max(1, parts.get("ep", 1) * parts.get("etp", 1) // parts.get("tp", 1)))
+        parts.setdefault("etp", parts.get("tp", 1))
+        parts.setdefault("dp", max(1, parts.get("ep", 1) * parts["etp"] // parts.get("tp", 1)))
         return cls(**parts)
 
     @property
@@ -54,10 +55,11 @@ class Layout:
         return self.tp * self.pp * self.dp
 
     def name(self) -> str:
-        return "".join(f"{k}{v}" for k, v in dataclasses.asdict(self).items() if v > 1) or "1"
+        shown = {k: v for k, v in dataclasses.asdict(self).items() if v > 1 and not (k == "etp" and v == self.tp)}
+        return "".join(f"{k}{v}" for k, v in shown.items()) or "1"
 
     def parallel_config(self, micro_batch_size: int) -> ParallelConfig:
-        return ParallelConfig(tp=self.tp, pp=self.pp, ep=self.ep, etp=self.etp, dp=self.dp,
+        return ParallelConfig(tp=self.tp, pp=self.pp, ep=self.ep, etp=self.etp or self.tp, dp=self.dp,
                               use_distributed_optimizer=True, micro_batch_size=micro_batch_size)
 
 
