@@ -73,7 +73,7 @@ PRESETS: dict[str, dict[str, dict]] = {
                           moe_router_topk=8, moe_ffn_hidden_size=1536),
     },
     "deepseek_v3": {
-        "tiny": dict(_DEEPSEEK_V3_BASE, num_layers=3, hidden_size=64, num_attention_heads=4,
+        "tiny": dict(_DEEPSEEK_V3_BASE, num_layers=4, hidden_size=64, num_attention_heads=4,
                      num_query_groups=4, ffn_hidden_size=128, vocab_size=512,
                      max_position_embeddings=1024, num_experts=16, moe_router_topk=4,
                      moe_ffn_hidden_size=32, moe_shared_expert_intermediate_size=32,

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig
+from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig, R1Config, TrainerConfig
+from r1mega.config.validate import validate_config
 
 _LAYOUT = re.compile(r"(etp|tp|pp|ep|dp)(\d+)")
 
@@ -221,8 +222,17 @@ def compare(ref: dict, got: dict) -> tuple[float, float, float]:
     return loss_err, grad_err, param_err
 
 
+def validate_layouts(spec: CheckSpec, layouts: list[Layout]) -> None:
+    """Fail before spawning anything if a layout cannot hold this model (ConfigError says why)."""
+    for layout in layouts:
+        cfg = R1Config(model=spec.model, parallel=layout.parallel_config(spec.micro_batch_size),
+                       trainer=TrainerConfig(global_batch_size=spec.global_batch))
+        validate_config(cfg, world_size=layout.world_size)
+
+
 def check_layouts(spec: CheckSpec, layouts: list[Layout], timeout_s: float = 300.0,
                   reference: dict | None = None) -> list[LayoutReport]:
+    validate_layouts(spec, layouts)
     t0 = time.monotonic()
     ref = reference or run_layout(spec, Layout(), timeout_s)
     reports = [LayoutReport("1", 1, time.monotonic() - t0, 0.0, 0.0, 0.0, ref["losses"])]
