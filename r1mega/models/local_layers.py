@@ -85,7 +85,8 @@ class SDPAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by SDPAttention")
         packed = packed_seq_params is not None
-        if packed and query.dim() == 3:  # [t, h, d] -> [t, 1, h, d]
+        thd = query.dim() == 3  # packed tokens without a batch dim: [t, h, d]
+        if thd:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
@@ -107,9 +108,7 @@ class SDPAttention(MegatronModule):
         # [b, h, s, dv] -> [s, b, h * dv]
         out = out.permute(2, 0, 1, 3).contiguous()
         out = out.view(out.size(0), out.size(1), -1)
-        if packed:
-            out = out.squeeze(1)
-        return out
+        return out.squeeze(1) if thd else out
 
 
 def _packed_causal_mask(cu_seqlens: torch.Tensor, total: int, device) -> torch.Tensor:

@@ -1,0 +1,110 @@
+"""Unit tests of the model building blocks: sharding maths, layout-invariant init, SDPA attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import r1mega.models  # noqa: F401  (readies megatron on CPU)
+from r1mega.models.local_layers import SDPAttention, _packed_causal_mask
+from r1mega.models.sharding import ShardInfo, merge_shards, shard_of
+
+
+def _info(tp_dim, tp_size, rank=0, gated=False, shape=(8, 6)):
+    return ShardInfo("w", "w", shape, tp_dim, rank, tp_size, gated)
+
+
+@pytest.mark.parametrize("tp_dim", [0, 1])
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_shard_then_merge_is_identity(tp_dim, tp_size):
+    full = torch.arange(48.0).reshape(8, 6)
+    shards = [shard_of(full, _info(tp_dim, tp_size, r)) for r in range(tp_size)]
+    assert all(s.shape[tp_dim] == full.shape[tp_dim] // tp_size for s in shards)
+    assert torch.equal(merge_shards(shards, _info(tp_dim, tp_size)), full)
+
+
+def test_gated_fc1_splits_gate_and_up_halves_separately():
+    # rows 0-3 = gate, rows 4-7 = up; TP2 rank 0 must own gate rows 0-1 and up rows 4-5.
+    full = torch.arange(8.0).unsqueeze(1)
+    rank0 = shard_of(full, _info(0, 2, 0, gated=True, shape=(8, 1)))
+    rank1 = shard_of(full, _info(0, 2, 1, gated=True, shape=(8, 1)))
+    assert rank0.flatten().tolist() == [0, 1, 4, 5]
+    assert rank1.flatten().tolist() == [2, 3, 6, 7]
+    assert torch.equal(merge_shards([rank0, rank1], _info(0, 2, gated=True, shape=(8, 1))), full)
+
+
+def test_packed_mask_is_block_diagonal_and_causal():
+    mask = _packed_causal_mask(torch.tensor([0, 2, 5]), 6, "cpu")
+    expected = torch.zeros(6, 6, dtype=torch.bool)
+    expected[:2, :2] = torch.ones(2, 2).tril().bool()
+    expected[2:5, 2:5] = torch.ones(3, 3).tril().bool()
+    expected[5, 5] = True  # trailing padding only sees itself
+    assert torch.equal(mask, expected)
+
+
+class _Cfg:
+    context_parallel_size = 1
+    num_attention_heads = 4
+    num_query_groups = 2
+    kv_channels = 8
+    attention_dropout = 0.0
+    sequence_parallel = False
+    tensor_model_parallel_size = 1
+
+
+def _attention():
+    from megatron.core.transformer.enums import AttnMaskType
+
+    class _PG:
+        class tp:
+            @staticmethod
+            def size():
+                return 1
+
+    from megatron.core.transformer.module import MegatronModule
+
+    attn = SDPAttention.__new__(SDPAttention)
+    MegatronModule.__init__(attn, config=_fake_transformer_config())
+    SDPAttention.__init__(attn, _fake_transformer_config(), 1, AttnMaskType.causal, "self", pg_collection=_PG)
+    return attn
+
+
+def _fake_transformer_config():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                             kv_channels=8, attention_dropout=0.0)
+
+
+def _reference(q, k, v):
+    """Plain causal softmax attention with GQA, [s, b, h, d] in, [s, b, h*d] out."""
+    s = q.size(0)
+    k = k.repeat_interleave(q.size(2) // k.size(2), dim=2)
+    v = v.repeat_interleave(q.size(2) // v.size(2), dim=2)
+    scores = torch.einsum("sbhd,tbhd->bhst", q, k) / q.size(-1) ** 0.5
+    scores = scores.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
+    out = torch.einsum("bhst,tbhd->sbhd", scores.softmax(-1), v)
+    return out.reshape(s, q.size(1), -1)
+
+
+def test_sdpa_matches_reference_with_gqa():
+    torch.manual_seed(0)
+    attn = _attention()
+    q, k, v = torch.randn(5, 2, 4, 8), torch.randn(5, 2, 2, 8), torch.randn(5, 2, 2, 8)
+    torch.testing.assert_close(attn(q, k, v, None), _reference(q, k, v))
+
+
+def test_sdpa_packed_equals_separate_sequences():
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    torch.manual_seed(1)
+    attn = _attention()
+    lengths = [3, 4]
+    q, k, v = torch.randn(7, 1, 4, 8), torch.randn(7, 1, 2, 8), torch.randn(7, 1, 2, 8)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    packed = attn(q, k, v, None, packed_seq_params=PackedSeqParams(cu_seqlens_q=cu, cu_seqlens_kv=cu, qkv_format="thd"))
+    start = 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        torch.testing.assert_close(packed[sl], attn(q[sl], k[sl], v[sl], None))
+        start += n
