@@ -34,12 +34,12 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    batch, loss_mask = next(data_iterator)
     tokens = batch[:, :-1].contiguous()
     labels = batch[:, 1:].contiguous()
     positions = torch.arange(tokens.size(1)).unsqueeze(0).expand_as(tokens)
     output = model(tokens, positions, None, labels=labels)
-    return output, partial(_loss_func, torch.ones_like(labels, dtype=torch.float32))
+    return output, partial(_loss_func, loss_mask.float())
 
 
 def local_batch(global_tokens: torch.Tensor) -> torch.Tensor:
@@ -52,16 +52,20 @@ def local_batch(global_tokens: torch.Tensor) -> torch.Tensor:
 
 
 def lm_train_step(tm: TrainingModel, tokens: torch.Tensor, micro_batch_size: int,
-                  force_all_reduce: bool = False, forward_only: bool = False) -> StepResult:
+                  loss_mask: torch.Tensor | None = None, force_all_reduce: bool = False,
+                  forward_only: bool = False) -> StepResult:
     """Forward/backward over this rank's ``tokens`` [b, s+1] in micro-batches, then an optimizer step.
 
-    ``force_all_reduce`` all-reduces gradients even with the distributed optimizer, so every rank
-    holds full gradients afterwards (parity checks read them).
+    ``loss_mask`` [b, s] selects the predicted positions that count (default: all), e.g. answers
+    only. ``force_all_reduce`` all-reduces gradients even with the distributed optimizer, so every
+    rank holds full gradients afterwards (parity checks read them). ``forward_only`` evaluates.
     """
     if tokens.size(0) % micro_batch_size:
         raise ValueError(f"local batch {tokens.size(0)} is not divisible by micro_batch_size={micro_batch_size}")
+    if loss_mask is None:
+        loss_mask = torch.ones(tokens.size(0), tokens.size(1) - 1)
     num_micro = tokens.size(0) // micro_batch_size
-    micro_batches = iter(tokens.split(micro_batch_size))
+    micro_batches = zip(tokens.split(micro_batch_size), loss_mask.split(micro_batch_size))
     if not forward_only:
         tm.ddp.zero_grad_buffer()
         tm.optimizer.zero_grad()

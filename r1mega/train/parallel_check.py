@@ -12,10 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +23,7 @@ import torch
 
 from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig, R1Config, TrainerConfig
 from r1mega.config.validate import validate_config
+from r1mega.platform.spawn import spawn_ranks
 
 _LAYOUT = re.compile(r"(etp|tp|pp|ep|dp)(\d+)")
 
@@ -148,59 +146,14 @@ def _capture_grads_then(tm, step_fn, sink: dict):
 # ----------------------------------------------------------------------------- launcher side
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_layout(spec: CheckSpec, layout: Layout, timeout_s: float = 300.0) -> dict:
     """Run one layout in fresh processes; returns rank 0's gathered results."""
     with tempfile.TemporaryDirectory(prefix="r1mega-parity-") as tmp:
         spec_path, out_path = Path(tmp, "spec.pt"), Path(tmp, "out.pt")
         spec_path.write_text(json.dumps({"spec": dataclasses.asdict(spec), "layout": dataclasses.asdict(layout)}))
-        port = _free_port()
-        procs = []
-        logs = []
-        for rank in range(layout.world_size):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(layout.world_size),
-                       LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                       OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-            log = open(Path(tmp, f"rank{rank}.log"), "w+")
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "r1mega.train.parallel_check", "--worker", str(spec_path), str(out_path)],
-                env=env, stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + timeout_s
-        failed = None
-        try:
-            for rank, proc in enumerate(procs):
-                remaining = max(1.0, deadline - time.monotonic())
-                try:
-                    if proc.wait(timeout=remaining) != 0 and failed is None:
-                        failed = rank
-                except subprocess.TimeoutExpired:
-                    failed = rank if failed is None else failed
-                    raise TimeoutError(f"layout {layout.name()} did not finish within {timeout_s:.0f}s")
-        except TimeoutError as e:
-            for p in procs:
-                p.kill()
-            raise TimeoutError(f"{e}\n{_tail(logs[failed or 0])}") from None
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        if failed is not None:
-            raise RuntimeError(f"layout {layout.name()}: rank {failed} failed:\n{_tail(logs[failed])}")
-        for log in logs:
-            log.close()
+        spawn_ranks(["-m", "r1mega.train.parallel_check", "--worker", str(spec_path), str(out_path)],
+                    layout.world_size, timeout_s, name=f"layout {layout.name()}", log_dir=tmp)
         return torch.load(out_path, weights_only=True)
-
-
-def _tail(log, chars: int = 4000) -> str:
-    log.flush()
-    log.seek(0)
-    return log.read()[-chars:]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,0 +1,421 @@
+"""Save and load training state with megatron-core ``dist_checkpointing``, across layouts.
+
+One checkpoint holds the model (``GPTModel.sharded_state_dict``), the optimizer (megatron's
+``sharded_state_dict``; the distributed optimizer in the ``fully_reshardable`` format), the LR
+scheduler, every rank's RNG streams, the step and a caller-defined ``extra`` dict (data position...).
+Tensors are stored by their *global* shape and offset, so a checkpoint saved at TP2xEP2 loads at
+PP2, EP2 or a single process: each rank reads exactly the slices its layout needs.
+
+The write is atomic (see :mod:`r1mega.ckpt.atomic`): all ranks write into ``<root>/.tmp_step_<n>_<nonce>``
+and rank 0 renames it to ``<root>/step_<n>`` and updates ``<root>/latest`` only after every rank
+finished; a crash before that leaves the previous checkpoint and ``latest`` as they were.
+
+Loading checks ``meta.json`` first (architecture fields and every parameter's full shape) so that a
+checkpoint of another model fails with a message naming the parameter and both shapes instead of a
+megatron stack trace. See docs/architecture.md, "Checkpoints".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from r1mega.ckpt import atomic
+from r1mega.ckpt.errors import CheckpointError, CheckpointMismatchError, IncompleteCheckpointError
+from r1mega.ckpt.state import architecture, capture_rng, make_meta, restore_rng
+from r1mega.platform.megatron_compat import ensure_megatron
+
+log = logging.getLogger(__name__)
+
+# Distributed-optimizer format. 'fully_reshardable' stores exp_avg/exp_avg_sq/fp32 param per model
+# parameter with the parameter's global shape, so TP/PP/EP/DP may all change between save and load.
+# 'fully_sharded_model_space' (megatron's default in 0.16.1) relies on ShardedTensor.flattened_range,
+# which 0.16.1's dist_checkpointing rejects; 'dp_reshardable' only allows a different DP size.
+DEFAULT_OPTIM_SHARDING = "fully_reshardable"
+_SHARDING_TYPES = ("fully_reshardable", "dp_reshardable", "fully_sharded_model_space")
+
+_RNG_KEY = "rng_state"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast(obj):
+    """rank 0's ``obj`` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _layout(tm) -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "world_size": _world(),
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "ep": ps.get_expert_model_parallel_world_size(),
+        "etp": ps.get_expert_tensor_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+        "use_distributed_optimizer": bool(tm.ddp.ddp_config.use_distributed_optimizer),
+    }
+
+
+def _model_names(tm, model_cfg) -> dict:
+    cfg = model_cfg if model_cfg is not None else getattr(tm, "model_config", None)
+    if cfg is None:
+        return {"preset": None, "size": None}
+    return {"preset": getattr(cfg, "preset", None), "size": getattr(cfg, "size", None),
+            "precision": getattr(cfg, "precision", None)}
+
+
+def _param_shapes(tm) -> dict[str, list[int]]:
+    """Full (TP1/PP1/EP1) shape of every parameter of the whole model, on every rank. Collective."""
+    from r1mega.models.sharding import shard_infos
+
+    local = {i.canonical_name: list(i.full_shape) for i in shard_infos(tm.module, tm.config)}
+    if _world() == 1:
+        return dict(sorted(local.items()))
+    parts = [None] * _world()
+    dist.all_gather_object(parts, local)
+    merged: dict[str, list[int]] = {}
+    for part in parts:
+        merged.update(part)
+    return dict(sorted(merged.items()))
+
+
+def _leaf_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+def _is_distributed_optimizer(opt) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return isinstance(opt, DistributedOptimizer)
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Give a never-stepped optimizer its (zero) state, including torch Adam's ``step``.
+
+    megatron's ``DistributedOptimizer.state_dict()`` reads ``step`` from every per-parameter state
+    when torch's Adam is the inner optimizer (no TE/apex), and ``sharded_state_dict(is_loading=True)``
+    calls it, so saving at step 0 or loading into a freshly built optimizer would fail. Zero
+    moments with step 0 are exactly what torch's Adam starts from.
+    """
+    for leaf in _leaf_optimizers(optimizer):
+        inner = getattr(leaf, "optimizer", None)
+        if inner is None:
+            continue
+        if len(inner.state) == 0 and getattr(leaf, "init_state_fn", None) is not None:
+            leaf.init_state_fn(inner, leaf.config)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    st = inner.state[p]
+                    if "exp_avg" in st and "step" not in st:
+                        st["step"] = torch.tensor(0.0, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def _without_step_state(leaf):
+    """Hide torch Adam's per-parameter ``step`` while megatron copies loaded parameter state.
+
+    ``DistributedOptimizer._set_main_param_and_optimizer_states`` (megatron-core 0.16.1,
+    ``optimizer/distrib_optimizer.py``) copies *every* key of the live per-parameter state from the
+    loaded tensors, but the loaders drop ``step`` from those (it lives in the param groups): with
+    torch's Adam that is ``KeyError: 'step'``. The step was already restored by ``load_state_dict``,
+    so it is taken out for the copy and put back unchanged.
+    """
+    inner = leaf.optimizer
+    saved = {}
+    for p, st in inner.state.items():
+        if isinstance(st, dict) and "step" in st:
+            saved[p] = st.pop("step")
+    try:
+        yield
+    finally:
+        for p, step in saved.items():
+            inner.state[p]["step"] = step
+
+
+def _load_optimizer_state(optimizer, state) -> None:
+    """``optimizer.load_state_dict`` for a loaded sharded optimizer state, without megatron's
+    distributed-optimizer ``'step'`` KeyError (see :func:`_without_step_state`)."""
+    leaves = _leaf_optimizers(optimizer)
+    if len(leaves) == 1:
+        states = [state]
+    else:
+        if len(state) != len(leaves):
+            raise CheckpointError(f"checkpoint has {len(state)} chained optimizer states, this run "
+                                  f"has {len(leaves)} optimizers")
+        states = [state[k] for k in sorted(state)] if isinstance(state, dict) else list(state)
+    for leaf, leaf_state in zip(leaves, states):
+        if _is_distributed_optimizer(leaf) and "param_state" in leaf_state:
+            leaf_state = dict(leaf_state)
+            param_state = leaf_state.pop("param_state")
+            kind = leaf_state.pop("param_state_sharding_type")
+            leaf.load_state_dict(leaf_state)  # param groups, step, grad scaler
+            loaders = {
+                "fully_reshardable": leaf.load_parameter_state_from_fully_reshardable,
+                "dp_reshardable": leaf.load_parameter_state_from_dp_reshardable,
+                "fully_sharded_model_space": leaf.load_parameter_state_from_fs_model_space,
+            }
+            if kind not in loaders:
+                raise CheckpointError(f"unsupported distributed-optimizer sharding type {kind!r}")
+            with _without_step_state(leaf):
+                loaders[kind](param_state)
+        else:
+            leaf.load_state_dict(leaf_state)
+    if len(leaves) > 1 and hasattr(optimizer, "_synchronize_steps"):
+        optimizer._synchronize_steps()
+
+
+def _sharded_metadata(sharding_type: str) -> dict:
+    # chained_optim_avoid_prefix: with a fully reshardable format the keys are the model's, so the
+    # dense/expert optimizers of a ChainedOptimizer need no 'chained_<i>.' prefix.
+    return {"distrib_optim_sharding_type": sharding_type, "chained_optim_avoid_prefix": True}
+
+
+def _rng_object(world: int, offset: int, data, replica: int = 0):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(_RNG_KEY, data, (world,), (offset,), replica_id=replica)
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_checkpoint(tm, root: str | Path, step: int, extra: dict | None = None, *,
+                    keep_last: int | None = None, model_cfg=None,
+                    optim_sharding_type: str = DEFAULT_OPTIM_SHARDING) -> Path:
+    """Write ``<root>/step_<step:06d>/`` atomically on every rank (collective); returns its path.
+
+    Saves model, optimizer, scheduler, RNG (per rank), ``step`` and ``extra`` (any values that
+    ``torch.load(weights_only=True)`` accepts: numbers, strings, lists, dicts, tensors), plus
+    ``meta.json``. ``keep_last`` > 0 deletes older checkpoints after the commit. ``model_cfg`` (the
+    r1mega ``ModelConfig``) adds preset/size to ``meta.json``.
+    """
+    ensure_megatron()
+    from megatron.core import dist_checkpointing
+
+    if optim_sharding_type not in _SHARDING_TYPES:
+        raise ValueError(f"optim_sharding_type {optim_sharding_type!r}: use one of {_SHARDING_TYPES}")
+    t0 = time.perf_counter()
+    root = Path(root)
+    rank, world = _rank(), _world()
+
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic.remove_stale_tmp_dirs(root)
+        tmp = root / atomic.tmp_dir_name(step)
+        tmp.mkdir()
+    tmp = Path(_broadcast(str(tmp) if rank == 0 else None))
+
+    metadata = _sharded_metadata(optim_sharding_type)
+    _ensure_optimizer_state(tm.optimizer)
+    model_sd = tm.module.sharded_state_dict(metadata=metadata)
+    state = {
+        "model": model_sd,
+        "optimizer": tm.optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=metadata),
+        "scheduler": tm.scheduler.state_dict(),
+        _RNG_KEY: _rng_object(world, rank, capture_rng()),
+        "r1mega": {"step": int(step), "extra": dict(extra or {})},
+    }
+    layout = _layout(tm)
+    shapes = _param_shapes(tm)
+    dist_checkpointing.save(state, str(tmp))
+    atomic.fault_point("after_shards")
+
+    if rank == 0:
+        optim_info = {"sharding_type": optim_sharding_type if layout["use_distributed_optimizer"] else None,
+                      "num_optimizers": len(_leaf_optimizers(tm.optimizer))}
+        meta = make_meta(step, layout, architecture(tm.config), shapes, _model_names(tm, model_cfg),
+                         optim_info, extra)
+        (tmp / atomic.META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    _barrier()
+
+    # Commit on rank 0; every rank learns the outcome (a failed commit must not leave the others
+    # waiting in a barrier).
+    outcome = None
+    final = root / atomic.step_dir_name(step)
+    if rank == 0:
+        try:
+            final = atomic.commit(tmp, root, step)
+            if keep_last:
+                for path in atomic.prune(root, keep_last):
+                    log.info("pruned old checkpoint %s", path)
+        except BaseException as e:  # noqa: B036 - re-raised below after telling the other ranks
+            outcome = f"{type(e).__name__}: {e}"
+            _broadcast(outcome)
+            raise
+    outcome = _broadcast(outcome)
+    if outcome is not None:
+        raise CheckpointError(f"checkpoint save of step {step} to {root} failed on rank 0 ({outcome}); "
+                              f"the previous checkpoint and {root / atomic.LATEST_FILE} are unchanged")
+    if rank == 0:
+        log.info("saved checkpoint %s (step %d, %.2fs)", final, step, time.perf_counter() - t0)
+    return final
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def read_meta(step_dir: Path) -> dict:
+    path = Path(step_dir) / atomic.META_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(f"checkpoint {step_dir} has no {atomic.META_FILE}: its save never "
+                                        "committed; load an earlier step_* directory") from None
+    except json.JSONDecodeError as e:
+        raise IncompleteCheckpointError(f"{path} is not valid JSON ({e}): the checkpoint is damaged; "
+                                        "load an earlier step_* directory") from None
+
+
+def check_compatible(meta: dict, tm, step_dir: Path, model_cfg=None, strict: bool = True) -> list[str]:
+    """Compare the checkpoint's model with ``tm`` (collective); raise (strict) or return the problems."""
+    saved_model = meta.get("model", {})
+    saved_arch = saved_model.get("architecture", {})
+    here_arch = architecture(tm.config)
+    problems = []
+    for name, here in here_arch.items():
+        if name in saved_arch and saved_arch[name] != here:
+            problems.append(f"{name} is {saved_arch[name]} in the checkpoint but {here} in this model")
+    saved_shapes = saved_model.get("param_shapes", {})
+    here_shapes = _param_shapes(tm)
+    tied = bool(getattr(tm.module, "share_embeddings_and_output_weights", False))
+    skip = {"output_layer.weight"} if tied else set()
+    for name in sorted(set(saved_shapes) | set(here_shapes)):
+        if name in skip:
+            continue
+        if name not in saved_shapes:
+            problems.append(f"parameter {name} (shape {tuple(here_shapes[name])}) is not in the checkpoint")
+        elif name not in here_shapes:
+            problems.append(f"checkpoint parameter {name} (shape {tuple(saved_shapes[name])}) does not "
+                            "exist in this model")
+        elif list(saved_shapes[name]) != list(here_shapes[name]):
+            problems.append(f"parameter {name} has shape {tuple(saved_shapes[name])} in the checkpoint but "
+                            f"{tuple(here_shapes[name])} in this model")
+    names = _model_names(tm, model_cfg)
+    saved_names = {k: saved_model.get(k) for k in ("preset", "size")}
+    if problems:
+        if any(saved_names.values()) and any(names.get(k) for k in saved_names):
+            problems.insert(0, f"checkpoint model is preset={saved_names['preset']} size={saved_names['size']}, "
+                               f"this one preset={names.get('preset')} size={names.get('size')}")
+        shown = "\n  - ".join(problems[:12]) + (f"\n  - ... {len(problems) - 12} more" if len(problems) > 12 else "")
+        message = (f"checkpoint {step_dir} does not match this model's architecture:\n  - {shown}\n"
+                   f"Fix: build the model with the checkpoint's architecture (see 'model' in "
+                   f"{step_dir / atomic.META_FILE}), or point the load at a checkpoint of this model.")
+        if strict:
+            raise CheckpointMismatchError(message)
+        if _rank() == 0:
+            log.warning("%s\n(strict=False: loading what matches)", message)
+    elif any(saved_names.values()) and any(names.values()) and \
+            (saved_names["preset"], saved_names["size"]) != (names.get("preset"), names.get("size")):
+        log.warning("checkpoint %s was saved as preset=%s size=%s, loading into preset=%s size=%s "
+                    "(same architecture and shapes)", step_dir, saved_names["preset"], saved_names["size"],
+                    names.get("preset"), names.get("size"))
+    return problems
+
+
+def load_checkpoint(tm, root_or_dir: str | Path, strict: bool = True, *, model_cfg=None,
+                    load_optimizer: bool = True, load_rng: bool = True) -> dict:
+    """Load a checkpoint saved in any layout into ``tm`` (collective); returns
+    ``{"step", "extra", "path", "meta", "same_layout", "seconds"}``.
+
+    ``root_or_dir`` is a checkpoint root (``latest`` is followed) or a ``step_*`` directory. Model,
+    optimizer (``load_optimizer``), scheduler and RNG (``load_rng``) are restored. RNG streams are
+    per rank: restored exactly when the layout is unchanged; otherwise every rank takes global rank
+    0's python/numpy/torch-CPU state and keeps its seeded CUDA/model-parallel streams (a layout
+    change changes which rank draws what anyway).
+
+    ``strict=False`` tolerates parameters missing on one side (they keep their current values and
+    the optimizer state is then not loaded); shapes that differ always raise.
+    """
+    ensure_megatron()
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    t0 = time.perf_counter()
+    # Every rank resolves the path itself (shared filesystem); errors raise on all ranks alike.
+    step_dir = atomic.resolve_checkpoint_dir(root_or_dir)
+    meta = read_meta(step_dir)
+    problems = check_compatible(meta, tm, step_dir, model_cfg=model_cfg, strict=strict)
+    layout = _layout(tm)
+    saved_layout = meta.get("layout", {})
+    same_layout = all(saved_layout.get(k) == v for k, v in layout.items())
+
+    saved_optim = meta.get("optimizer", {})
+    use_dist_opt = layout["use_distributed_optimizer"]
+    sharding_type = saved_optim.get("sharding_type") or DEFAULT_OPTIM_SHARDING
+    if load_optimizer and saved_layout.get("use_distributed_optimizer") != use_dist_opt:
+        raise CheckpointMismatchError(
+            f"checkpoint {step_dir} was saved with use_distributed_optimizer="
+            f"{saved_layout.get('use_distributed_optimizer')} but this run has {use_dist_opt}: set "
+            "parallel.use_distributed_optimizer to match, or load with load_optimizer=False")
+    if load_optimizer and sharding_type == "dp_reshardable" and not same_layout and \
+            any(saved_layout.get(k) != layout[k] for k in ("tp", "pp", "ep", "etp")):
+        raise CheckpointMismatchError(
+            f"checkpoint {step_dir} stores the distributed optimizer as 'dp_reshardable', which only "
+            f"loads with the same TP/PP/EP (saved {saved_layout}, here {layout}): load with "
+            "load_optimizer=False or resume in the saved layout")
+    if problems:
+        load_optimizer = False  # strict=False with a different parameter set: fresh optimizer state
+
+    metadata = _sharded_metadata(sharding_type)
+    model_sd = tm.module.sharded_state_dict(metadata=metadata)
+    request = {"model": model_sd}
+    if load_optimizer:
+        _ensure_optimizer_state(tm.optimizer)
+        request["optimizer"] = tm.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata)
+    if load_rng:
+        saved_world = int(saved_layout.get("world_size", 1))
+        rank = _rank()
+        # Same layout: my own streams. Otherwise rank 0's, read by every rank (a replica of it).
+        request[_RNG_KEY] = (_rng_object(saved_world, rank, None) if same_layout
+                             else _rng_object(saved_world, 0, None, replica=rank))
+    loaded = dist_checkpointing.load(
+        request, str(step_dir),
+        strict=StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.LOG_UNEXPECTED)
+
+    missing, unexpected = tm.module.load_state_dict(loaded["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing and strict:
+        raise CheckpointMismatchError(f"checkpoint {step_dir} lacks model tensors {missing[:8]}: load with "
+                                      "strict=False to keep their current values")
+    if load_optimizer:
+        _load_optimizer_state(tm.optimizer, loaded["optimizer"])
+    tm.scheduler.load_state_dict(loaded["scheduler"])
+    if load_rng:
+        restore_rng(loaded[_RNG_KEY], include_device=same_layout)
+    common = loaded.get("r1mega", {})
+    step = int(common.get("step", meta.get("step", 0)))
+    _barrier()
+    seconds = time.perf_counter() - t0
+    if _rank() == 0:
+        log.info("loaded checkpoint %s (step %d, saved at %s, %s layout, %.2fs)", step_dir, step,
+                 {k: saved_layout.get(k) for k in ("tp", "pp", "ep", "dp")},
+                 "same" if same_layout else "different", seconds)
+    return {"step": step, "extra": common.get("extra", {}), "path": step_dir, "meta": meta,
+            "same_layout": same_layout, "seconds": seconds}
