@@ -353,14 +353,15 @@ def load_checkpoint(tm, root_or_dir: str | Path, strict: bool = True, *, model_c
     ``strict=False`` tolerates parameters missing on one side (they keep their current values and
     the optimizer state is then not loaded); shapes that differ always raise.
     """
+    t0 = time.perf_counter()
+    # Every rank resolves the path itself (shared filesystem), so path errors raise on all ranks
+    # alike, and before megatron is touched.
+    step_dir = atomic.resolve_checkpoint_dir(root_or_dir)
+    meta = read_meta(step_dir)
     ensure_megatron()
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    t0 = time.perf_counter()
-    # Every rank resolves the path itself (shared filesystem); errors raise on all ranks alike.
-    step_dir = atomic.resolve_checkpoint_dir(root_or_dir)
-    meta = read_meta(step_dir)
     problems = check_compatible(meta, tm, step_dir, model_cfg=model_cfg, strict=strict)
     layout = _layout(tm)
     saved_layout = meta.get("layout", {})

@@ -1,0 +1,72 @@
+"""The CPU emulation's gloo collectives and CUDA stand-ins, checked on 2 real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("emulation_worker.py")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("emu") / "out"
+    port = str(_port())
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(out)],
+                              env=dict(os.environ, RANK=str(r), MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    return [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
+
+
+@pytest.mark.timeout(180)
+def test_uneven_all_gather(results):
+    for r in results:
+        assert r["all_gather"] == [[[0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]]
+
+
+@pytest.mark.timeout(180)
+def test_uneven_all_to_all_single(results):
+    # rank 0 receives 1 row from itself (value 0) and 2 rows from rank 1 (value 10)
+    assert results[0]["all_to_all"] == [0.0, 10.0, 10.0]
+    # rank 1 receives 2 rows from rank 0 (value 1) and 4 rows from itself (value 11)
+    assert results[1]["all_to_all"] == [1.0, 1.0, 11.0, 11.0, 11.0, 11.0]
+
+
+@pytest.mark.timeout(180)
+def test_reduce_scatter_list(results):
+    assert results[0]["reduce_scatter"] == [3.0, 6.0]
+    assert results[1]["reduce_scatter"] == [9.0, 12.0]
+
+
+@pytest.mark.timeout(180)
+def test_buffer_collectives_inside_coalescing_manager(results):
+    for r in results:
+        assert r["all_gather_into_tensor"] == [1.0, 2.0, 11.0, 12.0]
+    assert results[0]["reduce_scatter_tensor"] == [0.0, 3.0]
+    assert results[1]["reduce_scatter_tensor"] == [6.0, 9.0]
+
+
+@pytest.mark.timeout(180)
+def test_cuda_allocations_redirected(results):
+    assert results[0]["device"] == "cpu"
+    assert results[0]["type"] == "torch.cuda.FloatTensor"
+    assert results[0]["current_device"] == "cpu"
