@@ -5,8 +5,6 @@ Each layout runs in fresh gloo processes with a timeout (see r1mega.train.parall
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from r1mega.config.errors import ConfigError

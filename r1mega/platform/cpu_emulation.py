@@ -301,8 +301,8 @@ def install() -> bool:
         return False
     if any(name == "megatron.core" or name.startswith("megatron.core.") for name in sys.modules):
         raise RuntimeError(
-            "r1mega's CPU emulation must be installed before megatron.core is imported: call "
-            "r1mega.platform.ensure_megatron() (or import r1mega.platform) first."
+            "r1mega's CPU emulation must be installed before megatron.core is imported: import "
+            "r1mega.models (or call r1mega.platform.megatron_compat.ensure_megatron()) first."
         )
     _patch_torch_cuda()
     _patch_collectives()

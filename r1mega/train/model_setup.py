@@ -6,12 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-from r1mega.config.schema import OptimizerConfig, ParallelConfig, ModelConfig
+from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig
 from r1mega.models.policy import PolicyStage, build_policy
 from r1mega.models.sharding import init_layout_invariant
 
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
-from megatron.core.distributed import finalize_model_grads  # noqa: E402
+from megatron.core.distributed import (  # noqa: E402
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,  # noqa: E402
+)
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig  # noqa: E402
 from megatron.core.optimizer import get_megatron_optimizer  # noqa: E402
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
