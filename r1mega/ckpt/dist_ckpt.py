@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from r1mega.ckpt import atomic
 from r1mega.ckpt.errors import CheckpointError, CheckpointMismatchError, IncompleteCheckpointError
-from r1mega.ckpt.state import architecture, capture_rng, make_meta, restore_rng
+from r1mega.ckpt.state import architecture, capture_rng, check_loadable, make_meta, restore_rng
 from r1mega.platform.megatron_compat import ensure_megatron
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # 'fully_sharded_model_space' (megatron's default in 0.16.1) relies on ShardedTensor.flattened_range,
 # which 0.16.1's dist_checkpointing rejects; 'dp_reshardable' only allows a different DP size.
 DEFAULT_OPTIM_SHARDING = "fully_reshardable"
-_SHARDING_TYPES = ("fully_reshardable", "dp_reshardable", "fully_sharded_model_space")
+_SHARDING_TYPES = ("fully_reshardable", "dp_reshardable")
 
 _RNG_KEY = "rng_state"
 
@@ -78,7 +78,7 @@ def _layout(tm) -> dict:
         "ep": ps.get_expert_model_parallel_world_size(),
         "etp": ps.get_expert_tensor_parallel_world_size(),
         "dp": ps.get_data_parallel_world_size(),
-        "use_distributed_optimizer": bool(tm.ddp.ddp_config.use_distributed_optimizer),
+        "use_distributed_optimizer": _uses_dist_opt(tm),
     }
 
 
@@ -139,7 +139,8 @@ def _ensure_optimizer_state(optimizer) -> None:
 
 @contextlib.contextmanager
 def _without_step_state(leaf):
-    """Hide torch Adam's per-parameter ``step`` while megatron copies loaded parameter state.
+    """Hide torch Adam's per-parameter ``step`` while megatron copies loaded parameter state
+    (works around a megatron-core 0.16.1 bug without patching megatron).
 
     ``DistributedOptimizer._set_main_param_and_optimizer_states`` (megatron-core 0.16.1,
     ``optimizer/distrib_optimizer.py``) copies *every* key of the live per-parameter state from the
@@ -159,36 +160,160 @@ def _without_step_state(leaf):
             inner.state[p]["step"] = step
 
 
-def _load_optimizer_state(optimizer, state) -> None:
-    """``optimizer.load_state_dict`` for a loaded sharded optimizer state, without megatron's
-    distributed-optimizer ``'step'`` KeyError (see :func:`_without_step_state`)."""
+def _unshare_step_tensors(leaf) -> None:
+    """Give every parameter its own Adam ``step`` tensor after a load.
+
+    ``DistributedOptimizer.load_state_dict`` (megatron-core 0.16.1, ``optimizer/distrib_optimizer.py``,
+    torch-Adam branch ``if not HAVE_APEX_OR_TE``) assigns *one* step tensor to every parameter's
+    state; torch's Adam increments each parameter's step in place, so after one step the shared
+    counter has advanced once per parameter (measured: 2 -> 51 for 49 parameters) and Adam's bias
+    correction is wrong from then on. TE/apex FusedAdam keep the step in the param groups instead.
+    """
+    inner = getattr(leaf, "optimizer", None)
+    if inner is None:
+        return
+    seen: set[int] = set()
+    for st in inner.state.values():
+        step = st.get("step") if isinstance(st, dict) else None
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                st["step"] = step.clone()
+            seen.add(id(st["step"]))
+
+
+def _saved_leaf_commons(loaded_opt: dict) -> list[dict]:
+    """The saved optimizers' non-tensor states (param groups, sharding type), in saved order.
+
+    ``dist_checkpointing.load`` returns the *saved* common state (rank 0's at save time) with the
+    tensors requested by *this* layout merged in, and the number of chained optimizers depends on
+    the layout (dense + expert optimizers when EP/expert-DP groups differ from the dense ones, one
+    optimizer otherwise). A single saved optimizer has its common state at the top level; chained
+    ones under integer keys.
+    """
+    if "optimizer" in loaded_opt:
+        return [loaded_opt]
+    return [loaded_opt[k] for k in sorted(k for k in loaded_opt if isinstance(k, int))
+            if isinstance(loaded_opt[k], dict) and "optimizer" in loaded_opt[k]]
+
+
+def _group_id(group: dict) -> dict:
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    return {k: group[k] if k in group else group.get(f"pre_{k}") for k in param_group_identifier_keys}
+
+
+def _matching_param_groups(leaf, saved_groups: list[dict], step_dir: Path) -> list[dict]:
+    """A saved param group (hyper-parameters + step) for each of ``leaf``'s param groups.
+
+    Matched on megatron's identifying keys; ``is_expert_parallel`` may differ (expert parameters are
+    "expert parallel" only when EP > 1, so an EP1 checkpoint has no such groups), in which case the
+    saved group is relabelled with this run's value.
+    """
+    out = []
+    for group in leaf.optimizer.param_groups:
+        want = _group_id(group)
+        exact = [g for g in saved_groups if _group_id(g) == want]
+        loose = [g for g in saved_groups if all(v == want[k] for k, v in _group_id(g).items()
+                                                 if k != "is_expert_parallel")]
+        found = (exact or loose or [None])[0]
+        if found is None:
+            raise CheckpointMismatchError(
+                f"checkpoint {step_dir} has no optimizer param group like {want} of this run (saved: "
+                f"{[_group_id(g) for g in saved_groups]}): the weight-decay / lr multipliers changed "
+                "since the save; load with load_optimizer=False to start the optimizer afresh")
+        relabelled = dict(found)
+        for k, v in want.items():
+            key = k if k in found else (f"pre_{k}" if f"pre_{k}" in found else k)
+            relabelled[key] = v
+        out.append(relabelled)
+    return out
+
+
+def _load_distributed_optimizer_state(optimizer, loaded_opt: dict, step_dir: Path,
+                                      pooled_groups: list[dict] = ()) -> None:
+    """Restore every (chained) DistributedOptimizer from a fully reshardable checkpoint, whatever
+    the optimizer structure was at save time (see :func:`_saved_leaf_commons`).
+
+    The per-parameter tensors (fp32 param, exp_avg, exp_avg_sq) were requested in this layout's
+    structure; the param groups (hyper-parameters and step) of all saved optimizers are pooled and
+    megatron picks the matching ones by their identifying keys (wd_mult, lr_mult, is_expert_parallel...).
+    """
     leaves = _leaf_optimizers(optimizer)
-    if len(leaves) == 1:
-        states = [state]
-    else:
-        if len(state) != len(leaves):
-            raise CheckpointError(f"checkpoint has {len(state)} chained optimizer states, this run "
-                                  f"has {len(leaves)} optimizers")
-        states = [state[k] for k in sorted(state)] if isinstance(state, dict) else list(state)
-    for leaf, leaf_state in zip(leaves, states):
-        if _is_distributed_optimizer(leaf) and "param_state" in leaf_state:
-            leaf_state = dict(leaf_state)
-            param_state = leaf_state.pop("param_state")
-            kind = leaf_state.pop("param_state_sharding_type")
-            leaf.load_state_dict(leaf_state)  # param groups, step, grad scaler
-            loaders = {
-                "fully_reshardable": leaf.load_parameter_state_from_fully_reshardable,
-                "dp_reshardable": leaf.load_parameter_state_from_dp_reshardable,
-                "fully_sharded_model_space": leaf.load_parameter_state_from_fs_model_space,
-            }
-            if kind not in loaders:
-                raise CheckpointError(f"unsupported distributed-optimizer sharding type {kind!r}")
-            with _without_step_state(leaf):
-                loaders[kind](param_state)
-        else:
-            leaf.load_state_dict(leaf_state)
+    commons = _saved_leaf_commons(loaded_opt)
+    if not commons:
+        raise CheckpointError(f"checkpoint {step_dir} has no optimizer state (saved without one?): "
+                              "load with load_optimizer=False")
+    kinds = {c.get("param_state_sharding_type") for c in commons}
+    if len(kinds) != 1:
+        raise CheckpointError(f"checkpoint {step_dir}: mixed optimizer sharding types {kinds}")
+    kind = kinds.pop()
+    saved_groups = [g for c in commons for g in c["optimizer"]["param_groups"]] + list(pooled_groups)
+    grad_scaler = next((c["grad_scaler"] for c in commons if "grad_scaler" in c), None)
+    for index, leaf in enumerate(leaves):
+        if not _is_distributed_optimizer(leaf):
+            raise CheckpointError(f"optimizer {index} is a {type(leaf).__name__}, expected the distributed "
+                                  "optimizer (checkpoint and run disagree on use_distributed_optimizer)")
+        param_state = loaded_opt["param_state"] if len(leaves) == 1 else loaded_opt[index]["param_state"]
+        leaf_state = {"optimizer": {k: v for k, v in commons[0]["optimizer"].items() if k != "param_groups"}}
+        leaf_state["optimizer"]["param_groups"] = _matching_param_groups(leaf, saved_groups, step_dir)
+        if grad_scaler is not None:
+            leaf_state["grad_scaler"] = grad_scaler
+        leaf.load_state_dict(leaf_state)  # param groups, step, grad scaler
+        loaders = {
+            "fully_reshardable": leaf.load_parameter_state_from_fully_reshardable,
+            "dp_reshardable": leaf.load_parameter_state_from_dp_reshardable,
+        }
+        if kind not in loaders:
+            raise CheckpointError(f"checkpoint {step_dir}: unsupported distributed-optimizer sharding type "
+                                  f"{kind!r} (r1mega saves {DEFAULT_OPTIM_SHARDING!r})")
+        # no_grad: load_parameter_state_from_dp_reshardable (unlike the fully_reshardable loader)
+        # lacks @torch.no_grad and copies into views of the fp32 parameters.
+        with _without_step_state(leaf), torch.no_grad():
+            loaders[kind](param_state)
+        _unshare_step_tensors(leaf)
     if len(leaves) > 1 and hasattr(optimizer, "_synchronize_steps"):
         optimizer._synchronize_steps()
+
+
+def _check_plain_optimizer_structure(optimizer, step_dir: Path, saved: int) -> None:
+    """Without the distributed optimizer megatron's own load is used; it needs the same number of
+    chained (dense / expert) optimizers as at save time."""
+    leaves = _leaf_optimizers(optimizer)
+    if saved != len(leaves):
+        raise CheckpointMismatchError(
+            f"checkpoint {step_dir} holds {saved} chained optimizer state(s), this layout builds "
+            f"{len(leaves)}: without the distributed optimizer, optimizer state only reloads where the "
+            "expert/dense optimizer split is the same; use parallel.use_distributed_optimizer=true "
+            "(any layout) or load with load_optimizer=False")
+
+
+def _load_plain_optimizer_state(optimizer, loaded_opt) -> None:
+    optimizer.load_state_dict(loaded_opt)
+    for leaf in _leaf_optimizers(optimizer):
+        _unshare_step_tensors(leaf)
+
+
+def _uses_dist_opt(tm) -> bool:
+    return bool(tm.ddp.ddp_config.use_distributed_optimizer)
+
+
+def _all_param_groups(optimizer) -> list[dict]:
+    """Every rank's distinct optimizer param groups (without params), for the common state. Collective."""
+    local = []
+    for leaf in _leaf_optimizers(optimizer):
+        for group in leaf.state_dict()["optimizer"]["param_groups"]:
+            local.append({k: v for k, v in group.items() if k != "params"})
+    parts = [local]
+    if _world() > 1:
+        parts = [None] * _world()
+        dist.all_gather_object(parts, local)
+    pooled, seen = [], []
+    for group in (g for part in parts for g in part):
+        gid = _group_id(group)
+        if gid not in seen:
+            seen.append(gid)
+            pooled.append(group)
+    return pooled
 
 
 def _sharded_metadata(sharding_type: str) -> dict:
@@ -224,6 +349,8 @@ def save_checkpoint(tm, root: str | Path, step: int, extra: dict | None = None, 
     t0 = time.perf_counter()
     root = Path(root)
     rank, world = _rank(), _world()
+    extra = dict(extra or {})
+    check_loadable(extra)  # same on every rank: raises everywhere or nowhere
 
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -240,8 +367,12 @@ def save_checkpoint(tm, root: str | Path, step: int, extra: dict | None = None, 
         "optimizer": tm.optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=metadata),
         "scheduler": tm.scheduler.state_dict(),
         _RNG_KEY: _rng_object(world, rank, capture_rng()),
-        "r1mega": {"step": int(step), "extra": dict(extra or {})},
+        "r1mega": {"step": int(step), "extra": extra},
     }
+    if _uses_dist_opt(tm):
+        # Rank 0's common state is what dist_checkpointing keeps; pool every rank's param groups so a
+        # layout whose stages have other groups than rank 0's still finds its own on load.
+        state["r1mega"]["optimizer_param_groups"] = _all_param_groups(tm.optimizer)
     layout = _layout(tm)
     shapes = _param_shapes(tm)
     dist_checkpointing.save(state, str(tmp))
@@ -294,11 +425,15 @@ def read_meta(step_dir: Path) -> dict:
 
 
 def check_compatible(meta: dict, tm, step_dir: Path, model_cfg=None, strict: bool = True) -> list[str]:
-    """Compare the checkpoint's model with ``tm`` (collective); raise (strict) or return the problems."""
+    """Compare the checkpoint's model with ``tm`` (collective); returns the differences.
+
+    Raises :class:`CheckpointMismatchError` listing them (architecture fields, then each parameter
+    with both shapes) when ``strict`` or when a shared parameter's shape differs.
+    """
     saved_model = meta.get("model", {})
     saved_arch = saved_model.get("architecture", {})
     here_arch = architecture(tm.config)
-    problems = []
+    problems, fatal = [], False
     for name, here in here_arch.items():
         if name in saved_arch and saved_arch[name] != here:
             problems.append(f"{name} is {saved_arch[name]} in the checkpoint but {here} in this model")
@@ -315,19 +450,23 @@ def check_compatible(meta: dict, tm, step_dir: Path, model_cfg=None, strict: boo
             problems.append(f"checkpoint parameter {name} (shape {tuple(saved_shapes[name])}) does not "
                             "exist in this model")
         elif list(saved_shapes[name]) != list(here_shapes[name]):
+            fatal = True  # cannot be loaded even non-strictly
             problems.append(f"parameter {name} has shape {tuple(saved_shapes[name])} in the checkpoint but "
                             f"{tuple(here_shapes[name])} in this model")
     names = _model_names(tm, model_cfg)
     saved_names = {k: saved_model.get(k) for k in ("preset", "size")}
     if problems:
         if any(saved_names.values()) and any(names.get(k) for k in saved_names):
-            problems.insert(0, f"checkpoint model is preset={saved_names['preset']} size={saved_names['size']}, "
-                               f"this one preset={names.get('preset')} size={names.get('size')}")
-        shown = "\n  - ".join(problems[:12]) + (f"\n  - ... {len(problems) - 12} more" if len(problems) > 12 else "")
+            problems.insert(0, f"checkpoint model is preset={saved_names['preset']} "
+                               f"size={saved_names['size']}, this one preset={names.get('preset')} "
+                               f"size={names.get('size')}")
+        shown = "\n  - ".join(problems[:12])
+        if len(problems) > 12:
+            shown += f"\n  - ... {len(problems) - 12} more"
         message = (f"checkpoint {step_dir} does not match this model's architecture:\n  - {shown}\n"
                    f"Fix: build the model with the checkpoint's architecture (see 'model' in "
                    f"{step_dir / atomic.META_FILE}), or point the load at a checkpoint of this model.")
-        if strict:
+        if strict or fatal:
             raise CheckpointMismatchError(message)
         if _rank() == 0:
             log.warning("%s\n(strict=False: loading what matches)", message)
@@ -381,6 +520,8 @@ def load_checkpoint(tm, root_or_dir: str | Path, strict: bool = True, *, model_c
             f"checkpoint {step_dir} stores the distributed optimizer as 'dp_reshardable', which only "
             f"loads with the same TP/PP/EP (saved {saved_layout}, here {layout}): load with "
             "load_optimizer=False or resume in the saved layout")
+    if load_optimizer and not use_dist_opt:
+        _check_plain_optimizer_structure(tm.optimizer, step_dir, int(saved_optim.get("num_optimizers", 1)))
     if problems:
         load_optimizer = False  # strict=False with a different parameter set: fresh optimizer state
 
@@ -393,23 +534,35 @@ def load_checkpoint(tm, root_or_dir: str | Path, strict: bool = True, *, model_c
     if load_rng:
         saved_world = int(saved_layout.get("world_size", 1))
         rank = _rank()
-        # Same layout: my own streams. Otherwise rank 0's, read by every rank (a replica of it).
-        request[_RNG_KEY] = (_rng_object(saved_world, rank, None) if same_layout
-                             else _rng_object(saved_world, 0, None, replica=rank))
+        if same_layout:  # my own streams
+            request[_RNG_KEY] = {"use": _rng_object(saved_world, rank, None)}
+        else:
+            # Global rank 0's streams, read by every rank (rank 0 as the main replica). The other
+            # saved ranks' objects are requested too, spread over the ranks and unused, because
+            # dist_checkpointing's load validation insists that every saved shard is accessed.
+            request[_RNG_KEY] = {"use": _rng_object(saved_world, 0, None, replica=rank)}
+            request[_RNG_KEY].update({f"unused_{i}": _rng_object(saved_world, i, None)
+                                      for i in range(1, saved_world) if i % _world() == rank})
     loaded = dist_checkpointing.load(
         request, str(step_dir),
         strict=StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.LOG_UNEXPECTED)
 
-    missing, unexpected = tm.module.load_state_dict(loaded["model"], strict=False)
+    missing, _ = tm.module.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing and strict:
         raise CheckpointMismatchError(f"checkpoint {step_dir} lacks model tensors {missing[:8]}: load with "
                                       "strict=False to keep their current values")
     if load_optimizer:
-        _load_optimizer_state(tm.optimizer, loaded["optimizer"])
+        if use_dist_opt:
+            _load_distributed_optimizer_state(tm.optimizer, loaded["optimizer"], step_dir,
+                                              loaded.get("r1mega", {}).get("optimizer_param_groups", []))
+        else:
+            _load_plain_optimizer_state(tm.optimizer, loaded["optimizer"])
+    # OptimizerParamScheduler.load_state_dict *adds* the saved step count to the current one.
+    tm.scheduler.num_steps = 0
     tm.scheduler.load_state_dict(loaded["scheduler"])
     if load_rng:
-        restore_rng(loaded[_RNG_KEY], include_device=same_layout)
+        restore_rng(loaded[_RNG_KEY]["use"], include_device=same_layout)
     common = loaded.get("r1mega", {})
     step = int(common.get("step", meta.get("step", 0)))
     _barrier()

@@ -8,6 +8,7 @@ A *job* is a layout, a model, an optimizer and a list of actions run in order on
     {"op": "load", "path": ..., "strict": true}      step continues from the checkpoint
     {"op": "listdir", "root": ..., "tag": ...}       files under a checkpoint root
     {"op": "build", "model": {...}}                  rebuild the model (e.g. other num_layers)
+    {"op": "rng", "tag": ...}                        draw from python/numpy/torch RNG (rank 0's)
 
 Any action may carry ``"expect_error": "<exception class name>"``: the error's message is recorded
 instead of failing. Rank 0 writes the results (losses per step, gathered tensors, messages, timings)
@@ -86,7 +87,8 @@ def _optimizer_moments(tm) -> dict[str, dict[str, torch.Tensor]]:
                 for per_bucket in gbuf_range_maps.values():
                     for bucket in per_bucket:
                         for model_param, rmap in bucket["param_map"].items():
-                            local[model_param] = (rmap["param"], leaf._get_main_param_and_optimizer_states(model_param))
+                            tensors = leaf._get_main_param_and_optimizer_states(model_param)
+                            local[model_param] = (rmap["param"], tensors)
             for key in keys:
                 flat = [torch.zeros(p.numel(), dtype=torch.float32) for p in params]
                 for f, p in zip(flat, params):
@@ -98,19 +100,18 @@ def _optimizer_moments(tm) -> dict[str, dict[str, torch.Tensor]]:
                     dist.all_reduce(joined, group=leaf.data_parallel_group)
                 for p, part in zip(params, joined.split([p.numel() for p in params])):
                     out[key][names[p]] = part.view(p.shape).clone()
-        else:
+        else:  # fp32 optimizer: its params are the model's (bf16 would need its fp32 copies mapped)
             inner = leaf.optimizer
-            main_of = dict(zip(leaf.get_parameters(), leaf.get_parameters()))
             for group in inner.param_groups:
                 for p in group["params"]:
+                    if p not in names:
+                        raise NotImplementedError("optimizer state gather: only fp32 models without "
+                                                  "the distributed optimizer")
                     st = inner.state.get(p, {})
-                    model_p = main_of.get(p, p)
-                    if model_p not in names:
-                        continue
-                    out["param"][names[model_p]] = p.detach().float().clone()
+                    out["param"][names[p]] = p.detach().float().clone()
                     for key in ("exp_avg", "exp_avg_sq"):
-                        out[key][names[model_p]] = (st[key].detach().float().clone() if key in st
-                                                    else torch.zeros_like(p, dtype=torch.float32))
+                        out[key][names[p]] = (st[key].detach().float().clone() if key in st
+                                              else torch.zeros_like(p, dtype=torch.float32))
     return out
 
 
@@ -132,7 +133,8 @@ def _build(job: Job, model: dict):
     parallel = dataclasses.replace(layout.parallel_config(job.micro_batch_size),
                                    use_distributed_optimizer=job.use_distributed_optimizer)
     model_cfg = resolve_model(ModelConfig(**model))
-    tm = build_training_model(model_cfg, parallel, OptimizerConfig(**job.optimizer), total_steps=job.total_steps)
+    tm = build_training_model(model_cfg, parallel, OptimizerConfig(**job.optimizer),
+                              total_steps=job.total_steps)
     return tm, model_cfg
 
 
@@ -144,14 +146,16 @@ def _worker(job: Job, out_path: str) -> None:
 
     init_process_group(timeout_minutes=5)
     layout = Layout.parse(job.layout)
-    init_model_parallel(layout.parallel_config(job.micro_batch_size), seed=resolve_model(ModelConfig(**job.model)).seed)
+    init_model_parallel(layout.parallel_config(job.micro_batch_size),
+                        seed=resolve_model(ModelConfig(**job.model)).seed)
 
     from r1mega.ckpt import load_checkpoint, save_checkpoint
     from r1mega.train.lm_step import lm_train_step, local_batch
 
     tm, model_cfg = _build(job, job.model)
     batches = _global_batches(job, model_cfg.vocab_size, job.total_steps)
-    results: dict = {"losses": {}, "gathered": {}, "errors": {}, "listings": {}, "saves": [], "loads": []}
+    results: dict = {"losses": {}, "loss_log": [], "gathered": {}, "errors": {}, "listings": {}, "rng": {},
+                     "saves": [], "loads": []}
     step = 0
     for index, action in enumerate(job.actions):
         op = action["op"]
@@ -164,16 +168,21 @@ def _worker(job: Job, out_path: str) -> None:
                 for _ in range(action["steps"]):
                     res = lm_train_step(tm, local_batch(batches[step]), micro_batch_size=job.micro_batch_size)
                     results["losses"][step] = res.loss
+                    results["loss_log"].append([step, res.loss])
                     step += 1
             elif op == "gather":
                 results["gathered"][action["tag"]] = gather_state(tm)
             elif op == "save":
                 t0 = time.perf_counter()
-                path = save_checkpoint(tm, action["root"], step, extra={"consumed_samples": step * job.global_batch},
-                                       keep_last=action.get("keep_last"), model_cfg=model_cfg)
-                results["saves"].append({"step": step, "path": str(path), "seconds": time.perf_counter() - t0})
+                kwargs = {"optim_sharding_type": action["sharding"]} if "sharding" in action else {}
+                path = save_checkpoint(tm, action["root"], step,
+                                       extra={"consumed_samples": step * job.global_batch},
+                                       keep_last=action.get("keep_last"), model_cfg=model_cfg, **kwargs)
+                results["saves"].append({"step": step, "path": str(path),
+                                         "seconds": time.perf_counter() - t0})
             elif op == "load":
-                info = load_checkpoint(tm, action["path"], strict=action.get("strict", True), model_cfg=model_cfg)
+                info = load_checkpoint(tm, action["path"], strict=action.get("strict", True),
+                                       model_cfg=model_cfg, load_optimizer=action.get("load_optimizer", True))
                 if info["extra"].get("consumed_samples") != info["step"] * job.global_batch:
                     raise AssertionError(f"extra not restored: {info['extra']}")
                 step = info["step"]
@@ -186,7 +195,14 @@ def _worker(job: Job, out_path: str) -> None:
                     "entries": sorted(p.name for p in root.iterdir()),
                     "latest": latest.read_text().strip() if latest.exists() else None}
             elif op == "build":
-                tm, model_cfg = _build(job, action["model"])
+                tm, model_cfg = _build(job, {**job.model, **action.get("model", {})})
+            elif op == "rng":  # draws from every stream (advances them)
+                import random
+
+                import numpy as np
+
+                draws = [random.random(), float(np.random.rand()), float(torch.rand(1))]
+                results["rng"][action["tag"]] = draws
             else:
                 raise ValueError(f"unknown op {op!r}")
         except Exception as e:  # noqa: BLE001 - matched against the expectation below

@@ -142,8 +142,26 @@ def make_meta(step: int, layout: dict, arch: dict, param_shapes: dict[str, list[
 
 
 def _plain_tree(value):
+    """JSON-able copy of ``extra`` for meta.json (the exact values live in the checkpoint)."""
     if isinstance(value, dict):
         return {str(k): _plain_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_tree(v) for v in value]
     if torch.is_tensor(value):
-        return value.tolist()
+        return value.tolist() if value.numel() <= 64 else f"<tensor {tuple(value.shape)} {value.dtype}>"
     return _plain(value)
+
+
+def check_loadable(extra: dict) -> None:
+    """Fail at save time, not at resume, if ``extra`` holds values ``weights_only`` loading rejects."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(extra, buf)
+    buf.seek(0)
+    try:
+        torch.load(buf, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the fix
+        raise ValueError(f"checkpoint extra {sorted(extra)} holds a value that torch.load(weights_only=True) "
+                         f"cannot read back ({type(e).__name__}); keep extra to numbers (Python, not numpy), "
+                         "strings, bools, None, lists/tuples/dicts of them and tensors") from None

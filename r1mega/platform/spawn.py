@@ -36,6 +36,11 @@ def rank_env(rank: int, world_size: int, port: int, extra: dict[str, str] | None
     env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                PYTHONWARNINGS="ignore")
+    # The ranks import r1mega like this process did, even when it is not installed (run from a checkout).
+    src = str(Path(__file__).resolve().parents[2])
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if src not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([src, *paths])
     env.update(extra or {})
     return env
 
@@ -67,7 +72,8 @@ def spawn_ranks(args: list[str], world_size: int, timeout_s: float, name: str = 
             for rank in range(world_size):
                 log = open(logs_at / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.rank{rank}.log", "w+")
                 logs.append(log)
-                procs.append(subprocess.Popen([sys.executable, *args], env=rank_env(rank, world_size, port, env),
+                procs.append(subprocess.Popen([sys.executable, *args],
+                                              env=rank_env(rank, world_size, port, env),
                                               stdout=log, stderr=subprocess.STDOUT))
             deadline = time.monotonic() + timeout_s
             failed, failed_at = None, None
