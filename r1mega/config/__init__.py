@@ -17,6 +17,7 @@ from r1mega.config.schema import (
     R1Config,
     RewardConfig,
     RewardTermConfig,
+    RLConfig,
     RolloutConfig,
     TrainerConfig,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "R1Config",
     "RewardConfig",
     "RewardTermConfig",
+    "RLConfig",
     "RolloutConfig",
     "TrainerConfig",
     "config_to_yaml",

@@ -119,8 +119,25 @@ class RolloutConfig:
 
 @dataclass
 class RewardTermConfig:
+    """One weighted reward term (a name registered in ``r1mega.rewards``)."""
+
     name: str = "accuracy"
     weight: float = 1.0
+    # Data sources (the per-sample ``data_source``) this term scores; empty = the reward's own
+    # default (e.g. accuracy: math and arithmetic; code: code; format: every source).
+    data_sources: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CodeSandboxConfig:
+    """Limits for running a candidate program against one test case (``reward.sandbox``)."""
+
+    wall_timeout_s: float = 5.0  # per test case; the CPU limit is the same, rounded up
+    memory_mb: int = 512  # address-space limit (RLIMIT_AS)
+    max_output_bytes: int = 1 << 20  # stdout/stderr/file size cap (RLIMIT_FSIZE)
+    max_processes: int = 32  # RLIMIT_NPROC (enforced when the program runs as an unprivileged uid)
+    network_isolation: bool = True  # a new network namespace when permitted, else a logged warning
+    site_packages: bool = False  # False: stdlib only (python -I -S, faster start)
 
 
 @dataclass
@@ -128,7 +145,15 @@ class RewardConfig:
     terms: list[RewardTermConfig] = field(
         default_factory=lambda: [RewardTermConfig("accuracy", 1.0), RewardTermConfig("format", 0.1)]
     )
-    num_workers: int = 2
+    num_workers: int = 2  # reward worker processes; 0 = compute in the calling process
+    format_mode: str = "strict"  # strict (all or nothing) | partial (share of template checks met)
+    answer_format: str = "tag"  # tag: <think>..</think><answer>..</answer> | boxed: <think>..</think>..\boxed{}
+    target_language: str = "en"  # language-consistency target: en, zh, ja, ko, ru, ... (script based)
+    overlong_buffer: int = 0  # DAPO soft overlong penalty ramp length in tokens (0: hard cut at the max)
+    overlong_max_length: Optional[int] = None  # None = rollout.max_new_tokens
+    math_timeout_s: int = 5  # math-verify parse/compare timeout per expression
+    batch_timeout_s: float = 600.0  # a batch not scored by then gets 0 and the worker pool is rebuilt
+    sandbox: CodeSandboxConfig = field(default_factory=CodeSandboxConfig)
 
 
 @dataclass
@@ -157,6 +182,32 @@ class LoggingConfig:
 
 
 @dataclass
+class RLConfig:
+    """GRPO-family learner knobs (``r1mega.rl``): advantages, policy loss, KL, aggregation, mismatch."""
+
+    advantage_estimator: str = "grpo"  # grpo | drgrpo | rloo | reinforce_pp | reinforce_pp_baseline
+    norm_by_std: bool = True  # grpo: divide by the group std (unbiased, as verl); False = Dr.GRPO
+    advantage_eps: float = 1e-6
+    policy_loss: str = "ppo"  # ppo | gspo
+    eps_clip_low: float = 0.2  # ppo ratio clip range [1 - low, 1 + high]
+    eps_clip_high: float = 0.28  # DAPO clip-higher
+    gspo_eps_clip_low: float = 3e-4  # gspo clips the sequence-level ratio: much tighter (GSPO paper)
+    gspo_eps_clip_high: float = 4e-4
+    dual_clip_c: Optional[float] = None  # e.g. 3.0: caps the loss of A < 0 tokens at c * |A| (dual-clip PPO)
+    kl_coef: float = 0.0  # 0: no reference model (DAPO, Dr.GRPO); DeepSeek-R1 used 0.001
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (k3: low-variance, >= 0; the GRPO KL loss)
+    kl_in_reward: bool = False  # True: subtract kl_coef * KL from the reward instead of adding a loss term
+    entropy_coef: float = 0.0
+    # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO)
+    loss_agg_mode: str = "token-mean"
+    dr_grpo_norm_length: Optional[int] = None  # seq-mean-token-sum-norm constant; None = rollout.max_new_tokens
+    tis_cap: Optional[float] = 2.0  # truncated IS weight cap (trainer vs rollout logprobs); None = off
+    drop_uniform_groups: bool = False  # DAPO dynamic sampling: drop groups whose rewards are all equal
+    refill_policy: str = "resample"  # resample (generate more) | duplicate | none
+    max_refill_rounds: int = 3  # resample: extra generation rounds before training on fewer groups
+
+
+@dataclass
 class R1Config:
     """The whole run. ``load_config`` returns one of these, validated."""
 
@@ -169,3 +220,4 @@ class R1Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
