@@ -1,0 +1,75 @@
+"""Synthetic verifiable tasks as dataset ``Example``s with disjoint train/eval splits (CPU demo, tests).
+
+``arithmetic`` and ``addition`` are scored by the ``accuracy`` reward, ``countdown`` by the
+``countdown`` reward (the record carries ``numbers``). ``write_task_splits`` writes the JSONL files
+the regular dataset reader loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Union
+
+from r1mega.data.dataset import Example
+from r1mega.data.jsonl import PathLike, write_jsonl
+from r1mega.data.synthetic import (
+    CountdownProblem,
+    Problem,
+    addition_problems,
+    arithmetic_problems,
+    countdown_problems,
+    split_train_eval,
+)
+
+TASKS = ("addition", "arithmetic", "countdown")
+
+
+def to_example(problem: Union[Problem, CountdownProblem], index: int, task: str) -> Example:
+    if isinstance(problem, CountdownProblem):
+        return Example(prompt=problem.prompt, answer=str(problem.target), data_source="countdown",
+                       id=f"{task}-{index}", meta={"numbers": list(problem.numbers), "solution": problem.answer})
+    return Example(prompt=problem.prompt, answer=problem.answer, data_source="arithmetic", id=f"{task}-{index}")
+
+
+def task_splits(task: str, count: int, seed: int = 0, eval_fraction: float = 0.1, digits: int = 3,
+                ops: str = "+-*", num_numbers: int = 3) -> tuple[list[Example], list[Example]]:
+    """``(train, eval)`` examples of a synthetic task, split by prompt (no eval prompt is trained on)."""
+    if task == "addition":
+        problems: list = addition_problems(count, digits, seed)
+    elif task == "arithmetic":
+        problems = arithmetic_problems(count, digits, seed, ops)
+    elif task == "countdown":
+        problems = countdown_problems(count, seed, num_numbers=num_numbers)
+    else:
+        raise ValueError(f"unknown synthetic task {task!r}: use one of {TASKS}")
+    train, held_out = split_train_eval(problems, eval_fraction)
+    return ([to_example(p, i, task) for i, p in enumerate(train)],
+            [to_example(p, i, task) for i, p in enumerate(held_out)])
+
+
+def write_task_splits(task: str, out_dir: PathLike, count: int, seed: int = 0, eval_fraction: float = 0.1,
+                      **kwargs) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<task>_train.jsonl`` and ``<task>_eval.jsonl``; returns both paths."""
+    train, held_out = task_splits(task, count, seed, eval_fraction, **kwargs)
+    out = Path(out_dir)
+    paths = out / f"{task}_train.jsonl", out / f"{task}_eval.jsonl"
+    write_jsonl(paths[0], (e.to_record() for e in train))
+    write_jsonl(paths[1], (e.to_record() for e in held_out))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="write a synthetic verifiable task as train/eval JSONL")
+    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("out_dir")
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-fraction", type=float, default=0.1)
+    args = parser.parse_args(argv)
+    for path in write_task_splits(args.task, args.out_dir, args.count, args.seed, args.eval_fraction):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
