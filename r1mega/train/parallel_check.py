@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig, R1Config, TrainerConfig
+from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig, R1Config, RLConfig, TrainerConfig
 from r1mega.config.validate import validate_config
 from r1mega.platform.spawn import spawn_ranks
 
@@ -71,10 +71,13 @@ class CheckSpec:
     seq_length: int = 32
     data_seed: int = 7
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-3, clip_grad=0.0))
+    objective: str = "lm"  # lm (megatron's cross entropy) | grpo | sft (r1mega's learner step)
+    rl: RLConfig = field(default_factory=lambda: RLConfig(kl_coef=0.01, entropy_coef=0.01, tis_cap=None))
 
     @classmethod
     def from_dict(cls, d: dict) -> "CheckSpec":
-        return cls(**dict(d, model=ModelConfig(**d["model"]), optimizer=OptimizerConfig(**d["optimizer"])))
+        return cls(**dict(d, model=ModelConfig(**d["model"]), optimizer=OptimizerConfig(**d["optimizer"]),
+                          rl=RLConfig(**d["rl"])))
 
 
 @dataclass
@@ -90,6 +93,36 @@ class LayoutReport:
     @property
     def max_rel_err(self) -> float:
         return max(self.loss_rel_err, self.grad_rel_err, self.param_rel_err)
+
+
+def learner_batch(spec: CheckSpec, tokens: torch.Tensor, step: int):
+    """A deterministic RL/SFT batch over ``tokens``: random prompt/response split per row (one row has
+    an empty response), random advantages and reference log-probs."""
+    from r1mega.rl.learner import LearnerBatch
+
+    gen = torch.Generator().manual_seed(spec.data_seed * 1000 + step)
+    rows, positions = tokens.size(0), tokens.size(1) - 1
+    mask = torch.zeros(rows, positions)
+    for row in range(rows):
+        prompt = int(torch.randint(1, positions // 2, (1,), generator=gen))
+        length = 0 if row == 1 else int(torch.randint(1, positions - prompt + 1, (1,), generator=gen))
+        mask[row, prompt - 1: prompt - 1 + length] = 1.0
+    advantages = torch.randn(rows, generator=gen)
+    ref_logp = -6.0 + 0.1 * torch.randn(rows, positions, generator=gen)
+    return LearnerBatch(tokens, mask, advantages=advantages, ref_logp=ref_logp)
+
+
+def _train_step(spec: CheckSpec, tm, vocab_size: int, tokens: torch.Tensor, step: int, last: bool) -> float:
+    if spec.objective == "lm":
+        from r1mega.train.lm_step import lm_train_step, local_batch
+
+        return lm_train_step(tm, local_batch(tokens), spec.micro_batch_size, force_all_reduce=last).loss
+    from r1mega.rl.learner import LearnerSettings, learner_step
+
+    settings = LearnerSettings(micro_batch_size=spec.micro_batch_size, valid_vocab=vocab_size,
+                               temperature=0.9, chunk_size=16, constant_norm=float(spec.seq_length))
+    rl = spec.rl if spec.objective == "grpo" else None
+    return learner_step(tm, learner_batch(spec, tokens, step), settings, rl, force_all_reduce=last).values["loss"]
 
 
 def global_batches(spec: CheckSpec, vocab_size: int) -> list[torch.Tensor]:
@@ -111,7 +144,6 @@ def _worker(spec: CheckSpec, layout: Layout, out_path: str) -> None:
     init_model_parallel(parallel, seed=model_cfg.seed)
 
     from r1mega.models.sharding import gather_full
-    from r1mega.train.lm_step import lm_train_step, local_batch
     from r1mega.train.model_setup import build_training_model
 
     tm = build_training_model(model_cfg, parallel, spec.optimizer, total_steps=spec.steps)
@@ -122,8 +154,7 @@ def _worker(spec: CheckSpec, layout: Layout, out_path: str) -> None:
         # The step's optimizer update happens inside; read grads of the last step before it.
         if last:
             tm.optimizer.step = _capture_grads_then(tm, tm.optimizer.step, sink := {})
-        result = lm_train_step(tm, local_batch(batch), spec.micro_batch_size, force_all_reduce=last)
-        losses.append(result.loss)
+        losses.append(_train_step(spec, tm, model_cfg.vocab_size, batch, step, last))
         if last:
             grads = sink["grads"]
     final = gather_full(tm.module, tm.config)

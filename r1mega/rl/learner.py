@@ -1,0 +1,215 @@
+"""The learner step: GRPO-family policy update (or masked-NLL SFT) over megatron's schedules.
+
+Every rank holds the same *global* batch (rollouts are gathered before training); each
+data-parallel rank trains on its contiguous slice, in micro-batches, through
+``get_forward_backward_func`` (so pipeline parallelism works). Loss weights are computed once on the
+global batch (``aggregation.token_weights``), which makes loss and gradient independent of the
+micro-batch count and the DP size. Log-probs come from the chunked vocab-parallel head, never from
+full logits.
+
+Positions are *label* positions: ``logp[b, t] = log p(tokens[b, t + 1] | tokens[b, : t + 1])``, so
+every per-token tensor of a batch is [B, S - 1] for tokens [B, S].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from r1mega.config.schema import RLConfig
+from r1mega.rl.aggregation import aggregate, split_scale, token_weights
+from r1mega.rl.kl import kl_penalty
+from r1mega.rl.logprob_head import hidden_state_output, token_logprobs
+from r1mega.rl.mismatch import mismatch_metrics, tis_weights
+from r1mega.rl.policy_loss import clip_range, entropy_bonus, policy_loss
+
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+
+@dataclass
+class LearnerBatch:
+    """A global batch, identical on every rank. Per-token fields are [B, S-1] (label positions)."""
+
+    tokens: torch.Tensor  # [B, S] prompt + response, right-padded
+    loss_mask: torch.Tensor  # [B, S-1] 1 where the predicted token is a response token
+    advantages: Optional[torch.Tensor] = None  # [B] sequence-level (None for SFT)
+    old_logp: Optional[torch.Tensor] = None  # trainer logprobs before the update (None: on-policy)
+    rollout_logp: Optional[torch.Tensor] = None  # the engine's sampling logprobs (TIS, mismatch)
+    ref_logp: Optional[torch.Tensor] = None  # reference policy (KL)
+
+    @property
+    def size(self) -> int:
+        return self.tokens.size(0)
+
+    def rows(self, idx: slice) -> "LearnerBatch":
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return LearnerBatch(self.tokens[idx], self.loss_mask[idx], pick(self.advantages), pick(self.old_logp),
+                            pick(self.rollout_logp), pick(self.ref_logp))
+
+
+@dataclass
+class LearnerSettings:
+    """What the step needs beyond the RL config."""
+
+    micro_batch_size: int
+    valid_vocab: int  # logits of padded vocabulary ids are excluded from the softmax
+    temperature: float = 1.0  # the rollout's sampling temperature: logprobs of the sampling distribution
+    chunk_size: int = 1024
+    constant_norm: Optional[float] = None  # Dr.GRPO's constant normaliser (seq-mean-token-sum-norm)
+
+
+@dataclass
+class StepMetrics:
+    values: dict[str, float] = field(default_factory=dict)
+    grad_norm: float = 0.0
+    skipped: bool = False
+
+
+def _dp_slice(n: int) -> slice:
+    dp = parallel_state.get_data_parallel_world_size()
+    if n % dp:
+        raise ValueError(f"global batch of {n} sequences does not split over dp={dp} ranks")
+    per = n // dp
+    rank = parallel_state.get_data_parallel_rank()
+    return slice(rank * per, (rank + 1) * per)
+
+
+def _micro_batches(batch: LearnerBatch, weights: torch.Tensor, mbs: int):
+    if batch.size % mbs:
+        raise ValueError(f"local batch of {batch.size} sequences is not divisible by micro_batch_size={mbs}")
+    for start in range(0, batch.size, mbs):
+        sl = slice(start, start + mbs)
+        yield batch.rows(sl), weights[sl]
+
+
+def _forward(gpt_model, data_iterator, model, loss_fn):
+    mb, weights = next(data_iterator)
+    tokens = mb.tokens[:, :-1].contiguous()
+    positions = torch.arange(tokens.size(1)).unsqueeze(0).expand_as(tokens)
+    hidden = model(tokens, positions, None)
+    return hidden, partial(loss_fn, gpt_model, mb, weights)
+
+
+def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x.detach().float() * mask).sum()
+
+
+def _rl_loss(rl: RLConfig, s: LearnerSettings, scale: float, gpt_model, mb: LearnerBatch, weights, hidden):
+    targets = mb.tokens[:, 1:]
+    logp, entropy = token_logprobs(gpt_model, hidden, targets, s.valid_vocab, s.temperature, s.chunk_size)
+    mask = mb.loss_mask.float()
+    old = mb.old_logp if mb.old_logp is not None else logp.detach()
+    tis = None
+    if rl.tis_cap is not None and mb.rollout_logp is not None:
+        tis = tis_weights(old, mb.rollout_logp, mask, rl.tis_cap)
+    eps_low, eps_high = clip_range(rl)
+    adv = mb.advantages[:, None].expand_as(logp).float()
+    per_token, pmetrics = policy_loss(rl.policy_loss, logp, old, adv, mask, eps_low=eps_low, eps_high=eps_high,
+                                      dual_clip_c=rl.dual_clip_c, tis_weights=tis)
+    kl = None
+    if mb.ref_logp is not None:
+        kl = kl_penalty(logp, mb.ref_logp, rl.kl_estimator)
+        if rl.kl_coef and not rl.kl_in_reward:
+            per_token = per_token + rl.kl_coef * kl
+    if rl.entropy_coef:
+        per_token = per_token + entropy_bonus(entropy, rl.entropy_coef)
+    loss = aggregate(per_token, weights)
+    n = mask.sum()
+    sums = {"loss": loss.detach(), "entropy": _masked_sum(entropy, mask), "tokens": n}
+    sums.update({k: v.detach().float() * n for k, v in pmetrics.items()})
+    if kl is not None:
+        sums["kl"] = _masked_sum(kl, mask)
+    if mb.rollout_logp is not None:
+        mm = mismatch_metrics(logp.detach(), mb.rollout_logp, mask, rl.tis_cap)
+        sums.update({f"{k}": v.detach().float() * n for k, v in mm.items()})
+    return loss * scale, _as_reduced(sums)
+
+
+def _sft_loss(s: LearnerSettings, scale: float, gpt_model, mb: LearnerBatch, weights, hidden):
+    targets = mb.tokens[:, 1:]
+    logp, entropy = token_logprobs(gpt_model, hidden, targets, s.valid_vocab, 1.0, s.chunk_size)
+    mask = mb.loss_mask.float()
+    loss = aggregate(-logp, weights)
+    sums = {"loss": loss.detach(), "entropy": _masked_sum(entropy, mask), "tokens": mask.sum()}
+    return loss * scale, _as_reduced(sums)
+
+
+def _as_reduced(sums: dict) -> dict:
+    # clone: megatron divides the returned loss in place; these are ours to sum later
+    return {k: torch.as_tensor(v, dtype=torch.float64).detach().clone() for k, v in sums.items()}
+
+
+def _reduce_metrics(per_micro: list[dict]) -> dict[str, float]:
+    """Sum over micro-batches and all ranks; token-averaged metrics are divided by the token count.
+
+    Only last pipeline stages report; TP ranks report identical values, so sums are divided by the
+    number of reporting TP copies (tp size).
+    """
+    keys = sorted({k for d in per_micro for k in d}) if per_micro else []
+    names = [None] * 1
+    if dist.is_initialized():
+        names = [None] * dist.get_world_size()
+        dist.all_gather_object(names, keys)
+        keys = sorted({k for ks in names for k in ks})
+    vec = torch.zeros(len(keys), dtype=torch.float64)
+    for d in per_micro:
+        for i, k in enumerate(keys):
+            if k in d:
+                vec[i] += d[k]
+    if dist.is_initialized():
+        dist.all_reduce(vec)
+    vec /= parallel_state.get_tensor_model_parallel_world_size()
+    totals = dict(zip(keys, vec.tolist()))
+    tokens = max(totals.pop("tokens", 0.0), 1.0)
+    out = {"loss": totals.pop("loss", 0.0)}
+    out.update({k: v / tokens for k, v in totals.items()})
+    out["tokens"] = tokens
+    return out
+
+
+def learner_step(tm, batch: LearnerBatch, settings: LearnerSettings, rl: Optional[RLConfig] = None,
+                 forward_only: bool = False, force_all_reduce: bool = False) -> StepMetrics:
+    """One optimizer step on ``batch`` (GRPO family if ``rl`` is given, masked-NLL SFT otherwise).
+
+    ``force_all_reduce`` leaves full gradients on every rank (parity checks read them).
+    """
+    mode = "token-mean" if rl is None else rl.loss_agg_mode
+    weights = token_weights(batch.loss_mask.float(), mode, settings.constant_norm)
+    dp_rows = _dp_slice(batch.size)
+    local, local_w = batch.rows(dp_rows), weights[dp_rows]
+    mbs = settings.micro_batch_size
+    num_micro = local.size // mbs
+    scale = split_scale(num_micro, parallel_state.get_data_parallel_world_size())
+    if rl is None:
+        loss_fn = partial(_sft_loss, settings, scale)
+    else:
+        if batch.advantages is None:
+            raise ValueError("an RL step needs LearnerBatch.advantages")
+        loss_fn = partial(_rl_loss, rl, settings, scale)
+    gpt_model = tm.module
+    if not forward_only:
+        tm.ddp.zero_grad_buffer()
+        tm.optimizer.zero_grad()
+    with hidden_state_output(gpt_model):
+        outputs = get_forward_backward_func()(
+            forward_step_func=partial(_forward, gpt_model, loss_fn=loss_fn),
+            data_iterator=_micro_batches(local, local_w, mbs),
+            model=[tm.ddp],
+            num_microbatches=num_micro,
+            seq_length=batch.tokens.size(1) - 1,
+            micro_batch_size=mbs,
+            forward_only=forward_only,
+            force_all_reduce=force_all_reduce,
+        )
+    metrics = _reduce_metrics(outputs if parallel_state.is_pipeline_last_stage() else [])
+    if forward_only:
+        return StepMetrics(values=metrics)
+    success, grad_norm, _ = tm.optimizer.step()
+    if success:
+        tm.scheduler.step(increment=1)
+    return StepMetrics(values=metrics, grad_norm=float(grad_norm or 0.0), skipped=not success)
