@@ -34,38 +34,49 @@ class VocabShard:
         return tensor
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, shard: VocabShard, temperature: float):
-    logits = (hidden.float() @ weight.float().t()) / temperature
-    if shard.valid_vocab is not None and shard.end > shard.valid_vocab:
-        logits[:, max(shard.valid_vocab - shard.start, 0):] = float("-inf")
-    return logits
+def _valid_rows(weight: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """The shard's rows for real vocabulary ids (padding rows never enter the softmax)."""
+    if shard.valid_vocab is None or shard.end <= shard.valid_vocab:
+        return weight
+    return weight[: max(shard.valid_vocab - shard.start, 0)]
+
+
+def _chunk_logits(hidden, weight, temperature: float) -> torch.Tensor:
+    # Same precision as megatron's output layer (matmul in the weights' dtype), softmax in fp32.
+    logits = (hidden.to(weight.dtype) @ weight.t()).float()
+    return logits.div_(temperature) if temperature != 1.0 else logits
 
 
 def _forward_chunk(hidden, weight, target, shard: VocabShard, temperature: float):
-    """Returns (target logprob, entropy, logZ) for one chunk of tokens."""
-    logits = _chunk_logits(hidden, weight, shard, temperature)
-    local_max = logits.max(dim=-1).values
+    """Returns (target logprob, entropy, logZ) for one chunk of tokens; two [chunk, vocab] buffers."""
+    rows = weight.size(0)
+    if rows:
+        logits = _chunk_logits(hidden, weight, temperature)
+        local_max = logits.max(dim=-1).values
+    else:  # this shard holds only padding ids
+        logits = hidden.new_zeros(hidden.size(0), 0, dtype=torch.float32)
+        local_max = torch.full((hidden.size(0),), float("-inf"))
     global_max = shard.all_reduce(local_max.clone(), dist.ReduceOp.MAX)
-    shifted = logits - global_max[:, None]
-    exp = shifted.exp()
+    exp = (logits - global_max[:, None]).exp_()
     sum_exp = shard.all_reduce(exp.sum(-1))
     log_z = global_max + sum_exp.log()
     # sum_j p_j z_j (for the entropy) and the target's logit, each owned by one vocabulary shard.
-    p_dot_z = shard.all_reduce((exp * torch.nan_to_num(logits, neginf=0.0)).sum(-1) / sum_exp)
-    in_shard = (target >= shard.start) & (target < shard.end)
-    local_idx = (target - shard.start).clamp(0, weight.size(0) - 1)
-    target_logit = torch.where(in_shard, logits.gather(1, local_idx[:, None]).squeeze(1), 0.0)
-    target_logit = shard.all_reduce(target_logit)
+    p_dot_z = shard.all_reduce(torch.einsum("tv,tv->t", exp, logits) / sum_exp)
+    in_shard = (target >= shard.start) & (target < shard.start + rows)
+    local_idx = (target - shard.start).clamp(0, max(rows - 1, 0))
+    picked = logits.gather(1, local_idx[:, None]).squeeze(1) if rows else torch.zeros_like(log_z)
+    target_logit = shard.all_reduce(torch.where(in_shard, picked, 0.0))
     return target_logit - log_z, log_z - p_dot_z, log_z
 
 
 class _ChunkedLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, shard, temperature, chunk_size):
+        w = _valid_rows(weight, shard)
         logps, ents, log_zs = [], [], []
         with torch.no_grad():
             for h, t in zip(hidden.split(chunk_size), target.split(chunk_size)):
-                lp, ent, lz = _forward_chunk(h, weight, t, shard, temperature)
+                lp, ent, lz = _forward_chunk(h, w, t, shard, temperature)
                 logps.append(lp)
                 ents.append(ent)
                 log_zs.append(lz)
@@ -78,24 +89,30 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, target, log_z, entropy = ctx.saved_tensors
         shard, temperature, chunk = ctx.shard, ctx.temperature, ctx.chunk_size
+        w = _valid_rows(weight, shard)
+        rows = w.size(0)
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        if rows == 0:
+            return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None
+        w_float = w.float()
         for start in range(0, hidden.size(0), chunk):
             sl = slice(start, start + chunk)
             h = hidden[sl]
-            logits = _chunk_logits(h, weight, shard, temperature)
-            logp_all = logits - log_z[sl, None]
-            p = logp_all.exp()
-            # d/dz of (g_lp * log p_t + g_H * H)
-            grad_z = -grad_logp[sl, None] * p
-            grad_z -= grad_entropy[sl, None] * p * (torch.nan_to_num(logp_all, neginf=0.0) + entropy[sl, None])
+            g_lp, g_h = grad_logp[sl, None], grad_entropy[sl, None]
+            logp_all = _chunk_logits(h, w, temperature).sub_(log_z[sl, None])  # buffer A: log p
+            p = logp_all.exp()  # buffer B
+            # dL/dz = g_lp (onehot - p) - g_H p (log p + H) = -p (g_lp + g_H (log p + H)) + g_lp onehot
+            coeff = logp_all.add_(entropy[sl, None]).mul_(g_h).add_(g_lp)
+            grad_z = p.mul_(coeff).neg_()
+            del logp_all, coeff
             t = target[sl]
-            in_shard = (t >= shard.start) & (t < shard.end)
-            rows = torch.nonzero(in_shard).squeeze(1)
-            grad_z[rows, t[rows] - shard.start] += grad_logp[sl][rows]
-            grad_z /= temperature
-            grad_hidden[sl] = grad_z @ weight.float()
-            grad_weight += grad_z.t() @ h.float()
+            hit = torch.nonzero((t >= shard.start) & (t < shard.start + rows)).squeeze(1)
+            grad_z[hit, t[hit] - shard.start] += grad_logp[sl][hit]
+            if temperature != 1.0:
+                grad_z.div_(temperature)
+            grad_hidden[sl] = grad_z @ w_float
+            grad_weight[:rows].addmm_(grad_z.t(), h.float())
         return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None
 
 
