@@ -56,7 +56,8 @@ def test_tp2_matches_single_process(tmp_path):
         port = str(s.getsockname()[1])
     out = tmp_path / "err"
     worker = Path(__file__).with_name("vocab_parallel_worker.py")
-    procs = [subprocess.Popen([sys.executable, str(worker), str(out)], env=dict(os.environ, RANK=str(r), MASTER_PORT=port),
+    procs = [subprocess.Popen([sys.executable, str(worker), str(out)],
+                              env=dict(os.environ, RANK=str(r), MASTER_PORT=port),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     try:
         logs = [p.communicate(timeout=90)[0] for p in procs]
