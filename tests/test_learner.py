@@ -16,11 +16,20 @@ TOL = 1e-3
 
 @pytest.mark.timeout(600)
 def test_grpo_step_matches_single_process_under_tp2ep2_and_pp2():
+    """Old-policy log-probs recomputed with ``compute_logprobs`` and a frozen ``ReferencePolicy`` for the
+    KL term are part of every step (see parallel_check.learner_batch/_train_step)."""
     spec = CheckSpec(model=ModelConfig(preset="qwen3_moe"), objective="grpo")
-    reports = check_layouts(spec, [Layout.parse("tp2ep2"), Layout.parse("pp2")], TIMEOUT_S)
+    reference = run_layout(spec, Layout(), TIMEOUT_S)
+    reports = check_layouts(spec, [Layout.parse("tp2ep2"), Layout.parse("pp2")], TIMEOUT_S, reference=reference)
     for r in reports[1:]:
         assert r.max_rel_err < TOL, r
     assert reports[0].losses[0] != reports[0].losses[1]
+    first, second = reference["metrics"]
+    # recomputed old log-probs equal the training forward's: on-policy ratio 1, nothing clipped
+    assert first["approx_kl"] == 0.0 and first["clip_frac"] == 0.0
+    # the reference is the initial policy: KL 0 before the first update, positive after it
+    assert first["kl"] == 0.0 and second["kl"] > 0.0
+    assert first["tokens"] > 0 and 0.0 < first["entropy"] < 7.0
 
 
 @pytest.mark.timeout(300)

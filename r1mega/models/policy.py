@@ -119,18 +119,32 @@ class PolicyStage:
     model: GPTModel
     config: TransformerConfig
     use_te: bool
+    model_cfg: ModelConfig
+    parallel: ParallelConfig
 
 
 def build_policy(model: ModelConfig, parallel: ParallelConfig) -> PolicyStage:
     """This rank's pipeline stage of the policy (needs ``parallel_state`` initialised)."""
     config = transformer_config(model, parallel)
     use_te = use_transformer_engine(model.precision)
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    spec = build_block_spec(config, use_te)
-    gpt = GPTModel(
+    gpt = _gpt_model(config, use_te, model, parallel.tp)
+    return PolicyStage(model=gpt, config=config, use_te=use_te, model_cfg=model, parallel=parallel)
+
+
+def build_policy_like(stage: PolicyStage) -> GPTModel:
+    """Another model with the same architecture and layout as ``stage`` (e.g. a frozen reference).
+
+    It gets its own ``TransformerConfig``: the training one carries optimizer hooks.
+    """
+    config = transformer_config(stage.model_cfg, stage.parallel)
+    return _gpt_model(config, stage.use_te, stage.model_cfg, stage.parallel.tp)
+
+
+def _gpt_model(config, use_te: bool, model: ModelConfig, tp: int) -> GPTModel:
+    return GPTModel(
         config=config,
-        transformer_layer_spec=spec,
-        vocab_size=padded_vocab_size(model.vocab_size, parallel.tp),
+        transformer_layer_spec=build_block_spec(config, use_te),
+        vocab_size=padded_vocab_size(model.vocab_size, tp),
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
@@ -138,5 +152,3 @@ def build_policy(model: ModelConfig, parallel: ParallelConfig) -> PolicyStage:
         position_embedding_type="rope",
         rotary_base=model.rotary_base,
     )
-    del pp_rank
-    return PolicyStage(model=gpt, config=config, use_te=use_te)

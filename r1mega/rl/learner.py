@@ -172,6 +172,63 @@ def _reduce_metrics(per_micro: list[dict]) -> dict[str, float]:
     return out
 
 
+def _logprob_loss(s: LearnerSettings, gpt_model, mb: LearnerBatch, weights, hidden):
+    logp, _ = token_logprobs(gpt_model, hidden, mb.tokens[:, 1:], s.valid_vocab, s.temperature, s.chunk_size)
+    return logp.sum() * 0.0, {"logp": logp.detach().clone()}
+
+
+@torch.no_grad()
+def compute_logprobs(model_chunk, gpt_model, batch: LearnerBatch, settings: LearnerSettings) -> torch.Tensor:
+    """Log-probs [B, S-1] of ``batch`` under ``gpt_model`` (forward only), on every rank.
+
+    For old-policy log-probs (``model_chunk`` = the DDP-wrapped policy) and reference log-probs
+    (``model_chunk`` = a frozen :class:`ReferencePolicy`'s model). Each DP rank scores its slice; the
+    last pipeline stage's results are shared with all ranks.
+    """
+    rows = _dp_slice(batch.size)
+    local = batch.rows(rows)
+    dummy_w = torch.zeros_like(local.loss_mask, dtype=torch.float32)
+    mbs = settings.micro_batch_size
+    with hidden_state_output(gpt_model):
+        outputs = get_forward_backward_func()(
+            forward_step_func=partial(_forward, gpt_model, loss_fn=partial(_logprob_loss, settings)),
+            data_iterator=_micro_batches(local, dummy_w, mbs),
+            model=[model_chunk],
+            num_microbatches=local.size // mbs,
+            seq_length=batch.tokens.size(1) - 1,
+            micro_batch_size=mbs,
+            forward_only=True,
+        )
+    mine = None
+    if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
+        mine = (rows.start, torch.cat([o["logp"] for o in outputs]))
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return mine[1]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    full = torch.empty(batch.size, batch.tokens.size(1) - 1)
+    for item in everyone:
+        if item is not None:
+            full[item[0]: item[0] + item[1].size(0)] = item[1]
+    return full
+
+
+class ReferencePolicy:
+    """A frozen copy of the policy (same layout, no optimizer) for KL reference log-probs."""
+
+    def __init__(self, tm):
+        from r1mega.models.policy import build_policy_like
+
+        self.module = build_policy_like(tm.stage)
+        self.module.load_state_dict(tm.module.state_dict())
+        self.module.eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def logprobs(self, batch: LearnerBatch, settings: LearnerSettings) -> torch.Tensor:
+        return compute_logprobs(self.module, self.module, batch, settings)
+
+
 def learner_step(tm, batch: LearnerBatch, settings: LearnerSettings, rl: Optional[RLConfig] = None,
                  forward_only: bool = False, force_all_reduce: bool = False) -> StepMetrics:
     """One optimizer step on ``batch`` (GRPO family if ``rl`` is given, masked-NLL SFT otherwise).

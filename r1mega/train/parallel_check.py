@@ -97,7 +97,7 @@ class LayoutReport:
 
 def learner_batch(spec: CheckSpec, tokens: torch.Tensor, step: int):
     """A deterministic RL/SFT batch over ``tokens``: random prompt/response split per row (one row has
-    an empty response), random advantages and reference log-probs."""
+    an empty response) and random advantages."""
     from r1mega.rl.learner import LearnerBatch
 
     gen = torch.Generator().manual_seed(spec.data_seed * 1000 + step)
@@ -107,22 +107,28 @@ def learner_batch(spec: CheckSpec, tokens: torch.Tensor, step: int):
         prompt = int(torch.randint(1, positions // 2, (1,), generator=gen))
         length = 0 if row == 1 else int(torch.randint(1, positions - prompt + 1, (1,), generator=gen))
         mask[row, prompt - 1: prompt - 1 + length] = 1.0
-    advantages = torch.randn(rows, generator=gen)
-    ref_logp = -6.0 + 0.1 * torch.randn(rows, positions, generator=gen)
-    return LearnerBatch(tokens, mask, advantages=advantages, ref_logp=ref_logp)
+    return LearnerBatch(tokens, mask, advantages=torch.randn(rows, generator=gen))
 
 
-def _train_step(spec: CheckSpec, tm, vocab_size: int, tokens: torch.Tensor, step: int, last: bool) -> float:
+def _train_step(spec: CheckSpec, tm, reference, vocab_size: int, tokens: torch.Tensor, step: int, last: bool
+                ) -> tuple[float, dict]:
     if spec.objective == "lm":
         from r1mega.train.lm_step import lm_train_step, local_batch
 
-        return lm_train_step(tm, local_batch(tokens), spec.micro_batch_size, force_all_reduce=last).loss
-    from r1mega.rl.learner import LearnerSettings, learner_step
+        return lm_train_step(tm, local_batch(tokens), spec.micro_batch_size, force_all_reduce=last).loss, {}
+    from r1mega.rl.learner import LearnerSettings, compute_logprobs, learner_step
 
     settings = LearnerSettings(micro_batch_size=spec.micro_batch_size, valid_vocab=vocab_size,
                                temperature=0.9, chunk_size=16, constant_norm=float(spec.seq_length))
-    rl = spec.rl if spec.objective == "grpo" else None
-    return learner_step(tm, learner_batch(spec, tokens, step), settings, rl, force_all_reduce=last).values["loss"]
+    batch = learner_batch(spec, tokens, step)
+    rl = None
+    if spec.objective == "grpo":
+        rl = spec.rl
+        # old-policy log-probs recomputed like a PPO epoch would, and a frozen reference for the KL
+        batch.old_logp = compute_logprobs(tm.ddp, tm.module, batch, settings)
+        batch.ref_logp = reference.logprobs(batch, settings)
+    result = learner_step(tm, batch, settings, rl, force_all_reduce=last)
+    return result.values["loss"], result.values
 
 
 def global_batches(spec: CheckSpec, vocab_size: int) -> list[torch.Tensor]:
@@ -147,19 +153,27 @@ def _worker(spec: CheckSpec, layout: Layout, out_path: str) -> None:
     from r1mega.train.model_setup import build_training_model
 
     tm = build_training_model(model_cfg, parallel, spec.optimizer, total_steps=spec.steps)
+    reference = None
+    if spec.objective == "grpo":
+        from r1mega.rl.learner import ReferencePolicy
+
+        reference = ReferencePolicy(tm)
     initial = gather_full(tm.module, tm.config)
-    losses, grads = [], None
+    losses, metrics, grads = [], [], None
     for step, batch in enumerate(global_batches(spec, model_cfg.vocab_size)):
         last = step == spec.steps - 1
         # The step's optimizer update happens inside; read grads of the last step before it.
         if last:
             tm.optimizer.step = _capture_grads_then(tm, tm.optimizer.step, sink := {})
-        losses.append(_train_step(spec, tm, model_cfg.vocab_size, batch, step, last))
+        loss, step_metrics = _train_step(spec, tm, reference, model_cfg.vocab_size, batch, step, last)
+        losses.append(loss)
+        metrics.append(step_metrics)
         if last:
             grads = sink["grads"]
     final = gather_full(tm.module, tm.config)
     if torch.distributed.get_rank() == 0:
-        torch.save({"losses": losses, "initial": initial, "grads": grads, "final": final}, out_path)
+        torch.save({"losses": losses, "metrics": metrics, "initial": initial, "grads": grads, "final": final},
+                   out_path)
     shutdown()
 
 
