@@ -41,6 +41,8 @@ class LearnerBatch:
     old_logp: Optional[torch.Tensor] = None  # trainer logprobs before the update (None: on-policy)
     rollout_logp: Optional[torch.Tensor] = None  # the engine's sampling logprobs (TIS, mismatch)
     ref_logp: Optional[torch.Tensor] = None  # reference policy (KL)
+    lengths: Optional[torch.Tensor] = None  # [B] real tokens per row (prompt + response); None = S
+    token_advantages: Optional[torch.Tensor] = None  # [B, S-1] (packed rows); overrides ``advantages``
 
     @property
     def size(self) -> int:
@@ -49,7 +51,7 @@ class LearnerBatch:
     def rows(self, idx: slice) -> "LearnerBatch":
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return LearnerBatch(self.tokens[idx], self.loss_mask[idx], pick(self.advantages), pick(self.old_logp),
-                            pick(self.rollout_logp), pick(self.ref_logp))
+                            pick(self.rollout_logp), pick(self.ref_logp), pick(self.lengths))
 
 
 @dataclass
@@ -61,6 +63,7 @@ class LearnerSettings:
     temperature: float = 1.0  # the rollout's sampling temperature: logprobs of the sampling distribution
     chunk_size: int = 1024
     constant_norm: Optional[float] = None  # Dr.GRPO's constant normaliser (seq-mean-token-sum-norm)
+    pack: bool = False  # padding-free: each micro-batch's sequences become one packed row
 
 
 @dataclass
@@ -87,12 +90,71 @@ def _micro_batches(batch: LearnerBatch, weights: torch.Tensor, mbs: int):
         yield batch.rows(sl), weights[sl]
 
 
-def _forward(gpt_model, data_iterator, model, loss_fn):
+def _forward(gpt_model, pack: bool, data_iterator, model, loss_fn):
     mb, weights = next(data_iterator)
+    if pack:
+        packed = pack_micro_batch(mb, weights, parallel_state.get_tensor_model_parallel_world_size())
+        hidden = model(packed.inputs, packed.positions, None, packed_seq_params=packed.params)
+        return hidden, partial(loss_fn, gpt_model, packed.batch, packed.weights)
     tokens = mb.tokens[:, :-1].contiguous()
     positions = torch.arange(tokens.size(1)).unsqueeze(0).expand_as(tokens)
     hidden = model(tokens, positions, None)
     return hidden, partial(loss_fn, gpt_model, mb, weights)
+
+
+@dataclass
+class PackedMicroBatch:
+    inputs: torch.Tensor  # [1, T] input ids of all sequences back to back (+ padding to a multiple of tp)
+    positions: torch.Tensor  # [1, T] restart at 0 for every sequence
+    params: object  # megatron PackedSeqParams (thd, cu_seqlens)
+    batch: LearnerBatch  # the same data as one packed row: tokens [1, T+1], per-token fields [1, T]
+    weights: torch.Tensor  # [1, T]
+
+
+def pack_micro_batch(mb: LearnerBatch, weights: torch.Tensor, multiple: int = 1) -> PackedMicroBatch:
+    """Concatenate the rows' real tokens (no padding between sequences) for megatron's thd format."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    lengths = mb.lengths if mb.lengths is not None else torch.full((mb.size,), mb.tokens.size(1))
+    spans = [max(int(n) - 1, 0) for n in lengths]  # predicted positions per sequence
+    per_token = {"loss_mask": mb.loss_mask, "old_logp": mb.old_logp, "rollout_logp": mb.rollout_logp,
+                 "ref_logp": mb.ref_logp}
+    total = sum(spans)
+    padded = -(-max(total, 1) // multiple) * multiple
+    inputs = torch.zeros(padded, dtype=mb.tokens.dtype)
+    labels = torch.zeros(padded, dtype=mb.tokens.dtype)
+    positions = torch.zeros(padded, dtype=torch.long)
+    fields = {k: None if v is None else torch.zeros(padded, dtype=v.dtype) for k, v in per_token.items()}
+    packed_w = torch.zeros(padded, dtype=weights.dtype)
+    adv = torch.zeros(padded) if mb.advantages is not None else None
+    cu, start = [0], 0
+    for row, n in enumerate(spans):
+        sl = slice(start, start + n)
+        inputs[sl], labels[sl] = mb.tokens[row, :n], mb.tokens[row, 1: n + 1]
+        positions[sl] = torch.arange(n)
+        for k, v in per_token.items():
+            if v is not None:
+                fields[k][sl] = v[row, :n]
+        packed_w[sl] = weights[row, :n]
+        if adv is not None:
+            adv[sl] = mb.advantages[row]
+        start += n
+        cu.append(start)
+    if padded > total:  # the padding forms its own segment, masked out of the loss
+        cu.append(padded)
+    cu_seqlens = torch.tensor(cu, dtype=torch.int32)
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                             max_seqlen_q=max_len, max_seqlen_kv=max_len)
+    tokens = torch.cat([inputs, labels[-1:]])  # tokens[1:] must equal labels: shift by one
+    tokens[1:] = labels
+    row = lambda t: None if t is None else t.unsqueeze(0)  # noqa: E731
+    batch = LearnerBatch(tokens.unsqueeze(0), fields["loss_mask"].unsqueeze(0),
+                         advantages=None if adv is None else torch.zeros(1), token_advantages=row(adv),
+                         old_logp=row(fields["old_logp"]), rollout_logp=row(fields["rollout_logp"]),
+                         ref_logp=row(fields["ref_logp"]))
+    return PackedMicroBatch(inputs.unsqueeze(0), positions.unsqueeze(0), params, batch, packed_w.unsqueeze(0))
+
 
 
 def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -108,7 +170,8 @@ def _rl_loss(rl: RLConfig, s: LearnerSettings, scale: float, gpt_model, mb: Lear
     if rl.tis_cap is not None and mb.rollout_logp is not None:
         tis = tis_weights(old, mb.rollout_logp, mask, rl.tis_cap)
     eps_low, eps_high = clip_range(rl)
-    adv = mb.advantages[:, None].expand_as(logp).float()
+    adv = mb.token_advantages if mb.token_advantages is not None else mb.advantages[:, None]
+    adv = adv.expand_as(logp).float()
     per_token, pmetrics = policy_loss(rl.policy_loss, logp, old, adv, mask, eps_low=eps_low, eps_high=eps_high,
                                       dual_clip_c=rl.dual_clip_c, tis_weights=tis)
     kl = None
@@ -191,7 +254,8 @@ def compute_logprobs(model_chunk, gpt_model, batch: LearnerBatch, settings: Lear
     mbs = settings.micro_batch_size
     with hidden_state_output(gpt_model):
         outputs = get_forward_backward_func()(
-            forward_step_func=partial(_forward, gpt_model, loss_fn=partial(_logprob_loss, settings)),
+            # padded rows (not packed): the result must come back as [rows, S-1]
+            forward_step_func=partial(_forward, gpt_model, False, loss_fn=partial(_logprob_loss, settings)),
             data_iterator=_micro_batches(local, dummy_w, mbs),
             model=[model_chunk],
             num_microbatches=local.size // mbs,
@@ -254,7 +318,7 @@ def learner_step(tm, batch: LearnerBatch, settings: LearnerSettings, rl: Optiona
         tm.optimizer.zero_grad()
     with hidden_state_output(gpt_model):
         outputs = get_forward_backward_func()(
-            forward_step_func=partial(_forward, gpt_model, loss_fn=loss_fn),
+            forward_step_func=partial(_forward, gpt_model, settings.pack, loss_fn=loss_fn),
             data_iterator=_micro_batches(local, local_w, mbs),
             model=[tm.ddp],
             num_microbatches=num_micro,

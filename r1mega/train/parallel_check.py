@@ -72,6 +72,7 @@ class CheckSpec:
     data_seed: int = 7
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-3, clip_grad=0.0))
     objective: str = "lm"  # lm (megatron's cross entropy) | grpo | sft (r1mega's learner step)
+    pack: bool = False  # learner objectives: padding-free packed micro-batches
     rl: RLConfig = field(default_factory=lambda: RLConfig(kl_coef=0.01, entropy_coef=0.01, tis_cap=None))
 
     @classmethod
@@ -103,11 +104,13 @@ def learner_batch(spec: CheckSpec, tokens: torch.Tensor, step: int):
     gen = torch.Generator().manual_seed(spec.data_seed * 1000 + step)
     rows, positions = tokens.size(0), tokens.size(1) - 1
     mask = torch.zeros(rows, positions)
+    lengths = torch.zeros(rows, dtype=torch.long)
     for row in range(rows):
         prompt = int(torch.randint(1, positions // 2, (1,), generator=gen))
         length = 0 if row == 1 else int(torch.randint(1, positions - prompt + 1, (1,), generator=gen))
         mask[row, prompt - 1: prompt - 1 + length] = 1.0
-    return LearnerBatch(tokens, mask, advantages=torch.randn(rows, generator=gen))
+        lengths[row] = prompt + length  # tokens after this are padding
+    return LearnerBatch(tokens, mask, advantages=torch.randn(rows, generator=gen), lengths=lengths)
 
 
 def _train_step(spec: CheckSpec, tm, reference, vocab_size: int, tokens: torch.Tensor, step: int, last: bool
@@ -119,7 +122,8 @@ def _train_step(spec: CheckSpec, tm, reference, vocab_size: int, tokens: torch.T
     from r1mega.rl.learner import LearnerSettings, compute_logprobs, learner_step
 
     settings = LearnerSettings(micro_batch_size=spec.micro_batch_size, valid_vocab=vocab_size,
-                               temperature=0.9, chunk_size=16, constant_norm=float(spec.seq_length))
+                               temperature=0.9, chunk_size=16, constant_norm=float(spec.seq_length),
+                               pack=spec.pack)
     batch = learner_batch(spec, tokens, step)
     rl = None
     if spec.objective == "grpo":
