@@ -56,3 +56,26 @@ def test_loss_and_grads_do_not_depend_on_microbatches_or_dp(mode):
         loss_err, grad_err, param_err = compare(one_micro, got)
         assert max(loss_err, grad_err) < 1e-5, f"{mode} {name}: loss {loss_err:.2e} grad {grad_err:.2e}"
         assert param_err < TOL, f"{mode} {name}: param {param_err:.2e}"
+
+
+def test_rl_names_accepted_by_config_equal_the_registries():
+    from r1mega.config import validate
+    from r1mega.rl import ADVANTAGES, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, REFILL_POLICIES
+
+    assert set(validate.ADVANTAGE_ESTIMATORS) == set(ADVANTAGES.names())
+    assert set(validate.POLICY_LOSS_NAMES) == set(POLICY_LOSSES.names())
+    assert set(validate.KL_ESTIMATOR_NAMES) == set(KL_ESTIMATORS)
+    assert set(validate.LOSS_AGG_MODE_NAMES) == set(LOSS_AGG_MODES)
+    assert set(validate.REFILL_POLICY_NAMES) == set(REFILL_POLICIES)
+
+
+@pytest.mark.parametrize("override,phrase", [
+    ("rl.policy_loss=ppo2", "rl.policy_loss='ppo2' is not supported"),
+    ("rl.loss_agg_mode=mean", "rl.loss_agg_mode='mean' is not supported"),
+    ("rl.tis_cap=0", "rl.tis_cap=0.0 must be > 0"),
+])
+def test_bad_rl_config_is_refused(override, phrase):
+    from r1mega.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=phrase.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])

@@ -29,6 +29,13 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine")
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Names registered in r1mega.rl (listed here because config must not import torch; a test keeps
+# them equal to the registries).
+ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+POLICY_LOSS_NAMES = ("ppo", "gspo")
+KL_ESTIMATOR_NAMES = ("k1", "k2", "k3")
+LOSS_AGG_MODE_NAMES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+REFILL_POLICY_NAMES = ("resample", "duplicate", "none")
 
 Problems = list[str]
 
@@ -453,4 +460,20 @@ def _check_misc(cfg: R1Config) -> Problems:
     out += _at_least("reward.num_workers", cfg.reward.num_workers, 0)
     out += _at_least("checkpoint.save_interval", cfg.checkpoint.save_interval, 0,
                      "set 0 to disable periodic saves")
+    return out + _check_rl(cfg.rl)
+
+
+def _check_rl(rl) -> Problems:
+    out = _one_of("rl.advantage_estimator", rl.advantage_estimator, ADVANTAGE_ESTIMATORS)
+    out += _one_of("rl.policy_loss", rl.policy_loss, POLICY_LOSS_NAMES)
+    out += _one_of("rl.kl_estimator", rl.kl_estimator, KL_ESTIMATOR_NAMES)
+    out += _one_of("rl.loss_agg_mode", rl.loss_agg_mode, LOSS_AGG_MODE_NAMES)
+    out += _one_of("rl.refill_policy", rl.refill_policy, REFILL_POLICY_NAMES)
+    out += _at_least("rl.kl_coef", rl.kl_coef, 0.0)
+    out += _at_least("rl.eps_clip_low", rl.eps_clip_low, 0.0)
+    out += _at_least("rl.eps_clip_high", rl.eps_clip_high, 0.0)
+    if rl.tis_cap is not None and rl.tis_cap <= 0:
+        out.append(f"rl.tis_cap={rl.tis_cap} must be > 0 (e.g. 2.0), or null to disable truncated IS")
+    if rl.dual_clip_c is not None and rl.dual_clip_c <= 1:
+        out.append(f"rl.dual_clip_c={rl.dual_clip_c} must be > 1 (dual-clip PPO uses c = 3), or null")
     return out
