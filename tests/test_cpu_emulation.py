@@ -3,37 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from r1mega.platform.spawn import spawn_ranks
+
 WORKER = Path(__file__).with_name("emulation_worker.py")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("emu") / "out"
-    port = str(_port())
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(out)],
-                              env=dict(os.environ, RANK=str(r), MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    spawn_ranks([str(WORKER), str(out)], world_size=2, timeout_s=120, name="emulation")
     return [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
 
 

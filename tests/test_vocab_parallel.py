@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from r1mega.platform.spawn import spawn_ranks
 from r1mega.rl.vocab_parallel import VocabShard, logprob_and_entropy, naive_logprob_and_entropy
 
 
@@ -51,20 +48,9 @@ def test_bad_shapes_are_rejected():
 
 @pytest.mark.timeout(120)
 def test_tp2_matches_single_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     out = tmp_path / "err"
-    worker = Path(__file__).with_name("vocab_parallel_worker.py")
-    procs = [subprocess.Popen([sys.executable, str(worker), str(out)],
-                              env=dict(os.environ, RANK=str(r), MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=90)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    spawn_ranks([str(Path(__file__).with_name("vocab_parallel_worker.py")), str(out)], world_size=2,
+                timeout_s=90, name="vocab-parallel")
     for rank in range(2):
         err = json.loads(Path(f"{out}.{rank}").read_text())
         assert max(err.values()) < 1e-4, err
