@@ -43,6 +43,7 @@ class LearnerBatch:
     ref_logp: Optional[torch.Tensor] = None  # reference policy (KL)
     lengths: Optional[torch.Tensor] = None  # [B] real tokens per row (prompt + response); None = S
     token_advantages: Optional[torch.Tensor] = None  # [B, S-1] (packed rows); overrides ``advantages``
+    seq_ids: Optional[torch.Tensor] = None  # [B, S-1] sequence of each token (packed rows; -1 = padding)
 
     @property
     def size(self) -> int:
@@ -51,7 +52,8 @@ class LearnerBatch:
     def rows(self, idx: slice) -> "LearnerBatch":
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return LearnerBatch(self.tokens[idx], self.loss_mask[idx], pick(self.advantages), pick(self.old_logp),
-                            pick(self.rollout_logp), pick(self.ref_logp), pick(self.lengths))
+                            pick(self.rollout_logp), pick(self.ref_logp), pick(self.lengths),
+                            pick(self.token_advantages), pick(self.seq_ids))
 
 
 @dataclass
@@ -127,6 +129,7 @@ def pack_micro_batch(mb: LearnerBatch, weights: torch.Tensor, multiple: int = 1)
     fields = {k: None if v is None else torch.zeros(padded, dtype=v.dtype) for k, v in per_token.items()}
     packed_w = torch.zeros(padded, dtype=weights.dtype)
     adv = torch.zeros(padded) if mb.advantages is not None else None
+    seq_ids = torch.full((padded,), -1, dtype=torch.long)
     cu, start = [0], 0
     for row, n in enumerate(spans):
         sl = slice(start, start + n)
@@ -138,6 +141,7 @@ def pack_micro_batch(mb: LearnerBatch, weights: torch.Tensor, multiple: int = 1)
         packed_w[sl] = weights[row, :n]
         if adv is not None:
             adv[sl] = mb.advantages[row]
+        seq_ids[sl] = row
         start += n
         cu.append(start)
     if padded > total:  # the padding forms its own segment, masked out of the loss
@@ -152,7 +156,7 @@ def pack_micro_batch(mb: LearnerBatch, weights: torch.Tensor, multiple: int = 1)
     batch = LearnerBatch(tokens.unsqueeze(0), fields["loss_mask"].unsqueeze(0),
                          advantages=None if adv is None else torch.zeros(1), token_advantages=row(adv),
                          old_logp=row(fields["old_logp"]), rollout_logp=row(fields["rollout_logp"]),
-                         ref_logp=row(fields["ref_logp"]))
+                         ref_logp=row(fields["ref_logp"]), seq_ids=seq_ids.unsqueeze(0))
     return PackedMicroBatch(inputs.unsqueeze(0), positions.unsqueeze(0), params, batch, packed_w.unsqueeze(0))
 
 
@@ -173,7 +177,7 @@ def _rl_loss(rl: RLConfig, s: LearnerSettings, scale: float, gpt_model, mb: Lear
     adv = mb.token_advantages if mb.token_advantages is not None else mb.advantages[:, None]
     adv = adv.expand_as(logp).float()
     per_token, pmetrics = policy_loss(rl.policy_loss, logp, old, adv, mask, eps_low=eps_low, eps_high=eps_high,
-                                      dual_clip_c=rl.dual_clip_c, tis_weights=tis)
+                                      dual_clip_c=rl.dual_clip_c, seq_ids=mb.seq_ids, tis_weights=tis)
     kl = None
     if mb.ref_logp is not None:
         kl = kl_penalty(logp, mb.ref_logp, rl.kl_estimator)

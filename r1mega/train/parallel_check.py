@@ -131,6 +131,9 @@ def _train_step(spec: CheckSpec, tm, reference, vocab_size: int, tokens: torch.T
         # old-policy log-probs recomputed like a PPO epoch would, and a frozen reference for the KL
         batch.old_logp = compute_logprobs(tm.ddp, tm.module, batch, settings)
         batch.ref_logp = reference.logprobs(batch, settings)
+        # an engine's sampling log-probs differ slightly from the trainer's: exercises TIS + mismatch
+        noise = torch.Generator().manual_seed(spec.data_seed + step)
+        batch.rollout_logp = batch.old_logp + 0.3 * torch.randn(batch.old_logp.shape, generator=noise)
     result = learner_step(tm, batch, settings, rl, force_all_reduce=last)
     return result.values["loss"], result.values
 
