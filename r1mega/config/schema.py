@@ -51,6 +51,9 @@ class ModelConfig:
     moe_router_load_balancing_type: Optional[str] = None  # aux_loss | seq_aux_loss | none
     moe_aux_loss_coeff: Optional[float] = None
     first_k_dense_layers: Optional[int] = None
+    # Local spec (no TE): run the experts as grouped GEMMs (torch._grouped_mm) instead of megatron's
+    # per-expert loop; same parameters and names as SequentialMLP (r1mega/models/grouped_experts.py).
+    moe_grouped_experts: bool = False
     # --- multi-latent attention (DeepSeek-V3) ---
     multi_latent_attention: Optional[bool] = None
     q_lora_rank: Optional[int] = None

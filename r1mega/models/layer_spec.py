@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 
+from r1mega.models.grouped_experts import GroupedSequentialMLP
 from r1mega.models.local_layers import SDPAttention, SequenceParallelNorm
 from r1mega.platform.optional import have_transformer_engine
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec  # noqa: E402
 from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
+from megatron.core.transformer.moe.experts import SequentialMLP  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: E402
 
 _LOCAL_REPLACEMENTS = {WrappedTorchNorm: SequenceParallelNorm, DotProductAttention: SDPAttention}
+# model.moe_grouped_experts: grouped-GEMM experts with SequentialMLP's parameters (local spec only).
+_GROUPED_EXPERTS = {SequentialMLP: GroupedSequentialMLP}
 
 
 def use_transformer_engine(precision: str) -> bool:
@@ -30,11 +34,17 @@ def use_transformer_engine(precision: str) -> bool:
     return te
 
 
-def build_block_spec(config, use_te: bool):
-    """Per-layer specs for the decoder (dense and MoE layers as ``config.moe_layer_freq`` says)."""
+def build_block_spec(config, use_te: bool, grouped_experts: bool = False):
+    """Per-layer specs for the decoder (dense and MoE layers as ``config.moe_layer_freq`` says).
+
+    ``grouped_experts`` (local spec only) swaps megatron's ``SequentialMLP`` for grouped-GEMM experts.
+    """
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                       normalization=config.normalization)
-    return spec if use_te else _swap_modules(spec, _LOCAL_REPLACEMENTS, {})
+    if use_te:
+        return spec
+    replacements = {**_LOCAL_REPLACEMENTS, **(_GROUPED_EXPERTS if grouped_experts else {})}
+    return _swap_modules(spec, replacements, {})
 
 
 def _swap_modules(node, replacements: dict, seen: dict):

@@ -143,7 +143,7 @@ def build_policy_like(stage: PolicyStage) -> GPTModel:
 def _gpt_model(config, use_te: bool, model: ModelConfig, tp: int) -> GPTModel:
     return GPTModel(
         config=config,
-        transformer_layer_spec=build_block_spec(config, use_te),
+        transformer_layer_spec=build_block_spec(config, use_te, grouped_experts=model.moe_grouped_experts),
         vocab_size=padded_vocab_size(model.vocab_size, tp),
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
