@@ -4,6 +4,8 @@ how the same global batch is split into micro-batches and data-parallel ranks (e
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from r1mega.config.schema import ModelConfig, RLConfig
@@ -92,3 +94,39 @@ def test_gspo_with_tis_and_dual_clip_matches_single_process_under_tp2():
     # the synthetic engine log-probs differ from the trainer's by N(0, 0.3): the mismatch metrics see it
     metrics = reference["metrics"][0]
     assert 0.1 < metrics["mismatch_abs_mean"] < 0.5 and metrics["mismatch_kl"] > 0
+
+
+@pytest.fixture
+def tiny_policy():
+    from r1mega.config.presets import resolve_model
+    from r1mega.config.schema import OptimizerConfig, ParallelConfig
+    from r1mega.platform.distributed import init_model_parallel, init_process_group, shutdown
+    from r1mega.train.model_setup import build_training_model
+
+    init_process_group()
+    parallel = ParallelConfig()
+    model = resolve_model(ModelConfig(preset="qwen3_moe"))
+    init_model_parallel(parallel, seed=model.seed)
+    yield build_training_model(model, parallel, OptimizerConfig(lr=1e-3), total_steps=4), model
+    shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_nonfinite_loss_skips_the_update(tiny_policy):
+    import torch
+
+    from r1mega.rl.learner import LearnerBatch, LearnerSettings, learner_step
+
+    tm, model = tiny_policy
+    tokens = torch.randint(0, model.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8)
+    settings = LearnerSettings(micro_batch_size=2, valid_vocab=model.vocab_size)
+    before = [p.detach().clone() for p in tm.module.parameters()]
+    bad = learner_step(tm, LearnerBatch(tokens, mask, advantages=torch.tensor([float("nan"), 1.0])), settings,
+                       RLConfig(tis_cap=None))
+    assert bad.skipped and not math.isfinite(bad.values["loss"])
+    assert all(torch.equal(a, b) for a, b in zip(before, tm.module.parameters()))
+    good = learner_step(tm, LearnerBatch(tokens, mask, advantages=torch.tensor([-1.0, 1.0])), settings,
+                        RLConfig(tis_cap=None))
+    assert not good.skipped and math.isfinite(good.grad_norm) and good.grad_norm > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, tm.module.parameters()))

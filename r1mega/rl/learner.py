@@ -13,6 +13,7 @@ every per-token tensor of a batch is [B, S - 1] for tokens [B, S].
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
@@ -66,6 +67,7 @@ class LearnerSettings:
     chunk_size: int = 1024
     constant_norm: Optional[float] = None  # Dr.GRPO's constant normaliser (seq-mean-token-sum-norm)
     pack: bool = False  # padding-free: each micro-batch's sequences become one packed row
+    skip_nonfinite: bool = True  # a NaN/Inf loss skips the optimizer step (reported, never applied)
 
 
 @dataclass
@@ -334,6 +336,9 @@ def learner_step(tm, batch: LearnerBatch, settings: LearnerSettings, rl: Optiona
     metrics = _reduce_metrics(outputs if parallel_state.is_pipeline_last_stage() else [])
     if forward_only:
         return StepMetrics(values=metrics)
+    if settings.skip_nonfinite and not math.isfinite(metrics["loss"]):
+        # every rank sees the same all-reduced loss, so all of them skip together
+        return StepMetrics(values=metrics, grad_norm=float("nan"), skipped=True)
     success, grad_norm, _ = tm.optimizer.step()
     if success:
         tm.scheduler.step(increment=1)
