@@ -71,6 +71,27 @@ def cmd_check_parallel(args, rest: list[str]) -> int:
     return check_main(rest)
 
 
+def cmd_convert(args, rest: list[str]) -> int:
+    """``convert to-hf`` / ``convert from-hf`` (one process, or the layout's world under torchrun)."""
+    from r1mega.bridge.convert import ConvertError, from_hf, to_hf
+    from r1mega.bridge.rules import BridgeError
+
+    try:
+        if args.direction == "to-hf":
+            result = to_hf(args.ckpt, args.out, tokenizer=args.tokenizer, force=args.force, tp=args.tp,
+                           pp=args.pp, ep=args.ep, bucket_mb=args.bucket_mb, dtype=args.dtype, fp8=args.fp8,
+                           progress=not args.no_progress)
+        else:
+            result = from_hf(args.hf, args.out, tp=args.tp, pp=args.pp, ep=args.ep, force=args.force,
+                             precision=args.precision)
+    except (ConvertError, BridgeError, FileNotFoundError) as e:
+        print(f"r1mega convert: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"convert {args.direction}: {result}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r1mega", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,6 +108,28 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-parallel", help="parallel-layout parity check (see tools/check_parallel.py)",
                            add_help=False)
     check.set_defaults(func=cmd_check_parallel)
+
+    convert = sub.add_parser("convert", help="convert checkpoints to / from Hugging Face format")
+    conv = convert.add_subparsers(dest="direction", required=True)
+    to_hf = conv.add_parser("to-hf", help="r1mega dist checkpoint -> HF directory (safetensors)")
+    to_hf.add_argument("--ckpt", required=True, help="checkpoint root (follows latest) or step_* directory")
+    to_hf.add_argument("--out", required=True, help="HF output directory (must be empty unless --force)")
+    to_hf.add_argument("--tokenizer", default=None, help="directory with tokenizer files to copy")
+    to_hf.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="cast weights on export (default: training dtype)")
+    to_hf.add_argument("--fp8", action="store_true", help="FP8 linear weights with 128x128 block scales")
+    to_hf.add_argument("--bucket-mb", type=float, default=256.0, help="export bucket size (bounds memory)")
+    to_hf.add_argument("--no-progress", action="store_true")
+    from_hf = conv.add_parser("from-hf", help="HF directory -> r1mega dist checkpoint")
+    from_hf.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
+    from_hf.add_argument("--out", required=True, help="checkpoint root to write (must be empty unless --force)")
+    from_hf.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    for p in (to_hf, from_hf):
+        p.add_argument("--tp", type=int, default=1)
+        p.add_argument("--pp", type=int, default=1)
+        p.add_argument("--ep", type=int, default=1)
+        p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    convert.set_defaults(func=cmd_convert)
     return parser
 
 

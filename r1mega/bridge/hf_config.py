@@ -1,0 +1,189 @@
+"""r1mega ``ModelConfig`` <-> Hugging Face ``config.json``, one converter pair per architecture.
+
+The r1mega ``ModelConfig`` is what builds the megatron ``TransformerConfig`` (``models.policy``), so
+converting to and from it covers HF config <-> TransformerConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+
+from r1mega.bridge.rules import BridgeError, Dims, architecture, architecture_for_model_type
+from r1mega.config.schema import ModelConfig
+
+
+def dims_of(model: ModelConfig) -> Dims:
+    return Dims(vocab_size=model.vocab_size, num_attention_heads=model.num_attention_heads,
+                num_query_groups=model.num_query_groups or model.num_attention_heads,
+                head_dim=model.kv_channels or model.hidden_size // model.num_attention_heads,
+                hidden_size=model.hidden_size)
+
+
+def _rope_parameters(model: ModelConfig) -> dict:
+    if model.rope_type == "yarn":
+        return {"rope_type": "yarn", "rope_theta": float(model.rotary_base), "factor": model.rotary_scaling_factor,
+                "original_max_position_embeddings": model.original_max_position_embeddings,
+                "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    return {"rope_type": "default", "rope_theta": float(model.rotary_base)}
+
+
+def _rope_from(hf: dict) -> dict:
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    out = {"rotary_base": int(theta), "rope_type": "rope"}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "yarn":
+        out.update(rope_type="yarn", rotary_scaling_factor=float(rope["factor"]),
+                   original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+    elif kind not in ("default", None):
+        raise BridgeError(f"rope type {kind!r} is not supported by the bridge (default or yarn)")
+    return out
+
+
+def _common_to_hf(model: ModelConfig) -> dict:
+    return dict(
+        vocab_size=model.vocab_size, hidden_size=model.hidden_size, num_hidden_layers=model.num_layers,
+        num_attention_heads=model.num_attention_heads, rms_norm_eps=model.norm_epsilon,
+        max_position_embeddings=model.max_position_embeddings, tie_word_embeddings=bool(model.tie_word_embeddings),
+        initializer_range=model.init_method_std, hidden_act="silu", attention_bias=False,
+        rope_parameters=_rope_parameters(model), num_experts_per_tok=model.moe_router_topk,
+        dtype="float32" if model.precision == "fp32" else "bfloat16",
+    )
+
+
+def _common_from_hf(hf: dict) -> dict:
+    return dict(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"], norm_epsilon=hf["rms_norm_eps"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_method_std=hf.get("initializer_range", 0.02), moe_router_topk=hf["num_experts_per_tok"],
+        **_rope_from(hf),
+    )
+
+
+def _check_softmax_router(model: ModelConfig) -> None:
+    if model.moe_router_score_function != "softmax" or model.moe_router_pre_softmax:
+        raise BridgeError("this HF architecture routes with softmax over the top-k logits; the model uses "
+                          f"score_function={model.moe_router_score_function!r}, "
+                          f"pre_softmax={model.moe_router_pre_softmax}")
+
+
+def _qwen3_to_hf(model: ModelConfig) -> dict:
+    _check_softmax_router(model)
+    if model.moe_shared_expert_intermediate_size:
+        raise BridgeError("qwen3_moe has no shared experts in HF; unset moe_shared_expert_intermediate_size")
+    first_dense = model.first_k_dense_layers or 0
+    return dict(_common_to_hf(model), num_key_value_heads=model.num_query_groups, head_dim=model.kv_channels,
+                intermediate_size=model.ffn_hidden_size, moe_intermediate_size=model.moe_ffn_hidden_size,
+                num_experts=model.num_experts, norm_topk_prob=True, decoder_sparse_step=1,
+                mlp_only_layers=list(range(first_dense)), router_aux_loss_coef=model.moe_aux_loss_coeff or 0.0,
+                use_qk_norm=True)
+
+
+def _qwen3_from_hf(hf: dict) -> dict:
+    if not hf.get("norm_topk_prob", False):
+        raise BridgeError("qwen3_moe with norm_topk_prob=false is not supported (megatron renormalises top-k)")
+    if hf.get("decoder_sparse_step", 1) != 1:
+        raise BridgeError("qwen3_moe decoder_sparse_step != 1 is not supported")
+    dense = sorted(hf.get("mlp_only_layers") or [])
+    if dense != list(range(len(dense))):
+        raise BridgeError(f"qwen3_moe mlp_only_layers={dense}: only the first k layers may be dense")
+    return dict(_common_from_hf(hf), num_query_groups=hf["num_key_value_heads"],
+                kv_channels=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+                ffn_hidden_size=hf["intermediate_size"], moe_ffn_hidden_size=hf["moe_intermediate_size"],
+                num_experts=hf.get("num_experts") or hf["num_local_experts"], qk_layernorm=True,
+                first_k_dense_layers=len(dense),
+                moe_router_score_function="softmax", moe_router_pre_softmax=False,
+                multi_latent_attention=False)
+
+
+def _mixtral_to_hf(model: ModelConfig) -> dict:
+    _check_softmax_router(model)
+    if model.qk_layernorm or (model.first_k_dense_layers or 0) or model.moe_shared_expert_intermediate_size:
+        raise BridgeError("mixtral has no qk-norm, dense layers or shared experts in HF")
+    return dict(_common_to_hf(model), num_key_value_heads=model.num_query_groups, head_dim=model.kv_channels,
+                intermediate_size=model.moe_ffn_hidden_size, num_local_experts=model.num_experts,
+                router_aux_loss_coef=model.moe_aux_loss_coeff or 0.0, sliding_window=None)
+
+
+def _mixtral_from_hf(hf: dict) -> dict:
+    if hf.get("sliding_window"):
+        raise BridgeError("mixtral with sliding_window is not supported")
+    return dict(_common_from_hf(hf), num_query_groups=hf["num_key_value_heads"],
+                kv_channels=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+                ffn_hidden_size=hf["intermediate_size"], moe_ffn_hidden_size=hf["intermediate_size"],
+                num_experts=hf["num_local_experts"], qk_layernorm=False, first_k_dense_layers=0,
+                moe_router_score_function="softmax", moe_router_pre_softmax=False,
+                multi_latent_attention=False)
+
+
+def _deepseek_to_hf(model: ModelConfig) -> dict:
+    if not model.multi_latent_attention:
+        raise BridgeError("deepseek_v3 needs multi_latent_attention=True")
+    if not model.qk_layernorm:
+        raise BridgeError("deepseek_v3 in HF normalises the MLA latents (q_a_layernorm, kv_a_layernorm); "
+                          "the megatron model has no such norms: build it with qk_layernorm=True")
+    shared = model.moe_shared_expert_intermediate_size or 0
+    if shared % model.moe_ffn_hidden_size:
+        raise BridgeError(f"shared expert size {shared} is not a multiple of moe_ffn_hidden_size")
+    if model.moe_router_score_function != "sigmoid":
+        raise BridgeError("deepseek_v3 routes with sigmoid scores")
+    return dict(_common_to_hf(model), num_key_value_heads=model.num_attention_heads,
+                intermediate_size=model.ffn_hidden_size, moe_intermediate_size=model.moe_ffn_hidden_size,
+                n_routed_experts=model.num_experts, n_shared_experts=shared // model.moe_ffn_hidden_size,
+                q_lora_rank=model.q_lora_rank, kv_lora_rank=model.kv_lora_rank,
+                qk_nope_head_dim=model.qk_head_dim, qk_rope_head_dim=model.qk_pos_emb_head_dim,
+                v_head_dim=model.v_head_dim, first_k_dense_replace=model.first_k_dense_layers or 0,
+                n_group=model.moe_router_num_groups or 1, topk_group=model.moe_router_group_topk or 1,
+                routed_scaling_factor=model.moe_router_topk_scaling_factor or 1.0, norm_topk_prob=True,
+                rope_interleave=True, num_nextn_predict_layers=0)
+
+
+def _deepseek_from_hf(hf: dict) -> dict:
+    if hf.get("q_lora_rank") is None:
+        raise BridgeError("deepseek_v3 without q_lora_rank is not supported yet")
+    if not hf.get("rope_interleave", True):
+        raise BridgeError("deepseek_v3 with rope_interleave=false is not supported (megatron MLA interleaves)")
+    if not hf.get("norm_topk_prob", True):
+        raise BridgeError("deepseek_v3 with norm_topk_prob=false is not supported")
+    moe = hf["moe_intermediate_size"]
+    return dict(_common_from_hf(hf), num_query_groups=hf["num_attention_heads"],
+                ffn_hidden_size=hf["intermediate_size"],
+                moe_ffn_hidden_size=moe, num_experts=hf["n_routed_experts"],
+                moe_shared_expert_intermediate_size=(hf.get("n_shared_experts") or 0) * moe or None,
+                q_lora_rank=hf["q_lora_rank"], kv_lora_rank=hf["kv_lora_rank"], qk_head_dim=hf["qk_nope_head_dim"],
+                qk_pos_emb_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
+                kv_channels=hf["qk_nope_head_dim"], first_k_dense_layers=hf.get("first_k_dense_replace", 0),
+                moe_router_num_groups=hf.get("n_group"), moe_router_group_topk=hf.get("topk_group"),
+                moe_router_topk_scaling_factor=hf.get("routed_scaling_factor", 1.0), qk_layernorm=True,
+                multi_latent_attention=True, moe_router_score_function="sigmoid",
+                moe_router_enable_expert_bias=True)
+
+
+CONVERTERS = {
+    "qwen3_moe": (_qwen3_to_hf, _qwen3_from_hf),
+    "mixtral": (_mixtral_to_hf, _mixtral_from_hf),
+    "deepseek_v3": (_deepseek_to_hf, _deepseek_from_hf),
+}
+
+
+def to_hf_config(model: ModelConfig) -> dict:
+    """``config.json`` contents for a resolved r1mega model."""
+    arch = architecture(model.preset)
+    body = CONVERTERS[model.preset][0](model)
+    return {"architectures": [arch.hf_class], "model_type": arch.model_type, **body}
+
+
+def from_hf_config(hf: dict, precision: str = "fp32") -> ModelConfig:
+    """A resolved r1mega ``ModelConfig`` for an HF ``config.json`` dict (every shape field explicit)."""
+    arch = architecture_for_model_type(hf.get("model_type", "?"))
+    fields_ = CONVERTERS[arch.preset][1](hf)
+    from r1mega.config.presets import resolve_model
+
+    base = ModelConfig(preset=arch.preset, size="tiny", precision=precision)
+    return resolve_model(replace(base, **fields_))
+
+
+def model_config_dict(model: ModelConfig) -> dict:
+    return asdict(model)

@@ -1,0 +1,237 @@
+"""Megatron <-> Hugging Face parameter mapping, declared as data per architecture.
+
+Every rule maps one *canonical* megatron tensor (full TP1/PP1/EP1 shape, global layer and expert
+indices, see ``r1mega.models.sharding``) to one or more HF tensors, and back. Names are templates
+with ``{layer}`` and ``{expert}`` placeholders; the transform is one of a few kinds:
+
+* :class:`Direct`  - same tensor under another name (norms, projections, router, expert bias);
+* :class:`Vocab`   - embedding / output rows: padded megatron vocabulary trimmed on export, padded
+  with zeros on import;
+* :class:`QKV`     - megatron's fused ``linear_qkv`` (per query group ``[q heads..., k, v]``) <->
+  ``q_proj``, ``k_proj``, ``v_proj``;
+* :class:`Gated`   - SwiGLU ``linear_fc1`` ``[gate; up]`` <-> two HF tensors.
+
+A new architecture is a list of these plus its config converter (``hf_config``), registered with
+:func:`register`. HF names are the on-disk (``save_pretrained`` / hub) names: experts stored one per
+tensor, which ``transformers`` 5 fuses on load and vLLM reads as is.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+
+class BridgeError(ValueError):
+    """Unsupported architecture, unmapped tensor or mismatched shape (message says which)."""
+
+
+@dataclass(frozen=True)
+class Dims:
+    """What transforms need to know about the model (from the megatron / r1mega config)."""
+
+    vocab_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    hidden_size: int
+
+
+@dataclass(frozen=True)
+class Rule:
+    megatron: str
+    hf: tuple[str, ...]
+
+    def to_hf(self, tensor: torch.Tensor, dims: Dims) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def to_megatron(self, tensors: list[torch.Tensor], dims: Dims, full_shape: tuple[int, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Direct(Rule):
+    def to_hf(self, tensor, dims):
+        return [tensor]
+
+    def to_megatron(self, tensors, dims, full_shape):
+        return tensors[0]
+
+
+@dataclass(frozen=True)
+class Vocab(Rule):
+    def to_hf(self, tensor, dims):
+        return [tensor[: dims.vocab_size]]
+
+    def to_megatron(self, tensors, dims, full_shape):
+        (hf,) = tensors
+        if hf.shape[0] == full_shape[0]:
+            return hf
+        out = hf.new_zeros(full_shape)
+        out[: hf.shape[0]] = hf
+        return out
+
+
+@dataclass(frozen=True)
+class QKV(Rule):
+    def to_hf(self, tensor, dims):
+        groups, per = dims.num_query_groups, dims.num_attention_heads // dims.num_query_groups
+        d = dims.head_dim
+        w = tensor.reshape(groups, (per + 2) * d, -1)
+        q, k, v = w.split([per * d, d, d], dim=1)
+        return [t.reshape(-1, tensor.shape[-1]) for t in (q, k, v)]
+
+    def to_megatron(self, tensors, dims, full_shape):
+        q, k, v = tensors
+        groups, per = dims.num_query_groups, dims.num_attention_heads // dims.num_query_groups
+        d, cols = dims.head_dim, q.shape[-1]
+        fused = torch.cat([q.reshape(groups, per * d, cols), k.reshape(groups, d, cols),
+                           v.reshape(groups, d, cols)], dim=1)
+        return fused.reshape(-1, cols)
+
+
+@dataclass(frozen=True)
+class Gated(Rule):
+    def to_hf(self, tensor, dims):
+        return list(tensor.chunk(2, dim=0))
+
+    def to_megatron(self, tensors, dims, full_shape):
+        return torch.cat(tensors, dim=0)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass
+class Architecture:
+    """A mapping registry entry: r1mega preset family <-> one HF ``model_type``."""
+
+    preset: str
+    model_type: str
+    hf_class: str  # transformers class name written to config.json "architectures"
+    rules: list[Rule]
+    _compiled: list = field(default_factory=list, repr=False)
+
+    def compiled(self):
+        if not self._compiled:
+            self._compiled = [(rule, _template_regex(rule.megatron)) for rule in self.rules]
+        return self._compiled
+
+    def rule_for(self, megatron_name: str) -> tuple[Rule, dict[str, str]]:
+        for rule, regex in self.compiled():
+            m = regex.fullmatch(megatron_name)
+            if m:
+                return rule, m.groupdict()
+        raise BridgeError(f"{self.preset}: no HF mapping for megatron tensor {megatron_name!r}")
+
+    def hf_names(self, megatron_name: str) -> list[str]:
+        rule, fields_ = self.rule_for(megatron_name)
+        return [h.format(**fields_) for h in rule.hf]
+
+    def to_hf(self, megatron_name: str, tensor: torch.Tensor, dims: Dims) -> list[tuple[str, torch.Tensor]]:
+        rule, fields_ = self.rule_for(megatron_name)
+        outs = rule.to_hf(tensor, dims)
+        return [(h.format(**fields_), t) for h, t in zip(rule.hf, outs)]
+
+    def to_megatron(self, megatron_name: str, tensors: list[torch.Tensor], dims: Dims,
+                    full_shape: tuple[int, ...]) -> torch.Tensor:
+        rule, _ = self.rule_for(megatron_name)
+        out = rule.to_megatron(tensors, dims, tuple(full_shape))
+        if tuple(out.shape) != tuple(full_shape):
+            raise BridgeError(f"{megatron_name}: HF tensors {self.hf_names(megatron_name)} give shape "
+                              f"{tuple(out.shape)}, the megatron model expects {tuple(full_shape)}")
+        return out
+
+
+def _template_regex(template: str) -> re.Pattern:
+    parts = re.split(r"(\{layer\}|\{expert\})", template)
+    out = "".join(f"(?P<{p[1:-1]}>\\d+)" if p in ("{layer}", "{expert}") else re.escape(p) for p in parts)
+    return re.compile(out)
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> Architecture:
+    ARCHITECTURES[arch.preset] = arch
+    return arch
+
+
+def architecture(preset: str) -> Architecture:
+    if preset not in ARCHITECTURES:
+        raise BridgeError(f"no HF bridge for preset {preset!r}; supported: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[preset]
+
+
+def architecture_for_model_type(model_type: str) -> Architecture:
+    for arch in ARCHITECTURES.values():
+        if arch.model_type == model_type:
+            return arch
+    supported = sorted(a.model_type for a in ARCHITECTURES.values())
+    raise BridgeError(f"HF model_type {model_type!r} is not supported by the bridge; supported: {supported}")
+
+
+# ----------------------------------------------------------------------------- rules per family
+
+L = "decoder.layers.{layer}."
+H = "model.layers.{layer}."
+
+_COMMON = [
+    Vocab("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
+    Vocab("output_layer.weight", ("lm_head.weight",)),
+    Direct("decoder.final_layernorm.weight", ("model.norm.weight",)),
+    Direct(L + "input_layernorm.weight", (H + "input_layernorm.weight",)),
+    Direct(L + "pre_mlp_layernorm.weight", (H + "post_attention_layernorm.weight",)),
+    Direct(L + "self_attention.linear_proj.weight", (H + "self_attn.o_proj.weight",)),
+]
+_GQA = [
+    QKV(L + "self_attention.linear_qkv.weight",
+        (H + "self_attn.q_proj.weight", H + "self_attn.k_proj.weight", H + "self_attn.v_proj.weight")),
+]
+_EXPERT = L + "mlp.experts.local_experts.{expert}."
+
+
+def _swiglu(megatron_prefix: str, hf_prefix: str, gate: str = "gate_proj", up: str = "up_proj",
+            down: str = "down_proj") -> list[Rule]:
+    return [Gated(megatron_prefix + "linear_fc1.weight", (f"{hf_prefix}{gate}.weight", f"{hf_prefix}{up}.weight")),
+            Direct(megatron_prefix + "linear_fc2.weight", (f"{hf_prefix}{down}.weight",))]
+
+
+register(Architecture(
+    preset="qwen3_moe", model_type="qwen3_moe", hf_class="Qwen3MoeForCausalLM",
+    rules=[*_COMMON, *_GQA,
+           Direct(L + "self_attention.q_layernorm.weight", (H + "self_attn.q_norm.weight",)),
+           Direct(L + "self_attention.k_layernorm.weight", (H + "self_attn.k_norm.weight",)),
+           Direct(L + "mlp.router.weight", (H + "mlp.gate.weight",)),
+           *_swiglu(_EXPERT, H + "mlp.experts.{expert}."),
+           *_swiglu(L + "mlp.", H + "mlp.")],  # dense layers (mlp_only_layers)
+))
+
+register(Architecture(
+    preset="mixtral", model_type="mixtral", hf_class="MixtralForCausalLM",
+    rules=[*_COMMON, *_GQA,
+           Direct(L + "mlp.router.weight", (H + "block_sparse_moe.gate.weight",)),
+           *_swiglu(_EXPERT, H + "block_sparse_moe.experts.{expert}.", "w1", "w3", "w2")],
+))
+
+register(Architecture(
+    preset="deepseek_v3", model_type="deepseek_v3", hf_class="DeepseekV3ForCausalLM",
+    rules=[*_COMMON,
+           # MLA: megatron and HF both order q_up rows per head [nope, rope], kv_down rows
+           # [kv_latent, k_rope] and kv_up rows per head [k_nope, v]; the rope layout matches HF's
+           # ``rope_interleave=True`` (megatron de-interleaves inside its MLA rope).
+           Direct(L + "self_attention.linear_q_proj.weight", (H + "self_attn.q_proj.weight",)),
+           Direct(L + "self_attention.linear_q_down_proj.weight", (H + "self_attn.q_a_proj.weight",)),
+           Direct(L + "self_attention.linear_q_up_proj.weight", (H + "self_attn.q_b_proj.weight",)),
+           Direct(L + "self_attention.q_layernorm.weight", (H + "self_attn.q_a_layernorm.weight",)),
+           Direct(L + "self_attention.linear_kv_down_proj.weight", (H + "self_attn.kv_a_proj_with_mqa.weight",)),
+           Direct(L + "self_attention.kv_layernorm.weight", (H + "self_attn.kv_a_layernorm.weight",)),
+           Direct(L + "self_attention.linear_kv_up_proj.weight", (H + "self_attn.kv_b_proj.weight",)),
+           Direct(L + "mlp.router.weight", (H + "mlp.gate.weight",)),
+           Direct(L + "mlp.router.expert_bias", (H + "mlp.gate.e_score_correction_bias",)),
+           *_swiglu(_EXPERT, H + "mlp.experts.{expert}."),
+           *_swiglu(L + "mlp.shared_experts.", H + "mlp.shared_experts."),
+           *_swiglu(L + "mlp.", H + "mlp.")],  # first_k_dense_replace layers
+))

@@ -1,0 +1,173 @@
+"""Rank program for the bridge tests (run through ``r1mega.platform.spawn.spawn_ranks``).
+
+    python tests/bridge_worker.py <json spec>
+
+``mode``:
+* ``roundtrip``: build ``preset`` in ``layout`` with layout-invariant random weights (norms and the
+  expert bias too), stream-export it to ``out`` (HF dir), import that into a freshly initialised
+  model of the same layout and require every local tensor to be bit-identical. Rank 0 writes
+  ``out/stats.json`` (export peak bytes per bucket).
+* ``parity`` (one process): for each preset, export, load with transformers and compare logits;
+  then a random transformers model saved with ``save_pretrained`` is imported and compared.
+  Writes ``report`` (json).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import zlib
+from dataclasses import replace
+
+import torch
+
+
+def _model_cfg(preset: str, overrides: dict):
+    from r1mega.config.presets import resolve_model
+    from r1mega.config.schema import ModelConfig
+
+    return resolve_model(ModelConfig(preset=preset, **overrides))
+
+
+@torch.no_grad()
+def randomize(model, config, seed: int) -> None:
+    """Layout-invariant random values for every exported tensor (matrices, norms, expert bias)."""
+    from r1mega.bridge.export import local_tensors
+    from r1mega.models.sharding import shard_of
+
+    for info, t in local_tensors(model, config):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(info.canonical_name.encode()))
+        full = torch.randn(info.full_shape, generator=gen)
+        if t.dim() == 1:
+            full = (0.1 * full) if "expert_bias" in info.canonical_name else 1.0 + 0.1 * full
+        else:
+            full = 0.05 * full
+        t.copy_(shard_of(full, info).to(t.dtype))
+
+
+def _setup(layout_text: str):
+    from r1mega.platform.distributed import init_model_parallel, init_process_group
+    from r1mega.train.parallel_check import Layout
+
+    init_process_group(timeout_minutes=3)
+    layout = Layout.parse(layout_text)
+    parallel = layout.parallel_config(micro_batch_size=1)
+    init_model_parallel(parallel, seed=1)
+    return parallel
+
+
+def roundtrip(spec: dict) -> None:
+    parallel = _setup(spec["layout"])
+    from r1mega.bridge.export import local_tensors
+    from r1mega.bridge.hf_dir import load_hf, save_hf
+    from r1mega.models.policy import build_policy
+
+    model_cfg = _model_cfg(spec["preset"], spec.get("overrides", {}))
+    stage = build_policy(model_cfg, parallel)
+    randomize(stage.model, stage.config, seed=11)
+    before = {info.canonical_name: t.detach().clone() for info, t in local_tensors(stage.model, stage.config)}
+    exporter = save_hf(stage.model, stage.config, model_cfg, spec["out"], bucket_bytes=spec["bucket_bytes"])
+
+    fresh = build_policy(model_cfg, parallel)
+    randomize(fresh.model, fresh.config, seed=99)
+    load_hf(fresh.model, fresh.config, model_cfg, spec["out"])
+    after = {info.canonical_name: t.detach() for info, t in local_tensors(fresh.model, fresh.config)}
+    assert before.keys() == after.keys()
+    bad = [n for n in before if not torch.equal(before[n], after[n])]
+    assert not bad, f"not bit-identical after Megatron -> HF -> Megatron: {bad[:5]}"
+    stats = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(stats, exporter.stats.peak_bucket_bytes)
+    if torch.distributed.get_rank() == 0:
+        largest = max(e.nbytes for e in exporter.entries)
+        json.dump({"peak_bucket_bytes": stats, "bucket_bytes": spec["bucket_bytes"], "largest_tensor": largest,
+                   "buckets": exporter.stats.buckets, "checked": len(before)},
+                  open(f"{spec['out']}/stats.json", "w"))
+    from r1mega.platform.distributed import shutdown
+
+    shutdown()
+
+
+@torch.no_grad()
+def megatron_logits(model, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    model.eval()
+    positions = torch.arange(tokens.size(1)).unsqueeze(0).expand_as(tokens)
+    logits = model(tokens, positions, None)
+    return logits[..., :vocab].float()
+
+
+@torch.no_grad()
+def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                           attn_implementation="eager")
+    hf.eval()
+    return hf(input_ids=tokens).logits.float()
+
+
+def _random_hf_model(model_cfg, out: str, seed: int) -> None:
+    """A randomly initialised transformers model (noisy norms / router bias) saved with save_pretrained."""
+    import transformers
+
+    from r1mega.bridge.hf_config import to_hf_config
+
+    cfg_dict = to_hf_config(model_cfg)
+    cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    for _, p in hf.named_parameters():  # default init leaves norms at 1: perturb everything
+        p.data.add_(0.02 * torch.randn_like(p)) if p.dim() == 1 else p.data.normal_(0, 0.05)
+    for name, b in hf.named_buffers():
+        if "e_score_correction_bias" in name:
+            b.copy_(0.1 * torch.randn_like(b))
+    hf.save_pretrained(out)
+
+
+def parity(spec: dict) -> None:
+    parallel = _setup("1")
+    from r1mega.bridge.hf_config import from_hf_config
+    from r1mega.bridge.hf_dir import load_hf, read_hf_config, save_hf
+    from r1mega.models.policy import build_policy
+
+    report = {}
+    gen = torch.Generator().manual_seed(0)
+    for preset, overrides in spec["presets"]:
+        model_cfg = _model_cfg(preset, overrides)
+        key = preset + "".join(f"_{k}{v}" for k, v in overrides.items() if k != "qk_layernorm")
+        tokens = torch.randint(0, model_cfg.vocab_size, (2, 24), generator=gen)
+        stage = build_policy(model_cfg, parallel)
+        randomize(stage.model, stage.config, seed=5)
+        out = f"{spec['root']}/{key}_export"
+        save_hf(stage.model, stage.config, model_cfg, out, bucket_bytes=64 << 10)
+        ours = megatron_logits(stage.model, tokens, model_cfg.vocab_size)
+        theirs = hf_logits(out, tokens)
+        export_diff = float((ours - theirs).abs().max())
+
+        src = f"{spec['root']}/{key}_hf_random"
+        _random_hf_model(model_cfg, src, seed=3)
+        imported_cfg = from_hf_config(read_hf_config(src))
+        diffs = {f: (getattr(imported_cfg, f), getattr(model_cfg, f)) for f in (
+            "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "num_experts",
+            "moe_router_topk", "moe_ffn_hidden_size", "vocab_size", "first_k_dense_layers", "qk_layernorm",
+            "moe_shared_expert_intermediate_size", "norm_epsilon", "rotary_base")
+            if getattr(imported_cfg, f) != getattr(model_cfg, f)}
+        assert not diffs, f"{preset}: HF config -> ModelConfig differs: {diffs}"
+        imported_cfg = replace(imported_cfg, seed=model_cfg.seed)
+        stage2 = build_policy(imported_cfg, parallel)
+        load_hf(stage2.model, stage2.config, imported_cfg, src)
+        import_diff = float((megatron_logits(stage2.model, tokens, model_cfg.vocab_size)
+                             - hf_logits(src, tokens)).abs().max())
+        report[key] = {"export_max_abs_logit_diff": export_diff, "import_max_abs_logit_diff": import_diff,
+                          "logit_scale": float(theirs.abs().max())}
+        print(key, report[key], flush=True)
+    json.dump(report, open(spec["report"], "w"), indent=1)
+    from r1mega.platform.distributed import shutdown
+
+    shutdown()
+
+
+if __name__ == "__main__":
+    import r1mega.models  # noqa: F401  (readies megatron before any megatron import)
+
+    spec = json.loads(sys.argv[1])
+    {"roundtrip": roundtrip, "parity": parity}[spec["mode"]](spec)
