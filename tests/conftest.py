@@ -13,3 +13,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def single_process_megatron():
+    """A world-1 gloo process group with megatron's parallel state, torn down afterwards."""
+    from r1mega.config.schema import ParallelConfig
+    from r1mega.platform.distributed import init_model_parallel, init_process_group, shutdown
+
+    init_process_group()
+    init_model_parallel(ParallelConfig(), seed=1)
+    yield
+    shutdown()

@@ -28,17 +28,6 @@ def test_fp8_without_transformer_engine_is_a_clear_error():
     assert use_transformer_engine("bf16") is False
 
 
-@pytest.fixture
-def single_process_megatron():
-    from r1mega.config.schema import ParallelConfig
-    from r1mega.platform.distributed import init_model_parallel, init_process_group, shutdown
-
-    init_process_group()
-    init_model_parallel(ParallelConfig(), seed=1)
-    yield
-    shutdown()
-
-
 def test_local_spec_uses_r1mega_norm_and_attention(single_process_megatron):
     from r1mega.models.layer_spec import build_block_spec
     from r1mega.models.local_layers import SDPAttention, SequenceParallelNorm

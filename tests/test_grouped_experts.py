@@ -6,17 +6,6 @@ import pytest
 import torch
 
 
-@pytest.fixture
-def single_process_megatron():
-    from r1mega.config.schema import ParallelConfig
-    from r1mega.platform.distributed import init_model_parallel, init_process_group, shutdown
-
-    init_process_group()
-    init_model_parallel(ParallelConfig(), seed=1)
-    yield
-    shutdown()
-
-
 def _expert_modules(num_experts=4, hidden=64, ffn=32):
     import torch.nn.functional as F
 

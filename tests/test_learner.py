@@ -97,18 +97,13 @@ def test_gspo_with_tis_and_dual_clip_matches_single_process_under_tp2():
 
 
 @pytest.fixture
-def tiny_policy():
+def tiny_policy(single_process_megatron):
     from r1mega.config.presets import resolve_model
     from r1mega.config.schema import OptimizerConfig, ParallelConfig
-    from r1mega.platform.distributed import init_model_parallel, init_process_group, shutdown
     from r1mega.train.model_setup import build_training_model
 
-    init_process_group()
-    parallel = ParallelConfig()
     model = resolve_model(ModelConfig(preset="qwen3_moe"))
-    init_model_parallel(parallel, seed=model.seed)
-    yield build_training_model(model, parallel, OptimizerConfig(lr=1e-3), total_steps=4), model
-    shutdown()
+    return build_training_model(model, ParallelConfig(), OptimizerConfig(lr=1e-3), total_steps=4), model
 
 
 @pytest.mark.timeout(120)

