@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,7 @@ import torch.distributed as dist
 
 from r1mega.config.schema import ParallelConfig
 from r1mega.platform.megatron_compat import ensure_megatron
+from r1mega.platform.spawn import free_port
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +41,13 @@ def launch_env() -> LaunchEnv:
     else:
         rank, world, local = 0, 1, 0
     addr = env.get("MASTER_ADDR", "127.0.0.1")
-    port = int(env.get("MASTER_PORT", 0)) or (_free_port() if world == 1 else 29500)
+    port = int(env.get("MASTER_PORT", 0)) or (free_port() if world == 1 else 29500)
     if world > 1 and "MASTER_ADDR" not in env:
         raise RuntimeError(
             f"world size {world} but MASTER_ADDR is unset: launch with torchrun, or export "
             "MASTER_ADDR/MASTER_PORT (r1mega's Slurm launcher derives them from SLURM_JOB_NODELIST)."
         )
     return LaunchEnv(rank, world, local, addr, port)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_process_group(env: LaunchEnv | None = None, timeout_minutes: int = 10) -> LaunchEnv:
