@@ -1,4 +1,5 @@
-"""The `r1mega demo` entry point end to end, on one and two processes."""
+"""The `r1mega lm-demo` entry point (the supervised placeholder demo) end to end, on one and two processes,
+and the CLI's config errors. The R1 demo (`r1mega demo`) is tested in test_grpo_loop.py."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("nproc,layout", [(1, []), (2, []), (2, ["parallel.tp=2"])])
 def test_demo_learns(tmp_path, nproc, layout):
     out = tmp_path / "run"
-    proc = _run(["demo", "--nproc", str(nproc), "trainer.steps=40", f"trainer.output_dir={out}", *layout])
+    proc = _run(["lm-demo", "--nproc", str(nproc), "trainer.steps=40", f"trainer.output_dir={out}", *layout])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == nproc

@@ -1,0 +1,173 @@
+"""The GRPO loop (DESIGN.md §3), SPMD: every rank runs this; rank 0 also owns the rollout engine.
+
+One step: take the next ``prompts_per_step`` prompts (the data position is counted in global
+samples) -> the engine samples ``n`` responses per prompt with their sampling log-probs -> rewards ->
+group-relative advantages (group = prompt) -> rank 0 broadcasts the rollouts -> every rank builds the
+same ``LearnerBatch`` (prompt + response, response-only loss mask, rollout log-probs for TIS) and runs
+``learner_step`` (plus reference log-probs when ``rl.kl_coef > 0``) -> the bridge streams the new
+weights into the engine (collective; rank 0 pushes) -> one metrics line to ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from r1mega.rewards import RewardComputer, RewardInput
+from r1mega.rl.advantages import compute_advantages
+from r1mega.rl.learner import LearnerBatch, LearnerSettings, ReferencePolicy, learner_step
+from r1mega.rollout import SamplingSpec
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("stage", "step", "reward/mean", "response_len/mean", "kl", "entropy", "clip_frac",
+               "logprob_mismatch", "grad_norm", "tokens_per_s", "time/rollout", "time/reward", "time/train",
+               "time/refit")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def broadcast(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@dataclass
+class Prompt:
+    """One task instance: ``ids`` are what the engine continues; ``text`` is the rendered prompt."""
+
+    ids: list[int]
+    text: str
+    answer: str
+    data_source: str = "arithmetic"
+
+
+def sample_and_score(engine, rewarder: RewardComputer, prompts: list[Prompt], n: int, sampling: SamplingSpec,
+                     tokenizer) -> tuple[list, list[float], float, float]:
+    """Rank 0: ``(generations flattened prompt-major, rewards, t_rollout, t_reward)``."""
+    t0 = time.monotonic()
+    gens = [g for row in engine.generate([p.ids for p in prompts], n, sampling) for g in row]
+    t1 = time.monotonic()
+    samples = [RewardInput(response=tokenizer.decode([t for t in g.token_ids if t != tokenizer.eos_id]),
+                           reference=prompts[g.prompt_index].answer, prompt=prompts[g.prompt_index].text,
+                           data_source=prompts[g.prompt_index].data_source, response_length=len(g.token_ids))
+               for g in gens]
+    rewards = [r.total for r in rewarder.compute(samples)]
+    return gens, rewards, t1 - t0, time.monotonic() - t1
+
+
+def build_batch(gens, rewards: list[float], n: int, pad_id: int, rl, multiple: int = 1) -> LearnerBatch:
+    """Prompt + response rows; the loss mask and rollout log-probs cover the response tokens."""
+    width = max(len(g.prompt_token_ids) + len(g.token_ids) for g in gens)
+    width += (-(width - 1)) % multiple
+    B = len(gens)
+    tokens = torch.full((B, width), pad_id, dtype=torch.long)
+    mask, rollout_logp = torch.zeros(B, width - 1), torch.zeros(B, width - 1)
+    lengths = torch.zeros(B, dtype=torch.long)
+    for i, g in enumerate(gens):
+        p, r = len(g.prompt_token_ids), len(g.token_ids)
+        tokens[i, : p + r] = torch.tensor(g.prompt_token_ids + g.token_ids)
+        mask[i, p - 1: p + r - 1] = 1.0
+        rollout_logp[i, p - 1: p + r - 1] = torch.tensor(g.logprobs, dtype=torch.float32)
+        lengths[i] = p + r
+    groups = torch.arange(B) // n
+    adv = compute_advantages(rl.advantage_estimator, torch.tensor(rewards, dtype=torch.float32), groups,
+                             norm_by_std=rl.norm_by_std, eps=rl.advantage_eps)
+    return LearnerBatch(tokens, mask, advantages=adv, rollout_logp=rollout_logp, lengths=lengths)
+
+
+def refit(engine, tm, model_cfg, bucket_bytes: int) -> float:
+    """Stream the trainer's weights into the engine (collective; only rank 0 pushes)."""
+    from r1mega.bridge.export import export_hf_buckets
+
+    t0 = time.monotonic()
+    buckets = export_hf_buckets(tm.module, tm.config, model_cfg, bucket_bytes)
+    if engine is not None:
+        engine.update_weights(buckets)
+    else:
+        for _ in buckets:
+            pass
+    return time.monotonic() - t0
+
+
+def run_grpo(cfg, tm, engine, tokenizer, prompts: list[Prompt], *, steps: int, prompts_per_step: int,
+             out_dir: Path, rewarder: Optional[RewardComputer] = None, start_step: int = 0,
+             consumed_samples: int = 0, evaluate: Optional[Callable[[int], dict]] = None) -> dict:
+    """Run ``steps`` GRPO steps; returns ``{"history": [...], "consumed_samples": ...}``.
+
+    ``engine`` is the rollout engine on rank 0 and ``None`` elsewhere; it must already hold the
+    trainer's weights. ``evaluate(step)`` (collective, optional) runs every ``trainer.eval_interval``
+    steps and its result joins that step's metrics line.
+    """
+    rl, n = cfg.rl, cfg.rollout.n
+    settings = LearnerSettings(micro_batch_size=cfg.parallel.micro_batch_size, valid_vocab=cfg.model.vocab_size,
+                               temperature=cfg.rollout.temperature)
+    sampling = SamplingSpec.from_config(cfg.rollout, stop_token_ids=[tokenizer.eos_id])
+    reference = ReferencePolicy(tm) if rl.kl_coef > 0 else None
+    own_rewarder = rewarder is None and engine is not None
+    if own_rewarder:
+        rewarder = RewardComputer(cfg.reward, cfg.rollout.max_new_tokens)
+    bucket_bytes = int(cfg.rollout.refit_bucket_mb * 2**20)
+    tp = cfg.parallel.tp
+    metrics_path = Path(out_dir) / "metrics.jsonl"
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.data.seed)).tolist()
+    history = []
+    try:
+        for step in range(start_step + 1, start_step + steps + 1):
+            picked = [prompts[order[(consumed_samples + i) % len(prompts)]] for i in range(prompts_per_step)]
+            consumed_samples += prompts_per_step
+            rollout = None
+            if engine is not None:
+                if cfg.rollout.seed is not None:
+                    sampling.seed = cfg.rollout.seed + step * 100_003
+                rollout = sample_and_score(engine, rewarder, picked, n, sampling, tokenizer)
+            gens, rewards, t_rollout, t_reward = broadcast(rollout)
+            batch = build_batch(gens, rewards, n, tokenizer.pad_id, rl, multiple=tp)
+            t0 = time.monotonic()
+            if reference is not None:
+                batch.ref_logp = reference.logprobs(batch, settings)
+            m = learner_step(tm, batch, settings, rl)
+            t_train = time.monotonic() - t0
+            t_refit = refit(engine, tm, cfg.model, bucket_bytes)
+            tokens = float(batch.lengths.sum())
+            v = m.values
+            record = {
+                "stage": "grpo", "step": step, "reward/mean": sum(rewards) / len(rewards),
+                "response_len/mean": float(batch.loss_mask.sum()) / batch.size, "kl": v.get("kl", 0.0),
+                "entropy": v.get("entropy", 0.0), "clip_frac": v.get("clip_frac", 0.0),
+                "logprob_mismatch": v.get("mismatch_abs_mean", 0.0), "grad_norm": m.grad_norm,
+                "loss": v.get("loss", 0.0), "skipped": m.skipped,
+                "tokens_per_s": tokens / max(t_rollout + t_reward + t_train + t_refit, 1e-9),
+                "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train, "time/refit": t_refit,
+                "consumed_samples": consumed_samples,
+            }
+            interval = cfg.trainer.eval_interval
+            if evaluate is not None and interval and step % interval == 0:
+                record.update(evaluate(step))
+            history.append(record)
+            if rank() == 0:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if step % max(1, cfg.trainer.log_interval) == 0:
+                    log.info("grpo step %d reward %.3f len %.1f entropy %.3f grad_norm %.3f (%.1fs)", step,
+                             record["reward/mean"], record["response_len/mean"], record["entropy"],
+                             m.grad_norm if math.isfinite(m.grad_norm) else float("nan"),
+                             t_rollout + t_reward + t_train + t_refit)
+    finally:
+        if own_rewarder:
+            rewarder.close()
+    return {"history": history, "consumed_samples": consumed_samples}

