@@ -201,13 +201,14 @@ def test_local_bad_layout_fails_fast():
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("entry", ["local", "slurm"])
 def test_local_mode_trains_two_steps_on_two_processes(tmp_path, entry):
+    # the supervised demo: 2 steps take seconds (the R1 demo is exercised by tests/test_grpo_loop.py)
     out = tmp_path / "run"
-    args = ["demo", "trainer.steps=2", f"trainer.output_dir={out}", "parallel.ep=2"]
+    args = ["lm-demo", "trainer.steps=2", f"trainer.output_dir={out}", "parallel.ep=2"]
     if entry == "local":
         cmd = [sys.executable, "-m", "launch.local", "--nproc", "2", "--timeout", "150", "--", *args]
     else:
-        cmd = [sys.executable, "-m", "launch.slurm", str(REPO / "configs" / "demo_cpu.yaml"), "--local",
-               "--nproc", "2", "--timeout", "150", "--command", "demo", *args[1:]]
+        cmd = [sys.executable, "-m", "launch.slurm", str(REPO / "configs" / "lm_demo_cpu.yaml"), "--local",
+               "--nproc", "2", "--timeout", "150", "--command", "lm-demo", *args[1:]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -218,7 +219,7 @@ def test_local_mode_trains_two_steps_on_two_processes(tmp_path, entry):
 def test_local_timeout_stops_the_whole_group(tmp_path):
     # A command that outlives the timeout: torchrun and its workers must all be gone afterwards.
     t0 = time.monotonic()
-    rc = local.run_local(2, ["demo", "trainer.steps=100000", f"trainer.output_dir={tmp_path}", "parallel.ep=2"],
+    rc = local.run_local(2, ["lm-demo", "trainer.steps=100000", f"trainer.output_dir={tmp_path}", "parallel.ep=2"],
                          timeout_s=3, grace_s=5)
     assert rc == local.TIMEOUT_EXIT
     assert time.monotonic() - t0 < 30
