@@ -29,6 +29,7 @@ import torch.distributed as dist
 from r1mega.ckpt import atomic
 from r1mega.ckpt.errors import CheckpointError, CheckpointMismatchError, IncompleteCheckpointError
 from r1mega.ckpt.state import architecture, capture_rng, check_loadable, make_meta, restore_rng
+from r1mega.platform.distributed import barrier, broadcast_from_rank0
 from r1mega.platform.megatron_compat import ensure_megatron
 
 log = logging.getLogger(__name__)
@@ -52,20 +53,6 @@ def _rank() -> int:
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _broadcast(obj):
-    """rank 0's ``obj`` on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _layout(tm) -> dict:
@@ -357,7 +344,7 @@ def save_checkpoint(tm, root: str | Path, step: int, extra: dict | None = None, 
         atomic.remove_stale_tmp_dirs(root)
         tmp = root / atomic.tmp_dir_name(step)
         tmp.mkdir()
-    tmp = Path(_broadcast(str(tmp) if rank == 0 else None))
+    tmp = Path(broadcast_from_rank0(str(tmp) if rank == 0 else None))
 
     metadata = _sharded_metadata(optim_sharding_type)
     _ensure_optimizer_state(tm.optimizer)
@@ -384,7 +371,7 @@ def save_checkpoint(tm, root: str | Path, step: int, extra: dict | None = None, 
         meta = make_meta(step, layout, architecture(tm.config), shapes, _model_names(tm, model_cfg),
                          optim_info, extra)
         (tmp / atomic.META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    _barrier()
+    barrier()
 
     # Commit on rank 0; every rank learns the outcome (a failed commit must not leave the others
     # waiting in a barrier).
@@ -398,9 +385,9 @@ def save_checkpoint(tm, root: str | Path, step: int, extra: dict | None = None, 
                     log.info("pruned old checkpoint %s", path)
         except BaseException as e:  # noqa: B036 - re-raised below after telling the other ranks
             outcome = f"{type(e).__name__}: {e}"
-            _broadcast(outcome)
+            broadcast_from_rank0(outcome)
             raise
-    outcome = _broadcast(outcome)
+    outcome = broadcast_from_rank0(outcome)
     if outcome is not None:
         raise CheckpointError(f"checkpoint save of step {step} to {root} failed on rank 0 ({outcome}); "
                               f"the previous checkpoint and {root / atomic.LATEST_FILE} are unchanged")
@@ -565,7 +552,7 @@ def load_checkpoint(tm, root_or_dir: str | Path, strict: bool = True, *, model_c
         restore_rng(loaded[_RNG_KEY]["use"], include_device=same_layout)
     common = loaded.get("r1mega", {})
     step = int(common.get("step", meta.get("step", 0)))
-    _barrier()
+    barrier()
     seconds = time.perf_counter() - t0
     if _rank() == 0:
         log.info("loaded checkpoint %s (step %d, saved at %s, %s layout, %.2fs)", step_dir, step,

@@ -93,6 +93,20 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
     )
 
 
+def broadcast_from_rank0(obj):
+    """Rank 0's picklable ``obj`` on every rank (itself when not distributed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown() -> None:
     from megatron.core import parallel_state
 

@@ -13,7 +13,6 @@ import warnings
 from importlib import metadata
 
 import torch
-import torch.distributed as dist
 
 from r1mega.platform import cpu_emulation
 from r1mega.platform.optional import have_transformer_engine
@@ -120,8 +119,3 @@ def _patch_megatron_bugs() -> None:
 
     if not os.environ.get("R1MEGA_SKIP_MLA_FIX"):  # only to demonstrate the bug in tests
         mla_fix.install()
-
-
-def barrier_all() -> None:
-    if dist.is_initialized():
-        dist.barrier()

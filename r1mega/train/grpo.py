@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from r1mega.platform.distributed import broadcast_from_rank0
 from r1mega.rewards import RewardComputer, RewardInput
 from r1mega.rl.advantages import compute_advantages
 from r1mega.rl.learner import LearnerBatch, LearnerSettings, ReferencePolicy, learner_step
@@ -35,15 +36,6 @@ METRIC_KEYS = ("stage", "step", "reward/mean", "response_len/mean", "kl", "entro
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def broadcast(obj):
-    """Rank 0's ``obj`` on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 @dataclass
@@ -135,7 +127,7 @@ def run_grpo(cfg, tm, engine, tokenizer, prompts: list[Prompt], *, steps: int, p
                 if cfg.rollout.seed is not None:
                     sampling.seed = cfg.rollout.seed + step * 100_003
                 rollout = sample_and_score(engine, rewarder, picked, n, sampling, tokenizer)
-            gens, rewards, t_rollout, t_reward = broadcast(rollout)
+            gens, rewards, t_rollout, t_reward = broadcast_from_rank0(rollout)
             batch = build_batch(gens, rewards, n, tokenizer.pad_id, rl, multiple=tp)
             t0 = time.monotonic()
             if reference is not None:

@@ -59,8 +59,8 @@ def make_prompts(examples, tokenizer):
 
 def pass_at_1(engine, rewarder, prompts, k: int, cfg: R1Config, tokenizer, seed: int) -> dict:
     """Collective: rank 0 samples ``k`` responses per prompt; accuracy / format means on every rank."""
+    from r1mega.platform.distributed import broadcast_from_rank0
     from r1mega.rollout import SamplingSpec
-    from r1mega.train.grpo import broadcast
 
     out = None
     if engine is not None:
@@ -76,7 +76,7 @@ def pass_at_1(engine, rewarder, prompts, k: int, cfg: R1Config, tokenizer, seed:
         fmt = [r.terms.get("format", 0.0) for r in results]
         out = {"eval/pass@1": sum(acc) / len(acc), "eval/format": sum(fmt) / len(fmt),
                "eval/response_len": sum(len(g.token_ids) for g in gens) / len(gens)}
-    return broadcast(out)
+    return broadcast_from_rank0(out)
 
 
 def set_lr(tm, lr: float) -> None:
