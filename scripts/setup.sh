@@ -106,5 +106,7 @@ import torch
 print(f"[setup] torch {torch.__version__} (cuda available: {torch.cuda.is_available()}), "
       f"megatron-core {metadata.version('megatron-core')}")
 PY
+# The C++ ops in csrc/ (cached by torch; a failure here only means the pure-torch fallback runs).
+"$VENV/bin/python" -m r1mega.kernels.build || say "C++ ops not built: the pure-torch fallback will run"
 want_stamp >"$STAMP"
 say "done: activate with 'source ${VENV#"$ROOT"/}/bin/activate' or use make targets"

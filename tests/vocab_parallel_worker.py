@@ -1,4 +1,4 @@
-"""Worker for test_vocab_parallel: TP2 chunked log-probs/entropy vs the full-vocabulary reference."""
+"""Worker: TP2 chunked log-probs/entropy vs the full-vocabulary reference (argv: out [impl])."""
 
 import json
 import os
@@ -27,7 +27,7 @@ half = V // 2
 h = hidden.clone().requires_grad_()
 w_shard = weight[rank * half:(rank + 1) * half].clone().requires_grad_()
 lp, ent = logprob_and_entropy(h, w_shard, target, VocabShard(rank * half, (rank + 1) * half, dist.group.WORLD, VALID),
-                              temperature=0.8, chunk_size=8)
+                              temperature=0.8, chunk_size=8, impl=sys.argv[2] if len(sys.argv) > 2 else "auto")
 (lp * g_lp + ent * g_ent).sum().backward()
 grad_h = h.grad.clone()
 dist.all_reduce(grad_h)  # each rank's hidden gradient is its vocabulary shard's part

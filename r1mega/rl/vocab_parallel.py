@@ -7,6 +7,9 @@ exist one chunk of tokens at a time; the softmax statistics are combined with th
 [chunk] vectors; backward recomputes each chunk's logits instead of saving them. Peak memory is
 O(chunk x vocab/tp) instead of O(tokens x vocab).
 
+With the compiled ops available (``r1mega.kernels``; C++ on CPU, CUDA on GPUs) the same function
+runs through ``csrc/fused_logprob_*``, which also tiles the vocabulary; ``impl`` forces a path.
+
 Gradients: with z the logits, p = softmax(z), the target t and H = -sum p log p,
 d log p_t / dz = onehot_t - p and dH/dz = -p (log p + H).
 """
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from r1mega.kernels import KernelBuildError, fused_logprob_and_entropy, ops_for
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,14 @@ def _valid_rows(weight: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     return weight[: max(shard.valid_vocab - shard.start, 0)]
 
 
+def _stats_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Softmax statistics in fp32, or fp64 for fp64 weights (the same rule as the compiled op)."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
 def _chunk_logits(hidden, weight, temperature: float) -> torch.Tensor:
     # Same precision as megatron's output layer (matmul in the weights' dtype), softmax in fp32.
-    logits = (hidden.to(weight.dtype) @ weight.t()).float()
+    logits = (hidden.to(weight.dtype) @ weight.t()).to(_stats_dtype(weight))
     return logits.div_(temperature) if temperature != 1.0 else logits
 
 
@@ -54,8 +64,8 @@ def _forward_chunk(hidden, weight, target, shard: VocabShard, temperature: float
         logits = _chunk_logits(hidden, weight, temperature)
         local_max = logits.max(dim=-1).values
     else:  # this shard holds only padding ids
-        logits = hidden.new_zeros(hidden.size(0), 0, dtype=torch.float32)
-        local_max = torch.full((hidden.size(0),), float("-inf"))
+        logits = hidden.new_zeros(hidden.size(0), 0, dtype=_stats_dtype(weight))
+        local_max = torch.full((hidden.size(0),), float("-inf"), dtype=logits.dtype)
     global_max = shard.all_reduce(local_max.clone(), dist.ReduceOp.MAX)
     exp = (logits - global_max[:, None]).exp_()
     sum_exp = shard.all_reduce(exp.sum(-1))
@@ -91,11 +101,12 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         shard, temperature, chunk = ctx.shard, ctx.temperature, ctx.chunk_size
         w = _valid_rows(weight, shard)
         rows = w.size(0)
-        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        acc = _stats_dtype(weight)
+        grad_hidden = torch.zeros_like(hidden, dtype=acc)
+        grad_weight = torch.zeros_like(weight, dtype=acc)
         if rows == 0:
             return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None
-        w_float = w.float()
+        w_float = w.to(acc)
         for start in range(0, hidden.size(0), chunk):
             sl = slice(start, start + chunk)
             h = hidden[sl]
@@ -112,22 +123,33 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
             if temperature != 1.0:
                 grad_z.div_(temperature)
             grad_hidden[sl] = grad_z @ w_float
-            grad_weight[:rows].addmm_(grad_z.t(), h.float())
+            grad_weight[:rows].addmm_(grad_z.t(), h.to(acc))
         return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None
 
 
 def logprob_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, shard: VocabShard,
-                        temperature: float = 1.0, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                        temperature: float = 1.0, chunk_size: int = 1024,
+                        impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log p(target) and entropy, each [tokens].
 
     ``hidden`` [tokens, h] must be the full (not sequence-parallel) hidden states, identical on every
     TP rank; the caller makes its gradient sum over TP (megatron's copy/gather region functions).
     ``weight`` [vocab/tp, h] is this rank's output-layer shard. Targets are global vocabulary ids.
+    ``impl``: ``auto`` (compiled op when it serves this device, see ``r1mega.kernels``), ``torch``
+    or ``ext``.
     """
     if hidden.dim() != 2 or target.dim() != 1 or hidden.size(0) != target.size(0):
         raise ValueError(f"expected hidden [T, h] and target [T]; got {tuple(hidden.shape)} and {tuple(target.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if impl not in ("auto", "torch", "ext"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'ext', got {impl!r}")
+    if impl == "ext" and not ops_for(hidden.device):
+        raise KernelBuildError(f"impl='ext' but the compiled ops do not serve {hidden.device.type} tensors "
+                               "(see the r1mega kernels log line); use impl='auto'")
+    if impl == "ext" or (impl == "auto" and ops_for(hidden.device)):
+        valid_rows = _valid_rows(weight, shard).size(0)
+        return fused_logprob_and_entropy(hidden, weight, target, shard, valid_rows, temperature, chunk_size)
     return _ChunkedLogprobEntropy.apply(hidden, weight, target, shard, float(temperature), int(chunk_size))
 
 
