@@ -14,7 +14,7 @@ from typing import Optional
 class ModelConfig:
     """Architecture of the policy. ``preset``/``size`` pick a family; any field set here wins."""
 
-    preset: str = "qwen3_moe"  # qwen3_moe | deepseek_v3 | mixtral
+    preset: str = "qwen3_moe"  # MoE: qwen3_moe | deepseek_v3 | mixtral; dense: qwen2 | qwen3 | llama3
     size: str = "tiny"
     precision: str = "fp32"  # fp32 | bf16 | fp8 (fp8 needs Transformer Engine on an FP8 GPU)
     seq_length: int = 256
@@ -30,10 +30,13 @@ class ModelConfig:
     max_position_embeddings: Optional[int] = None
     norm_epsilon: Optional[float] = None
     rotary_base: Optional[int] = None
-    rope_type: Optional[str] = None  # rope | yarn (yarn: DeepSeek-V3 long-context scaling)
-    rotary_scaling_factor: Optional[float] = None  # yarn factor
-    original_max_position_embeddings: Optional[int] = None  # yarn
+    # rope | yarn (DeepSeek-V3 long-context scaling) | llama3 (Llama-3.1 frequency scaling; megatron fixes
+    # low/high frequency factors 1/4 and an original context of 8192, as every published Llama 3.x)
+    rope_type: Optional[str] = None
+    rotary_scaling_factor: Optional[float] = None  # yarn / llama3 factor
+    original_max_position_embeddings: Optional[int] = None  # yarn / llama3
     qk_layernorm: Optional[bool] = None
+    add_qkv_bias: Optional[bool] = None  # bias on the q/k/v projections only (Qwen2)
     tie_word_embeddings: Optional[bool] = None
     init_method_std: Optional[float] = None
     # --- MoE ---
