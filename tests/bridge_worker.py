@@ -8,8 +8,10 @@
   model of the same layout and require every local tensor to be bit-identical. Rank 0 writes
   ``out/stats.json`` (export peak bytes per bucket).
 * ``parity`` (one process): for each preset, export, load with transformers and compare logits;
-  then a random transformers model saved with ``save_pretrained`` is imported and compared.
-  Writes ``report`` (json).
+  then a random transformers model saved with ``save_pretrained`` is imported and compared, and
+  exported again (HF -> r1mega -> HF must be bit-identical). Writes ``report`` (json).
+* ``hf_roundtrip``: import the HF directory ``src`` (a transformers-made model) into ``layout`` and
+  export it to ``out``; the test compares the two directories.
 """
 
 from __future__ import annotations
@@ -95,11 +97,42 @@ def megatron_logits(model, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
     return logits[..., :vocab].float()
 
 
+def hf_roundtrip(spec: dict) -> None:
+    parallel = _setup(spec["layout"])
+    from r1mega.bridge.hf_config import from_hf_config
+    from r1mega.bridge.hf_dir import load_hf, read_hf_config, save_hf
+    from r1mega.models.policy import build_policy
+
+    model_cfg = from_hf_config(read_hf_config(spec["src"]))
+    stage = build_policy(model_cfg, parallel)
+    randomize(stage.model, stage.config, seed=99)  # nothing of the initial weights may survive the import
+    result = load_hf(stage.model, stage.config, model_cfg, spec["src"])
+    assert not result["unused"], f"HF tensors not imported: {result['unused']}"
+    save_hf(stage.model, stage.config, model_cfg, spec["out"], bucket_bytes=spec["bucket_bytes"])
+    from r1mega.platform.distributed import shutdown
+
+    shutdown()
+
+
+def _tensors(hf_dir: str) -> dict[str, torch.Tensor]:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
 @torch.no_grad()
-def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
+def hf_logits(hf_dir: str, tokens: torch.Tensor, **config_changes) -> torch.Tensor:
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+    config = transformers.AutoConfig.from_pretrained(hf_dir)
+    for k, v in config_changes.items():
+        setattr(config, k, v)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, config=config, dtype=torch.float32,
                                                            attn_implementation="eager")
     hf.eval()
     return hf(input_ids=tokens).logits.float()
@@ -155,10 +188,20 @@ def parity(spec: dict) -> None:
         imported_cfg = replace(imported_cfg, seed=model_cfg.seed)
         stage2 = build_policy(imported_cfg, parallel)
         load_hf(stage2.model, stage2.config, imported_cfg, src)
-        import_diff = float((megatron_logits(stage2.model, tokens, model_cfg.vocab_size)
-                             - hf_logits(src, tokens)).abs().max())
+        imported_logits = megatron_logits(stage2.model, tokens, model_cfg.vocab_size)
+        import_diff = float((imported_logits - hf_logits(src, tokens)).abs().max())
         report[key] = {"export_max_abs_logit_diff": export_diff, "import_max_abs_logit_diff": import_diff,
-                          "logit_scale": float(theirs.abs().max())}
+                       "logit_scale": float(theirs.abs().max())}
+        # HF -> r1mega -> HF: the same tensors, bit for bit
+        again = f"{spec['root']}/{key}_hf_again"
+        save_hf(stage2.model, stage2.config, imported_cfg, again, bucket_bytes=64 << 10)
+        before, after = _tensors(src), _tensors(again)
+        report[key]["hf_round_trip_identical"] = before.keys() == after.keys() and all(
+            torch.equal(before[k], after[k]) for k in before)
+        if model_cfg.rope_type == "llama3":  # the scaling matters at these positions: without it HF differs
+            plain = dict(read_hf_config(src)["rope_parameters"], rope_type="default")
+            report[key]["unscaled_rope_logit_diff"] = float(
+                (imported_logits - hf_logits(src, tokens, rope_parameters=plain)).abs().max())
         print(key, report[key], flush=True)
     json.dump(report, open(spec["report"], "w"), indent=1)
     from r1mega.platform.distributed import shutdown
@@ -170,4 +213,4 @@ if __name__ == "__main__":
     import r1mega.models  # noqa: F401  (readies megatron before any megatron import)
 
     spec = json.loads(sys.argv[1])
-    {"roundtrip": roundtrip, "parity": parity}[spec["mode"]](spec)
+    {"roundtrip": roundtrip, "parity": parity, "hf_roundtrip": hf_roundtrip}[spec["mode"]](spec)

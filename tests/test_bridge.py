@@ -1,5 +1,6 @@
 """Megatron <-> HF bridge: mapping rules, config conversion, logits parity with transformers, and
-bit-identical Megatron -> HF -> Megatron round trips in every layout (spawned gloo ranks)."""
+bit-identical Megatron -> HF -> Megatron (MoE) and HF -> Megatron -> HF (dense) round trips in every
+layout (spawned gloo ranks)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,15 @@ def test_qkv_rule_interleaves_query_groups():
     assert all(torch.equal(a, b) for a, b in zip(rule.to_hf(fused, dims), (q, k, v)))
 
 
+def test_qkv_rule_handles_biases():
+    dims = Dims(vocab_size=8, num_attention_heads=4, num_query_groups=2, head_dim=3, hidden_size=5)
+    q, k, v = torch.randn(12), torch.randn(6), torch.randn(6)
+    rule = QKV("x", ("q", "k", "v"))
+    fused = rule.to_megatron([q, k, v], dims, (24,))
+    assert torch.equal(fused, torch.cat([q[:6], k[:3], v[:3], q[6:], k[3:], v[3:]]))
+    assert all(torch.equal(a, b) for a, b in zip(rule.to_hf(fused, dims), (q, k, v)))
+
+
 def test_gated_and_vocab_rules():
     dims = Dims(vocab_size=5, num_attention_heads=1, num_query_groups=1, head_dim=2, hidden_size=2)
     fc1 = torch.arange(8.0).reshape(4, 2)
@@ -63,21 +73,54 @@ def test_rule_lookup_and_errors():
 
 
 @pytest.mark.parametrize("preset,overrides", [("qwen3_moe", {}), ("mixtral", {}),
-                                              ("deepseek_v3", {"qk_layernorm": True})])
+                                              ("deepseek_v3", {"qk_layernorm": True}),
+                                              ("qwen2", {}), ("qwen3", {"tie_word_embeddings": True}),
+                                              ("llama3", {}), ("qwen2", {"size": "7b"}), ("llama3", {"size": "8b"})])
 def test_hf_config_round_trip(preset, overrides):
     model = resolve_model(ModelConfig(preset=preset, **overrides))
     hf = to_hf_config(model)
-    assert hf["model_type"] == preset
+    assert hf["model_type"] == {"llama3": "llama"}.get(preset, preset)
     back = from_hf_config(json.loads(json.dumps(hf)))
     for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
               "kv_channels", "vocab_size", "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
               "moe_shared_expert_intermediate_size", "first_k_dense_layers", "norm_epsilon", "rotary_base",
               "qk_layernorm", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
               "moe_router_num_groups", "moe_router_group_topk", "moe_router_topk_scaling_factor",
-              "moe_router_score_function", "tie_word_embeddings"):
+              "moe_router_score_function", "tie_word_embeddings", "add_qkv_bias", "rope_type",
+              "rotary_scaling_factor", "original_max_position_embeddings", "max_position_embeddings"):
+        if f == "rotary_scaling_factor" and model.rope_type != "llama3" and preset != "deepseek_v3":
+            continue  # unused without llama3/yarn scaling
         if f == "ffn_hidden_size" and preset == "mixtral":
             continue  # every Mixtral layer is MoE: HF has no dense MLP size
         assert getattr(back, f) == getattr(model, f), f
+
+
+def test_dense_hf_configs_match_the_families():
+    qwen2 = to_hf_config(resolve_model(ModelConfig(preset="qwen2", size="7b")))
+    assert (qwen2["architectures"], qwen2["num_key_value_heads"], qwen2["intermediate_size"]) == (
+        ["Qwen2ForCausalLM"], 4, 18944)
+    llama = to_hf_config(resolve_model(ModelConfig(preset="llama3", size="8b")))
+    assert llama["rope_parameters"] == {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 8192}
+    assert "num_experts_per_tok" not in llama
+    assert to_hf_config(resolve_model(ModelConfig(preset="qwen3", size="0.6b")))["tie_word_embeddings"]
+
+
+def test_dense_bridge_refuses_what_hf_cannot_hold():
+    with pytest.raises(BridgeError, match="add_qkv_bias=True"):
+        to_hf_config(resolve_model(ModelConfig(preset="qwen2", add_qkv_bias=False)))
+    with pytest.raises(BridgeError, match="qk_layernorm=True"):
+        to_hf_config(resolve_model(ModelConfig(preset="qwen3", qk_layernorm=False)))
+    with pytest.raises(BridgeError, match="unset model.num_experts"):
+        to_hf_config(resolve_model(ModelConfig(preset="llama3", num_experts=4)))
+    llama = to_hf_config(resolve_model(ModelConfig(preset="llama3")))
+    with pytest.raises(BridgeError, match="high_freq_factor"):
+        from_hf_config(dict(llama, rope_parameters=dict(llama["rope_parameters"], high_freq_factor=2.0)))
+    with pytest.raises(BridgeError, match="attention_bias=true"):
+        from_hf_config(dict(llama, attention_bias=True))
+    with pytest.raises(BridgeError, match="use_sliding_window=true"):
+        from_hf_config(dict(to_hf_config(resolve_model(ModelConfig(preset="qwen2"))), use_sliding_window=True))
 
 
 def test_deepseek_without_latent_norms_is_refused():
@@ -98,15 +141,19 @@ def test_logits_match_transformers(tmp_path):
     saved with save_pretrained import and give the same logits (float32)."""
     report = tmp_path / "report.json"
     presets = [["qwen3_moe", {}], ["qwen3_moe", {"vocab_size": 500, "tie_word_embeddings": True}],
-               ["mixtral", {}], ["deepseek_v3", {"qk_layernorm": True}]]
+               ["mixtral", {}], ["deepseek_v3", {"qk_layernorm": True}],
+               ["qwen2", {}], ["qwen3", {"tie_word_embeddings": True}], ["llama3", {}]]
     _run({"mode": "parity", "root": str(tmp_path), "report": str(report), "presets": presets}, 1, "parity", 420)
     results = json.loads(report.read_text())
     print(json.dumps(results, indent=1), file=sys.stderr)
-    assert len(results) == 4
+    assert len(results) == 7
     for name, r in results.items():
         assert r["export_max_abs_logit_diff"] < 1e-5, (name, r)
         assert r["import_max_abs_logit_diff"] < 1e-5, (name, r)
         assert r["logit_scale"] > 0.1, (name, r)  # logits are not trivially ~0
+        assert r["hf_round_trip_identical"], (name, "HF -> r1mega -> HF is not bit-identical")
+    # llama3 RoPE scaling really matters at the tested positions: ignoring it would fail the 1e-5 check
+    assert results["llama3"]["unscaled_rope_logit_diff"] > 1e-4
 
 
 def _tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -144,3 +191,28 @@ def test_round_trip_bit_identical(layout, reference_export, tmp_path):
     bound = 2 * max(stats["bucket_bytes"], stats["largest_tensor"])
     assert max(stats["peak_bucket_bytes"]) <= bound, stats
     assert stats["buckets"] > 1
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("preset,overrides,layout", [
+    ("qwen2", {}, "tp2pp2"),
+    ("qwen3", {"tie_word_embeddings": True}, "pp2"),
+    ("llama3", {}, "tp2"),
+])
+def test_dense_hf_round_trip_in_layouts(preset, overrides, layout, tmp_path):
+    """A transformers-made dense model imported into a TP/PP layout and exported again is bit-identical
+    (the tied case checks that the last pipeline stage's output-layer copy is the embedding)."""
+    from bridge_worker import _random_hf_model
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    _random_hf_model(resolve_model(ModelConfig(preset=preset, **overrides)), str(src), seed=4)
+    _run({"mode": "hf_roundtrip", "layout": layout, "src": str(src), "out": str(out), "bucket_bytes": 1 << 16},
+         LAYOUT_WORLD.get(layout, 4), f"hf-roundtrip-{layout}", 240)
+    ref, got = _tensors(src), _tensors(out)
+    assert ref.keys() == got.keys()
+    assert all(torch.equal(ref[k], got[k]) for k in ref), [k for k in ref if not torch.equal(ref[k], got[k])]
+    assert ("lm_head.weight" in got) != bool(overrides.get("tie_word_embeddings"))
+    src_cfg, out_cfg = (json.loads((d / "config.json").read_text()) for d in (src, out))
+    for key in ("model_type", "num_key_value_heads", "head_dim", "intermediate_size", "rope_parameters",
+                "tie_word_embeddings", "rms_norm_eps"):
+        assert src_cfg.get(key) == out_cfg.get(key), key

@@ -21,6 +21,7 @@ from r1mega.config import (
     save_config,
     validate_config,
 )
+from r1mega.config.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -201,7 +202,23 @@ BAD_OVERRIDES = [
     ("bad_balancing", ["model.moe_router_load_balancing_type=sinkhorn"], None,
      ["model.moe_router_load_balancing_type='sinkhorn'"]),
     ("bad_tp_value", ["parallel.tp=0"], None, ["parallel.tp=0 must be >= 1"]),
+    ("dense_ep", ["model.preset=qwen3", "parallel.ep=2"], 2,
+     ["parallel.ep=2 with model.preset='qwen3': a dense model has no experts", "set parallel.ep=1"]),
+    ("llama3_context", ["model.preset=llama3", "model.original_max_position_embeddings=4096"], None,
+     ["model.original_max_position_embeddings=4096 with rope_type=llama3", "set it to 8192"]),
+    ("bad_rope", ["model.rope_type=ntk"], None, ["model.rope_type='ntk' is not supported"]),
 ]
+
+
+@pytest.mark.parametrize("preset", ["qwen2", "qwen3", "llama3"])
+def test_dense_presets_resolve_without_moe_fields(preset):
+    for size in PRESETS[preset]:
+        m = resolve_model(ModelConfig(preset=preset, size=size))
+        assert m.num_experts is None and m.moe_ffn_hidden_size is None, (preset, size)
+        assert m.num_attention_heads % m.num_query_groups == 0
+    tiny = resolve_model(ModelConfig(preset=preset))
+    assert (tiny.add_qkv_bias, tiny.qk_layernorm, tiny.rope_type) == {
+        "qwen2": (True, False, "rope"), "qwen3": (False, True, "rope"), "llama3": (False, False, "llama3")}[preset]
 
 
 @pytest.mark.parametrize(

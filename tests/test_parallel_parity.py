@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from r1mega.config.errors import ConfigError
-from r1mega.config.schema import ModelConfig
+from r1mega.config.schema import ModelConfig, OptimizerConfig
 from r1mega.train.parallel_check import CheckSpec, Layout, check_layouts, format_table, run_layout
 
 LAYOUTS = ["tp2", "ep2", "pp2", "tp2ep2", "tp2ep2pp2"]
@@ -52,6 +52,44 @@ def test_check_catches_megatron_mla_rope_gradient_bug(monkeypatch):
     monkeypatch.setenv("R1MEGA_SKIP_MLA_FIX", "1")
     reports = check_layouts(_spec("deepseek_v3"), [Layout.parse("tp2")], TIMEOUT_S)
     assert reports[1].grad_rel_err > 0.05
+
+
+DENSE_LAYOUTS = ["tp2", "pp2", "tp2pp2"]
+
+
+def _dense_spec(preset: str, **overrides) -> CheckSpec:
+    # adam_eps 1e-6: the k-projection bias has a zero true gradient (softmax ignores a shift shared by all
+    # keys), so its float noise (~1e-8) would otherwise be normalised by Adam into full-size updates that
+    # differ between layouts (param error 8e-4 at eps 1e-8; loss and gradients agree either way)
+    return CheckSpec(model=ModelConfig(preset=preset, **overrides), steps=2, global_batch=4, seq_length=32,
+                     optimizer=OptimizerConfig(lr=1e-3, clip_grad=0.0, adam_eps=1e-6))
+
+
+@pytest.mark.timeout(600)
+def test_dense_qwen2_layouts_match_single_process():
+    """Dense student (q/k/v biases): TP2, PP2 and TP2xPP2 train like one process."""
+    reports = check_layouts(_dense_spec("qwen2"), [Layout.parse(x) for x in DENSE_LAYOUTS], TIMEOUT_S)
+    print(format_table("qwen2", reports))
+    assert [r.layout for r in reports[1:]] == DENSE_LAYOUTS
+    for r in reports[1:]:
+        assert r.max_rel_err < TOL, f"qwen2 {r.layout}: {r}"
+    assert reports[0].losses[0] != reports[0].losses[1]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("preset,overrides,layout", [
+    ("qwen3", {"tie_word_embeddings": True}, "pp2"),  # the last stage's output layer is the embedding
+    ("llama3", {}, "tp2"),
+])
+def test_dense_presets_match_single_process(preset, overrides, layout):
+    reports = check_layouts(_dense_spec(preset, **overrides), [Layout.parse(layout)], TIMEOUT_S)
+    print(format_table(preset, reports))
+    assert reports[1].max_rel_err < TOL, f"{preset} {layout}: {reports[1]}"
+
+
+def test_dense_preset_refuses_expert_parallelism():
+    with pytest.raises(ConfigError, match="dense model has no experts"):
+        check_layouts(_dense_spec("qwen3"), [Layout.parse("ep2")], TIMEOUT_S, reference={"losses": []})
 
 
 def test_layout_parse_and_world_size():

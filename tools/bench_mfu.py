@@ -7,8 +7,9 @@
 
 ``--flops-only`` prints ``flops_per_token=<v>`` (training: fwd + bwd = 3 x forward, the MFU numerator;
 see ``r1mega/train/flops.py`` for every convention) and a term-by-term table. ``--model dense`` takes
-a dense reference architecture (``--size qwen3_8b | llama3_8b | tiny``: the qwen3_moe preset with
-``num_experts=0``); ``--num-experts 0`` turns any preset dense the same way.
+a dense reference architecture (``--size qwen3_8b | llama3_8b | qwen2_7b | tiny | <family>_<size>``: the
+dense presets qwen2, qwen3, llama3, which ``--model qwen3 --size 8b`` also names); ``--num-experts 0``
+counts any preset's FLOPs with a dense MLP in every layer.
 
 Without ``--flops-only`` it times ``--steps`` real training steps (after ``--warmup``) of the model
 with r1mega's stack (``build_training_model`` + ``lm_train_step``: megatron DDP, distributed
@@ -154,7 +155,8 @@ def bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="qwen3_moe", help="preset (qwen3_moe, deepseek_v3, mixtral) or dense")
+    p.add_argument("--model", default="qwen3_moe",
+                   help="preset (qwen3_moe, deepseek_v3, mixtral, qwen2, qwen3, llama3) or dense")
     p.add_argument("--size", default=None, help="preset size (default tiny; dense: qwen3_8b)")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--num-experts", type=int, default=None, help="0 = dense MLP in every layer")

@@ -2,6 +2,7 @@
 """Check that TP/PP/EP layouts train exactly like one process (CPU, gloo).
 
     python tools/check_parallel.py --model qwen3_moe --layouts tp2,ep2,pp2,tp2ep2,tp2ep2pp2
+    python tools/check_parallel.py --model qwen2 --layouts tp2,pp2,tp2pp2   # dense presets: no EP
 
 Prints a table of loss / gradient / updated-parameter relative errors per layout and, as its last
 line, ``max_rel_err=<value>``; exits 1 above ``--tol``.

@@ -19,7 +19,15 @@ def dims_of(model: ModelConfig) -> Dims:
                 hidden_size=model.hidden_size)
 
 
+# megatron's llama3 RoPE scaling has these fixed (every published Llama 3.x uses them)
+LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
 def _rope_parameters(model: ModelConfig) -> dict:
+    if model.rope_type == "llama3":
+        return {"rope_type": "llama3", "rope_theta": float(model.rotary_base),
+                "factor": float(model.rotary_scaling_factor), **LLAMA3_ROPE_FIXED,
+                "original_max_position_embeddings": model.original_max_position_embeddings}
     if model.rope_type == "yarn":
         return {"rope_type": "yarn", "rope_theta": float(model.rotary_base), "factor": model.rotary_scaling_factor,
                 "original_max_position_embeddings": model.original_max_position_embeddings,
@@ -35,31 +43,44 @@ def _rope_from(hf: dict) -> dict:
     if kind == "yarn":
         out.update(rope_type="yarn", rotary_scaling_factor=float(rope["factor"]),
                    original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+    elif kind == "llama3":
+        differs = {k: rope.get(k) for k, v in LLAMA3_ROPE_FIXED.items() if rope.get(k) != v}
+        if differs:
+            raise BridgeError(f"llama3 rope scaling with {differs} is not supported: megatron's llama3 scaling "
+                              f"fixes {LLAMA3_ROPE_FIXED} (as every published Llama 3.x)")
+        out.update(rope_type="llama3", rotary_scaling_factor=float(rope["factor"]),
+                   original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
     elif kind not in ("default", None):
-        raise BridgeError(f"rope type {kind!r} is not supported by the bridge (default or yarn)")
+        raise BridgeError(f"rope type {kind!r} is not supported by the bridge (default, yarn or llama3)")
     return out
 
 
-def _common_to_hf(model: ModelConfig) -> dict:
+def _base_to_hf(model: ModelConfig) -> dict:
     return dict(
         vocab_size=model.vocab_size, hidden_size=model.hidden_size, num_hidden_layers=model.num_layers,
         num_attention_heads=model.num_attention_heads, rms_norm_eps=model.norm_epsilon,
         max_position_embeddings=model.max_position_embeddings, tie_word_embeddings=bool(model.tie_word_embeddings),
         initializer_range=model.init_method_std, hidden_act="silu", attention_bias=False,
-        rope_parameters=_rope_parameters(model), num_experts_per_tok=model.moe_router_topk,
-        dtype="float32" if model.precision == "fp32" else "bfloat16",
+        rope_parameters=_rope_parameters(model), dtype="float32" if model.precision == "fp32" else "bfloat16",
     )
 
 
-def _common_from_hf(hf: dict) -> dict:
+def _common_to_hf(model: ModelConfig) -> dict:
+    return dict(_base_to_hf(model), num_experts_per_tok=model.moe_router_topk)
+
+
+def _base_from_hf(hf: dict) -> dict:
     return dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
         num_attention_heads=hf["num_attention_heads"], norm_epsilon=hf["rms_norm_eps"],
         max_position_embeddings=hf["max_position_embeddings"],
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_method_std=hf.get("initializer_range", 0.02), moe_router_topk=hf["num_experts_per_tok"],
-        **_rope_from(hf),
+        init_method_std=hf.get("initializer_range", 0.02), **_rope_from(hf),
     )
+
+
+def _common_from_hf(hf: dict) -> dict:
+    return dict(_base_from_hf(hf), moe_router_topk=hf["num_experts_per_tok"])
 
 
 def _check_softmax_router(model: ModelConfig) -> None:
@@ -161,7 +182,56 @@ def _deepseek_from_hf(hf: dict) -> dict:
                 moe_router_enable_expert_bias=True)
 
 
+# ----------------------------------------------------------------------------- dense students
+
+
+def _check_dense(model: ModelConfig, family: str, qkv_bias: bool, qk_norm: bool) -> None:
+    """HF's dense classes hard-wire these features per family; say which field to change."""
+    if model.num_experts:
+        raise BridgeError(f"{family} is a dense family; unset model.num_experts (={model.num_experts})")
+    if bool(model.add_qkv_bias) != qkv_bias:
+        raise BridgeError(f"{family} in HF {'always has' if qkv_bias else 'has no'} q/k/v biases: "
+                          f"set model.add_qkv_bias={qkv_bias}")
+    if bool(model.qk_layernorm) != qk_norm:
+        raise BridgeError(f"{family} in HF {'always has' if qk_norm else 'has no'} q/k norms: "
+                          f"set model.qk_layernorm={qk_norm}")
+    if model.rope_type not in ("rope", "llama3", None) or (model.rope_type == "llama3" and family != "llama3"):
+        raise BridgeError(f"{family}: rope_type={model.rope_type!r} is not supported by the bridge")
+
+
+def _dense_to_hf(model: ModelConfig) -> dict:
+    return dict(_base_to_hf(model), num_key_value_heads=model.num_query_groups, head_dim=model.kv_channels,
+                intermediate_size=model.ffn_hidden_size)
+
+
+def _dense_from_hf(hf: dict, family: str, **fixed) -> dict:
+    for flag in ("use_sliding_window", "attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise BridgeError(f"{family} with {flag}=true is not supported by the bridge")
+    return dict(_base_from_hf(hf), num_query_groups=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                kv_channels=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+                ffn_hidden_size=hf["intermediate_size"], num_experts=None, multi_latent_attention=False, **fixed)
+
+
+def _qwen2_to_hf(model: ModelConfig) -> dict:
+    _check_dense(model, "qwen2", qkv_bias=True, qk_norm=False)
+    return dict(_dense_to_hf(model), use_sliding_window=False)
+
+
+def _qwen3_dense_to_hf(model: ModelConfig) -> dict:
+    _check_dense(model, "qwen3", qkv_bias=False, qk_norm=True)
+    return dict(_dense_to_hf(model), use_sliding_window=False)
+
+
+def _llama3_to_hf(model: ModelConfig) -> dict:
+    _check_dense(model, "llama3", qkv_bias=False, qk_norm=False)
+    return dict(_dense_to_hf(model), mlp_bias=False)
+
+
 CONVERTERS = {
+    "qwen2": (_qwen2_to_hf, lambda hf: _dense_from_hf(hf, "qwen2", add_qkv_bias=True, qk_layernorm=False)),
+    "qwen3": (_qwen3_dense_to_hf, lambda hf: _dense_from_hf(hf, "qwen3", add_qkv_bias=False, qk_layernorm=True)),
+    "llama3": (_llama3_to_hf, lambda hf: _dense_from_hf(hf, "llama3", add_qkv_bias=False, qk_layernorm=False)),
     "qwen3_moe": (_qwen3_to_hf, _qwen3_from_hf),
     "mixtral": (_mixtral_to_hf, _mixtral_from_hf),
     "deepseek_v3": (_deepseek_to_hf, _deepseek_from_hf),

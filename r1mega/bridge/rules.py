@@ -8,7 +8,7 @@ with ``{layer}`` and ``{expert}`` placeholders; the transform is one of a few ki
 * :class:`Vocab`   - embedding / output rows: padded megatron vocabulary trimmed on export, padded
   with zeros on import;
 * :class:`QKV`     - megatron's fused ``linear_qkv`` (per query group ``[q heads..., k, v]``) <->
-  ``q_proj``, ``k_proj``, ``v_proj``;
+  ``q_proj``, ``k_proj``, ``v_proj`` (weights, and biases for Qwen2);
 * :class:`Gated`   - SwiGLU ``linear_fc1`` ``[gate; up]`` <-> two HF tensors.
 
 A new architecture is a list of these plus its config converter (``hf_config``), registered with
@@ -76,20 +76,22 @@ class Vocab(Rule):
 
 @dataclass(frozen=True)
 class QKV(Rule):
+    """Rows are interleaved per query group; trailing dims (weight columns, none for a bias) ride along."""
+
     def to_hf(self, tensor, dims):
         groups, per = dims.num_query_groups, dims.num_attention_heads // dims.num_query_groups
-        d = dims.head_dim
-        w = tensor.reshape(groups, (per + 2) * d, -1)
+        d, rest = dims.head_dim, tuple(tensor.shape[1:])
+        w = tensor.reshape(groups, (per + 2) * d, *rest)
         q, k, v = w.split([per * d, d, d], dim=1)
-        return [t.reshape(-1, tensor.shape[-1]) for t in (q, k, v)]
+        return [t.reshape(-1, *rest) for t in (q, k, v)]
 
     def to_megatron(self, tensors, dims, full_shape):
         q, k, v = tensors
         groups, per = dims.num_query_groups, dims.num_attention_heads // dims.num_query_groups
-        d, cols = dims.head_dim, q.shape[-1]
-        fused = torch.cat([q.reshape(groups, per * d, cols), k.reshape(groups, d, cols),
-                           v.reshape(groups, d, cols)], dim=1)
-        return fused.reshape(-1, cols)
+        d, rest = dims.head_dim, tuple(q.shape[1:])
+        fused = torch.cat([q.reshape(groups, per * d, *rest), k.reshape(groups, d, *rest),
+                           v.reshape(groups, d, *rest)], dim=1)
+        return fused.reshape(-1, *rest)
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,14 @@ _GQA = [
     QKV(L + "self_attention.linear_qkv.weight",
         (H + "self_attn.q_proj.weight", H + "self_attn.k_proj.weight", H + "self_attn.v_proj.weight")),
 ]
+_QKV_BIAS = [
+    QKV(L + "self_attention.linear_qkv.bias",
+        (H + "self_attn.q_proj.bias", H + "self_attn.k_proj.bias", H + "self_attn.v_proj.bias")),
+]
+_QK_NORM = [
+    Direct(L + "self_attention.q_layernorm.weight", (H + "self_attn.q_norm.weight",)),
+    Direct(L + "self_attention.k_layernorm.weight", (H + "self_attn.k_norm.weight",)),
+]
 _EXPERT = L + "mlp.experts.local_experts.{expert}."
 
 
@@ -201,9 +211,7 @@ def _swiglu(megatron_prefix: str, hf_prefix: str, gate: str = "gate_proj", up: s
 
 register(Architecture(
     preset="qwen3_moe", model_type="qwen3_moe", hf_class="Qwen3MoeForCausalLM",
-    rules=[*_COMMON, *_GQA,
-           Direct(L + "self_attention.q_layernorm.weight", (H + "self_attn.q_norm.weight",)),
-           Direct(L + "self_attention.k_layernorm.weight", (H + "self_attn.k_norm.weight",)),
+    rules=[*_COMMON, *_GQA, *_QK_NORM,
            Direct(L + "mlp.router.weight", (H + "mlp.gate.weight",)),
            *_swiglu(_EXPERT, H + "mlp.experts.{expert}."),
            *_swiglu(L + "mlp.", H + "mlp.")],  # dense layers (mlp_only_layers)
@@ -234,4 +242,20 @@ register(Architecture(
            *_swiglu(_EXPERT, H + "mlp.experts.{expert}."),
            *_swiglu(L + "mlp.shared_experts.", H + "mlp.shared_experts."),
            *_swiglu(L + "mlp.", H + "mlp.")],  # first_k_dense_replace layers
+))
+
+# Dense students: every layer is attention + SwiGLU MLP (megatron ``mlp.linear_fc1`` = [gate; up]).
+register(Architecture(
+    preset="qwen2", model_type="qwen2", hf_class="Qwen2ForCausalLM",
+    rules=[*_COMMON, *_GQA, *_QKV_BIAS, *_swiglu(L + "mlp.", H + "mlp.")],
+))
+
+register(Architecture(
+    preset="qwen3", model_type="qwen3", hf_class="Qwen3ForCausalLM",
+    rules=[*_COMMON, *_GQA, *_QK_NORM, *_swiglu(L + "mlp.", H + "mlp.")],
+))
+
+register(Architecture(
+    preset="llama3", model_type="llama", hf_class="LlamaForCausalLM",
+    rules=[*_COMMON, *_GQA, *_swiglu(L + "mlp.", H + "mlp.")],
 ))

@@ -1,7 +1,9 @@
 """Architecture presets as data: family -> size -> field values of ``ModelConfig``.
 
 ``tiny`` sizes are for tests and the CPU demo (seconds per step on 2 cores); the larger sizes follow
-the published configs of each family and are what cluster recipes use.
+the published configs of each family and are what cluster recipes use. MoE families (``MOE_PRESETS``)
+set ``num_experts``; dense student families (``DENSE_PRESETS``: Qwen2/Qwen2.5, Qwen3 dense, Llama 3.x,
+the bases of the DeepSeek-R1 distilled models) leave it unset.
 """
 
 from __future__ import annotations
@@ -57,7 +59,52 @@ _DEEPSEEK_V3_BASE = dict(
     multi_latent_attention=True,
 )
 
-PRESETS: dict[str, dict[str, dict]] = {
+# Dense students: SwiGLU MLP, RMSNorm, RoPE, GQA. Qwen2 has q/k/v biases, Qwen3 per-head q/k RMSNorm,
+# Llama 3.1+ scales the RoPE frequencies ("llama3"); small Qwen models tie the embeddings.
+_QWEN2_BASE = dict(norm_epsilon=1e-6, rotary_base=1_000_000, rope_type="rope", qk_layernorm=False,
+                   add_qkv_bias=True, tie_word_embeddings=False, init_method_std=0.02,
+                   multi_latent_attention=False)
+_QWEN3_BASE = dict(_QWEN2_BASE, qk_layernorm=True, add_qkv_bias=False)
+_LLAMA3_BASE = dict(norm_epsilon=1e-5, rotary_base=500_000, rope_type="llama3", rotary_scaling_factor=8.0,
+                    original_max_position_embeddings=8192, qk_layernorm=False, add_qkv_bias=False,
+                    tie_word_embeddings=False, init_method_std=0.02, multi_latent_attention=False)
+_TINY_DENSE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                   ffn_hidden_size=128, vocab_size=512, max_position_embeddings=1024, init_method_std=0.05)
+
+DENSE_PRESETS: dict[str, dict[str, dict]] = {
+    "qwen2": {
+        "tiny": dict(_QWEN2_BASE, **_TINY_DENSE),
+        # Qwen2.5-1.5B (tied; the base of DeepSeek-R1-Distill-Qwen-1.5B, which unties them)
+        "1.5b": dict(_QWEN2_BASE, num_layers=28, hidden_size=1536, num_attention_heads=12, num_query_groups=2,
+                     kv_channels=128, ffn_hidden_size=8960, vocab_size=151936, max_position_embeddings=32768,
+                     tie_word_embeddings=True),
+        # Qwen2-7B / Qwen2.5-7B
+        "7b": dict(_QWEN2_BASE, num_layers=28, hidden_size=3584, num_attention_heads=28, num_query_groups=4,
+                   kv_channels=128, ffn_hidden_size=18944, vocab_size=152064, max_position_embeddings=32768),
+    },
+    "qwen3": {
+        "tiny": dict(_QWEN3_BASE, **_TINY_DENSE),
+        "0.6b": dict(_QWEN3_BASE, num_layers=28, hidden_size=1024, num_attention_heads=16, num_query_groups=8,
+                     kv_channels=128, ffn_hidden_size=3072, vocab_size=151936, max_position_embeddings=40960,
+                     tie_word_embeddings=True),
+        "8b": dict(_QWEN3_BASE, num_layers=36, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+                   kv_channels=128, ffn_hidden_size=12288, vocab_size=151936, max_position_embeddings=40960),
+    },
+    "llama3": {
+        # head dim 16: megatron's fixed original context (8192) still puts these frequencies in all three
+        # llama3 bands (kept, divided by the factor, interpolated), so the scaling is really exercised
+        "tiny": dict(_LLAMA3_BASE, **_TINY_DENSE),
+        # Llama-3.2-1B (tied, factor 32)
+        "1b": dict(_LLAMA3_BASE, num_layers=16, hidden_size=2048, num_attention_heads=32, num_query_groups=8,
+                   kv_channels=64, ffn_hidden_size=8192, vocab_size=128256, max_position_embeddings=131072,
+                   rotary_scaling_factor=32.0, tie_word_embeddings=True),
+        # Llama-3.1-8B (the base of DeepSeek-R1-Distill-Llama-8B)
+        "8b": dict(_LLAMA3_BASE, num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+                   kv_channels=128, ffn_hidden_size=14336, vocab_size=128256, max_position_embeddings=131072),
+    },
+}
+
+MOE_PRESETS: dict[str, dict[str, dict]] = {
     "qwen3_moe": {
         "tiny": dict(_QWEN3_MOE_BASE, num_layers=2, hidden_size=64, num_attention_heads=4,
                      num_query_groups=2, kv_channels=16, ffn_hidden_size=128, vocab_size=512,
@@ -103,6 +150,12 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 
+PRESETS: dict[str, dict[str, dict]] = {**MOE_PRESETS, **DENSE_PRESETS}
+
+
+def is_dense_preset(preset: str) -> bool:
+    return preset in DENSE_PRESETS
+
 
 def resolve_model(model: ModelConfig) -> ModelConfig:
     """Fill every ``None`` architecture field from the preset; explicit values win."""
@@ -123,6 +176,6 @@ def resolve_model(model: ModelConfig) -> ModelConfig:
         if getattr(model, f.name) is None and f.name in preset
     }
     resolved = replace(model, **updates)
-    if resolved.moe_ffn_hidden_size is None:
+    if resolved.moe_ffn_hidden_size is None and resolved.num_experts:
         resolved = replace(resolved, moe_ffn_hidden_size=resolved.ffn_hidden_size)
     return resolved

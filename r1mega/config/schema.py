@@ -14,7 +14,7 @@ from typing import Optional
 class ModelConfig:
     """Architecture of the policy. ``preset``/``size`` pick a family; any field set here wins."""
 
-    preset: str = "qwen3_moe"  # qwen3_moe | deepseek_v3 | mixtral
+    preset: str = "qwen3_moe"  # MoE: qwen3_moe | deepseek_v3 | mixtral; dense: qwen2 | qwen3 | llama3
     size: str = "tiny"
     precision: str = "fp32"  # fp32 | bf16 | fp8 (fp8 needs Transformer Engine on an FP8 GPU)
     seq_length: int = 256
@@ -30,10 +30,13 @@ class ModelConfig:
     max_position_embeddings: Optional[int] = None
     norm_epsilon: Optional[float] = None
     rotary_base: Optional[int] = None
-    rope_type: Optional[str] = None  # rope | yarn (yarn: DeepSeek-V3 long-context scaling)
-    rotary_scaling_factor: Optional[float] = None  # yarn factor
-    original_max_position_embeddings: Optional[int] = None  # yarn
+    # rope | yarn (DeepSeek-V3 long-context scaling) | llama3 (Llama-3.1 frequency scaling; megatron fixes
+    # low/high frequency factors 1/4 and an original context of 8192, as every published Llama 3.x)
+    rope_type: Optional[str] = None
+    rotary_scaling_factor: Optional[float] = None  # yarn / llama3 factor
+    original_max_position_embeddings: Optional[int] = None  # yarn / llama3
     qk_layernorm: Optional[bool] = None
+    add_qkv_bias: Optional[bool] = None  # bias on the q/k/v projections only (Qwen2)
     tie_word_embeddings: Optional[bool] = None
     init_method_std: Optional[float] = None
     # --- MoE ---
@@ -142,7 +145,8 @@ class RewardTermConfig:
     name: str = "accuracy"
     weight: float = 1.0
     # Data sources (the per-sample ``data_source``) this term scores; empty = the reward's own
-    # default (e.g. accuracy: math and arithmetic; code: code; format: every source).
+    # default (e.g. accuracy: math and arithmetic; code: code; format: every source; model rewards
+    # from ``reward.models``: general).
     data_sources: list[str] = field(default_factory=list)
 
 
@@ -156,6 +160,45 @@ class CodeSandboxConfig:
     max_processes: int = 32  # RLIMIT_NPROC (enforced when the program runs as an unprivileged uid)
     network_isolation: bool = True  # a new network namespace when permitted, else a logged warning
     site_packages: bool = False  # False: stdlib only (python -I -S, faster start)
+
+
+DEFAULT_JUDGE_RUBRIC = (
+    "You are a strict, impartial judge. Rate the {criterion} of the assistant's response to the user's "
+    "request on a scale from {score_min} to {score_max}.\n\n[User request]\n{prompt}\n\n"
+    "[Assistant response]\n{response}\n\nGive a one-sentence justification, then end with a line of "
+    "the form \"Score: <number>\"."
+)
+
+
+@dataclass
+class ModelRewardConfig:
+    """A reward scored by a model (``reward.models``); ``reward.terms`` refers to it by ``name``.
+
+    ``kind``: ``reward_model`` scores with an HF ``*ForSequenceClassification`` model at ``path``
+    (batched; the raw logit ``label_index``); ``judge`` sends ``rubric`` to an LLM served by a rollout
+    engine (passed to ``RewardComputer(engines={name: engine})``, or started from ``path``) and parses
+    its ``Score: <n>`` verdict, normalised to [0, 1]. ``scope``: ``answer`` = the final answer only, the
+    chain of thought removed (R1's helpfulness); ``response`` = the whole response (R1's harmlessness).
+    """
+
+    name: str = "helpfulness"
+    kind: str = "reward_model"  # reward_model | judge
+    scope: str = "answer"  # answer | response
+    path: Optional[str] = None  # HF model directory (reward model; judge without an engine passed in)
+    batch_size: int = 8  # texts per reward-model forward / per judge generate call
+    max_length: int = 2048  # reward model: tokens per text (truncated from the left, keeping the end)
+    label_index: int = 0  # reward model: which output logit is the score
+    dtype: str = "float32"  # float32 | bfloat16
+    empty_score: float = 0.0  # nothing to judge (scope=answer and the reasoning never closed)
+    # --- judge ---
+    rubric: str = DEFAULT_JUDGE_RUBRIC  # placeholders {criterion} {score_min} {score_max} {prompt} {response}
+    criterion: str = ""  # "" = the name (e.g. "helpfulness")
+    template: str = "chatml"  # chat template the rubric is wrapped in (r1mega.data.templates)
+    score_min: float = 1.0
+    score_max: float = 10.0
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # greedy verdicts
+    unparsed_score: float = 0.0  # a verdict with no parsable score (recorded in the result's errors)
 
 
 @dataclass
@@ -172,6 +215,9 @@ class RewardConfig:
     math_timeout_s: int = 5  # math-verify parse/compare timeout per expression
     batch_timeout_s: float = 600.0  # a batch not scored by then gets 0 and the worker pool is rebuilt
     sandbox: CodeSandboxConfig = field(default_factory=CodeSandboxConfig)
+    # Model-scored rewards (reward model, generative judge), routed like the terms that name them;
+    # a term's empty data_sources means "general" for these.
+    models: list[ModelRewardConfig] = field(default_factory=list)
 
 
 @dataclass

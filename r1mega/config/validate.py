@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Optional
 
 from r1mega.config.errors import ConfigError
-from r1mega.config.presets import resolve_model
+from r1mega.config.presets import is_dense_preset, resolve_model
 from r1mega.config.schema import (
     ModelConfig,
     OptimizerConfig,
@@ -28,6 +28,8 @@ OPTIMIZERS = ("adam", "sgd")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
+ROPE_TYPES = ("rope", "yarn", "llama3")
+LLAMA3_ORIGINAL_CONTEXT = 8192  # fixed in megatron's llama3 RoPE scaling (rotary_pos_embedding.py)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Names registered in r1mega.rl (listed here because config must not import torch; a test keeps
 # them equal to the registries).
@@ -212,6 +214,7 @@ def _check_model(m: ModelConfig) -> Problems:
         lambda: _check_moe(m),
         lambda: _check_router_groups(m),
         lambda: _check_mla(m),
+        lambda: _check_rope(m),
         lambda: _one_of("model.moe_router_score_function", m.moe_router_score_function,
                         ROUTER_SCORE_FUNCTIONS),
         lambda: _one_of("model.moe_router_load_balancing_type", m.moe_router_load_balancing_type,
@@ -298,6 +301,19 @@ def _check_mla(m: ModelConfig) -> Problems:
     ]
 
 
+def _check_rope(m: ModelConfig) -> Problems:
+    out = _one_of("model.rope_type", m.rope_type, ROPE_TYPES)
+    if m.rope_type == "llama3":
+        if m.original_max_position_embeddings != LLAMA3_ORIGINAL_CONTEXT:
+            out.append(f"model.original_max_position_embeddings={m.original_max_position_embeddings} with "
+                       f"rope_type=llama3: megatron's llama3 scaling fixes the original context to "
+                       f"{LLAMA3_ORIGINAL_CONTEXT}; set it to {LLAMA3_ORIGINAL_CONTEXT}")
+        if m.rotary_scaling_factor is None or m.rotary_scaling_factor < 1:
+            out.append(f"model.rotary_scaling_factor={m.rotary_scaling_factor} with rope_type=llama3 must be >= 1 "
+                       f"(Llama-3.1: 8, Llama-3.2: 32)")
+    return out
+
+
 def _check_model_vs_parallel(m: ModelConfig, p: ParallelConfig) -> Problems:
     if min(p.tp, p.pp, p.ep, p.etp) < 1:
         return []  # already reported; divisibility by a non-positive size is meaningless
@@ -370,6 +386,9 @@ def _check_uneven_split(num_layers: int, pp: int, first: Optional[int], last: Op
 
 
 def _check_experts_vs_ep(m: ModelConfig, p: ParallelConfig) -> Problems:
+    if is_dense_preset(m.preset) and p.ep > 1 and not m.num_experts:
+        return [f"parallel.ep={p.ep} with model.preset={m.preset!r}: a dense model has no experts to shard; "
+                f"set parallel.ep=1 (use tp, pp or dp instead)"]
     if m.num_experts is None:
         if p.ep > 1:
             return [f"parallel.ep={p.ep} needs an MoE model but model.num_experts is unset: "

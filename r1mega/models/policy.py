@@ -1,4 +1,4 @@
-"""Builds the MoE policy as a megatron-core ``GPTModel`` from an r1mega ``ModelConfig``.
+"""Builds the policy (MoE or dense) as a megatron-core ``GPTModel`` from an r1mega ``ModelConfig``.
 
 All model construction goes through :func:`build_policy`, so a switch of megatron's model class
 (newer releases deprecate ``GPTModel`` for ``HybridModel``) is one change here.
@@ -36,38 +36,12 @@ def _dtype(precision: str) -> torch.dtype:
     return torch.float32 if precision == "fp32" else torch.bfloat16
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
-    """The megatron ``TransformerConfig`` (``MLATransformerConfig`` for MLA) of a resolved model."""
-    use_te = use_transformer_engine(model.precision)
-    sequence_parallel = parallel.tp > 1 if parallel.sequence_parallel is None else parallel.sequence_parallel
+def _moe_kwargs(model: ModelConfig) -> dict:
+    """MoE fields of the ``TransformerConfig``; none for a dense model (megatron rejects them there)."""
+    if not model.num_experts:
+        return {}
     first_dense = model.first_k_dense_layers or 0
-    kwargs = dict(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        ffn_hidden_size=model.ffn_hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups,
-        kv_channels=model.kv_channels,
-        normalization="RMSNorm",
-        layernorm_epsilon=model.norm_epsilon,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        qk_layernorm=bool(model.qk_layernorm),
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=model.init_method_std,
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.etp,
-        sequence_parallel=sequence_parallel,
-        params_dtype=_dtype(model.precision),
-        pipeline_dtype=_dtype(model.precision),
-        bf16=model.precision in ("bf16", "fp8"),
-        fp8="hybrid" if model.precision == "fp8" else None,
-        fp8_recipe="delayed" if model.precision == "fp8" else None,
+    return dict(
         num_moe_experts=model.num_experts,
         moe_router_topk=model.moe_router_topk,
         moe_ffn_hidden_size=model.moe_ffn_hidden_size,
@@ -82,9 +56,42 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         moe_router_load_balancing_type=model.moe_router_load_balancing_type or "none",
         moe_aux_loss_coeff=model.moe_aux_loss_coeff or 0.0,
         moe_router_dtype="fp32",
-        moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=False,
         moe_layer_freq=[0] * first_dense + [1] * (model.num_layers - first_dense),
+    )
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+    """The megatron ``TransformerConfig`` (``MLATransformerConfig`` for MLA) of a resolved model."""
+    use_te = use_transformer_engine(model.precision)
+    sequence_parallel = parallel.tp > 1 if parallel.sequence_parallel is None else parallel.sequence_parallel
+    kwargs = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=bool(model.add_qkv_bias),
+        qk_layernorm=bool(model.qk_layernorm),
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp,
+        sequence_parallel=sequence_parallel,
+        params_dtype=_dtype(model.precision),
+        pipeline_dtype=_dtype(model.precision),
+        bf16=model.precision in ("bf16", "fp8"),
+        fp8="hybrid" if model.precision == "fp8" else None,
+        fp8_recipe="delayed" if model.precision == "fp8" else None,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
@@ -93,6 +100,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         persist_layer_norm=False,
         attention_backend=AttnBackend.auto if use_te else AttnBackend.local,
         variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",  # megatron checks it even for dense models (variable lengths)
+        **_moe_kwargs(model),
     )
     if not model.multi_latent_attention:
         return TransformerConfig(**kwargs)
@@ -151,4 +160,7 @@ def _gpt_model(config, use_te: bool, model: ModelConfig, tp: int) -> GPTModel:
         share_embeddings_and_output_weights=bool(model.tie_word_embeddings),
         position_embedding_type="rope",
         rotary_base=model.rotary_base,
+        # Llama-3.1 frequency scaling (megatron: low/high frequency factors 1/4, original context 8192)
+        rope_scaling=model.rope_type == "llama3",
+        rope_scaling_factor=model.rotary_scaling_factor or 8.0,
     )

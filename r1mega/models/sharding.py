@@ -43,7 +43,16 @@ def _is_expert(name: str) -> bool:
     return ".mlp.experts." in name
 
 
-def canonical_name(local_name: str, config, layer_offset: int) -> str:
+_TIED_OUTPUT = "output_layer.weight"
+_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def canonical_name(local_name: str, config, layer_offset: int, tied: bool = False) -> str:
+    """Name of the tensor in the single-process model. With tied embeddings a pipeline's last stage
+    holds a copy of the embedding as ``output_layer.weight`` (one process has no such parameter): it is
+    the embedding, so it is initialised, gathered and exported as one."""
+    if tied and local_name == _TIED_OUTPUT:
+        return _EMBEDDING
     name = _LAYER.sub(lambda m: f"decoder.layers.{int(m[1]) + layer_offset}.", local_name)
     if _is_expert(local_name):
         per_rank = config.num_moe_experts // parallel_state.get_expert_model_parallel_world_size()
@@ -55,6 +64,7 @@ def canonical_name(local_name: str, config, layer_offset: int) -> str:
 def shard_infos(model: torch.nn.Module, config) -> list[ShardInfo]:
     """Sharding of every parameter of this rank's (unwrapped) model chunk."""
     offset = get_transformer_layer_offset(config)
+    tied = bool(getattr(getattr(model, "module", model), "share_embeddings_and_output_weights", False))
     infos = []
     for name, param in model.named_parameters():
         if _is_expert(name):
@@ -69,7 +79,7 @@ def shard_infos(model: torch.nn.Module, config) -> list[ShardInfo]:
         if tp_dim is not None:
             shape[tp_dim] *= tp_size
         gated = bool(config.gated_linear_unit) and name.endswith(("linear_fc1.weight", "linear_fc1.bias"))
-        infos.append(ShardInfo(name, canonical_name(name, config, offset), tuple(shape), tp_dim,
+        infos.append(ShardInfo(name, canonical_name(name, config, offset, tied), tuple(shape), tp_dim,
                                tp_rank, tp_size, gated and tp_dim is not None))
     return infos
 

@@ -4,7 +4,8 @@ Built-in terms (``reward.terms[*].name``): ``accuracy`` (math answer equivalence
 ``format`` (the ``<think>``/``<answer>`` template), ``language`` (chain-of-thought language
 consistency), ``code`` (sandboxed test execution), ``countdown`` and ``overlong`` (DAPO length
 shaping). Add one with ``@register_reward("name")`` on a ``(RewardInput, RewardConfig) -> float``
-function at module level.
+function at module level. Model rewards (``reward.models``: an HF reward model, or a generative judge
+served by a rollout engine) are configured, not registered: see ``model_rewards``.
 """
 
 from r1mega.rewards import accuracy, code_exec, countdown, formatting, language, length  # noqa: F401 (register)
@@ -14,18 +15,23 @@ from r1mega.rewards.compute import RewardComputer, check_reward_config, score_sa
 from r1mega.rewards.countdown import check_countdown
 from r1mega.rewards.extract import chain_of_thought, final_answer, last_boxed, split_think, with_prefill
 from r1mega.rewards.formatting import format_checks, format_score
+from r1mega.rewards.judge import JudgeScorer, Verdict, judge_prompt, parse_verdict
 from r1mega.rewards.language import language_consistency
 from r1mega.rewards.length import overlong_penalty
+from r1mega.rewards.model_rewards import ModelRewards, scoped_text
 from r1mega.rewards.registry import RewardSpec, get_reward, register_reward, registered_rewards
 from r1mega.rewards.sample import RewardInput, RewardResult, reward_input_from_example
 from r1mega.rewards.sandbox import RunResult, isolation, run_python
 
 __all__ = [
+    "JudgeScorer",
+    "ModelRewards",
     "RewardComputer",
     "RewardInput",
     "RewardResult",
     "RewardSpec",
     "RunResult",
+    "Verdict",
     "chain_of_thought",
     "check_countdown",
     "check_reward_config",
@@ -35,15 +41,18 @@ __all__ = [
     "format_score",
     "get_reward",
     "isolation",
+    "judge_prompt",
     "language_consistency",
     "last_boxed",
     "math_equal",
     "overlong_penalty",
+    "parse_verdict",
     "register_reward",
     "registered_rewards",
     "reward_input_from_example",
     "run_python",
     "run_tests",
+    "scoped_text",
     "score_sample",
     "split_think",
     "summarize",

@@ -1,10 +1,12 @@
 """Combine weighted reward terms per sample, routed by ``data_source``, in a worker pool.
 
-``RewardComputer`` resolves ``reward.terms`` against the registry once, then scores batches: each
-sample gets the terms that apply to its data source (the term's ``data_sources`` if set, else the
-reward's registered default), total = sum(weight * value). A term that raises scores 0 and its error
-is kept in the result; a batch that outlives ``batch_timeout_s`` or kills a worker scores 0 for the
-unfinished samples and the pool is rebuilt. Rewards can therefore slow a step, never crash it.
+``RewardComputer`` resolves ``reward.terms`` against the registry (rule rewards) and ``reward.models``
+(reward models and judges, ``rewards.model_rewards``) once, then scores batches: each sample gets the
+terms that apply to its data source (the term's ``data_sources`` if set, else the reward's registered
+default; ``general`` for model rewards), total = sum(weight * value). Rule terms run per sample (in the
+pool); model terms run batched in this process over the samples routed to them. A term that raises
+scores 0 and its error is kept in the result; a batch that outlives ``batch_timeout_s`` or kills a
+worker scores 0 for the unfinished samples and the pool is rebuilt. Rewards can therefore slow a step, never crash it.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 from r1mega.config.errors import ConfigError
 from r1mega.config.schema import RewardConfig, RewardTermConfig
 from r1mega.rewards.formatting import ANSWER_FORMATS, FORMAT_MODES
 from r1mega.rewards.language import LANGUAGE_SCRIPTS
+from r1mega.rewards.model_rewards import DEFAULT_MODEL_SOURCES, ModelRewards, ModelTerm, check_model_rewards
 from r1mega.rewards.registry import RewardFn, get_reward, registered_rewards
 from r1mega.rewards.sample import RewardInput, RewardResult
 
@@ -79,13 +82,22 @@ def _resolve(term: RewardTermConfig) -> Term:
     return Term(term.name, float(term.weight), spec.fn, frozenset(sources) if sources is not None else None)
 
 
+def _resolve_model_term(term: RewardTermConfig, cfg: RewardConfig) -> ModelTerm:
+    model = next(m for m in cfg.models if m.name == term.name)
+    sources = term.data_sources or DEFAULT_MODEL_SOURCES
+    return ModelTerm(term.name, float(term.weight), frozenset(sources), model)
+
+
 def check_reward_config(cfg: RewardConfig) -> None:
     """Raise ``ConfigError`` listing every unknown term or bad setting of the reward section."""
     problems = []
     known = registered_rewards()
+    models = [m.name for m in cfg.models]
     for i, term in enumerate(cfg.terms):
-        if term.name not in known:
-            problems.append(f"reward.terms[{i}].name={term.name!r} is not a registered reward: use one of {known}")
+        if term.name not in known and term.name not in models:
+            problems.append(f"reward.terms[{i}].name={term.name!r} is not a registered reward or a reward.models "
+                            f"name: use one of {known + models}, or define it under reward.models")
+    problems += check_model_rewards(cfg.models, known)
     if cfg.format_mode not in FORMAT_MODES:
         problems.append(f"reward.format_mode={cfg.format_mode!r}: use one of {FORMAT_MODES}")
     if cfg.answer_format not in ANSWER_FORMATS:
@@ -107,12 +119,17 @@ class RewardComputer:
     Use as a context manager, or call ``close()``, to stop the workers.
     """
 
-    def __init__(self, cfg: RewardConfig, max_response_length: Optional[int] = None):
+    def __init__(self, cfg: RewardConfig, max_response_length: Optional[int] = None,
+                 engines: Optional[Mapping[str, Any]] = None):
+        """``engines``: rollout engines for judges, by model-reward name (others start from their path)."""
         check_reward_config(cfg)
         if cfg.overlong_max_length is None and max_response_length is not None:
             cfg = replace(cfg, overlong_max_length=max_response_length)
         self.cfg = cfg
-        self.terms = tuple(_resolve(t) for t in cfg.terms)
+        model_names = {m.name for m in cfg.models}
+        self.terms = tuple(_resolve(t) for t in cfg.terms if t.name not in model_names)
+        self.models = ModelRewards([_resolve_model_term(t, cfg) for t in cfg.terms if t.name in model_names],
+                                   engines)
         if any(t.name == "code" for t in self.terms):
             from r1mega.rewards.sandbox import isolation
 
@@ -122,18 +139,23 @@ class RewardComputer:
     # ----------------------------------------------------------------------------- routing
 
     def terms_for(self, data_source: str) -> list[str]:
-        return [t.name for t in self.terms if t.applies_to(data_source)]
+        return [t.name for t in (*self.terms, *self.models.terms) if t.applies_to(data_source)]
 
     # ----------------------------------------------------------------------------- scoring
 
     def score(self, sample: RewardInput) -> RewardResult:
-        return score_sample(sample, self.terms, self.cfg)
+        return self.compute([sample])[0]
 
     def compute(self, samples: Sequence[RewardInput]) -> list[RewardResult]:
         """One result per sample, in order."""
         samples = list(samples)
+        results = self._compute_rules(samples)
+        self.models.add_to(samples, results)
+        return results
+
+    def _compute_rules(self, samples: list[RewardInput]) -> list[RewardResult]:
         if self.cfg.num_workers <= 0 or len(samples) <= 1:
-            return [self.score(s) for s in samples]
+            return [score_sample(s, self.terms, self.cfg) for s in samples]
         pool = self._get_pool()
         n_chunks = min(len(samples), self.cfg.num_workers * 4)
         bounds = [round(i * len(samples) / n_chunks) for i in range(n_chunks + 1)]
@@ -181,6 +203,7 @@ class RewardComputer:
         pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
+        self.models.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -20,6 +20,7 @@ class RewardInput:
     tests: Optional[list[dict]] = None  # code: [{"input", "output"}] or [{"assert"}]
     meta: dict[str, Any] = field(default_factory=dict)  # task extras, e.g. countdown "numbers"
     response_length: Optional[int] = None  # tokens; needed by the overlong term
+    question: Optional[str] = None  # the user's request without chat template (model rewards; None = prompt)
 
 
 @dataclass
@@ -43,4 +44,10 @@ def reward_input_from_example(example: Any, response: str, prompt: str = "",
         tests=example.tests,
         meta=dict(example.meta),
         response_length=response_length,
+        question=_last_user_message(example),
     )
+
+
+def _last_user_message(example: Any) -> Optional[str]:
+    users = [m.get("content", "") for m in example.chat() if m.get("role") == "user"]
+    return users[-1] if users else None

@@ -24,29 +24,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from r1mega.config.presets import resolve_model
+from r1mega.config.presets import DENSE_PRESETS, resolve_model
 from r1mega.config.schema import ModelConfig
 
 VOCAB_PAD_MULTIPLE = 128  # r1mega.models.policy pads the vocabulary to a multiple of lcm(128, tp)
 
-# Dense reference architectures (there is no dense preset family yet): ModelConfig overrides on the
-# qwen3_moe preset with ``num_experts=0`` ("no MoE"). Published configs of Qwen3-8B and Llama-3-8B.
-DENSE_MODELS: dict[str, dict] = {
-    "qwen3_8b": dict(num_layers=36, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
-                     kv_channels=128, ffn_hidden_size=12288, vocab_size=151936, num_experts=0),
-    "llama3_8b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
-                      kv_channels=128, ffn_hidden_size=14336, vocab_size=128256, num_experts=0,
-                      qk_layernorm=False),
-    "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
-                 ffn_hidden_size=128, vocab_size=512, num_experts=0),
+# Dense reference architectures: every size of the dense preset families, named "<family>_<size>"
+# (qwen3_8b, llama3_8b, qwen2_7b, ...), plus "tiny" (the tiny Qwen3 dense). The presets are the one source.
+DENSE_MODELS: dict[str, tuple[str, str]] = {
+    **{f"{family}_{size}": (family, size) for family, sizes in DENSE_PRESETS.items() for size in sizes},
+    "tiny": ("qwen3", "tiny"),
 }
 
 
 def dense_model(size: str = "qwen3_8b", **overrides) -> ModelConfig:
-    """A dense ``ModelConfig`` (resolved) from ``DENSE_MODELS``."""
+    """A dense ``ModelConfig`` (resolved) from the dense presets, e.g. ``qwen3_8b`` or ``llama3_8b``."""
     if size not in DENSE_MODELS:
         raise ValueError(f"dense size {size!r} is unknown; choose one of {sorted(DENSE_MODELS)}")
-    return resolve_model(ModelConfig(preset="qwen3_moe", size="tiny", **{**DENSE_MODELS[size], **overrides}))
+    preset, preset_size = DENSE_MODELS[size]
+    return resolve_model(ModelConfig(preset=preset, size=preset_size, **overrides))
 
 
 def is_moe(model: ModelConfig) -> bool:
