@@ -14,7 +14,8 @@ counts any preset's FLOPs with a dense MLP in every layer.
 Without ``--flops-only`` it times ``--steps`` real training steps (after ``--warmup``) of the model
 with r1mega's stack (``build_training_model`` + ``lm_train_step``: megatron DDP, distributed
 optimizer, one process) and reports tokens/s, achieved TFLOP/s (model FLOPs) and MFU against a peak:
-on CUDA the H100 SXM dense peak (BF16 989, FP8 1979, FP32 via TF32 494.5 TFLOP/s); on CPU a float32
+on CUDA the H100 SXM dense peak (BF16 989, FP8 1979, FP32 via TF32 494.5 TFLOP/s) and a bf16 matmul
+peak measured in the same run (8192^3, best of 10); on CPU a float32
 matmul peak measured in the same run (``--peak-matmul N``: N x N x N, best of 5). It prints which
 expert implementation ran; ``--experts grouped`` uses ``model.moe_grouped_experts``, and
 ``--experts-compare`` times SequentialMLP and the grouped experts one after the other in this run.
@@ -85,6 +86,26 @@ def measure_cpu_matmul_peak(n: int) -> float:
     return 2 * n**3 / best
 
 
+def measure_cuda_matmul_peak(n: int = 8192) -> float:
+    """Best bf16 matmul rate (FLOP/s) of ``n^3`` on this GPU, 10 tries (after a warm-up)."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        torch.mm(a, b)
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mm(a, b)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / best
+
+
 def time_training(model: ModelConfig, args) -> dict:
     """Seconds per step of ``args.steps`` training steps on one process (after warm-up)."""
     import torch
@@ -120,8 +141,10 @@ def bench(args) -> int:
     b = flops_breakdown(model, args.seq_len)
     fpt = b.model_flops_per_token
     on_cuda = torch.cuda.is_available()
+    measured_peak = None
     if on_cuda:
         peak, peak_src = CUDA_PEAK_TFLOPS[model.precision] * 1e12, f"H100 SXM dense {model.precision}"
+        measured_peak = measure_cuda_matmul_peak()
     else:
         peak = measure_cpu_matmul_peak(args.peak_matmul)
         peak_src = f"float32 matmul {args.peak_matmul}^3 measured here"
@@ -136,11 +159,16 @@ def bench(args) -> int:
         r = time_training(m, args)
         tok_s = args.batch * args.seq_len / r["seconds_per_step"]
         rows.append(dict(r, tokens_per_s=tok_s, tflops=tok_s * fpt / 1e12, mfu=tok_s * fpt / peak))
+        if measured_peak:
+            rows[-1]["mfu_vs_measured_bf16_matmul"] = tok_s * fpt / measured_peak
     shutdown()
     print(f"model {model.preset}/{model.size} ({'dense' if not model.num_experts else 'MoE'}) "
           f"h={model.hidden_size} layers={model.num_layers} experts={model.num_experts} seq={args.seq_len} "
           f"batch={args.batch} precision={model.precision}; flops_per_token={fpt:.6e}")
     print(f"peak {peak / 1e12:.3f} TFLOP/s ({peak_src})")
+    if measured_peak:
+        print(f"measured bf16 matmul peak on {torch.cuda.get_device_name()}: {measured_peak / 1e12:.1f} TFLOP/s "
+              "(8192^3); MFU vs it: " + ", ".join(f"{100 * r['mfu_vs_measured_bf16_matmul']:.2f}%" for r in rows))
     print(f"{'experts':<52}{'s/step':>9}{'tokens/s':>11}{'TFLOP/s':>10}{'MFU':>8}")
     for r in rows:
         print(f"{r['expert_path']:<52}{r['seconds_per_step']:>9.4f}{r['tokens_per_s']:>11.1f}"

@@ -50,6 +50,11 @@ def launch_env() -> LaunchEnv:
     return LaunchEnv(rank, world, local, addr, port)
 
 
+def compute_device() -> torch.device:
+    """Where this rank's model and batches live: its CUDA device (set by ``init_process_group``), else CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def init_process_group(env: LaunchEnv | None = None, timeout_minutes: int = 10) -> LaunchEnv:
     """Join the default process group (idempotent)."""
     env = env or launch_env()

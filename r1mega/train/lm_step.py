@@ -13,6 +13,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from r1mega.platform.distributed import compute_device
 from r1mega.train.model_setup import TrainingModel
 
 from megatron.core import parallel_state  # noqa: E402
@@ -35,9 +36,11 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def _forward_step(data_iterator, model):
     batch, loss_mask = next(data_iterator)
+    device = compute_device()
+    batch, loss_mask = batch.to(device, non_blocking=True), loss_mask.to(device, non_blocking=True)
     tokens = batch[:, :-1].contiguous()
     labels = batch[:, 1:].contiguous()
-    positions = torch.arange(tokens.size(1)).unsqueeze(0).expand_as(tokens)
+    positions = torch.arange(tokens.size(1), device=device).unsqueeze(0).expand_as(tokens)
     output = model(tokens, positions, None, labels=labels)
     return output, partial(_loss_func, loss_mask.float())
 
@@ -90,11 +93,12 @@ def lm_train_step(tm: TrainingModel, tokens: torch.Tensor, micro_batch_size: int
 
 def _global_mean_loss(losses: list[dict]) -> float:
     """Average over micro-batches (last stage) and DP ranks, then share with every rank."""
-    value = torch.zeros(2, dtype=torch.float64)
+    value = torch.zeros(2, dtype=torch.float64, device=compute_device())  # NCCL reduces device tensors
     if parallel_state.is_pipeline_last_stage() and losses:
         value[0] = sum(float(d["lm loss"]) for d in losses)
         value[1] = len(losses)
     if dist.is_initialized():
         # Sum over the whole world counts each last-stage value tp times per DP replica; ratios cancel.
         dist.all_reduce(value)
+    value = value.cpu()
     return float(value[0] / value[1]) if value[1] else math.nan
