@@ -99,7 +99,8 @@ __global__ void fp8_quantize_kernel(const float* __restrict__ x, int64_t R, int6
   float amax = 0.0f;
   for (int64_t k = threadIdx.x; k < n; k += blockDim.x) amax = fmaxf(amax, fabsf(x[(r0 + k / w) * C + c0 + k % w]));
   amax = block_reduce<float>(amax, true);
-  const float s = fmaxf(amax, 1e-12f) / 448.0f;
+  // times the reciprocal, as torch's CUDA division by a scalar does, so scales match it bit for bit
+  const float s = fmaxf(amax, 1e-12f) * (1.0f / 448.0f);
   if (threadIdx.x == 0) scale_inv[b] = s;
   for (int64_t k = threadIdx.x; k < n; k += blockDim.x) {
     const int64_t idx = (r0 + k / w) * C + c0 + k % w;

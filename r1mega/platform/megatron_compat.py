@@ -119,3 +119,22 @@ def _patch_megatron_bugs() -> None:
 
     if not os.environ.get("R1MEGA_SKIP_MLA_FIX"):  # only to demonstrate the bug in tests
         mla_fix.install()
+
+
+def local_expert_spec() -> tuple[type, object]:
+    """``(SequentialMLP class, MLPSubmodules)`` of megatron's local spec, on every supported version.
+
+    0.16 returns the pair from ``LocalSpecProvider.grouped_mlp_modules(grouped_gemm, fp8)``; 0.19
+    takes one argument and returns ``functools.partial(SequentialMLP, submodules=...)``.
+    """
+    import functools
+    import inspect
+
+    from megatron.core.models.backends import LocalSpecProvider
+
+    provider = LocalSpecProvider()
+    n_args = len(inspect.signature(provider.grouped_mlp_modules).parameters)
+    built = provider.grouped_mlp_modules(*([False] * n_args))
+    if isinstance(built, functools.partial):
+        return built.func, built.keywords["submodules"]
+    return built
