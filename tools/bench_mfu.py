@@ -129,6 +129,16 @@ def time_training(model: ModelConfig, args) -> dict:
         result = lm_train_step(tm, tokens, args.batch)
     sync()
     seconds = (time.perf_counter() - t0) / args.steps
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=acts) as prof:
+            lm_train_step(tm, tokens, args.batch)
+            sync()
+        key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        print(f"--- profile of one step ({path}), top {args.profile} ops by {key}")
+        print(prof.key_averages().table(sort_by=key, row_limit=args.profile, max_name_column_width=60))
     return {"expert_path": path, "seconds_per_step": seconds, "loss": result.loss}
 
 
@@ -197,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts-compare", action="store_true", help="time both expert paths in this run")
     p.add_argument("--peak-matmul", type=int, default=2048, help="CPU peak: N of the timed N^3 matmul")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile one step and print the top N ops (torch.profiler)")
     return p
 
 
