@@ -10,6 +10,7 @@ from r1mega.config.presets import PRESETS, resolve_model
 from r1mega.config.schema import (
     CheckpointConfig,
     DataConfig,
+    EvalConfig,
     LoggingConfig,
     ModelConfig,
     OptimizerConfig,
@@ -27,6 +28,7 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "EvalConfig",
     "LoggingConfig",
     "ModelConfig",
     "OptimizerConfig",

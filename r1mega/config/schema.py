@@ -200,6 +200,19 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation (``r1mega eval`` and eval steps in training), as DeepSeek-R1 reports it: pass@1 is
+    the mean accuracy over ``k`` temperature samples per problem; cons@k votes over the same samples."""
+
+    k: int = 4  # samples per problem (R1: 64 for AIME, 4-16 elsewhere)
+    max_prompts: int = 0  # evaluate the first N problems of the set; 0 = all
+    temperature: Optional[float] = None  # None = rollout.temperature (R1 evaluates at 0.6)
+    top_p: Optional[float] = None  # None = rollout.top_p (R1: 0.95)
+    max_new_tokens: Optional[int] = None  # None = rollout.max_new_tokens
+    seed: int = 12345  # sampling seed: the same model gives the same report
+
+
+@dataclass
 class RLConfig:
     """GRPO-family learner knobs (``r1mega.rl``): advantages, policy loss, KL, aggregation, mismatch."""
 
@@ -239,3 +252,4 @@ class R1Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

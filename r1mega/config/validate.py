@@ -460,7 +460,20 @@ def _check_misc(cfg: R1Config) -> Problems:
     out += _at_least("reward.num_workers", cfg.reward.num_workers, 0)
     out += _at_least("checkpoint.save_interval", cfg.checkpoint.save_interval, 0,
                      "set 0 to disable periodic saves")
-    return out + _check_rl(cfg.rl)
+    return out + _check_rl(cfg.rl) + _check_eval(cfg.eval)
+
+
+def _check_eval(e) -> Problems:
+    out = _at_least("eval.k", e.k, 1, "pass@1 needs at least one sample per problem")
+    out += _at_least("eval.max_prompts", e.max_prompts, 0, "set 0 to evaluate the whole set")
+    if e.temperature is not None and not e.temperature > 0:
+        out.append(f"eval.temperature={e.temperature} must be > 0 (R1 samples at 0.6), or null for "
+                   f"rollout.temperature")
+    if e.top_p is not None and not 0 < e.top_p <= 1:
+        out.append(f"eval.top_p={e.top_p} must be in (0, 1], or null for rollout.top_p")
+    if e.max_new_tokens is not None:
+        out += _at_least("eval.max_new_tokens", e.max_new_tokens, 1)
+    return out
 
 
 def _check_rl(rl) -> Problems:

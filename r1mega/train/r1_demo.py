@@ -4,7 +4,7 @@ Task: synthetic multi-digit addition in the R1 chat format. A byte-level BPE tok
 apart, R1 tags as single tokens) is trained offline on the demonstrations. The rollout engine is a
 vLLM(-CPU) child process on rank 0, started from the bridge's HF export of the initial weights and
 refit after every optimizer step. ``eval/pass@1`` = mean accuracy over ``k`` temperature samples
-per held-out prompt.
+per held-out prompt (``r1mega.train.evaluate``, which also gives cons@k).
 """
 
 from __future__ import annotations
@@ -57,26 +57,12 @@ def make_prompts(examples, tokenizer):
             for e in examples]
 
 
-def pass_at_1(engine, rewarder, prompts, k: int, cfg: R1Config, tokenizer, seed: int) -> dict:
-    """Collective: rank 0 samples ``k`` responses per prompt; accuracy / format means on every rank."""
-    from r1mega.platform.distributed import broadcast_from_rank0
-    from r1mega.rollout import SamplingSpec
+def eval_problems(examples, tokenizer):
+    """Held-out problems rendered as the demo trains on them (R1 chat prompt, ``<think>`` prefilled)."""
+    from r1mega.train.evaluate import EvalProblem
+    from r1mega.train.sft import render
 
-    out = None
-    if engine is not None:
-        from r1mega.rewards import RewardInput
-
-        sampling = SamplingSpec.from_config(cfg.rollout, seed=seed, stop_token_ids=[tokenizer.eos_id])
-        gens = [g for row in engine.generate([p.ids for p in prompts], k, sampling) for g in row]
-        samples = [RewardInput(tokenizer.decode([t for t in g.token_ids if t != tokenizer.eos_id]),
-                               prompts[g.prompt_index].answer, prompts[g.prompt_index].data_source,
-                               prompts[g.prompt_index].text) for g in gens]
-        results = rewarder.compute(samples)
-        acc = [r.terms.get("accuracy", 0.0) for r in results]
-        fmt = [r.terms.get("format", 0.0) for r in results]
-        out = {"eval/pass@1": sum(acc) / len(acc), "eval/format": sum(fmt) / len(fmt),
-               "eval/response_len": sum(len(g.token_ids) for g in gens) / len(gens)}
-    return broadcast_from_rank0(out)
+    return [EvalProblem(e, render(e.prompt), tokenizer.encode(render(e.prompt), add_bos=True)) for e in examples]
 
 
 def set_lr(tm, lr: float) -> None:
@@ -140,11 +126,15 @@ def run_r1_demo(cfg: R1Config, sft_steps: int = 150, sft_lr: float = 2e-3, eval_
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    eval_set = make_prompts(held_out[:eval_prompts], tokenizer)
+    from r1mega.train.evaluate import eval_sampling, evaluate_collective, judge_config
+
+    eval_set = eval_problems(held_out[:eval_prompts], tokenizer)
     k = eval_k
+    judge = RewardComputer(judge_config(cfg.reward, ["arithmetic"])) if env.rank == 0 else None
+    sampling = eval_sampling(cfg, tokenizer, seed=12345)
 
     def evaluate(tag: str, step: int = 0) -> dict:
-        r = pass_at_1(engine, rewarder, eval_set, k, cfg, tokenizer, seed=12345)
+        r = evaluate_collective(engine, judge, eval_set, k, sampling, tokenizer, cfg.reward.math_timeout_s)
         log_record({"stage": "eval", "step": step, "when": tag, **r})
         if env.rank == 0:
             log.info("eval (%s): pass@1 %.3f format %.3f", tag, r["eval/pass@1"], r["eval/format"])
@@ -195,6 +185,8 @@ def run_r1_demo(cfg: R1Config, sft_steps: int = 150, sft_lr: float = 2e-3, eval_
             engine.close()
         if rewarder is not None:
             rewarder.close()
+        if judge is not None:
+            judge.close()
     shutdown()
     return summary
 
