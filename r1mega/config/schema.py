@@ -194,9 +194,11 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    """Metric sinks besides ``metrics.jsonl`` (``r1mega.train.metrics``)."""
+
     level: str = "INFO"
-    tensorboard: bool = False
-    wandb_project: Optional[str] = None
+    tensorboard: Optional[bool] = None  # null: on when the tensorboard package is installed; true: required
+    wandb_project: Optional[str] = None  # set: log to this W&B project (wandb must be installed)
 
 
 @dataclass

@@ -99,13 +99,11 @@ def run_r1_demo(cfg: R1Config, sft_steps: int = 150, sft_lr: float = 2e-3, eval_
 
     t_start = time.monotonic()
     out = Path(cfg.trainer.output_dir)
-    metrics_path = out / "metrics.jsonl"
     steps = dict(sft=sft_steps, grpo=cfg.trainer.steps)
     train, held_out = task_splits("addition", 4000, seed=cfg.data.seed, eval_fraction=0.1, digits=digits)
     tok_dir = out / "tokenizer"
     if env.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("")
         build_tokenizer(tok_dir, train, cfg.model.vocab_size)
     dist.barrier()
     tokenizer = HFTokenizer(tok_dir)
@@ -121,11 +119,10 @@ def run_r1_demo(cfg: R1Config, sft_steps: int = 150, sft_lr: float = 2e-3, eval_
                               env={"VLLM_CACHE_ROOT": str(out / "vllm-cache"), "OMP_NUM_THREADS": "1"})
         rewarder = RewardComputer(cfg.reward, cfg.rollout.max_new_tokens)
 
-    def log_record(record: dict) -> None:
-        if env.rank == 0:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+    from r1mega.train.metrics import MetricsLogger, run_summary
 
+    metrics = MetricsLogger(out, cfg.logging, rank=env.rank, log_interval=cfg.trainer.log_interval,
+                            run_config={"sft_steps": sft_steps, "sft_lr": sft_lr, "eval_k": eval_k})
     from r1mega.train.evaluate import eval_sampling, evaluate_collective, judge_config
 
     eval_set = eval_problems(held_out[:eval_prompts], tokenizer)
@@ -135,7 +132,9 @@ def run_r1_demo(cfg: R1Config, sft_steps: int = 150, sft_lr: float = 2e-3, eval_
 
     def evaluate(tag: str, step: int = 0) -> dict:
         r = evaluate_collective(engine, judge, eval_set, k, sampling, tokenizer, cfg.reward.math_timeout_s)
-        log_record({"stage": "eval", "step": step, "when": tag, **r})
+        # an eval inside GRPO step `step` runs after that step's update: same global step as its record
+        metrics.log({"stage": "eval", "step": step, "when": tag, **r,
+                     "global_step": metrics.global_step + (tag == "grpo")})
         if env.rank == 0:
             log.info("eval (%s): pass@1 %.3f format %.3f", tag, r["eval/pass@1"], r["eval/format"])
         return r
@@ -144,6 +143,7 @@ def run_r1_demo(cfg: R1Config, sft_steps: int = 150, sft_lr: float = 2e-3, eval_
 
     summary: dict = {"world_size": env.world_size}
     try:
+        metrics.start_stage("cold_start_sft", steps["sft"])
         before = evaluate("before_sft")
         rows = build_rows(train, tokenizer, cfg.model.seq_length, multiple=cfg.parallel.tp)
         eval_rows = build_rows(held_out[:64], tokenizer, cfg.model.seq_length, multiple=cfg.parallel.tp)
@@ -152,35 +152,34 @@ def run_r1_demo(cfg: R1Config, sft_steps: int = 150, sft_lr: float = 2e-3, eval_
         t0 = time.monotonic()
         set_lr(tm, sft_lr)
         run_sft(tm, rows, steps=steps["sft"], global_batch_size=cfg.trainer.global_batch_size, micro_batch_size=mbs,
-                valid_vocab=cfg.model.vocab_size, seed=cfg.data.seed, on_step=log_record)
+                valid_vocab=cfg.model.vocab_size, seed=cfg.data.seed, on_step=metrics.log)
         sft_loss_after = eval_loss(tm, eval_rows, mbs, cfg.model.vocab_size)
         refit(engine, tm, cfg.model, int(cfg.rollout.refit_bucket_mb * 2**20))
         t_sft = time.monotonic() - t0
         after_sft = evaluate("after_sft", 0)
         set_lr(tm, cfg.optimizer.lr)
+        metrics.start_stage("grpo", steps["grpo"])
         t0 = time.monotonic()
         prompts_per_step = max(1, cfg.trainer.global_batch_size // cfg.rollout.n)
-        result = run_grpo(cfg, tm, engine, tokenizer, make_prompts(train, tokenizer), steps=steps["grpo"],
-                          prompts_per_step=prompts_per_step, out_dir=out, rewarder=rewarder,
-                          evaluate=lambda step: evaluate("grpo", step))
+        run_grpo(cfg, tm, engine, tokenizer, make_prompts(train, tokenizer), steps=steps["grpo"],
+                 prompts_per_step=prompts_per_step, out_dir=out, rewarder=rewarder,
+                 evaluate=lambda step: evaluate("grpo", step), metrics=metrics)
         t_grpo = time.monotonic() - t0
         after_grpo = evaluate("after_grpo", steps["grpo"])
-        hist = result["history"]
-        fifth = max(1, len(hist) // 5)
+        summary.update(run_summary(metrics.records, time.monotonic() - t_start))
         summary.update({
             "eval/pass@1_before_sft": before["eval/pass@1"], "eval/pass@1_after_sft": after_sft["eval/pass@1"],
             "eval/pass@1_after_grpo": after_grpo["eval/pass@1"],
             "eval/format_after_sft": after_sft["eval/format"], "eval/format_after_grpo": after_grpo["eval/format"],
             "sft/eval_loss_before": sft_loss_before, "sft/eval_loss_after": sft_loss_after,
-            "grpo/reward_first_20pct": sum(h["reward/mean"] for h in hist[:fifth]) / fifth if hist else 0.0,
-            "grpo/reward_last_20pct": sum(h["reward/mean"] for h in hist[-fifth:]) / fifth if hist else 0.0,
             "sft_steps": steps["sft"], "grpo_steps": steps["grpo"], "eval_k": k, "eval_prompts": len(eval_set),
             "time/sft": t_sft, "time/grpo": t_grpo, "seconds": time.monotonic() - t_start,
         })
-        if env.rank == 0:
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
-            plot(metrics_path, out / "curves.png")
+        summary.setdefault("grpo/reward_first_20pct", 0.0)
+        summary.setdefault("grpo/reward_last_20pct", 0.0)
+        summary = metrics.finish(summary)
     finally:
+        metrics.close()
         if engine is not None:
             engine.close()
         if rewarder is not None:
@@ -190,24 +189,3 @@ def run_r1_demo(cfg: R1Config, sft_steps: int = 150, sft_lr: float = 2e-3, eval_
     shutdown()
     return summary
 
-
-def plot(metrics_path: Path, png: Path) -> None:
-    """Reward and eval curves (skipped without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-    grpo = [r for r in rows if r["stage"] == "grpo"]
-    evals = [r for r in rows if r["stage"] == "eval" and r["when"] != "before_sft"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in grpo], [r["reward/mean"] for r in grpo], label="train reward (mean)")
-    ax.plot([r["step"] for r in evals], [r["eval/pass@1"] for r in evals], "o-", label="eval pass@1")
-    ax.set_xlabel("GRPO step")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
