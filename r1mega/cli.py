@@ -90,6 +90,31 @@ def cmd_lm_demo(args, rest: list[str]) -> int:
     return 0
 
 
+def cmd_train(args, rest: list[str]) -> int:
+    """Run the recipe's stages in order (``r1mega.train.recipe``); ``sft`` runs one SFT stage."""
+    if args.nproc > 1 and not _launched():
+        return _relaunch(args.nproc, [args.command, "--config", str(args.config), *args.overrides], args.timeout)
+    cfg = load_config(args.config, args.overrides, world_size=_world_size())
+    from r1mega.config import StageConfig
+    from r1mega.data.jsonl import DataError
+    from r1mega.train.recipe import run_recipe
+
+    only = [StageConfig(name="sft", kind="sft")] if args.command == "sft" else None
+    try:
+        s = run_recipe(cfg, only)
+    except DataError as e:
+        print(f"r1mega {args.command}: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", 0)) == 0:
+        evals = ""
+        if "eval/pass@1_first" in s:
+            evals = f"; eval pass@1 {s['eval/pass@1_first']:.3f} -> {s['eval/pass@1_last']:.3f}"
+        print(f"{args.command}: stages {', '.join(f'{k} ({v} steps)' for k, v in s['steps'].items()) or '-'} in "
+              f"{s['seconds']:.1f}s{evals}; final checkpoint {s['final_checkpoint']}; summary in "
+              f"{cfg.trainer.output_dir}/summary.json, curves in {s.get('plot')}")
+    return 0
+
+
 def cmd_eval(args, rest: list[str]) -> int:
     """pass@1 (mean over k samples), cons@k, format rate and response length -> a JSON report."""
     if args.nproc > 1 and not _launched():
@@ -172,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=50 parallel.tp=2")
     demo.set_defaults(func=cmd_demo)
     lm_demo.set_defaults(func=cmd_lm_demo)
+
+    train = sub.add_parser("train", help="run a recipe's stages in order (sft / grpo / rejection_sampling)")
+    sft = sub.add_parser("sft", help="one SFT stage on data.train_path for trainer.steps (ignores `stages`)")
+    for p in (train, sft):
+        p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/r1_tiny_cpu.yaml")
+        p.add_argument("--nproc", type=int, default=1, help="local processes (torchrun --standalone)")
+        p.add_argument("--timeout", type=float, default=86400.0, help="seconds before a multi-process run is stopped")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=50 parallel.ep=2")
+        p.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="pass@1 over k samples, cons@k, format, response length on a JSONL set")
     ev.add_argument("--config", required=True, help="recipe YAML (model, rollout sampling, eval section)")

@@ -98,3 +98,16 @@ def test_requested_sinks_that_cannot_work_fail_with_the_fix(tmp_path, monkeypatc
     monkeypatch.setattr(metrics_mod, "_wandb", missing)
     with pytest.raises(SinkError, match="pip install wandb"):
         MetricsLogger(tmp_path, LoggingConfig(tensorboard=False, wandb_project="r1"), progress=False)
+
+
+def test_append_keeps_earlier_records_for_the_summary(tmp_path):
+    first = MetricsLogger(tmp_path, LoggingConfig(tensorboard=False), progress=False)
+    _run(first)
+    first.close()
+    again = MetricsLogger(tmp_path, LoggingConfig(tensorboard=False), progress=False, append=True)
+    assert again.global_step == 13 and len(again.records) == 15
+    again.start_stage("more_rl", 1)
+    again.log({"stage": "grpo", "step": 1, "reward/mean": 2.0})
+    again.close()
+    assert run_summary(again.records, 1.0)["steps"] == {"cold_start_sft": 3, "reasoning_rl": 10, "more_rl": 1}
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["global_step"] == 14

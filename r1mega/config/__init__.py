@@ -5,7 +5,7 @@ group or accelerator is touched.
 """
 
 from r1mega.config.errors import ConfigError
-from r1mega.config.loader import config_to_yaml, load_config, save_config
+from r1mega.config.loader import config_to_yaml, load_config, save_config, stage_config
 from r1mega.config.presets import PRESETS, resolve_model
 from r1mega.config.schema import (
     CheckpointConfig,
@@ -20,9 +20,10 @@ from r1mega.config.schema import (
     RewardTermConfig,
     RLConfig,
     RolloutConfig,
+    StageConfig,
     TrainerConfig,
 )
-from r1mega.config.validate import derived_dp, effective_sequence_parallel, validate_config
+from r1mega.config.validate import check_stage_list, derived_dp, effective_sequence_parallel, validate_config
 
 __all__ = [
     "CheckpointConfig",
@@ -39,12 +40,15 @@ __all__ = [
     "RewardTermConfig",
     "RLConfig",
     "RolloutConfig",
+    "StageConfig",
     "TrainerConfig",
     "config_to_yaml",
+    "check_stage_list",
     "derived_dp",
     "effective_sequence_parallel",
     "load_config",
     "resolve_model",
     "save_config",
+    "stage_config",
     "validate_config",
 ]

@@ -241,6 +241,29 @@ class RLConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a multi-stage recipe (``stages:``, run in order by ``r1mega train``).
+
+    Every stage starts from the previous stage's final checkpoint (the first from
+    ``checkpoint.load_dir``, else a fresh init) with a fresh optimizer and LR schedule, as DeepSeek-R1 does.
+    """
+
+    name: str = ""  # unique; names the stage's checkpoint and output directories
+    kind: str = "grpo"  # sft | grpo | rejection_sampling
+    steps: Optional[int] = None  # optimizer steps; None = trainer.steps (rejection_sampling: unused)
+    # JSONL path or synthetic:<task>[:<digits>]. None: data.train_path; an sft stage after a
+    # rejection_sampling stage defaults to that stage's output.
+    data: Optional[str] = None
+    lr: Optional[float] = None  # None = optimizer.lr
+    overrides: list[str] = field(default_factory=list)  # this stage only, e.g. ["rollout.n=16", "rl.kl_coef=0.001"]
+    # --- rejection_sampling ---
+    samples_per_prompt: int = 4  # generations per prompt
+    max_per_prompt: int = 1  # kept per prompt (correct, well formatted, unique)
+    max_prompts: int = 0  # prompts to sample from the data; 0 = all
+    min_language: float = 0.95  # chain-of-thought language consistency to keep (0 = off)
+
+
+@dataclass
 class R1Config:
     """The whole run. ``load_config`` returns one of these, validated."""
 
@@ -255,3 +278,4 @@ class R1Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    stages: list[StageConfig] = field(default_factory=list)

@@ -74,7 +74,12 @@ class MetricsLogger:
         if not self.active:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if not append or not self.path.exists():
+        if append and self.path.exists():  # a resumed run: summary and plot cover the earlier records too
+            from r1mega.train.plots import read_records
+
+            self.records = read_records(self.path)
+            self.global_step = max((r.get("global_step", 0) for r in self.records), default=0)
+        else:
             self.path.write_text("")
         tb = getattr(logging_cfg, "tensorboard", None)
         wandb_project = getattr(logging_cfg, "wandb_project", None)
@@ -166,16 +171,18 @@ class MetricsLogger:
             advance = 1 if record.get("stage") in TRAIN_STAGES else 0
             self._progress.update(self._task, advance=advance, live=live)
             return
-        step = record.get("step", 0)
-        if record.get("stage") in TRAIN_STAGES and step % self.log_interval and step != self._stage_total:
+        step, train = record.get("step", 0), record.get("stage") in TRAIN_STAGES
+        if train and step % self.log_interval and step != self._stage_total:
             return
-        elapsed = time.monotonic() - self._stage_t0
         eta = ""
-        if record.get("stage") in TRAIN_STAGES and self._stage_done and self._stage_total:
+        if train and self._stage_done and self._stage_total:
+            elapsed = time.monotonic() - self._stage_t0
             left = elapsed / self._stage_done * (self._stage_total - self._stage_done)
             eta = f" ({elapsed / self._stage_done:.2f}s/step, ETA {left:.0f}s)"
         total = f"/{self._stage_total}" if self._stage_total else ""
-        log.info("%s %s step %s%s %s%s", self.stage_name or "-", record.get("stage", ""), step, total, live, eta)
+        extra = " ".join(f"{k} {record[k]}" for k in ("when", "kind", "from", "checkpoint", "kept") if k in record)
+        log.info("%s %s step %s%s %s%s", self.stage_name or "-", record.get("stage", ""), step, total,
+                 " ".join(x for x in (_fmt(record), extra) if x), eta)
 
     # ------------------------------------------------------------------ end of run
 
