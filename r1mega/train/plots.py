@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 PANELS = (("reward/mean", "train reward (mean)"), ("eval/pass@1", "eval pass@1"),
-          ("response_len/mean", "response length (tokens)"), ("kl", "KL to reference"))
+          ("response_len/mean", "response length (tokens)"), ("kl", "KL to reference (0 when rl.kl_coef=0)"))
 SIZE_IN, DPI = (10, 7), 100
 
 
