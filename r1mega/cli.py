@@ -90,6 +90,64 @@ def cmd_lm_demo(args, rest: list[str]) -> int:
     return 0
 
 
+def cmd_train(args, rest: list[str]) -> int:
+    """Run the recipe's stages in order (``r1mega.train.recipe``); ``sft`` runs one SFT stage."""
+    if args.nproc > 1 and not _launched():
+        return _relaunch(args.nproc, [args.command, "--config", str(args.config), *args.overrides], args.timeout)
+    cfg = load_config(args.config, args.overrides, world_size=_world_size())
+    from r1mega.config import StageConfig
+    from r1mega.data.jsonl import DataError
+    from r1mega.train.recipe import run_recipe
+
+    only = [StageConfig(name="sft", kind="sft")] if args.command == "sft" else None
+    try:
+        s = run_recipe(cfg, only)
+    except DataError as e:
+        print(f"r1mega {args.command}: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", 0)) == 0:
+        evals = ""
+        if "eval/pass@1_first" in s:
+            evals = f"; eval pass@1 {s['eval/pass@1_first']:.3f} -> {s['eval/pass@1_last']:.3f}"
+        print(f"{args.command}: stages {', '.join(f'{k} ({v} steps)' for k, v in s['steps'].items()) or '-'} in "
+              f"{s['seconds']:.1f}s{evals}; final checkpoint {s['final_checkpoint']}; summary in "
+              f"{cfg.trainer.output_dir}/summary.json, curves in {s.get('plot')}")
+    return 0
+
+
+def cmd_eval(args, rest: list[str]) -> int:
+    """pass@1 (mean over k samples), cons@k, format rate and response length -> a JSON report."""
+    if args.nproc > 1 and not _launched():
+        argv = ["eval", "--config", str(args.config), *_flags(args, ("data", "k", "checkpoint", "hf", "out")),
+                *args.overrides]
+        return _relaunch(args.nproc, argv, args.timeout)
+    cfg = load_config(args.config, args.overrides, world_size=_world_size())
+    from r1mega.data.jsonl import DataError
+    from r1mega.train.eval_run import EvalRequest, run_eval
+
+    try:
+        report = run_eval(cfg, EvalRequest(args.data, args.k, args.checkpoint, args.hf, args.out))
+    except DataError as e:
+        print(f"r1mega eval: {e}", file=sys.stderr)
+        return 2
+    if report is not None:
+        cons = f", cons@{report['k']} {report['eval/cons@k']:.3f}" if "eval/cons@k" in report else ""
+        print(f"eval: {report['problems']} problems x {report['k']} samples: pass@1 {report['eval/pass@1']:.3f}"
+              f"{cons}, format {report['eval/format']:.3f}, response length {report['eval/response_len']:.1f} "
+              f"tokens; report in {report['report']}")
+    return 0
+
+
+def _flags(args, names: tuple[str, ...]) -> list[str]:
+    """``--name value`` for each option that was given (to re-launch a command under torchrun)."""
+    out: list[str] = []
+    for name in names:
+        value = getattr(args, name)
+        if value is not None:
+            out += [f"--{name}", str(value)]
+    return out
+
+
 def cmd_check_parallel(args, rest: list[str]) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     from check_parallel import main as check_main
@@ -139,6 +197,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=50 parallel.tp=2")
     demo.set_defaults(func=cmd_demo)
     lm_demo.set_defaults(func=cmd_lm_demo)
+
+    train = sub.add_parser("train", help="run a recipe's stages in order (sft / grpo / rejection_sampling)")
+    sft = sub.add_parser("sft", help="one SFT stage on data.train_path for trainer.steps (ignores `stages`)")
+    for p in (train, sft):
+        p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/r1_tiny_cpu.yaml")
+        p.add_argument("--nproc", type=int, default=1, help="local processes (torchrun --standalone)")
+        p.add_argument("--timeout", type=float, default=86400.0, help="seconds before a multi-process run is stopped")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=50 parallel.ep=2")
+        p.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="pass@1 over k samples, cons@k, format, response length on a JSONL set")
+    ev.add_argument("--config", required=True, help="recipe YAML (model, rollout sampling, eval section)")
+    ev.add_argument("--data", default=None, help="JSONL with prompt/messages + answer (or synthetic:<task>); "
+                                                 "default data.eval_path")
+    ev.add_argument("--k", type=int, default=None, help="samples per problem (default eval.k)")
+    model = ev.add_mutually_exclusive_group()
+    model.add_argument("--checkpoint", default=None, help="r1mega checkpoint root or step_* dir "
+                                                          "(default checkpoint.load_dir)")
+    model.add_argument("--hf", default=None, help="Hugging Face model directory (config.json + safetensors)")
+    ev.add_argument("--out", default=None, help="report path (default <trainer.output_dir>/eval.json)")
+    ev.add_argument("--nproc", type=int, default=1, help="local processes for loading a checkpoint's layout")
+    ev.add_argument("--timeout", type=float, default=1800.0, help="seconds before a multi-process run is stopped")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.k=8 eval.temperature=0.6")
+    ev.set_defaults(func=cmd_eval)
 
     check = sub.add_parser("check-parallel", help="parallel-layout parity check (see tools/check_parallel.py)",
                            add_help=False)

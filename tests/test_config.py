@@ -33,6 +33,8 @@ CONFIG_WORLD_SIZES = {
     "parity_tiny.yaml": 1,
     "r1_zero_qwen3_30b_a3b.yaml": 32,
     "r1_deepseek_v3_671b.yaml": 1024,
+    "r1_tiny_cpu.yaml": 1,
+    "r1_zero_tiny_cpu.yaml": 1,
 }
 
 

@@ -70,6 +70,14 @@ def test_grpo_demo_one_process(tmp_path):
     for k in ("eval/pass@1_before_sft", "eval/pass@1_after_sft", "eval/pass@1_after_grpo"):
         assert 0.0 <= summary[k] <= 1.0
     assert "after GRPO" in proc.stdout
+    evals = [r for r in recs if r["stage"] == "eval"]
+    assert [r["when"] for r in evals] == ["before_sft", "after_sft", "grpo", "grpo", "after_grpo"]
+    assert [r["global_step"] for r in evals] == [0, 8, 10, 12, 12]  # 8 SFT steps, then GRPO steps 2 and 4
+    assert all(0.0 <= r["eval/cons@k"] <= 1.0 for r in evals)
+    assert summary["eval/pass@1_last"] == summary["eval/pass@1_after_grpo"]
+    assert summary["steps"] == {"cold_start_sft": 8, "grpo": 4}
+    png = out / "curves.png"
+    assert summary["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.timeout(170)

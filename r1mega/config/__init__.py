@@ -5,11 +5,12 @@ group or accelerator is touched.
 """
 
 from r1mega.config.errors import ConfigError
-from r1mega.config.loader import config_to_yaml, load_config, save_config
+from r1mega.config.loader import config_to_yaml, load_config, save_config, stage_config
 from r1mega.config.presets import PRESETS, resolve_model
 from r1mega.config.schema import (
     CheckpointConfig,
     DataConfig,
+    EvalConfig,
     LoggingConfig,
     ModelConfig,
     ModelRewardConfig,
@@ -20,14 +21,16 @@ from r1mega.config.schema import (
     RewardTermConfig,
     RLConfig,
     RolloutConfig,
+    StageConfig,
     TrainerConfig,
 )
-from r1mega.config.validate import derived_dp, effective_sequence_parallel, validate_config
+from r1mega.config.validate import check_stage_list, derived_dp, effective_sequence_parallel, validate_config
 
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "EvalConfig",
     "LoggingConfig",
     "ModelConfig",
     "OptimizerConfig",
@@ -39,12 +42,15 @@ __all__ = [
     "RewardTermConfig",
     "RLConfig",
     "RolloutConfig",
+    "StageConfig",
     "TrainerConfig",
     "config_to_yaml",
+    "check_stage_list",
     "derived_dp",
     "effective_sequence_parallel",
     "load_config",
     "resolve_model",
     "save_config",
+    "stage_config",
     "validate_config",
 ]

@@ -13,7 +13,7 @@ import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -50,7 +50,35 @@ def load_config(
         raise ConfigError(str(exc)) from None
     cfg.parallel = resolve_parallel(cfg.parallel)
     validate_config(cfg, world_size)
+    problems = []
+    for stage in cfg.stages:
+        try:
+            stage_config(cfg, stage, world_size)
+        except ConfigError as exc:
+            problems += [f"stage {stage.name!r}: {p}" for p in exc.problems]
+    if problems:
+        raise ConfigError(problems)
     return cfg
+
+
+def stage_config(cfg: R1Config, stage, world_size: Optional[int] = None) -> R1Config:
+    """The run config one stage sees: its ``overrides``, ``steps`` (-> trainer.steps) and ``lr``
+    (-> optimizer.lr) applied to ``cfg``; validated. ``stages`` is emptied in the result."""
+    base = OmegaConf.structured(replace(cfg, stages=[]))
+    problems: list[str] = []
+    for item in stage.overrides:
+        parsed = _parse_override(item, problems)
+        if parsed is not None:
+            problems += _apply(base, parsed, f"stage override {item!r}")
+    if problems:
+        raise ConfigError(problems)
+    out = OmegaConf.to_object(base)
+    if stage.steps is not None:
+        out.trainer.steps = stage.steps
+    if stage.lr is not None:
+        out.optimizer.lr = stage.lr
+    validate_config(out, world_size)
+    return out
 
 
 def config_to_yaml(cfg: R1Config) -> str:
@@ -223,7 +251,7 @@ def _unknown_key(key: str, cls: type, prefix: str, label: str) -> str:
 def _section_of(key: str) -> Optional[str]:
     """The top-level section that has a field named ``key``, for misplaced keys."""
     for section, ftype in _field_types(R1Config).items():
-        if key in _field_types(ftype):
+        if is_dataclass(ftype) and key in _field_types(ftype):
             return section
     return None
 

@@ -240,9 +240,24 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    """Metric sinks besides ``metrics.jsonl`` (``r1mega.train.metrics``)."""
+
     level: str = "INFO"
-    tensorboard: bool = False
-    wandb_project: Optional[str] = None
+    tensorboard: Optional[bool] = None  # null: on when the tensorboard package is installed; true: required
+    wandb_project: Optional[str] = None  # set: log to this W&B project (wandb must be installed)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (``r1mega eval`` and eval steps in training), as DeepSeek-R1 reports it: pass@1 is
+    the mean accuracy over ``k`` temperature samples per problem; cons@k votes over the same samples."""
+
+    k: int = 4  # samples per problem (R1: 64 for AIME, 4-16 elsewhere)
+    max_prompts: int = 0  # evaluate the first N problems of the set; 0 = all
+    temperature: Optional[float] = None  # None = rollout.temperature (R1 evaluates at 0.6)
+    top_p: Optional[float] = None  # None = rollout.top_p (R1: 0.95)
+    max_new_tokens: Optional[int] = None  # None = rollout.max_new_tokens
+    seed: int = 12345  # sampling seed: the same model gives the same report
 
 
 @dataclass
@@ -272,6 +287,29 @@ class RLConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a multi-stage recipe (``stages:``, run in order by ``r1mega train``).
+
+    Every stage starts from the previous stage's final checkpoint (the first from
+    ``checkpoint.load_dir``, else a fresh init) with a fresh optimizer and LR schedule, as DeepSeek-R1 does.
+    """
+
+    name: str = ""  # unique; names the stage's checkpoint and output directories
+    kind: str = "grpo"  # sft | grpo | rejection_sampling
+    steps: Optional[int] = None  # optimizer steps; None = trainer.steps (rejection_sampling: unused)
+    # JSONL path or synthetic:<task>[:<digits>]. None: data.train_path; an sft stage after a
+    # rejection_sampling stage defaults to that stage's output.
+    data: Optional[str] = None
+    lr: Optional[float] = None  # None = optimizer.lr
+    overrides: list[str] = field(default_factory=list)  # this stage only, e.g. ["rollout.n=16", "rl.kl_coef=0.001"]
+    # --- rejection_sampling ---
+    samples_per_prompt: int = 4  # generations per prompt
+    max_per_prompt: int = 1  # kept per prompt (correct, well formatted, unique)
+    max_prompts: int = 0  # prompts to sample from the data; 0 = all
+    min_language: float = 0.95  # chain-of-thought language consistency to keep (0 = off)
+
+
+@dataclass
 class R1Config:
     """The whole run. ``load_config`` returns one of these, validated."""
 
@@ -285,3 +323,5 @@ class R1Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stages: list[StageConfig] = field(default_factory=list)

@@ -38,6 +38,9 @@ POLICY_LOSS_NAMES = ("ppo", "gspo")
 KL_ESTIMATOR_NAMES = ("k1", "k2", "k3")
 LOSS_AGG_MODE_NAMES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 REFILL_POLICY_NAMES = ("resample", "duplicate", "none")
+STAGE_KINDS = ("sft", "grpo", "rejection_sampling")
+# Stages share one model and one process layout; what a stage may not override.
+STAGE_FIXED_SECTIONS = ("model", "parallel", "stages", "checkpoint")
 
 Problems = list[str]
 
@@ -88,8 +91,17 @@ def validate_config(cfg: R1Config, world_size: Optional[int] = None) -> None:
     problems += _check_trainer(cfg.trainer, parallel, dp)
     problems += _check_rollout(cfg.rollout)
     problems += _check_misc(cfg)
+    problems += _check_stages(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+def check_stage_list(cfg: R1Config) -> None:
+    """``r1mega train`` needs at least one stage; raise ``ConfigError`` with an example otherwise."""
+    if not cfg.stages:
+        raise ConfigError("the config has no stages: add a `stages:` list, e.g. `stages: [{name: rl, kind: grpo}]` "
+                          "for R1-Zero (RL from the base model) or cold-start sft -> grpo -> rejection_sampling -> "
+                          "sft -> grpo for R1 (see configs/r1_tiny_cpu.yaml)")
 
 
 # --------------------------------------------------------------------------- small utilities
@@ -479,7 +491,60 @@ def _check_misc(cfg: R1Config) -> Problems:
     out += _at_least("reward.num_workers", cfg.reward.num_workers, 0)
     out += _at_least("checkpoint.save_interval", cfg.checkpoint.save_interval, 0,
                      "set 0 to disable periodic saves")
-    return out + _check_rl(cfg.rl)
+    return out + _check_rl(cfg.rl) + _check_eval(cfg.eval)
+
+
+def _check_stages(cfg: R1Config) -> Problems:
+    """Each stage: a known kind, a unique file-system-safe name, data it can read, sane sizes."""
+    import re
+
+    out: Problems = []
+    seen: set[str] = set()
+    rejection_before = False
+    for i, st in enumerate(cfg.stages):
+        key = f"stages[{i}]"
+        if not st.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", st.name):
+            out.append(f"{key}.name={st.name!r} must be a non-empty name of letters, digits, '_', '-' or '.' "
+                       f"(it names the stage's checkpoint directory)")
+        elif st.name in seen:
+            out.append(f"{key}.name={st.name!r} is used twice: give every stage a unique name")
+        seen.add(st.name)
+        out += _one_of(f"{key}.kind", st.kind, STAGE_KINDS)
+        if st.steps is not None:
+            out += _at_least(f"{key}.steps", st.steps, 1, "or leave it unset for trainer.steps")
+        if st.lr is not None and not st.lr > 0:
+            out.append(f"{key}.lr={st.lr} must be > 0, or unset for optimizer.lr")
+        out += _at_least(f"{key}.samples_per_prompt", st.samples_per_prompt, 1)
+        out += _at_least(f"{key}.max_per_prompt", st.max_per_prompt, 1)
+        out += _at_least(f"{key}.max_prompts", st.max_prompts, 0, "set 0 to use every prompt")
+        if not 0 <= st.min_language <= 1:
+            out.append(f"{key}.min_language={st.min_language} must be in [0, 1] (0 turns the check off)")
+        needs_data = not (st.kind == "sft" and rejection_before)
+        if needs_data and not st.data and not cfg.data.train_path:
+            what = "SFT demonstrations (chat records ending with the assistant reply)" if st.kind == "sft" \
+                else "prompts with reference answers"
+            out.append(f"{key} ({st.kind}) has no data: set {key}.data or data.train_path to a JSONL of {what} "
+                       f"(or synthetic:addition for a CPU try-out)")
+        rejection_before = rejection_before or st.kind == "rejection_sampling"
+        for item in st.overrides:
+            section = str(item).partition("=")[0].strip().split(".")[0]
+            if section in STAGE_FIXED_SECTIONS:
+                out.append(f"{key}.overrides: {item!r} changes {section!r}, which all stages share: set it at the "
+                           f"top level (the model, layout and checkpoints are the same for the whole recipe)")
+    return out
+
+
+def _check_eval(e) -> Problems:
+    out = _at_least("eval.k", e.k, 1, "pass@1 needs at least one sample per problem")
+    out += _at_least("eval.max_prompts", e.max_prompts, 0, "set 0 to evaluate the whole set")
+    if e.temperature is not None and not e.temperature > 0:
+        out.append(f"eval.temperature={e.temperature} must be > 0 (R1 samples at 0.6), or null for "
+                   f"rollout.temperature")
+    if e.top_p is not None and not 0 < e.top_p <= 1:
+        out.append(f"eval.top_p={e.top_p} must be in (0, 1], or null for rollout.top_p")
+    if e.max_new_tokens is not None:
+        out += _at_least("eval.max_new_tokens", e.max_new_tokens, 1)
+    return out
 
 
 def _check_rl(rl) -> Problems:

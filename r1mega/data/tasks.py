@@ -48,6 +48,35 @@ def task_splits(task: str, count: int, seed: int = 0, eval_fraction: float = 0.1
             [to_example(p, i, task) for i, p in enumerate(held_out)])
 
 
+SYNTHETIC_PREFIX = "synthetic:"
+
+
+def is_synthetic(spec: str) -> bool:
+    return str(spec).startswith(SYNTHETIC_PREFIX)
+
+
+def synthetic_examples(spec: str, split: str = "train", seed: int = 0, count: int = 4000) -> list[Example]:
+    """Examples for a data spec ``synthetic:<task>[:<digits>]`` (e.g. ``synthetic:addition:2``).
+
+    ``split`` is ``train`` or ``eval`` (disjoint, 10% held out). Prompts lose their trailing ``=``:
+    they are the user turn of a chat template (``12+34``), as in the CPU demo.
+    """
+    parts = str(spec)[len(SYNTHETIC_PREFIX):].split(":")
+    task = parts[0]
+    if task not in TASKS or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ValueError(f"data spec {spec!r}: use synthetic:<task>[:<digits>] with task in {TASKS}, "
+                         f"e.g. synthetic:addition:2, or a JSONL path")
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r}: use 'train' or 'eval'")
+    kwargs = {"digits": int(parts[1])} if len(parts) == 2 else {}
+    train, held_out = task_splits(task, count, seed=seed, eval_fraction=0.1, **kwargs)
+    out = train if split == "train" else held_out
+    for e in out:
+        if e.data_source == "arithmetic":
+            e.prompt = e.prompt.rstrip("= ")
+    return out
+
+
 def write_task_splits(task: str, out_dir: PathLike, count: int, seed: int = 0, eval_fraction: float = 0.1,
                       **kwargs) -> tuple[Path, Path]:
     """Write ``<out_dir>/<task>_train.jsonl`` and ``<task>_eval.jsonl``; returns both paths."""

@@ -64,6 +64,11 @@ def _plain(answer: str) -> str:
     return re.sub(r"\s+", "", _TEXT_WRAPPER.sub(r"\1", answer)).strip("$.").lower()
 
 
+def answer_key(answer: str) -> str:
+    """Normalised answer text ("The answer is $\\text{Monday}$." -> "monday"): equal keys, equal answers."""
+    return _plain(_normalise(answer))
+
+
 @lru_cache(maxsize=4096)
 def _parse_reference(reference: str, timeout_s: int) -> tuple[str, tuple]:
     """``(plain text, parsed)`` of a reference; a full solution is reduced to its boxed answer."""

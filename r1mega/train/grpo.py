@@ -10,9 +10,7 @@ weights into the engine (collective; rank 0 pushes) -> one metrics line to ``met
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from r1mega.rewards import RewardComputer, RewardInput
 from r1mega.rl.advantages import compute_advantages
 from r1mega.rl.learner import LearnerBatch, LearnerSettings, ReferencePolicy, learner_step
 from r1mega.rollout import SamplingSpec
+from r1mega.train.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +97,14 @@ def refit(engine, tm, model_cfg, bucket_bytes: int) -> float:
 
 def run_grpo(cfg, tm, engine, tokenizer, prompts: list[Prompt], *, steps: int, prompts_per_step: int,
              out_dir: Path, rewarder: Optional[RewardComputer] = None, start_step: int = 0,
-             consumed_samples: int = 0, evaluate: Optional[Callable[[int], dict]] = None) -> dict:
+             consumed_samples: int = 0, evaluate: Optional[Callable[[int], dict]] = None,
+             metrics: Optional[MetricsLogger] = None) -> dict:
     """Run ``steps`` GRPO steps; returns ``{"history": [...], "consumed_samples": ...}``.
 
     ``engine`` is the rollout engine on rank 0 and ``None`` elsewhere; it must already hold the
     trainer's weights. ``evaluate(step)`` (collective, optional) runs every ``trainer.eval_interval``
-    steps and its result joins that step's metrics line.
+    steps and its result joins that step's metrics line. ``metrics`` receives every step's record
+    (default: a logger writing ``<out_dir>/metrics.jsonl``, appending).
     """
     rl, n = cfg.rl, cfg.rollout.n
     settings = LearnerSettings(micro_batch_size=cfg.parallel.micro_batch_size, valid_vocab=cfg.model.vocab_size,
@@ -115,7 +116,9 @@ def run_grpo(cfg, tm, engine, tokenizer, prompts: list[Prompt], *, steps: int, p
         rewarder = RewardComputer(cfg.reward, cfg.rollout.max_new_tokens)
     bucket_bytes = int(cfg.rollout.refit_bucket_mb * 2**20)
     tp = cfg.parallel.tp
-    metrics_path = Path(out_dir) / "metrics.jsonl"
+    own_metrics = metrics is None
+    if own_metrics:
+        metrics = MetricsLogger(out_dir, cfg.logging, rank=rank(), log_interval=cfg.trainer.log_interval, append=True)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.data.seed)).tolist()
     history = []
     try:
@@ -150,16 +153,10 @@ def run_grpo(cfg, tm, engine, tokenizer, prompts: list[Prompt], *, steps: int, p
             interval = cfg.trainer.eval_interval
             if evaluate is not None and interval and step % interval == 0:
                 record.update(evaluate(step))
-            history.append(record)
-            if rank() == 0:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if step % max(1, cfg.trainer.log_interval) == 0:
-                    log.info("grpo step %d reward %.3f len %.1f entropy %.3f grad_norm %.3f (%.1fs)", step,
-                             record["reward/mean"], record["response_len/mean"], record["entropy"],
-                             m.grad_norm if math.isfinite(m.grad_norm) else float("nan"),
-                             t_rollout + t_reward + t_train + t_refit)
+            history.append(metrics.log(record))
     finally:
         if own_rewarder:
             rewarder.close()
+        if own_metrics:
+            metrics.close()
     return {"history": history, "consumed_samples": consumed_samples}

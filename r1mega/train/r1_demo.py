@@ -4,7 +4,7 @@ Task: synthetic multi-digit addition in the R1 chat format. A byte-level BPE tok
 apart, R1 tags as single tokens) is trained offline on the demonstrations. The rollout engine is a
 vLLM(-CPU) child process on rank 0, started from the bridge's HF export of the initial weights and
 refit after every optimizer step. ``eval/pass@1`` = mean accuracy over ``k`` temperature samples
-per held-out prompt.
+per held-out prompt (``r1mega.train.evaluate``, which also gives cons@k).
 """
 
 from __future__ import annotations
@@ -57,26 +57,12 @@ def make_prompts(examples, tokenizer):
             for e in examples]
 
 
-def pass_at_1(engine, rewarder, prompts, k: int, cfg: R1Config, tokenizer, seed: int) -> dict:
-    """Collective: rank 0 samples ``k`` responses per prompt; accuracy / format means on every rank."""
-    from r1mega.platform.distributed import broadcast_from_rank0
-    from r1mega.rollout import SamplingSpec
+def eval_problems(examples, tokenizer):
+    """Held-out problems rendered as the demo trains on them (R1 chat prompt, ``<think>`` prefilled)."""
+    from r1mega.train.evaluate import EvalProblem
+    from r1mega.train.sft import render
 
-    out = None
-    if engine is not None:
-        from r1mega.rewards import RewardInput
-
-        sampling = SamplingSpec.from_config(cfg.rollout, seed=seed, stop_token_ids=[tokenizer.eos_id])
-        gens = [g for row in engine.generate([p.ids for p in prompts], k, sampling) for g in row]
-        samples = [RewardInput(tokenizer.decode([t for t in g.token_ids if t != tokenizer.eos_id]),
-                               prompts[g.prompt_index].answer, prompts[g.prompt_index].data_source,
-                               prompts[g.prompt_index].text) for g in gens]
-        results = rewarder.compute(samples)
-        acc = [r.terms.get("accuracy", 0.0) for r in results]
-        fmt = [r.terms.get("format", 0.0) for r in results]
-        out = {"eval/pass@1": sum(acc) / len(acc), "eval/format": sum(fmt) / len(fmt),
-               "eval/response_len": sum(len(g.token_ids) for g in gens) / len(gens)}
-    return broadcast_from_rank0(out)
+    return [EvalProblem(e, render(e.prompt), tokenizer.encode(render(e.prompt), add_bos=True)) for e in examples]
 
 
 def set_lr(tm, lr: float) -> None:
@@ -113,13 +99,11 @@ def run_r1_demo(cfg: R1Config, sft_steps: int = 150, sft_lr: float = 2e-3, eval_
 
     t_start = time.monotonic()
     out = Path(cfg.trainer.output_dir)
-    metrics_path = out / "metrics.jsonl"
     steps = dict(sft=sft_steps, grpo=cfg.trainer.steps)
     train, held_out = task_splits("addition", 4000, seed=cfg.data.seed, eval_fraction=0.1, digits=digits)
     tok_dir = out / "tokenizer"
     if env.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("")
         build_tokenizer(tok_dir, train, cfg.model.vocab_size)
     dist.barrier()
     tokenizer = HFTokenizer(tok_dir)
@@ -135,17 +119,22 @@ def run_r1_demo(cfg: R1Config, sft_steps: int = 150, sft_lr: float = 2e-3, eval_
                               env={"VLLM_CACHE_ROOT": str(out / "vllm-cache"), "OMP_NUM_THREADS": "1"})
         rewarder = RewardComputer(cfg.reward, cfg.rollout.max_new_tokens)
 
-    def log_record(record: dict) -> None:
-        if env.rank == 0:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+    from r1mega.train.metrics import MetricsLogger, run_summary
 
-    eval_set = make_prompts(held_out[:eval_prompts], tokenizer)
+    metrics = MetricsLogger(out, cfg.logging, rank=env.rank, log_interval=cfg.trainer.log_interval,
+                            run_config={"sft_steps": sft_steps, "sft_lr": sft_lr, "eval_k": eval_k})
+    from r1mega.train.evaluate import eval_sampling, evaluate_collective, judge_config
+
+    eval_set = eval_problems(held_out[:eval_prompts], tokenizer)
     k = eval_k
+    judge = RewardComputer(judge_config(cfg.reward, ["arithmetic"])) if env.rank == 0 else None
+    sampling = eval_sampling(cfg, tokenizer, seed=12345)
 
     def evaluate(tag: str, step: int = 0) -> dict:
-        r = pass_at_1(engine, rewarder, eval_set, k, cfg, tokenizer, seed=12345)
-        log_record({"stage": "eval", "step": step, "when": tag, **r})
+        r = evaluate_collective(engine, judge, eval_set, k, sampling, tokenizer, cfg.reward.math_timeout_s)
+        # an eval inside GRPO step `step` runs after that step's update: same global step as its record
+        metrics.log({"stage": "eval", "step": step, "when": tag, **r,
+                     "global_step": metrics.global_step + (tag == "grpo")})
         if env.rank == 0:
             log.info("eval (%s): pass@1 %.3f format %.3f", tag, r["eval/pass@1"], r["eval/format"])
         return r
@@ -154,6 +143,7 @@ def run_r1_demo(cfg: R1Config, sft_steps: int = 150, sft_lr: float = 2e-3, eval_
 
     summary: dict = {"world_size": env.world_size}
     try:
+        metrics.start_stage("cold_start_sft", steps["sft"])
         before = evaluate("before_sft")
         rows = build_rows(train, tokenizer, cfg.model.seq_length, multiple=cfg.parallel.tp)
         eval_rows = build_rows(held_out[:64], tokenizer, cfg.model.seq_length, multiple=cfg.parallel.tp)
@@ -162,60 +152,40 @@ def run_r1_demo(cfg: R1Config, sft_steps: int = 150, sft_lr: float = 2e-3, eval_
         t0 = time.monotonic()
         set_lr(tm, sft_lr)
         run_sft(tm, rows, steps=steps["sft"], global_batch_size=cfg.trainer.global_batch_size, micro_batch_size=mbs,
-                valid_vocab=cfg.model.vocab_size, seed=cfg.data.seed, on_step=log_record)
+                valid_vocab=cfg.model.vocab_size, seed=cfg.data.seed, on_step=metrics.log)
         sft_loss_after = eval_loss(tm, eval_rows, mbs, cfg.model.vocab_size)
         refit(engine, tm, cfg.model, int(cfg.rollout.refit_bucket_mb * 2**20))
         t_sft = time.monotonic() - t0
         after_sft = evaluate("after_sft", 0)
         set_lr(tm, cfg.optimizer.lr)
+        metrics.start_stage("grpo", steps["grpo"])
         t0 = time.monotonic()
         prompts_per_step = max(1, cfg.trainer.global_batch_size // cfg.rollout.n)
-        result = run_grpo(cfg, tm, engine, tokenizer, make_prompts(train, tokenizer), steps=steps["grpo"],
-                          prompts_per_step=prompts_per_step, out_dir=out, rewarder=rewarder,
-                          evaluate=lambda step: evaluate("grpo", step))
+        run_grpo(cfg, tm, engine, tokenizer, make_prompts(train, tokenizer), steps=steps["grpo"],
+                 prompts_per_step=prompts_per_step, out_dir=out, rewarder=rewarder,
+                 evaluate=lambda step: evaluate("grpo", step), metrics=metrics)
         t_grpo = time.monotonic() - t0
         after_grpo = evaluate("after_grpo", steps["grpo"])
-        hist = result["history"]
-        fifth = max(1, len(hist) // 5)
+        summary.update(run_summary(metrics.records, time.monotonic() - t_start))
         summary.update({
             "eval/pass@1_before_sft": before["eval/pass@1"], "eval/pass@1_after_sft": after_sft["eval/pass@1"],
             "eval/pass@1_after_grpo": after_grpo["eval/pass@1"],
             "eval/format_after_sft": after_sft["eval/format"], "eval/format_after_grpo": after_grpo["eval/format"],
             "sft/eval_loss_before": sft_loss_before, "sft/eval_loss_after": sft_loss_after,
-            "grpo/reward_first_20pct": sum(h["reward/mean"] for h in hist[:fifth]) / fifth if hist else 0.0,
-            "grpo/reward_last_20pct": sum(h["reward/mean"] for h in hist[-fifth:]) / fifth if hist else 0.0,
             "sft_steps": steps["sft"], "grpo_steps": steps["grpo"], "eval_k": k, "eval_prompts": len(eval_set),
             "time/sft": t_sft, "time/grpo": t_grpo, "seconds": time.monotonic() - t_start,
         })
-        if env.rank == 0:
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
-            plot(metrics_path, out / "curves.png")
+        summary.setdefault("grpo/reward_first_20pct", 0.0)
+        summary.setdefault("grpo/reward_last_20pct", 0.0)
+        summary = metrics.finish(summary)
     finally:
+        metrics.close()
         if engine is not None:
             engine.close()
         if rewarder is not None:
             rewarder.close()
+        if judge is not None:
+            judge.close()
     shutdown()
     return summary
 
-
-def plot(metrics_path: Path, png: Path) -> None:
-    """Reward and eval curves (skipped without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-    grpo = [r for r in rows if r["stage"] == "grpo"]
-    evals = [r for r in rows if r["stage"] == "eval" and r["when"] != "before_sft"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in grpo], [r["reward/mean"] for r in grpo], label="train reward (mean)")
-    ax.plot([r["step"] for r in evals], [r["eval/pass@1"] for r in evals], "o-", label="eval pass@1")
-    ax.set_xlabel("GRPO step")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)

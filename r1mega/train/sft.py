@@ -59,18 +59,40 @@ class SFTRows:
 
 
 def build_rows(examples, tokenizer, seq_length: int, template: str = "r1", multiple: int = 1) -> SFTRows:
-    """Tokenize ``(prompt, answer)`` examples into SFT rows of ``seq_length + 1`` tokens."""
+    """Tokenize ``(prompt, answer)`` examples into SFT rows of ``seq_length + 1`` tokens (worked solutions)."""
+    pairs = [(render(ex.prompt, template), r1_completion(ex.prompt, ex.answer)) for ex in examples]
+    return rows_from_pairs(pairs, tokenizer, seq_length, multiple, [ex.prompt for ex in examples])
+
+
+def chat_pair(messages: list[dict], template: str = "r1") -> tuple[str, str]:
+    """``(prompt, completion)`` of a conversation ending with the assistant reply (e.g. rejection sampling's
+    output). The template's end-of-turn text is dropped: the EOS token that ``rows_from_pairs`` appends
+    ends the reply, which is what the engine stops on."""
+    tpl = get_template(template)
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("an SFT record needs 'messages' ending with the assistant reply (as rejection sampling "
+                         "writes them)")
+    prompt, completion = tpl.render_sft(messages)
+    end = tpl.completion("")
+    if end.strip() and completion.endswith(end):
+        completion = completion[: -len(end)]
+    return prompt, completion
+
+
+def rows_from_pairs(pairs, tokenizer, seq_length: int, multiple: int = 1, names=None) -> SFTRows:
+    """``(prompt text, completion text)`` pairs -> bos + prompt + completion + eos rows, loss on the completion."""
     width = seq_length + 1
     width += (-(width - 1)) % multiple  # S-1 divisible by ``multiple`` (tp: sequence parallel)
-    tokens = torch.full((len(examples), width), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros(len(examples), width - 1)
-    lengths = torch.zeros(len(examples), dtype=torch.long)
-    for i, ex in enumerate(examples):
-        prompt = tokenizer.encode(render(ex.prompt, template), add_bos=True)
-        completion = tokenizer.encode(r1_completion(ex.prompt, ex.answer)) + [tokenizer.eos_id]
+    tokens = torch.full((len(pairs), width), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(pairs), width - 1)
+    lengths = torch.zeros(len(pairs), dtype=torch.long)
+    for i, (prompt_text, completion_text) in enumerate(pairs):
+        prompt = tokenizer.encode(prompt_text, add_bos=True)
+        completion = tokenizer.encode(completion_text) + [tokenizer.eos_id]
         ids = prompt + completion
         if len(ids) > width:
-            raise ValueError(f"SFT example {ex.prompt!r} needs {len(ids)} tokens; raise model.seq_length")
+            name = names[i] if names is not None else prompt_text[-60:]
+            raise ValueError(f"SFT example {name!r} needs {len(ids)} tokens; raise model.seq_length")
         tokens[i, : len(ids)] = torch.tensor(ids)
         mask[i, len(prompt) - 1: len(ids) - 1] = 1.0  # position t predicts token t + 1
         lengths[i] = len(ids)

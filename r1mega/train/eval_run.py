@@ -1,0 +1,140 @@
+"""``r1mega eval``: pass@1 / cons@k / format / response length of a model on a JSONL set, as one JSON report.
+
+The model is an HF directory (``--hf``: straight into the engine, no megatron) or an r1mega
+checkpoint (``--checkpoint``, default ``checkpoint.load_dir``: loaded into the megatron policy in
+the config's layout, exported once through the bridge, then served by the engine). Rank 0 owns
+the engine; under torchrun the other ranks only take part in loading and exporting.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from r1mega.config.errors import ConfigError
+from r1mega.config.schema import R1Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalRequest:
+    data: Optional[str] = None  # JSONL or synthetic:<task>; None = data.eval_path
+    k: Optional[int] = None  # None = eval.k
+    checkpoint: Optional[str] = None  # r1mega checkpoint root or step dir; None = checkpoint.load_dir
+    hf: Optional[str] = None  # HF model directory
+    out: Optional[str] = None  # report path; None = <trainer.output_dir>/eval.json
+
+
+def resolve(cfg: R1Config, req: EvalRequest) -> EvalRequest:
+    """Fill defaults from the config; raise ``ConfigError`` naming the missing input and the flag that sets it."""
+    problems = []
+    data = req.data or cfg.data.eval_path
+    if not data:
+        problems.append("no eval set: pass --data path.jsonl (or synthetic:addition) or set data.eval_path")
+    checkpoint = req.checkpoint if req.hf is None else None
+    checkpoint = checkpoint or (cfg.checkpoint.load_dir if req.hf is None else None)
+    if req.hf is not None and req.checkpoint is not None:
+        problems.append("--hf and --checkpoint both given: evaluate one model at a time")
+    elif req.hf is None and not checkpoint:
+        problems.append("no model: pass --hf <HF dir> or --checkpoint <r1mega checkpoint> "
+                        "(or set checkpoint.load_dir)")
+    if req.hf is not None and not (Path(req.hf) / "config.json").is_file():
+        problems.append(f"--hf {req.hf}: no config.json there; give a Hugging Face model directory")
+    k = req.k if req.k is not None else cfg.eval.k
+    if k < 1:
+        problems.append(f"--k {k}: pass@1 needs at least one sample per problem")
+    if problems:
+        raise ConfigError(problems)
+    out = req.out or str(Path(cfg.trainer.output_dir) / "eval.json")
+    return EvalRequest(data, k, checkpoint, req.hf, out)
+
+
+def _tokenizer(cfg: R1Config, model_dir: Optional[Path]):
+    from r1mega.data.tokenizer import load_tokenizer
+
+    if model_dir is not None and (model_dir / "tokenizer.json").is_file():
+        return load_tokenizer(model_dir), model_dir
+    if not cfg.data.tokenizer:
+        where = f"{model_dir} has no tokenizer.json and " if model_dir is not None else ""
+        raise ConfigError(f"{where}data.tokenizer is not set: point it at the model's tokenizer "
+                          f"(a tokenizer.json, its directory, or a sentencepiece .model)")
+    return load_tokenizer(cfg.data.tokenizer), Path(cfg.data.tokenizer)
+
+
+def _export_checkpoint(cfg: R1Config, checkpoint: str, out_dir: Path, tokenizer_dir: Path) -> Path:
+    """Load an r1mega checkpoint into the policy (every rank) and write it as an HF directory."""
+    from r1mega.models.policy import padded_vocab_size  # noqa: F401  (readies megatron)
+    from r1mega.platform.distributed import init_model_parallel, init_process_group
+
+    init_process_group(timeout_minutes=cfg.parallel.timeout_minutes)
+    init_model_parallel(cfg.parallel, seed=cfg.model.seed)
+    from r1mega.bridge.hf_dir import save_hf
+    from r1mega.train.model_setup import build_training_model
+    from r1mega.train.stages import load_weights
+
+    tm = build_training_model(cfg.model, cfg.parallel, cfg.optimizer, total_steps=1)
+    load_weights(tm, checkpoint, cfg.model)
+    hf_dir = out_dir / "hf_eval"
+    tok = tokenizer_dir if tokenizer_dir.is_dir() else tokenizer_dir.parent
+    save_hf(tm.module, tm.config, cfg.model, hf_dir, tokenizer_dir=tok)
+    return hf_dir
+
+
+def run_eval(cfg: R1Config, req: EvalRequest) -> Optional[dict]:
+    """Evaluate and write the report (rank 0); returns the report on rank 0, ``None`` elsewhere."""
+    import torch.distributed as dist
+
+    from r1mega.rewards import RewardComputer
+    from r1mega.train.evaluate import (
+        eval_sampling,
+        generate_and_score,
+        judge_config,
+        load_eval_examples,
+        make_problems,
+        write_report,
+    )
+
+    req = resolve(cfg, req)
+    t0 = time.monotonic()
+    report_path = Path(req.out)
+    examples = load_eval_examples(req.data, seed=cfg.data.seed, max_prompts=cfg.eval.max_prompts)
+    if req.hf is not None:
+        tokenizer, _ = _tokenizer(cfg, Path(req.hf))
+        model_dir, in_process = Path(req.hf), True
+    else:
+        tokenizer, tok_dir = _tokenizer(cfg, None)
+        model_dir, in_process = _export_checkpoint(cfg, req.checkpoint, report_path.parent, tok_dir), False
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    report = None
+    if rank == 0:
+        from r1mega.rollout import build_engine
+
+        problems = make_problems(examples, tokenizer, cfg.data.chat_template, cfg.data.max_prompt_length)
+        engine = build_engine(model_dir, cfg.rollout, in_process=in_process,
+                              **({} if in_process else {"env": {"OMP_NUM_THREADS": "1"}}))
+        try:
+            with RewardComputer(judge_config(cfg.reward, {e.data_source for e in examples})) as judge:
+                metrics, groups, texts = generate_and_score(engine, judge, problems, req.k,
+                                                            eval_sampling(cfg, tokenizer), tokenizer,
+                                                            cfg.reward.math_timeout_s)
+        finally:
+            close = getattr(engine, "close", None)
+            if close is not None:
+                close()
+        sampling = eval_sampling(cfg, tokenizer)
+        meta = {"data": req.data, "model": str(req.hf or req.checkpoint), "k": req.k, "problems": len(problems),
+                "temperature": sampling.temperature, "top_p": sampling.top_p,
+                "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed,
+                "chat_template": cfg.data.chat_template, "seconds": time.monotonic() - t0}
+        write_report(report_path, metrics, problems, groups, texts, meta)
+        report = {**meta, **metrics, "report": str(report_path)}
+    if dist.is_initialized():
+        from r1mega.platform.distributed import shutdown
+
+        dist.barrier()
+        shutdown()
+    return report
