@@ -57,9 +57,15 @@ def cmd_demo(args, rest: list[str]) -> int:
         return _relaunch(args.nproc, argv, args.timeout)
     cfg = load_config(args.config, overrides, world_size=_world_size())
     from r1mega.train.r1_demo import run_r1_demo
+    from r1mega.train.resilience import EXIT_PREEMPTED, TrainingPreempted
 
-    s = run_r1_demo(cfg, sft_steps=args.sft_steps, sft_lr=args.sft_lr, eval_prompts=args.eval_prompts,
-                    eval_k=args.eval_k)
+    try:
+        s = run_r1_demo(cfg, sft_steps=args.sft_steps, sft_lr=args.sft_lr, eval_prompts=args.eval_prompts,
+                        eval_k=args.eval_k)
+    except TrainingPreempted as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"r1mega demo: {e} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
     if int(os.environ.get("RANK", 0)) == 0:
         print(
             f"demo: {s['world_size']} process(es), {s['seconds']:.1f}s ({s['sft_steps']} SFT + {s['grpo_steps']} "
