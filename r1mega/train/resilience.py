@@ -125,11 +125,19 @@ class Checkpointer:
         The scheduler takes the checkpoint's learning rates (stages may have changed them). Rank 0
         truncates ``metrics.jsonl`` to the lines written up to the checkpoint: the steps after it run again.
         """
-        from r1mega.ckpt import load_checkpoint
+        from r1mega.ckpt import CheckpointError, committed_steps, load_checkpoint
 
         self.tm.scheduler.use_checkpoint_opt_param_scheduler = True
         try:
             info = load_checkpoint(self.tm, path, model_cfg=self.model_cfg)
+        except CheckpointError:
+            raise  # already names the path and the fix
+        except Exception as e:  # damaged shards: megatron's error alone does not say what to do
+            older = [str(p) for _, p in committed_steps(Path(path).parent) if Path(p).name < Path(path).name]
+            hint = (f"resume from the previous one with checkpoint.resume={older[-1]}" if older else
+                    "start afresh with checkpoint.resume=none")
+            raise CheckpointError(f"could not load checkpoint {path} ({type(e).__name__}: {e}); it is damaged or "
+                                  f"from an incompatible run: {hint}, or delete {path}") from e
         finally:
             self.tm.scheduler.use_checkpoint_opt_param_scheduler = False
         extra = info["extra"]
