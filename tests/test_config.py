@@ -201,6 +201,8 @@ BAD_OVERRIDES = [
     ("bad_balancing", ["model.moe_router_load_balancing_type=sinkhorn"], None,
      ["model.moe_router_load_balancing_type='sinkhorn'"]),
     ("bad_tp_value", ["parallel.tp=0"], None, ["parallel.tp=0 must be >= 1"]),
+    ("bad_keep_last", ["checkpoint.keep_last=-1"], None, ["checkpoint.keep_last=-1 must be >= 0"]),
+    ("empty_resume", ["checkpoint.resume=''"], None, ["checkpoint.resume is empty: use auto"]),
 ]
 
 
