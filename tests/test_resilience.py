@@ -117,3 +117,28 @@ def test_dead_engine_process_raises_with_context(how):
     with pytest.raises(EngineProcessError, match=expected):
         engine.generate([[1, 2]], 1, None)
     assert time.monotonic() - t0 < 20
+
+
+@pytest.mark.timeout(180)
+def test_damaged_checkpoint_names_the_path_and_the_previous_one(tmp_path, single_process_megatron):
+    from r1mega.ckpt import CheckpointError
+    from r1mega.config.presets import resolve_model
+    from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig
+    from r1mega.train.model_setup import build_training_model
+
+    model = resolve_model(ModelConfig(preset="qwen3_moe"))
+    tm = build_training_model(model, ParallelConfig(), OptimizerConfig(), total_steps=4)
+    ckpt = _checkpointer(tmp_path, "auto")
+    ckpt.tm, ckpt.model_cfg = tm, model
+    for step in (1, 2):
+        ckpt.global_step = step
+        ckpt.save("grpo", step, {"consumed_samples": 4 * step})
+    latest = ckpt.resume_path()
+    assert latest.name == "step_000002"
+    for shard in latest.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])  # a torn write the atomic commit cannot see
+    with pytest.raises(CheckpointError, match=f"could not load checkpoint {latest} .*EOFError.*resume="
+                                              f"{latest.parent / 'step_000001'}"):
+        ckpt.load(latest)
+    extra = ckpt.load(latest.parent / "step_000001")
+    assert (extra["stage"], extra["stage_step"], extra["consumed_samples"]) == ("grpo", 1, 4)

@@ -130,14 +130,16 @@ class Checkpointer:
         self.tm.scheduler.use_checkpoint_opt_param_scheduler = True
         try:
             info = load_checkpoint(self.tm, path, model_cfg=self.model_cfg)
-        except CheckpointError:
-            raise  # already names the path and the fix
-        except Exception as e:  # damaged shards: megatron's error alone does not say what to do
+        except (CheckpointError, KeyboardInterrupt, SystemExit):
+            raise  # ours already name the path and the fix
+        except BaseException as e:  # noqa: B036 - damaged shards: torch's CheckpointException is a BaseException
             older = [str(p) for _, p in committed_steps(Path(path).parent) if Path(p).name < Path(path).name]
             hint = (f"resume from the previous one with checkpoint.resume={older[-1]}" if older else
                     "start afresh with checkpoint.resume=none")
-            raise CheckpointError(f"could not load checkpoint {path} ({type(e).__name__}: {e}); it is damaged or "
-                                  f"from an incompatible run: {hint}, or delete {path}") from e
+            lines = str(e).strip().splitlines() or [""]
+            why = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"  # torch embeds a traceback
+            raise CheckpointError(f"could not load checkpoint {path} ({type(e).__name__}: {why}); it is damaged "
+                                  f"or from an incompatible run: {hint}, or delete {path}") from e
         finally:
             self.tm.scheduler.use_checkpoint_opt_param_scheduler = False
         extra = info["extra"]
