@@ -246,8 +246,8 @@ class EngineProcess:
         code = self._proc.exitcode
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         return EngineProcessError(f"rollout engine process (pid {self._proc.pid}) died during {what} ({how}); "
-                                  "its stderr above says why (out of memory: lower rollout.kv_cache_gib or "
-                                  "the batch)")
+                                  "its output above says why (signal 9 is often the out-of-memory killer: "
+                                  "lower rollout.kv_cache_gib or the batch)")
 
     def _wait(self, timeout: Optional[float], what: str = "start-up"):
         """The child's answer; polls so that a dead child raises instead of blocking forever."""
