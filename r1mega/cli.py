@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,11 +34,22 @@ def _relaunch(nproc: int, argv: list[str], timeout_s: float | None) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "r1mega.cli", *argv]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, frame):  # torchrun passes SIGTERM (SIGUSR1 not on every version) to its workers
+        proc.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        return subprocess.run(cmd, env=env, timeout=timeout_s).returncode
+        return proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
         print(f"r1mega: {nproc}-process run exceeded {timeout_s:.0f}s and was stopped", file=sys.stderr)
         return 124
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _demo_overrides(nproc: int, overrides: list[str]) -> list[str]:
@@ -57,9 +69,15 @@ def cmd_demo(args, rest: list[str]) -> int:
         return _relaunch(args.nproc, argv, args.timeout)
     cfg = load_config(args.config, overrides, world_size=_world_size())
     from r1mega.train.r1_demo import run_r1_demo
+    from r1mega.train.resilience import EXIT_PREEMPTED, TrainingPreempted
 
-    s = run_r1_demo(cfg, sft_steps=args.sft_steps, sft_lr=args.sft_lr, eval_prompts=args.eval_prompts,
-                    eval_k=args.eval_k)
+    try:
+        s = run_r1_demo(cfg, sft_steps=args.sft_steps, sft_lr=args.sft_lr, eval_prompts=args.eval_prompts,
+                        eval_k=args.eval_k)
+    except TrainingPreempted as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"r1mega demo: {e} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
     if int(os.environ.get("RANK", 0)) == 0:
         print(
             f"demo: {s['world_size']} process(es), {s['seconds']:.1f}s ({s['sft_steps']} SFT + {s['grpo_steps']} "

@@ -125,3 +125,27 @@ def test_nonfinite_loss_skips_the_update(tiny_policy):
                         RLConfig(tis_cap=None))
     assert not good.skipped and math.isfinite(good.grad_norm) and good.grad_norm > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, tm.module.parameters()))
+
+
+@pytest.mark.timeout(120)
+def test_nonfinite_gradient_with_finite_loss_skips_the_update(tiny_policy):
+    """megatron checks gradients only with a loss scaler (fp16): in fp32 an Inf gradient would reach Adam."""
+    import torch
+
+    from r1mega.rl.learner import LearnerBatch, LearnerSettings, learner_step
+
+    tm, model = tiny_policy
+    tokens = torch.randint(0, model.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    batch = LearnerBatch(tokens, torch.ones(2, 8))
+    settings = LearnerSettings(micro_batch_size=2, valid_vocab=model.vocab_size)
+    before = [p.detach().clone() for p in tm.module.parameters()]
+    lr_steps = tm.scheduler.num_steps
+    hook = next(tm.module.parameters()).register_hook(lambda g: g * float("inf"))
+    bad = learner_step(tm, batch, settings, None)
+    hook.remove()
+    assert bad.skipped and math.isfinite(bad.values["loss"])
+    assert all(torch.equal(a, b) for a, b in zip(before, tm.module.parameters()))
+    assert tm.scheduler.num_steps == lr_steps
+    good = learner_step(tm, batch, settings, None)
+    assert not good.skipped and math.isfinite(good.grad_norm)
+    assert all(torch.isfinite(p).all() for p in tm.module.parameters())

@@ -232,10 +232,15 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    save_dir: Optional[str] = None
+    """Periodic atomic checkpoints and resume (``r1mega.train.resilience``)."""
+
+    save_dir: Optional[str] = None  # None = <trainer.output_dir>/checkpoints
     load_dir: Optional[str] = None
-    save_interval: int = 0
+    save_interval: int = 0  # optimizer steps (all stages counted) between saves; 0 = only on SIGTERM/SIGUSR1
     keep_last: int = 2
+    # auto: continue from the latest complete checkpoint in save_dir if there is one (a requeued job
+    # resumes by itself); none: start afresh; anything else: a checkpoint root or step_* dir to resume from.
+    resume: str = "auto"
 
 
 @dataclass

@@ -491,6 +491,10 @@ def _check_misc(cfg: R1Config) -> Problems:
     out += _at_least("reward.num_workers", cfg.reward.num_workers, 0)
     out += _at_least("checkpoint.save_interval", cfg.checkpoint.save_interval, 0,
                      "set 0 to disable periodic saves")
+    out += _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0, "set 0 to keep every checkpoint")
+    if not cfg.checkpoint.resume:
+        out.append("checkpoint.resume is empty: use auto (latest checkpoint in checkpoint.save_dir if any), "
+                   "none (start afresh) or the path of a checkpoint to resume from")
     return out + _check_rl(cfg.rl) + _check_eval(cfg.eval)
 
 

@@ -69,7 +69,15 @@ def _score_chunk(samples: list[RewardInput], terms: Sequence[Term], cfg: RewardC
 
 
 def _warm_up(names: tuple[str, ...]) -> None:
-    """Import math-verify/sympy (~1 s) when a term needs it, once per worker, before the first batch."""
+    """Import math-verify/sympy (~1 s) when a term needs it, once per worker, before the first batch.
+
+    Workers ignore SIGTERM/SIGUSR1/SIGINT: a signal to the whole process group (Slurm) lets the
+    trainer finish its step and checkpoint; the pool is shut down by the trainer.
+    """
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     if "accuracy" in names:
         from r1mega.rewards.accuracy import _mv
 

@@ -299,6 +299,18 @@ class ReferencePolicy:
         return compute_logprobs(self.module, self.module, batch, settings)
 
 
+def _grads_finite(tm) -> bool:
+    """Collective: no rank's gradient buffers hold a NaN/Inf (after megatron's reduction of the grads)."""
+    ddp = tm.ddp
+    local = all(bool(torch.isfinite(b.grad_data).all()) for b in ddp.buffers + ddp.expert_parallel_buffers)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    buffers = ddp.buffers + ddp.expert_parallel_buffers
+    flag = torch.tensor([0.0 if local else 1.0], device=buffers[0].grad_data.device if buffers else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
 def learner_step(tm, batch: LearnerBatch, settings: LearnerSettings, rl: Optional[RLConfig] = None,
                  forward_only: bool = False, force_all_reduce: bool = False) -> StepMetrics:
     """One optimizer step on ``batch`` (GRPO family if ``rl`` is given, masked-NLL SFT otherwise).
@@ -338,6 +350,9 @@ def learner_step(tm, batch: LearnerBatch, settings: LearnerSettings, rl: Optiona
         return StepMetrics(values=metrics)
     if settings.skip_nonfinite and not math.isfinite(metrics["loss"]):
         # every rank sees the same all-reduced loss, so all of them skip together
+        return StepMetrics(values=metrics, grad_norm=float("nan"), skipped=True)
+    if settings.skip_nonfinite and not _grads_finite(tm):
+        # megatron only checks gradients with a loss scaler (fp16); fp32/bf16 would apply NaN/Inf
         return StepMetrics(values=metrics, grad_norm=float("nan"), skipped=True)
     success, grad_norm, _ = tm.optimizer.step()
     if success:

@@ -180,6 +180,13 @@ _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
 
 
 def _child_main(conn, model_dir, kwargs, env) -> None:
+    import signal
+
+    # The learner decides when the engine stops: a SIGTERM/SIGUSR1 sent to the whole process group
+    # (Slurm) must let the learner finish its step (refit included) and checkpoint. The child still
+    # exits when the parent closes the pipe or dies (EOF below).
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     for k in _DIST_ENV:  # the learner's world must not leak into vLLM's
         os.environ.pop(k, None)
     os.environ.update(env)
@@ -214,6 +221,10 @@ def _child_main(conn, model_dir, kwargs, env) -> None:
             conn.send(("error", f"{e!r}\n{traceback.format_exc()}"))
 
 
+class EngineProcessError(RuntimeError):
+    """The engine child process failed or died; the message names the call and the exit status."""
+
+
 class EngineProcess:
     """A :class:`VLLMEngine` in a spawned child process; same methods, forwarded over a pipe."""
 
@@ -230,20 +241,39 @@ class EngineProcess:
         self.logprobs_mode = kwargs.get("logprobs_mode", "processed")
         self.startup_s = self._wait(start_timeout_s)
 
-    def _wait(self, timeout: Optional[float]):
-        if not self._conn.poll(timeout):
-            self._proc.kill()
-            raise TimeoutError(f"rollout engine process gave no answer within {timeout}s")
-        status, value = self._conn.recv()
+    def _dead(self, what: str) -> "EngineProcessError":
+        self._proc.join(5)
+        code = self._proc.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return EngineProcessError(f"rollout engine process (pid {self._proc.pid}) died during {what} ({how}); "
+                                  "its output above says why (signal 9 is often the out-of-memory killer: "
+                                  "lower rollout.kv_cache_gib or the batch)")
+
+    def _wait(self, timeout: Optional[float], what: str = "start-up"):
+        """The child's answer; polls so that a dead child raises instead of blocking forever."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._conn.poll(1.0):
+            if not self._proc.is_alive() and not self._conn.poll(0):
+                raise self._dead(what)
+            if deadline is not None and time.monotonic() > deadline:
+                self._proc.kill()
+                raise TimeoutError(f"rollout engine process gave no answer to {what} within {timeout}s (killed)")
+        try:
+            status, value = self._conn.recv()
+        except (EOFError, ConnectionError):
+            raise self._dead(what) from None
         if status != "ok":
-            raise RuntimeError(f"rollout engine process failed: {value}")
+            raise EngineProcessError(f"rollout engine process failed in {what}: {value}")
         return value
 
     def _call(self, method: str, *args, timeout: Optional[float] = None):
         if not self._proc.is_alive():
-            raise RuntimeError(f"rollout engine process is dead (exit code {self._proc.exitcode})")
-        self._conn.send((method, args))
-        return self._wait(timeout)
+            raise self._dead(f"{method} (already dead before the call)")
+        try:
+            self._conn.send((method, args))
+        except (BrokenPipeError, ConnectionError):
+            raise self._dead(method) from None
+        return self._wait(timeout, method)
 
     def generate(self, prompts, n, sampling: SamplingSpec):
         return self._call("generate", [p if isinstance(p, str) else list(p) for p in prompts], n, sampling)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,12 +26,13 @@ from r1mega.rl.advantages import compute_advantages
 from r1mega.rl.learner import LearnerBatch, LearnerSettings, ReferencePolicy, learner_step
 from r1mega.rollout import SamplingSpec
 from r1mega.train.metrics import MetricsLogger
+from r1mega.train.resilience import check_skip
 
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("stage", "step", "reward/mean", "response_len/mean", "kl", "entropy", "clip_frac",
                "logprob_mismatch", "grad_norm", "tokens_per_s", "time/rollout", "time/reward", "time/train",
-               "time/refit")
+               "time/refit", "skipped_steps")
 
 
 def rank() -> int:
@@ -47,18 +49,50 @@ class Prompt:
     data_source: str = "arithmetic"
 
 
+class RolloutFailure(RuntimeError):
+    """The rollout engine or the reward computation failed on rank 0; raised on every rank (no hang)."""
+
+
 def sample_and_score(engine, rewarder: RewardComputer, prompts: list[Prompt], n: int, sampling: SamplingSpec,
-                     tokenizer) -> tuple[list, list[float], float, float]:
-    """Rank 0: ``(generations flattened prompt-major, rewards, t_rollout, t_reward)``."""
+                     tokenizer, step: int = 0) -> tuple[list, list[float], float, float, int]:
+    """Rank 0: ``(generations flattened prompt-major, rewards, t_rollout, t_reward, reward errors)``."""
     t0 = time.monotonic()
-    gens = [g for row in engine.generate([p.ids for p in prompts], n, sampling) for g in row]
+    try:
+        gens = [g for row in engine.generate([p.ids for p in prompts], n, sampling) for g in row]
+    except Exception as e:
+        raise RolloutFailure(f"grpo step {step}: the rollout engine failed in generate ({len(prompts)} prompts x "
+                             f"{n} samples): {type(e).__name__}: {e}") from e
     t1 = time.monotonic()
     samples = [RewardInput(response=tokenizer.decode([t for t in g.token_ids if t != tokenizer.eos_id]),
                            reference=prompts[g.prompt_index].answer, prompt=prompts[g.prompt_index].text,
                            data_source=prompts[g.prompt_index].data_source, response_length=len(g.token_ids))
                for g in gens]
-    rewards = [r.total for r in rewarder.compute(samples)]
-    return gens, rewards, t1 - t0, time.monotonic() - t1
+    try:
+        results = rewarder.compute(samples)
+    except Exception as e:
+        raise RolloutFailure(f"grpo step {step}: the reward computation failed ({len(samples)} samples): "
+                             f"{type(e).__name__}: {e}") from e
+    errors = sum(bool(r.errors) for r in results)
+    if errors:  # a failed term or a dead / timed-out reward worker scores 0: say so, with the step
+        first = next(r.errors for r in results if r.errors)
+        log.warning("grpo step %d: %d/%d samples have reward errors (scored 0), e.g. %s", step, errors,
+                    len(results), first)
+    return gens, [r.total for r in results], t1 - t0, time.monotonic() - t1, errors
+
+
+def _from_rank0(compute: Callable, is_rank0: bool):
+    """Rank 0 runs ``compute()``; every rank gets its result, or raises its failure (never waits forever)."""
+    out = None
+    if is_rank0:
+        try:
+            out = ("ok", compute())
+        except Exception as e:
+            broadcast_from_rank0(("error", str(e) if isinstance(e, RolloutFailure) else f"{type(e).__name__}: {e}"))
+            raise
+    status, value = broadcast_from_rank0(out)
+    if status != "ok":
+        raise RolloutFailure(f"{value} (reported by rank 0)")
+    return value
 
 
 def build_batch(gens, rewards: list[float], n: int, pad_id: int, rl, multiple: int = 1) -> LearnerBatch:
@@ -81,31 +115,47 @@ def build_batch(gens, rewards: list[float], n: int, pad_id: int, rl, multiple: i
     return LearnerBatch(tokens, mask, advantages=adv, rollout_logp=rollout_logp, lengths=lengths)
 
 
-def refit(engine, tm, model_cfg, bucket_bytes: int) -> float:
-    """Stream the trainer's weights into the engine (collective; only rank 0 pushes)."""
+def refit(engine, tm, model_cfg, bucket_bytes: int, what: str = "refit") -> float:
+    """Stream the trainer's weights into the engine (collective; only rank 0 pushes).
+
+    If the push fails, rank 0 still drains the export (its gathers are collectives) and every rank raises.
+    """
     from r1mega.bridge.export import export_hf_buckets
 
     t0 = time.monotonic()
     buckets = export_hf_buckets(tm.module, tm.config, model_cfg, bucket_bytes)
+    error = None
     if engine is not None:
-        engine.update_weights(buckets)
-    else:
-        for _ in buckets:
-            pass
+        try:
+            engine.update_weights(buckets)
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            error = f"{what}: the rollout engine failed in update_weights: {type(e).__name__}: {e}"
+            log.error("%s", error)
+    for _ in buckets:
+        pass
+    error = broadcast_from_rank0(error)
+    if error is not None:
+        raise RolloutFailure(error)
     return time.monotonic() - t0
 
 
 def run_grpo(cfg, tm, engine, tokenizer, prompts: list[Prompt], *, steps: int, prompts_per_step: int,
              out_dir: Path, rewarder: Optional[RewardComputer] = None, start_step: int = 0,
-             consumed_samples: int = 0, evaluate: Optional[Callable[[int], dict]] = None,
-             metrics: Optional[MetricsLogger] = None) -> dict:
-    """Run ``steps`` GRPO steps; returns ``{"history": [...], "consumed_samples": ...}``.
+             consumed_samples: int = 0, evaluate: Optional[Callable[[int], dict]] = None, ckpt=None,
+             resume: Optional[dict] = None, metrics: Optional[MetricsLogger] = None) -> dict:
+    """GRPO steps ``start_step + 1 .. steps``; returns ``{"history": [...], "consumed_samples": ...}``.
 
     ``engine`` is the rollout engine on rank 0 and ``None`` elsewhere; it must already hold the
     trainer's weights. ``evaluate(step)`` (collective, optional) runs every ``trainer.eval_interval``
-    steps and its result joins that step's metrics line. ``metrics`` receives every step's record
-    (default: a logger writing ``<out_dir>/metrics.jsonl``, appending).
+    steps and its result joins that step's metrics line. ``ckpt`` (a ``resilience.Checkpointer``) is
+    told about every step (periodic / on-signal checkpoints); ``resume`` is the ``extra`` of a
+    GRPO-stage checkpoint (step, data position, skipped-step count) to continue from. ``metrics``
+    receives every step's record (default: a logger writing ``<out_dir>/metrics.jsonl``, appending).
     """
+    skipped_steps = 0
+    if resume is not None:
+        start_step, consumed_samples = resume["stage_step"], resume["consumed_samples"]
+        skipped_steps = resume.get("skipped_steps", 0)
     rl, n = cfg.rl, cfg.rollout.n
     settings = LearnerSettings(micro_batch_size=cfg.parallel.micro_batch_size, valid_vocab=cfg.model.vocab_size,
                                temperature=cfg.rollout.temperature)
@@ -122,22 +172,21 @@ def run_grpo(cfg, tm, engine, tokenizer, prompts: list[Prompt], *, steps: int, p
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.data.seed)).tolist()
     history = []
     try:
-        for step in range(start_step + 1, start_step + steps + 1):
+        for step in range(start_step + 1, steps + 1):
             picked = [prompts[order[(consumed_samples + i) % len(prompts)]] for i in range(prompts_per_step)]
             consumed_samples += prompts_per_step
-            rollout = None
-            if engine is not None:
-                if cfg.rollout.seed is not None:
-                    sampling.seed = cfg.rollout.seed + step * 100_003
-                rollout = sample_and_score(engine, rewarder, picked, n, sampling, tokenizer)
-            gens, rewards, t_rollout, t_reward = broadcast_from_rank0(rollout)
+            if cfg.rollout.seed is not None:  # a function of the step alone: a resumed run samples the same
+                sampling.seed = cfg.rollout.seed + step * 100_003
+            gens, rewards, t_rollout, t_reward, reward_errors = _from_rank0(
+                partial(sample_and_score, engine, rewarder, picked, n, sampling, tokenizer, step), engine is not None)
             batch = build_batch(gens, rewards, n, tokenizer.pad_id, rl, multiple=tp)
             t0 = time.monotonic()
             if reference is not None:
                 batch.ref_logp = reference.logprobs(batch, settings)
             m = learner_step(tm, batch, settings, rl)
+            skipped_steps += check_skip(m, "grpo", step, cfg.trainer.skip_nonfinite_loss)
             t_train = time.monotonic() - t0
-            t_refit = refit(engine, tm, cfg.model, bucket_bytes)
+            t_refit = refit(engine, tm, cfg.model, bucket_bytes, f"grpo step {step}")
             tokens = float(batch.lengths.sum())
             v = m.values
             record = {
@@ -145,7 +194,8 @@ def run_grpo(cfg, tm, engine, tokenizer, prompts: list[Prompt], *, steps: int, p
                 "response_len/mean": float(batch.loss_mask.sum()) / batch.size, "kl": v.get("kl", 0.0),
                 "entropy": v.get("entropy", 0.0), "clip_frac": v.get("clip_frac", 0.0),
                 "logprob_mismatch": v.get("mismatch_abs_mean", 0.0), "grad_norm": m.grad_norm,
-                "loss": v.get("loss", 0.0), "skipped": m.skipped,
+                "loss": v.get("loss", 0.0), "skipped": m.skipped, "skipped_steps": skipped_steps,
+                "reward/errors": reward_errors,
                 "tokens_per_s": tokens / max(t_rollout + t_reward + t_train + t_refit, 1e-9),
                 "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train, "time/refit": t_refit,
                 "consumed_samples": consumed_samples,
@@ -154,6 +204,8 @@ def run_grpo(cfg, tm, engine, tokenizer, prompts: list[Prompt], *, steps: int, p
             if evaluate is not None and interval and step % interval == 0:
                 record.update(evaluate(step))
             history.append(metrics.log(record))
+            if ckpt is not None:
+                ckpt.end_of_step("grpo", step, {"consumed_samples": consumed_samples, "skipped_steps": skipped_steps})
     finally:
         if own_rewarder:
             rewarder.close()

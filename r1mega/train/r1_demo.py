@@ -82,52 +82,77 @@ def run_r1_demo(cfg: R1Config, sft_steps: int = 150, sft_lr: float = 2e-3, eval_
 
     GRPO runs ``trainer.steps`` steps of ``trainer.global_batch_size`` responses
     (``global_batch_size / rollout.n`` prompts) at ``optimizer.lr``; cold-start SFT runs ``sft_steps``
-    steps of the same batch size at ``sft_lr``.
+    steps of the same batch size at ``sft_lr``. Checkpoints (``checkpoint.*``) cover both stages; a
+    run that finds one in its checkpoint directory continues from it (``checkpoint.resume=auto``), and
+    SIGTERM/SIGUSR1 end it after the current step with a checkpoint (``TrainingPreempted``).
     """
     from r1mega.models.policy import padded_vocab_size  # noqa: F401  (readies megatron)
     from r1mega.platform.distributed import init_model_parallel, init_process_group, shutdown
+    from r1mega.train.resilience import StopSignal, TrainingPreempted
 
-    env = init_process_group(timeout_minutes=cfg.parallel.timeout_minutes)
-    init_model_parallel(cfg.parallel, seed=cfg.model.seed)
+    with StopSignal() as stop:  # installed first: engine start-up and SFT take a while
+        env = init_process_group(timeout_minutes=cfg.parallel.timeout_minutes)
+        init_model_parallel(cfg.parallel, seed=cfg.model.seed)
+        try:
+            summary = _run_stages(cfg, env, stop, sft_steps, sft_lr, eval_prompts, eval_k, digits)
+        except TrainingPreempted:
+            shutdown()
+            raise
+    shutdown()
+    return summary
 
+
+def _run_stages(cfg: R1Config, env, stop, sft_steps: int, sft_lr: float, eval_prompts: int, eval_k: int,
+                digits: int) -> dict:
     from r1mega.bridge.hf_dir import save_hf
     from r1mega.data.tokenizer import HFTokenizer
     from r1mega.rewards import RewardComputer
-    from r1mega.train.grpo import run_grpo
+    from r1mega.train.evaluate import eval_sampling, evaluate_collective, judge_config
+    from r1mega.train.grpo import refit, run_grpo
+    from r1mega.train.metrics import MetricsLogger, run_summary
     from r1mega.train.model_setup import build_training_model
+    from r1mega.train.resilience import Checkpointer
     from r1mega.train.sft import build_rows, eval_loss, run_sft
 
     t_start = time.monotonic()
     out = Path(cfg.trainer.output_dir)
+    metrics_path = out / "metrics.jsonl"
     steps = dict(sft=sft_steps, grpo=cfg.trainer.steps)
     train, held_out = task_splits("addition", 4000, seed=cfg.data.seed, eval_fraction=0.1, digits=digits)
     tok_dir = out / "tokenizer"
-    if env.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        build_tokenizer(tok_dir, train, cfg.model.vocab_size)
-    dist.barrier()
-    tokenizer = HFTokenizer(tok_dir)
     tm = build_training_model(cfg.model, cfg.parallel, cfg.optimizer,
                               total_steps=steps["sft"] + steps["grpo"])
+    ckpt = Checkpointer(cfg, tm, metrics_path, stop)
+    resume_path = ckpt.resume_path()
+    if env.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_path is None or not (tok_dir / "tokenizer.json").is_file():
+            if resume_path is not None:
+                log.warning("resuming, but %s has no tokenizer.json: training a new one", tok_dir)
+            build_tokenizer(tok_dir, train, cfg.model.vocab_size)
+    dist.barrier()
+    tokenizer = HFTokenizer(tok_dir)
     save_hf(tm.module, tm.config, cfg.model, out / "hf_init", tokenizer_dir=tok_dir)
+    # loading truncates metrics.jsonl to the checkpoint's lines; the logger then appends after them
+    resume = ckpt.load(resume_path) if resume_path is not None else None
+    stage = resume["stage"] if resume is not None else None
+    rs = ckpt.run_state  # results of finished stages; saved in every checkpoint
+    bucket_bytes = int(cfg.rollout.refit_bucket_mb * 2**20)
+    metrics = MetricsLogger(out, cfg.logging, rank=env.rank, log_interval=cfg.trainer.log_interval,
+                            run_config={"sft_steps": sft_steps, "sft_lr": sft_lr, "eval_k": eval_k},
+                            append=resume is not None)
 
-    engine, rewarder = None, None
+    engine, rewarder, judge = None, None, None
     if env.rank == 0:
         from r1mega.rollout import build_engine
 
         engine = build_engine(out / "hf_init", cfg.rollout, in_process=False,
                               env={"VLLM_CACHE_ROOT": str(out / "vllm-cache"), "OMP_NUM_THREADS": "1"})
         rewarder = RewardComputer(cfg.reward, cfg.rollout.max_new_tokens)
-
-    from r1mega.train.metrics import MetricsLogger, run_summary
-
-    metrics = MetricsLogger(out, cfg.logging, rank=env.rank, log_interval=cfg.trainer.log_interval,
-                            run_config={"sft_steps": sft_steps, "sft_lr": sft_lr, "eval_k": eval_k})
-    from r1mega.train.evaluate import eval_sampling, evaluate_collective, judge_config
+        judge = RewardComputer(judge_config(cfg.reward, ["arithmetic"]))
 
     eval_set = eval_problems(held_out[:eval_prompts], tokenizer)
     k = eval_k
-    judge = RewardComputer(judge_config(cfg.reward, ["arithmetic"])) if env.rank == 0 else None
     sampling = eval_sampling(cfg, tokenizer, seed=12345)
 
     def evaluate(tag: str, step: int = 0) -> dict:
@@ -139,41 +164,52 @@ def run_r1_demo(cfg: R1Config, sft_steps: int = 150, sft_lr: float = 2e-3, eval_
             log.info("eval (%s): pass@1 %.3f format %.3f", tag, r["eval/pass@1"], r["eval/format"])
         return r
 
-    from r1mega.train.grpo import refit
-
     summary: dict = {"world_size": env.world_size}
     try:
-        metrics.start_stage("cold_start_sft", steps["sft"])
-        before = evaluate("before_sft")
+        if resume is not None:  # the engine started from the initial weights: give it the checkpoint's
+            refit(engine, tm, cfg.model, bucket_bytes, "refit after resume")
         rows = build_rows(train, tokenizer, cfg.model.seq_length, multiple=cfg.parallel.tp)
         eval_rows = build_rows(held_out[:64], tokenizer, cfg.model.seq_length, multiple=cfg.parallel.tp)
         mbs = cfg.parallel.micro_batch_size
-        sft_loss_before = eval_loss(tm, eval_rows, mbs, cfg.model.vocab_size)
-        t0 = time.monotonic()
-        set_lr(tm, sft_lr)
-        run_sft(tm, rows, steps=steps["sft"], global_batch_size=cfg.trainer.global_batch_size, micro_batch_size=mbs,
-                valid_vocab=cfg.model.vocab_size, seed=cfg.data.seed, on_step=metrics.log)
-        sft_loss_after = eval_loss(tm, eval_rows, mbs, cfg.model.vocab_size)
-        refit(engine, tm, cfg.model, int(cfg.rollout.refit_bucket_mb * 2**20))
-        t_sft = time.monotonic() - t0
-        after_sft = evaluate("after_sft", 0)
-        set_lr(tm, cfg.optimizer.lr)
-        metrics.start_stage("grpo", steps["grpo"])
+        if stage is None:
+            metrics.start_stage("cold_start_sft", steps["sft"])
+            rs["before_sft"] = evaluate("before_sft")
+            rs["sft_loss_before"] = eval_loss(tm, eval_rows, mbs, cfg.model.vocab_size)
+            set_lr(tm, sft_lr)
+        if stage in (None, "sft"):
+            if stage == "sft":
+                metrics.start_stage("cold_start_sft", steps["sft"] - resume["stage_step"])
+            t0 = time.monotonic()
+            run_sft(tm, rows, steps=steps["sft"], global_batch_size=cfg.trainer.global_batch_size,
+                    micro_batch_size=mbs, valid_vocab=cfg.model.vocab_size, seed=cfg.data.seed, on_step=metrics.log,
+                    ckpt=ckpt, resume=resume if stage == "sft" else None,
+                    skip_nonfinite=cfg.trainer.skip_nonfinite_loss)
+            rs["sft_loss_after"] = eval_loss(tm, eval_rows, mbs, cfg.model.vocab_size)
+            refit(engine, tm, cfg.model, bucket_bytes, "refit after SFT")
+            rs["time_sft"] = time.monotonic() - t0
+            rs["after_sft"] = evaluate("after_sft", 0)
+            set_lr(tm, cfg.optimizer.lr)
+        done_grpo = resume["stage_step"] if stage == "grpo" else 0
+        metrics.start_stage("grpo", steps["grpo"] - done_grpo)
         t0 = time.monotonic()
         prompts_per_step = max(1, cfg.trainer.global_batch_size // cfg.rollout.n)
         run_grpo(cfg, tm, engine, tokenizer, make_prompts(train, tokenizer), steps=steps["grpo"],
                  prompts_per_step=prompts_per_step, out_dir=out, rewarder=rewarder,
-                 evaluate=lambda step: evaluate("grpo", step), metrics=metrics)
+                 evaluate=lambda step: evaluate("grpo", step), ckpt=ckpt,
+                 resume=resume if stage == "grpo" else None, metrics=metrics)
         t_grpo = time.monotonic() - t0
         after_grpo = evaluate("after_grpo", steps["grpo"])
+        # metrics.records holds the earlier runs' lines too when resumed (read back from metrics.jsonl)
         summary.update(run_summary(metrics.records, time.monotonic() - t_start))
+        before, after_sft = rs["before_sft"], rs["after_sft"]
         summary.update({
             "eval/pass@1_before_sft": before["eval/pass@1"], "eval/pass@1_after_sft": after_sft["eval/pass@1"],
             "eval/pass@1_after_grpo": after_grpo["eval/pass@1"],
             "eval/format_after_sft": after_sft["eval/format"], "eval/format_after_grpo": after_grpo["eval/format"],
-            "sft/eval_loss_before": sft_loss_before, "sft/eval_loss_after": sft_loss_after,
+            "sft/eval_loss_before": rs["sft_loss_before"], "sft/eval_loss_after": rs["sft_loss_after"],
             "sft_steps": steps["sft"], "grpo_steps": steps["grpo"], "eval_k": k, "eval_prompts": len(eval_set),
-            "time/sft": t_sft, "time/grpo": t_grpo, "seconds": time.monotonic() - t_start,
+            "time/sft": rs["time_sft"], "time/grpo": t_grpo, "seconds": time.monotonic() - t_start,
+            "resumed_from": str(resume_path) if resume_path is not None else None,
         })
         summary.setdefault("grpo/reward_first_20pct", 0.0)
         summary.setdefault("grpo/reward_last_20pct", 0.0)
@@ -186,6 +222,4 @@ def run_r1_demo(cfg: R1Config, sft_steps: int = 150, sft_lr: float = 2e-3, eval_
             rewarder.close()
         if judge is not None:
             judge.close()
-    shutdown()
     return summary
-

@@ -12,6 +12,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -100,21 +101,36 @@ def rows_from_pairs(pairs, tokenizer, seq_length: int, multiple: int = 1, names=
 
 
 def run_sft(tm, rows: SFTRows, *, steps: int, global_batch_size: int, micro_batch_size: int,
-            valid_vocab: int, seed: int = 0, on_step=None) -> list[float]:
-    """``steps`` optimizer steps of masked NLL on random global batches; returns the losses."""
+            valid_vocab: int, seed: int = 0, on_step=None, ckpt=None, resume: Optional[dict] = None,
+            skip_nonfinite: bool = True) -> list[float]:
+    """Masked NLL on random global batches up to step ``steps``; returns the losses.
+
+    ``ckpt`` (a ``resilience.Checkpointer``) is told about every step (periodic / on-signal saves);
+    ``resume`` is the ``extra`` of an SFT-stage checkpoint: continue after its step with its sampler state.
+    """
+    from r1mega.train.resilience import check_skip
+
     settings = LearnerSettings(micro_batch_size=micro_batch_size, valid_vocab=valid_vocab)
     gen = torch.Generator().manual_seed(seed)  # same draw on every rank
+    start, skipped = 0, 0
+    if resume is not None:
+        gen.set_state(resume["sft_generator"])
+        start, skipped = resume["stage_step"], resume.get("skipped_steps", 0)
     losses = []
-    for step in range(1, steps + 1):
+    for step in range(start + 1, steps + 1):
         t0 = time.monotonic()
         idx = torch.randint(0, rows.tokens.size(0), (global_batch_size,), generator=gen)
         batch = LearnerBatch(rows.tokens[idx], rows.loss_mask[idx], lengths=rows.lengths[idx])
         m = learner_step(tm, batch, settings, None)
+        skipped += check_skip(m, "sft", step, skip_nonfinite)
         losses.append(m.values["loss"])
         record = {"stage": "sft", "step": step, "loss": m.values["loss"], "entropy": m.values.get("entropy", 0.0),
-                  "grad_norm": m.grad_norm, "skipped": m.skipped, "time/train": time.monotonic() - t0}
+                  "grad_norm": m.grad_norm, "skipped": m.skipped, "skipped_steps": skipped,
+                  "time/train": time.monotonic() - t0}
         if on_step is not None:
             on_step(record)
+        if ckpt is not None:
+            ckpt.end_of_step("sft", step, {"sft_generator": gen.get_state(), "skipped_steps": skipped})
     return losses
 
 

@@ -1,0 +1,43 @@
+"""One rank of tests/test_resilience.py's two-process check: a stop signal received by one rank and
+a rollout failure on rank 0 both reach every rank at the same step (no rank left waiting)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+
+def main(out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from r1mega.platform.distributed import init_process_group
+    from r1mega.train.grpo import RolloutFailure, _from_rank0
+    from r1mega.train.resilience import StopSignal
+
+    env = init_process_group(timeout_minutes=1)
+    result = {}
+    with StopSignal() as stop:
+        result["before"] = stop.agreed()
+        if env.rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        result["after"] = stop.agreed()
+    result["handler_restored"] = signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+    def failing():
+        raise RolloutFailure("grpo step 7: the rollout engine failed in generate: boom")
+
+    try:
+        _from_rank0(failing, env.rank == 0)
+        result["failure"] = None
+    except RolloutFailure as e:
+        result["failure"] = str(e)
+    result["next"] = _from_rank0(lambda: "fine", env.rank == 0)  # the group is still usable
+    with open(os.path.join(out_dir, f"rank{env.rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
