@@ -209,6 +209,7 @@ BAD_OVERRIDES = [
     ("llama3_context", ["model.preset=llama3", "model.original_max_position_embeddings=4096"], None,
      ["model.original_max_position_embeddings=4096 with rope_type=llama3", "set it to 8192"]),
     ("bad_rope", ["model.rope_type=ntk"], None, ["model.rope_type='ntk' is not supported"]),
+    ("bad_fp8_recipe", ["model.fp8_recipe=fast"], None, ["model.fp8_recipe='fast'", "delayed"]),
     ("bad_keep_last", ["checkpoint.keep_last=-1"], None, ["checkpoint.keep_last=-1 must be >= 0"]),
     ("empty_resume", ["checkpoint.resume=''"], None, ["checkpoint.resume is empty: use auto"]),
 ]

@@ -17,6 +17,7 @@ class ModelConfig:
     preset: str = "qwen3_moe"  # MoE: qwen3_moe | deepseek_v3 | mixtral; dense: qwen2 | qwen3 | llama3
     size: str = "tiny"
     precision: str = "fp32"  # fp32 | bf16 | fp8 (fp8 needs Transformer Engine on an FP8 GPU)
+    fp8_recipe: str = "delayed"  # with precision=fp8: delayed | tensorwise | blockwise (Hopper) | mxfp8 (Blackwell)
     seq_length: int = 256
     seed: int = 1234
     # --- architecture (None = from preset) ---

@@ -24,6 +24,7 @@ from r1mega.config.schema import (
 )
 
 PRECISIONS = ("fp32", "bf16", "fp8")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")  # == platform.optional.FP8_RECIPES (tested)
 OPTIMIZERS = ("adam", "sgd")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
@@ -222,6 +223,7 @@ def _check_expert_layout(p: ParallelConfig, dp: Optional[int], m: ModelConfig) -
 def _check_model(m: ModelConfig) -> Problems:
     return _check_all([
         lambda: _one_of("model.precision", m.precision, PRECISIONS),
+        lambda: _one_of("model.fp8_recipe", m.fp8_recipe, FP8_RECIPES),
         lambda: _check_sizes(m),
         lambda: _check_moe(m),
         lambda: _check_router_groups(m),

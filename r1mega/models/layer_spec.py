@@ -11,7 +11,7 @@ import functools
 
 from r1mega.models.grouped_experts import GroupedSequentialMLP
 from r1mega.models.local_layers import SDPAttention, SequenceParallelNorm
-from r1mega.platform.optional import have_transformer_engine
+from r1mega.platform.optional import check_fp8_support, have_transformer_engine
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec  # noqa: E402
 from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
@@ -24,15 +24,11 @@ _LOCAL_REPLACEMENTS = {WrappedTorchNorm: SequenceParallelNorm, DotProductAttenti
 _GROUPED_EXPERTS = {SequentialMLP: GroupedSequentialMLP}
 
 
-def use_transformer_engine(precision: str) -> bool:
-    """TE when importable; FP8 demands it (the error says what to install)."""
-    te = have_transformer_engine()
-    if precision == "fp8" and not te:
-        raise RuntimeError(
-            "model.precision=fp8 needs Transformer Engine on an FP8-capable GPU (H100 or newer): "
-            "install the `gpu` extra (`pip install -e .[gpu]`) or set model.precision=bf16."
-        )
-    return te
+def use_transformer_engine(precision: str, fp8_recipe: str = "delayed") -> bool:
+    """TE when importable; FP8 demands it and a GPU that supports the recipe (the error says what to do)."""
+    if precision == "fp8":
+        check_fp8_support(fp8_recipe)
+    return have_transformer_engine()
 
 
 def build_block_spec(config, use_te: bool, grouped_experts: bool = False):

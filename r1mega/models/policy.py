@@ -63,7 +63,7 @@ def _moe_kwargs(model: ModelConfig) -> dict:
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
     """The megatron ``TransformerConfig`` (``MLATransformerConfig`` for MLA) of a resolved model."""
-    use_te = use_transformer_engine(model.precision)
+    use_te = use_transformer_engine(model.precision, model.fp8_recipe)
     sequence_parallel = parallel.tp > 1 if parallel.sequence_parallel is None else parallel.sequence_parallel
     kwargs = dict(
         num_layers=model.num_layers,
@@ -91,7 +91,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         pipeline_dtype=_dtype(model.precision),
         bf16=model.precision in ("bf16", "fp8"),
         fp8="hybrid" if model.precision == "fp8" else None,
-        fp8_recipe="delayed" if model.precision == "fp8" else None,
+        fp8_recipe=model.fp8_recipe if model.precision == "fp8" else None,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
@@ -135,7 +135,7 @@ class PolicyStage:
 def build_policy(model: ModelConfig, parallel: ParallelConfig) -> PolicyStage:
     """This rank's pipeline stage of the policy (needs ``parallel_state`` initialised)."""
     config = transformer_config(model, parallel)
-    use_te = use_transformer_engine(model.precision)
+    use_te = use_transformer_engine(model.precision, model.fp8_recipe)
     gpt = _gpt_model(config, use_te, model, parallel.tp)
     return PolicyStage(model=gpt, config=config, use_te=use_te, model_cfg=model, parallel=parallel)
 
