@@ -83,13 +83,6 @@ __global__ void block_grad_kernel(acc_t* z, int64_t cols, const int64_t* __restr
   }
 }
 
-at::Tensor block_logits(const at::Tensor& h, const at::Tensor& w, double temperature, at::ScalarType acc) {
-  at::Tensor z = at::mm(h, w.t());
-  if (z.scalar_type() != acc) z = z.to(acc);
-  if (temperature != 1.0) z.div_(temperature);
-  return z;
-}
-
 __global__ void fp8_quantize_kernel(const float* __restrict__ x, int64_t R, int64_t C, int64_t block, int64_t bc,
                                     c10::Float8_e4m3fn* q, float* scale_inv) {
   const int64_t b = blockIdx.x;
@@ -119,75 +112,50 @@ __global__ void fp8_dequantize_kernel(const c10::Float8_e4m3fn* __restrict__ q, 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_logprob_forward_cuda(
-    const at::Tensor& hidden_in, const at::Tensor& weight_in, const at::Tensor& target_in, int64_t vocab_start,
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target, int64_t vocab_start,
     double temperature, int64_t token_chunk, int64_t vocab_chunk) {
-  check_logprob_args(hidden_in, weight_in, target_in, temperature, token_chunk, vocab_chunk);
-  const c10::cuda::CUDAGuard guard(hidden_in.device());
-  const at::ScalarType acc = stats_dtype(weight_in);
-  const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor hidden = hidden_in.to(weight.scalar_type()).contiguous();
-  const at::Tensor target = target_in.contiguous();
-  const int64_t T = hidden.size(0), V = weight.size(0);
-  auto opts = hidden.options().dtype(acc);
-  at::Tensor m = at::full({T}, -std::numeric_limits<double>::infinity(), opts);
-  at::Tensor s = at::zeros({T}, opts), u = at::zeros({T}, opts), t = at::zeros({T}, opts);
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const LogprobInputs in = prepare_logprob_inputs(hidden, weight, target, temperature, token_chunk, vocab_chunk);
+  at::Tensor m, s, u, t;  // not a structured binding: lambdas capture those only from C++20
+  std::tie(m, s, u, t) = empty_stats(in);
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(acc, "fused_logprob_forward_cuda", [&] {
-    for (int64_t t0 = 0; t0 < T; t0 += token_chunk) {
-      const int64_t rows = std::min(token_chunk, T - t0);
-      const at::Tensor h = hidden.narrow(0, t0, rows);
-      for (int64_t v0 = 0; v0 < V; v0 += vocab_chunk) {
-        const int64_t cols = std::min(vocab_chunk, V - v0);
-        at::Tensor z = block_logits(h, weight.narrow(0, v0, cols), temperature, acc);
-        update_stats_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(
-            z.data_ptr<scalar_t>(), cols, target.data_ptr<int64_t>() + t0, vocab_start + v0,
-            m.data_ptr<scalar_t>() + t0, s.data_ptr<scalar_t>() + t0, u.data_ptr<scalar_t>() + t0,
-            t.data_ptr<scalar_t>() + t0);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-    }
+  AT_DISPATCH_FLOATING_TYPES(in.acc, "fused_logprob_forward_cuda", [&] {
+    for_each_logit_block(in, temperature, token_chunk, vocab_chunk,
+                         [&](at::Tensor& z, int64_t t0, int64_t rows, int64_t v0, const at::Tensor&,
+                             const at::Tensor&) {
+                           update_stats_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(
+                               z.data_ptr<scalar_t>(), z.size(1), in.target.data_ptr<int64_t>() + t0,
+                               vocab_start + v0, m.data_ptr<scalar_t>() + t0, s.data_ptr<scalar_t>() + t0,
+                               u.data_ptr<scalar_t>() + t0, t.data_ptr<scalar_t>() + t0);
+                           C10_CUDA_KERNEL_LAUNCH_CHECK();
+                         });
   });
   return {m, s, u, t};
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_logprob_backward_cuda(
-    const at::Tensor& hidden_in, const at::Tensor& weight_in, const at::Tensor& target_in, int64_t vocab_start,
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target, int64_t vocab_start,
     const at::Tensor& log_z_in, const at::Tensor& entropy_in, const at::Tensor& grad_logp_in,
     const at::Tensor& grad_entropy_in, double temperature, int64_t token_chunk, int64_t vocab_chunk) {
-  check_logprob_args(hidden_in, weight_in, target_in, temperature, token_chunk, vocab_chunk);
-  const c10::cuda::CUDAGuard guard(hidden_in.device());
-  const at::ScalarType acc = stats_dtype(weight_in);
-  const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor hidden = hidden_in.to(weight.scalar_type()).contiguous();
-  const at::Tensor target = target_in.contiguous();
-  const at::Tensor log_z = log_z_in.to(acc).contiguous(), ent = entropy_in.to(acc).contiguous();
-  const at::Tensor g_lp = grad_logp_in.to(acc).contiguous(), g_h = grad_entropy_in.to(acc).contiguous();
-  const int64_t T = hidden.size(0), V = weight.size(0);
-  at::Tensor grad_hidden = at::zeros({T, hidden.size(1)}, hidden.options().dtype(acc));
-  at::Tensor grad_weight = at::zeros({V, weight.size(1)}, weight.options().dtype(acc));
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const LogprobInputs in = prepare_logprob_inputs(hidden, weight, target, temperature, token_chunk, vocab_chunk);
+  const at::Tensor log_z = log_z_in.to(in.acc).contiguous(), ent = entropy_in.to(in.acc).contiguous();
+  const at::Tensor g_lp = grad_logp_in.to(in.acc).contiguous(), g_h = grad_entropy_in.to(in.acc).contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(acc, "fused_logprob_backward_cuda", [&] {
+  std::tuple<at::Tensor, at::Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES(in.acc, "fused_logprob_backward_cuda", [&] {
     const scalar_t inv_temp = static_cast<scalar_t>(1.0 / temperature);
-    for (int64_t t0 = 0; t0 < T; t0 += token_chunk) {
-      const int64_t rows = std::min(token_chunk, T - t0);
-      const at::Tensor h = hidden.narrow(0, t0, rows);
-      const at::Tensor h_acc = h.to(acc);
-      at::Tensor gh_rows = grad_hidden.narrow(0, t0, rows);
-      for (int64_t v0 = 0; v0 < V; v0 += vocab_chunk) {
-        const int64_t cols = std::min(vocab_chunk, V - v0);
-        const at::Tensor w = weight.narrow(0, v0, cols);
-        at::Tensor z = block_logits(h, w, temperature, acc);
-        block_grad_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(
-            z.data_ptr<scalar_t>(), cols, target.data_ptr<int64_t>() + t0, vocab_start + v0,
-            log_z.data_ptr<scalar_t>() + t0, ent.data_ptr<scalar_t>() + t0, g_lp.data_ptr<scalar_t>() + t0,
-            g_h.data_ptr<scalar_t>() + t0, inv_temp);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        gh_rows.addmm_(z, w.to(acc));
-        grad_weight.narrow(0, v0, cols).addmm_(z.t(), h_acc);
-      }
-    }
+    grads = logprob_backward_driver(in, temperature, token_chunk, vocab_chunk,
+                                    [&](at::Tensor& z, int64_t t0, int64_t rows, int64_t v0) {
+                                      block_grad_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(
+                                          z.data_ptr<scalar_t>(), z.size(1), in.target.data_ptr<int64_t>() + t0,
+                                          vocab_start + v0, log_z.data_ptr<scalar_t>() + t0,
+                                          ent.data_ptr<scalar_t>() + t0, g_lp.data_ptr<scalar_t>() + t0,
+                                          g_h.data_ptr<scalar_t>() + t0, inv_temp);
+                                      C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                    });
   });
-  return {grad_hidden, grad_weight};
+  return grads;
 }
 
 std::tuple<at::Tensor, at::Tensor> fp8_blockwise_quantize_cuda(const at::Tensor& x_in, int64_t block) {
