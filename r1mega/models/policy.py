@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from r1mega.config.schema import ModelConfig, ParallelConfig
+from r1mega.models import routing_replay
 from r1mega.models.layer_spec import build_block_spec, use_transformer_engine
+from r1mega.platform.megatron_compat import supports_routing_replay
 
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
@@ -93,6 +95,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         persist_layer_norm=False,
         attention_backend=AttnBackend.auto if use_te else AttnBackend.local,
         variable_seq_lengths=True,
+        # router replay hooks (R2/R3, models/routing_replay.py); inactive unless a pass sets an action
+        moe_enable_routing_replay=bool(model.num_experts) and supports_routing_replay(),
     )
     if not model.multi_latent_attention:
         return TransformerConfig(**kwargs)
@@ -141,7 +145,7 @@ def build_policy_like(stage: PolicyStage) -> GPTModel:
 
 
 def _gpt_model(config, use_te: bool, model: ModelConfig, tp: int) -> GPTModel:
-    return GPTModel(
+    gpt = GPTModel(
         config=config,
         transformer_layer_spec=build_block_spec(config, use_te, grouped_experts=model.moe_grouped_experts),
         vocab_size=padded_vocab_size(model.vocab_size, tp),
@@ -152,3 +156,6 @@ def _gpt_model(config, use_te: bool, model: ModelConfig, tp: int) -> GPTModel:
         position_embedding_type="rope",
         rotary_base=model.rotary_base,
     )
+    if config.moe_enable_routing_replay:
+        routing_replay.install(gpt)
+    return gpt
