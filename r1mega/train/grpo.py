@@ -24,7 +24,8 @@ import torch.distributed as dist
 from r1mega.platform.distributed import broadcast_from_rank0
 from r1mega.rewards import RewardComputer, RewardInput
 from r1mega.rl.advantages import compute_advantages
-from r1mega.rl.learner import LearnerBatch, LearnerSettings, ReferencePolicy, learner_step
+from r1mega.rl.learner import LearnerBatch, LearnerSettings, ReferencePolicy, learner_step, prepare_routing_replay
+from r1mega.rl.routing import routing_table
 from r1mega.rollout import SamplingSpec
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,11 @@ def build_batch(gens, rewards: list[float], n: int, pad_id: int, rl, multiple: i
     groups = torch.arange(B) // n
     adv = compute_advantages(rl.advantage_estimator, torch.tensor(rewards, dtype=torch.float32), groups,
                              norm_by_std=rl.norm_by_std, eps=rl.advantage_eps)
-    return LearnerBatch(tokens, mask, advantages=adv, rollout_logp=rollout_logp, lengths=lengths)
+    batch = LearnerBatch(tokens, mask, advantages=adv, rollout_logp=rollout_logp, lengths=lengths)
+    # --- routing replay (issue 9): the engine's expert choices, when it returns them ---
+    if gens and gens[0].routed_experts is not None:
+        batch.rollout_experts = routing_table([g.routed_experts for g in gens], width - 1)
+    return batch
 
 
 def refit(engine, tm, model_cfg, bucket_bytes: int) -> float:
@@ -132,6 +137,8 @@ def run_grpo(cfg, tm, engine, tokenizer, prompts: list[Prompt], *, steps: int, p
             t0 = time.monotonic()
             if reference is not None:
                 batch.ref_logp = reference.logprobs(batch, settings)
+            # --- routing replay (issue 9): old-logprob pass recording (R2) or replaying (R3) MoE routing ---
+            routing_metrics = prepare_routing_replay(tm, batch, settings, rl.routing_replay)
             m = learner_step(tm, batch, settings, rl)
             t_train = time.monotonic() - t0
             t_refit = refit(engine, tm, cfg.model, bucket_bytes)
@@ -145,7 +152,7 @@ def run_grpo(cfg, tm, engine, tokenizer, prompts: list[Prompt], *, steps: int, p
                 "loss": v.get("loss", 0.0), "skipped": m.skipped,
                 "tokens_per_s": tokens / max(t_rollout + t_reward + t_train + t_refit, 1e-9),
                 "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train, "time/refit": t_refit,
-                "consumed_samples": consumed_samples,
+                "consumed_samples": consumed_samples, **routing_metrics,
             }
             interval = cfg.trainer.eval_interval
             if evaluate is not None and interval and step % interval == 0:
