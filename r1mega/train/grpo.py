@@ -111,6 +111,9 @@ def run_grpo(cfg, tm, engine, tokenizer, prompts: list[Prompt], *, steps: int, p
     steps and its result joins that step's metrics line.
     """
     rl, n = cfg.rl, cfg.rollout.n
+    if cfg.rollout.mode != "colocated":  # issue 9: the disaggregated loop is r1mega.train.offpolicy
+        raise ValueError(f"run_grpo is the colocated loop but rollout.mode={cfg.rollout.mode!r}: run "
+                         "r1mega.train.offpolicy (engine ranks: engine_loop, learners: run_one_step_off)")
     settings = LearnerSettings(micro_batch_size=cfg.parallel.micro_batch_size, valid_vocab=cfg.model.vocab_size,
                                temperature=cfg.rollout.temperature)
     sampling = SamplingSpec.from_config(cfg.rollout, stop_token_ids=[tokenizer.eos_id])
