@@ -83,24 +83,28 @@ class _WorkerCapture:
 
     def take(self) -> list[tuple[list[int], np.ndarray]]:
         """Per captured request: (fed token ids, routing ``int16 [len, L, k]``); clears the record."""
-        per_req: dict[str, dict[int, tuple[int, np.ndarray]]] = {}
+        chunks: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         for req_ids, qsl, pos, ids, layers in self.steps:
             missing = [lid for lid in self.layer_ids if lid not in layers]
             if missing:
                 raise RuntimeError(f"routing capture: MoE layers {missing} reported no routing in an engine step")
             stacked = np.stack([layers[lid][: len(pos)] for lid in self.layer_ids], axis=1)  # [rows, L, k]
             for i, rid in enumerate(req_ids):
-                slot = per_req.setdefault(rid, {})
-                for r in range(int(qsl[i]), int(qsl[i + 1])):
-                    slot[int(pos[r])] = (int(ids[r]), stacked[r])  # a recomputed position overwrites
+                rows = slice(int(qsl[i]), int(qsl[i + 1]))
+                chunks.setdefault(rid, []).append((pos[rows], ids[rows], stacked[rows]))
         self.steps = []
         out = []
-        for rid, slot in per_req.items():
-            n = max(slot) + 1
-            if len(slot) != n:
-                raise RuntimeError(f"routing capture: request {rid} has routing for {len(slot)} of {n} positions "
-                                   "(prefix caching on?)")
-            out.append(([slot[p][0] for p in range(n)], np.stack([slot[p][1] for p in range(n)])))
+        for rid, parts in chunks.items():
+            n = max(int(p.max()) for p, _, _ in parts if len(p)) + 1
+            tokens = np.zeros(n, dtype=np.int64)
+            table = np.zeros((n, *parts[0][2].shape[1:]), dtype=np.int16)
+            seen = np.zeros(n, dtype=bool)
+            for p, t, r in parts:  # in step order: a recomputed position (preemption) overwrites
+                tokens[p], table[p], seen[p] = t, r, True
+            if not seen.all():
+                raise RuntimeError(f"routing capture: request {rid} has routing for {int(seen.sum())} of {n} "
+                                   "positions (prefix caching on?)")
+            out.append((tokens.tolist(), table))
         return out
 
 

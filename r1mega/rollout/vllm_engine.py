@@ -142,7 +142,7 @@ class VLLMEngine:
                 ids = list(c.token_ids)
                 lps = [float(step[t].logprob) for t, step in zip(ids, c.logprobs or [])]
                 row.append(Generation(i, j, list(out.prompt_token_ids), ids, c.text, lps, c.finish_reason,
-                                      self._routed(c)))
+                                      self._routed(c, len(out.prompt_token_ids) + len(ids) - 1)))
             result.append(row)
         if captured is not None:
             flat = [g for row in result for g in row]
@@ -151,14 +151,15 @@ class VLLMEngine:
                 g.routed_experts = table
         return result
 
-    def _routed(self, completion) -> Optional[torch.Tensor]:
-        """GPU path: vLLM's ``[seq_len, num_hidden_layers, topk]`` array, MoE layers only."""
+    def _routed(self, completion, fed: int) -> Optional[torch.Tensor]:
+        """GPU path (not run here): vLLM's ``[seq_len, num_hidden_layers, topk]``, MoE layers, fed tokens."""
         if not (self.return_routed_experts and self.on_gpu):
             return None
         routed = getattr(completion, "routed_experts", None)
-        if routed is None:
-            raise RuntimeError("vLLM returned no routed_experts although enable_return_routed_experts is set")
-        return torch.as_tensor(routed)[:, self.moe_layer_ids].to(torch.int16)
+        if routed is None or len(routed) < fed:
+            raise RuntimeError(f"vLLM returned routed_experts for {0 if routed is None else len(routed)} tokens, "
+                               f"expected {fed} (prompt + response - 1): is enable_return_routed_experts on?")
+        return torch.as_tensor(routed)[:fed, self.moe_layer_ids].to(torch.int16)
 
     def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
         from vllm import SamplingParams
