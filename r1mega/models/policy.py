@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from r1mega.config.schema import ModelConfig, ParallelConfig
+from r1mega.models import routing_replay
 from r1mega.models.layer_spec import build_block_spec, use_transformer_engine
+from r1mega.platform.megatron_compat import supports_routing_replay
 
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
@@ -58,6 +60,8 @@ def _moe_kwargs(model: ModelConfig) -> dict:
         moe_router_dtype="fp32",
         moe_grouped_gemm=False,
         moe_layer_freq=[0] * first_dense + [1] * (model.num_layers - first_dense),
+        # router replay hooks (R2/R3, models/routing_replay.py); inactive unless a pass sets an action
+        moe_enable_routing_replay=supports_routing_replay(),
     )
 
 
@@ -150,7 +154,7 @@ def build_policy_like(stage: PolicyStage) -> GPTModel:
 
 
 def _gpt_model(config, use_te: bool, model: ModelConfig, tp: int) -> GPTModel:
-    return GPTModel(
+    gpt = GPTModel(
         config=config,
         transformer_layer_spec=build_block_spec(config, use_te, grouped_experts=model.moe_grouped_experts),
         vocab_size=padded_vocab_size(model.vocab_size, tp),
@@ -164,3 +168,6 @@ def _gpt_model(config, use_te: bool, model: ModelConfig, tp: int) -> GPTModel:
         rope_scaling=model.rope_type == "llama3",
         rope_scaling_factor=model.rotary_scaling_factor or 8.0,
     )
+    if config.moe_enable_routing_replay:
+        routing_replay.install(gpt)
+    return gpt

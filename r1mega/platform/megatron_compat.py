@@ -28,6 +28,17 @@ def megatron_version() -> tuple[int, ...]:
     return tuple(int(p) for p in raw.split(".")[:3] if p.isdigit())
 
 
+def supports_routing_replay() -> bool:
+    """megatron-core's router replay (``transformer/moe/router_replay.py``, from 0.16) is present.
+
+    r1mega's routing replay (``models/routing_replay.py``) builds on it; older releases lack both the
+    module and ``TransformerConfig.moe_enable_routing_replay``.
+    """
+    import importlib.util
+
+    return importlib.util.find_spec("megatron.core.transformer.moe.router_replay") is not None
+
+
 def ensure_megatron() -> None:
     """Import megatron-core ready for this machine (idempotent)."""
     global _READY

@@ -13,7 +13,9 @@ every per-token tensor of a batch is [B, S - 1] for tokens [B, S].
 
 from __future__ import annotations
 
+import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
@@ -27,9 +29,12 @@ from r1mega.rl.kl import kl_penalty
 from r1mega.rl.logprob_head import hidden_state_output, token_logprobs
 from r1mega.rl.mismatch import mismatch_metrics, tis_weights
 from r1mega.rl.policy_loss import clip_range, entropy_bonus, policy_loss
+from r1mega.rl.routing import ROUTING_REPLAY_MODES, differing_layers, padding_choice, routing_mismatch_metrics
 
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +50,10 @@ class LearnerBatch:
     lengths: Optional[torch.Tensor] = None  # [B] real tokens per row (prompt + response); None = S
     token_advantages: Optional[torch.Tensor] = None  # [B, S-1] (packed rows); overrides ``advantages``
     seq_ids: Optional[torch.Tensor] = None  # [B, S-1] sequence of each token (packed rows; -1 = padding)
+    # MoE routing tables [B, S-1, L_moe, k] at input positions (rl.routing): the engine's choices, and the
+    # choices every forward of this batch replays (R3: the engine's; R2: the old-logprob pass's; None: none)
+    rollout_experts: Optional[torch.Tensor] = None
+    replay_experts: Optional[torch.Tensor] = None
 
     @property
     def size(self) -> int:
@@ -54,7 +63,8 @@ class LearnerBatch:
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return LearnerBatch(self.tokens[idx], self.loss_mask[idx], pick(self.advantages), pick(self.old_logp),
                             pick(self.rollout_logp), pick(self.ref_logp), pick(self.lengths),
-                            pick(self.token_advantages), pick(self.seq_ids))
+                            pick(self.token_advantages), pick(self.seq_ids), pick(self.rollout_experts),
+                            pick(self.replay_experts))
 
 
 @dataclass
@@ -94,15 +104,27 @@ def _micro_batches(batch: LearnerBatch, weights: torch.Tensor, mbs: int):
         yield batch.rows(sl), weights[sl]
 
 
-def _forward(gpt_model, pack: bool, data_iterator, model, loss_fn):
+def _forward(gpt_model, pack: bool, data_iterator, model, loss_fn, routing=None, recorded=None):
+    """One micro-batch forward. ``routing`` (a ``models.routing_replay.RoutingReplay``): replay the
+    micro-batch's ``replay_experts`` if it has them; ``recorded`` (a list): collect this rank's own
+    choices after the forward (every pipeline stage runs this function, so each records its layers)."""
     mb, weights = next(data_iterator)
     if pack:
         packed = pack_micro_batch(mb, weights, parallel_state.get_tensor_model_parallel_world_size())
-        hidden = model(packed.inputs, packed.positions, None, packed_seq_params=packed.params)
+        inputs, positions, kw, fed = packed.inputs, packed.positions, {"packed_seq_params": packed.params}, packed.batch
+    else:
+        inputs = mb.tokens[:, :-1].contiguous()
+        positions, kw, fed = torch.arange(inputs.size(1)).unsqueeze(0).expand_as(inputs), {}, mb
+    if routing is not None:
+        if fed.replay_experts is not None:
+            routing.set_replay(fed.replay_experts)
+        elif recorded is not None:
+            routing.set_record()
+    hidden = model(inputs, positions, None, **kw)
+    if recorded is not None:
+        recorded.append(routing.recorded(*inputs.shape))
+    if pack:
         return hidden, partial(loss_fn, gpt_model, packed.batch, packed.weights)
-    tokens = mb.tokens[:, :-1].contiguous()
-    positions = torch.arange(tokens.size(1)).unsqueeze(0).expand_as(tokens)
-    hidden = model(tokens, positions, None)
     return hidden, partial(loss_fn, gpt_model, mb, weights)
 
 
@@ -132,10 +154,16 @@ def pack_micro_batch(mb: LearnerBatch, weights: torch.Tensor, multiple: int = 1)
     packed_w = torch.zeros(padded, dtype=weights.dtype)
     adv = torch.zeros(padded) if mb.advantages is not None else None
     seq_ids = torch.full((padded,), -1, dtype=torch.long)
+    replay = None
+    if mb.replay_experts is not None:  # padding keeps valid, distinct ids (rl.routing.padding_choice)
+        k = mb.replay_experts.size(-1)
+        replay = padding_choice(k).expand(padded, mb.replay_experts.size(2), k).clone()
     cu, start = [0], 0
     for row, n in enumerate(spans):
         sl = slice(start, start + n)
         inputs[sl], labels[sl] = mb.tokens[row, :n], mb.tokens[row, 1: n + 1]
+        if replay is not None:
+            replay[sl] = mb.replay_experts[row, :n]
         positions[sl] = torch.arange(n)
         for k, v in per_token.items():
             if v is not None:
@@ -158,7 +186,7 @@ def pack_micro_batch(mb: LearnerBatch, weights: torch.Tensor, multiple: int = 1)
     batch = LearnerBatch(tokens.unsqueeze(0), fields["loss_mask"].unsqueeze(0),
                          advantages=None if adv is None else torch.zeros(1), token_advantages=row(adv),
                          old_logp=row(fields["old_logp"]), rollout_logp=row(fields["rollout_logp"]),
-                         ref_logp=row(fields["ref_logp"]), seq_ids=seq_ids.unsqueeze(0))
+                         ref_logp=row(fields["ref_logp"]), seq_ids=seq_ids.unsqueeze(0), replay_experts=row(replay))
     return PackedMicroBatch(inputs.unsqueeze(0), positions.unsqueeze(0), params, batch, packed_w.unsqueeze(0))
 
 
@@ -252,16 +280,70 @@ def compute_logprobs(model_chunk, gpt_model, batch: LearnerBatch, settings: Lear
 
     For old-policy log-probs (``model_chunk`` = the DDP-wrapped policy) and reference log-probs
     (``model_chunk`` = a frozen :class:`ReferencePolicy`'s model). Each DP rank scores its slice; the
-    last pipeline stage's results are shared with all ranks.
+    last pipeline stage's results are shared with all ranks. The model routes itself (no replay):
+    see :func:`score_with_routing`.
     """
+    return _score(model_chunk, gpt_model, batch, settings)
+
+
+@dataclass
+class RoutingRecord:
+    """What :func:`score_with_routing` saw of the routers (identical on every rank)."""
+
+    own: Optional[torch.Tensor] = None  # [B, S-1, L, k] the learner's own choices (when gathered)
+    differs: Optional[torch.Tensor] = None  # [B, S-1] MoE layers whose own choice differs from ``compare_to``
+    num_layers: int = 0
+
+
+@torch.no_grad()
+def score_with_routing(model_chunk, gpt_model, batch: LearnerBatch, settings: LearnerSettings, *,
+                       compare_to: Optional[torch.Tensor] = None,
+                       gather_own: bool = False) -> tuple[torch.Tensor, RoutingRecord]:
+    """:func:`compute_logprobs` that replays ``batch.replay_experts`` (if set) and records the routers' own
+    choices: ``compare_to`` (a routing table, e.g. the engine's) gives per-position counts of differing
+    layers, ``gather_own`` the whole own table on every rank (R2 replays it). Under replay "own" is each
+    router's top-k of its own logits given the replayed upstream layers (one forward, no second pass).
+    """
+    from r1mega.models import routing_replay
+
+    routing = routing_replay.for_model(gpt_model, gpt_model.config)
+    recorded: list = []
+    with routing.session():
+        logp = _score(model_chunk, gpt_model, batch, settings, routing=routing, recorded=recorded)
+    rows = _dp_slice(batch.size)
+    s = batch.tokens.size(1) - 1
+    own = torch.cat([t for t, _ in recorded]) if recorded else torch.zeros(0, s, routing.num_moe_layers,
+                                                                           routing.topk, dtype=torch.long)
+    filled = torch.cat([f for _, f in recorded]) if recorded else torch.zeros(own.shape[:3], dtype=torch.bool)
+    if not routing.config.sequence_parallel and parallel_state.get_tensor_model_parallel_rank() > 0:
+        filled.zero_()  # TP replicas without SP saw the same tokens: count them once
+    record = RoutingRecord(num_layers=routing.num_moe_layers)
+    if compare_to is not None:
+        differs = torch.zeros(batch.size, s, dtype=torch.long)
+        differs[rows] = (differing_layers(own, compare_to[rows]) & filled).sum(-1)
+        record.differs = routing_replay.sum_over_ranks(differs)
+    if gather_own:
+        table = torch.zeros(batch.size, s, routing.num_moe_layers, routing.topk, dtype=torch.long)
+        table[rows] = torch.where(filled[..., None], own + 1, 0)
+        table = routing_replay.sum_over_ranks(table) - 1
+        if (table < 0).any():
+            raise RuntimeError("routing record incomplete: some (position, layer) was routed on no rank")
+        record.own = table.to(torch.int16)
+    return logp, record
+
+
+def _score(model_chunk, gpt_model, batch: LearnerBatch, settings: LearnerSettings, routing=None,
+           recorded=None) -> torch.Tensor:
     rows = _dp_slice(batch.size)
     local = batch.rows(rows)
     dummy_w = torch.zeros_like(local.loss_mask, dtype=torch.float32)
     mbs = settings.micro_batch_size
+    step = partial(_forward, gpt_model, False, loss_fn=partial(_logprob_loss, settings), routing=routing,
+                   recorded=recorded)
     with hidden_state_output(gpt_model):
         outputs = get_forward_backward_func()(
             # padded rows (not packed): the result must come back as [rows, S-1]
-            forward_step_func=partial(_forward, gpt_model, False, loss_fn=partial(_logprob_loss, settings)),
+            forward_step_func=step,
             data_iterator=_micro_batches(local, dummy_w, mbs),
             model=[model_chunk],
             num_microbatches=local.size // mbs,
@@ -281,6 +363,43 @@ def compute_logprobs(model_chunk, gpt_model, batch: LearnerBatch, settings: Lear
         if item is not None:
             full[item[0]: item[0] + item[1].size(0)] = item[1]
     return full
+
+
+_LOGGED_MODES: set[str] = set()
+
+
+def prepare_routing_replay(tm, batch: LearnerBatch, settings: LearnerSettings, mode: str) -> dict[str, float]:
+    """The old-logprob pass of ``rl.routing_replay`` (collective); returns ``routing/*`` metrics.
+
+    ``r3``: replay the engine's choices (``batch.rollout_experts``) in this pass and in training;
+    ``r2``: record the learner's own choices here and replay them in training. Both set
+    ``batch.old_logp`` from this pass. ``none``: if the batch carries the engine's choices, only measure
+    (``batch`` unchanged). The mismatch metrics compare the learner's own choices with the engine's.
+    """
+    if mode not in ROUTING_REPLAY_MODES:
+        raise ValueError(f"rl.routing_replay={mode!r}: choose one of {ROUTING_REPLAY_MODES}")
+    if mode == "none" and batch.rollout_experts is None:
+        return {}
+    if mode == "r3":
+        if batch.rollout_experts is None:
+            raise ValueError("rl.routing_replay=r3 needs the engine's routed experts in the batch: build the "
+                             "engine with rollout.return_routed_experts=true")
+        batch.replay_experts = batch.rollout_experts
+    else:
+        batch.replay_experts = None
+    if mode not in _LOGGED_MODES:
+        _LOGGED_MODES.add(mode)
+        log.info("routing replay: %s (megatron-core RouterReplay; engine choices %s)", mode,
+                 "present" if batch.rollout_experts is not None else "absent")
+    logp, record = score_with_routing(tm.ddp, tm.module, batch, settings, compare_to=batch.rollout_experts,
+                                      gather_own=mode == "r2")
+    if mode != "none":
+        batch.old_logp = logp
+    if mode == "r2":
+        batch.replay_experts = record.own
+    if record.differs is None:
+        return {}
+    return routing_mismatch_metrics(record.differs, batch.loss_mask, record.num_layers)
 
 
 class ReferencePolicy:
@@ -334,9 +453,14 @@ def learner_step(tm, batch: LearnerBatch, settings: LearnerSettings, rl: Optiona
     if not forward_only:
         tm.ddp.zero_grad_buffer()
         tm.optimizer.zero_grad()
-    with hidden_state_output(gpt_model):
+    routing = None
+    if batch.replay_experts is not None:
+        from r1mega.models import routing_replay
+
+        routing = routing_replay.for_model(gpt_model, gpt_model.config)
+    with hidden_state_output(gpt_model), (routing.session() if routing is not None else nullcontext()):
         outputs = get_forward_backward_func()(
-            forward_step_func=partial(_forward, gpt_model, settings.pack, loss_fn=loss_fn),
+            forward_step_func=partial(_forward, gpt_model, settings.pack, loss_fn=loss_fn, routing=routing),
             data_iterator=_micro_batches(local, local_w, mbs),
             model=[tm.ddp],
             num_microbatches=num_micro,

@@ -74,6 +74,10 @@ class Generation:
     text: str
     logprobs: list[float]
     finish_reason: Optional[str] = None  # stop | length
+    # engines built with return_routed_experts: int16 [len(prompt) + len(response) - 1, L_moe, topk], the
+    # experts each fed token was routed to (MoE layers in model order; the last sampled token is never fed)
+    routed_experts: Optional[torch.Tensor] = None
+    policy_version: int = 0  # optimizer steps taken by the weights that sampled it (disaggregated runs stamp it)
 
 
 @dataclass

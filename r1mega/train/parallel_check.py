@@ -119,7 +119,7 @@ def _train_step(spec: CheckSpec, tm, reference, vocab_size: int, tokens: torch.T
         from r1mega.train.lm_step import lm_train_step, local_batch
 
         return lm_train_step(tm, local_batch(tokens), spec.micro_batch_size, force_all_reduce=last).loss, {}
-    from r1mega.rl.learner import LearnerSettings, compute_logprobs, learner_step
+    from r1mega.rl.learner import LearnerSettings, compute_logprobs, learner_step, prepare_routing_replay
 
     settings = LearnerSettings(micro_batch_size=spec.micro_batch_size, valid_vocab=vocab_size,
                                temperature=0.9, chunk_size=16, constant_norm=float(spec.seq_length),
@@ -129,13 +129,30 @@ def _train_step(spec: CheckSpec, tm, reference, vocab_size: int, tokens: torch.T
     if spec.objective == "grpo":
         rl = spec.rl
         # old-policy log-probs recomputed like a PPO epoch would, and a frozen reference for the KL
-        batch.old_logp = compute_logprobs(tm.ddp, tm.module, batch, settings)
+        if rl.routing_replay == "none":
+            batch.old_logp = compute_logprobs(tm.ddp, tm.module, batch, settings)
+        else:  # R2/R3: the old-logprob pass records or replays routing; the step replays it
+            batch.rollout_experts = synthetic_engine_routing(tm.config, tokens.size(0), tokens.size(1) - 1,
+                                                             spec.data_seed + step)
+            routing_metrics = prepare_routing_replay(tm, batch, settings, rl.routing_replay)
         batch.ref_logp = reference.logprobs(batch, settings)
         # an engine's sampling log-probs differ slightly from the trainer's: exercises TIS + mismatch
         noise = torch.Generator().manual_seed(spec.data_seed + step)
         batch.rollout_logp = batch.old_logp + 0.3 * torch.randn(batch.old_logp.shape, generator=noise)
     result = learner_step(tm, batch, settings, rl, force_all_reduce=last)
+    if rl is not None and rl.routing_replay != "none":
+        result.values.update(routing_metrics)
     return result.values["loss"], result.values
+
+
+def synthetic_engine_routing(config, rows: int, positions: int, seed: int) -> torch.Tensor:
+    """A stand-in for an engine's expert choices: distinct random experts per (row, position, MoE layer)."""
+    from r1mega.models.routing_replay import moe_layer_numbers
+
+    gen = torch.Generator().manual_seed(seed)
+    layers = len(moe_layer_numbers(config))
+    scores = torch.rand(rows, positions, layers, config.num_moe_experts, generator=gen)
+    return scores.argsort(-1)[..., : config.moe_router_topk].to(torch.int16)
 
 
 def global_batches(spec: CheckSpec, vocab_size: int) -> list[torch.Tensor]:

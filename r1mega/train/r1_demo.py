@@ -86,6 +86,9 @@ def run_r1_demo(cfg: R1Config, sft_steps: int = 150, sft_lr: float = 2e-3, eval_
     run that finds one in its checkpoint directory continues from it (``checkpoint.resume=auto``), and
     SIGTERM/SIGUSR1 end it after the current step with a checkpoint (``TrainingPreempted``).
     """
+    if cfg.rollout.mode != "colocated":
+        raise ValueError(f"the demo runs colocated rollouts; rollout.mode={cfg.rollout.mode!r} is not wired into it: "
+                         "drop the override (one_step_off: see r1mega.train.offpolicy)")
     from r1mega.models.policy import padded_vocab_size  # noqa: F401  (readies megatron)
     from r1mega.platform.distributed import init_model_parallel, init_process_group, shutdown
     from r1mega.train.resilience import StopSignal, TrainingPreempted
