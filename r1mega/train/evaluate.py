@@ -210,13 +210,14 @@ def eval_sampling(cfg: R1Config, tokenizer, seed: Optional[int] = None):
 
 
 def generate_and_score(engine, judge, problems: Sequence[EvalProblem], k: int, sampling, tokenizer,
-                       math_timeout_s: int = 5) -> tuple[dict, list[list[ScoredSample]], list[list[str]]]:
+                       math_timeout_s: int = 5, prefix: str = "eval/"
+                       ) -> tuple[dict, list[list[ScoredSample]], list[list[str]]]:
     """``k`` samples per problem from ``engine`` -> ``(metrics, scored samples, response texts)``."""
     rows = engine.generate([p.ids for p in problems], k, sampling)
     texts = [[tokenizer.decode([t for t in g.token_ids if t != tokenizer.eos_id]) for g in row] for row in rows]
     responses = [[(t, len(g.token_ids)) for t, g in zip(trow, row)] for trow, row in zip(texts, rows)]
     groups = score_groups(judge, problems, responses)
-    return summarize_eval(problems, groups, math_timeout_s), groups, texts
+    return summarize_eval(problems, groups, math_timeout_s, prefix), groups, texts
 
 
 def evaluate_collective(engine, judge, problems: Sequence[EvalProblem], k: int, sampling, tokenizer,
