@@ -166,8 +166,11 @@ def _choice(record: dict, where: _Where, seed: int) -> dict:
     question = _text(record, _QUESTION_KEYS["choice"], where, "choice", "the question")
     if "Correct Answer" in record:
         choices, letter = _gpqa_options(record, where, seed, question)
-    else:
+    elif "choices" in record or "options" in record:
         choices, letter = _lettered_options(record, where)
+    else:
+        raise where.error(f"missing field 'Correct Answer' (GPQA) or 'choices' (lettered options); a "
+                          f"multiple-choice record looks like {LAYOUTS['choice']}")
     options = "\n".join(f"{k}) {v}" for k, v in choices.items())
     return {"prompt": f"{question}\n\n{options}", "answer": letter, "choices": choices}
 
