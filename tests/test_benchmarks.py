@@ -15,7 +15,13 @@ from r1mega.data import DataError
 from r1mega.data.benchmarks import INSTRUCTIONS, load_benchmark, parse_benchmarks
 from r1mega.rewards import RewardComputer, RewardInput
 from r1mega.rewards.choice import extract_choice
-from r1mega.train.bench_eval import load_benchmarks, markdown_table, run_benchmarks, write_benchmark_report
+from r1mega.train.bench_eval import (
+    load_benchmarks,
+    markdown_table,
+    render_problems,
+    run_benchmarks,
+    write_benchmark_report,
+)
 from r1mega.train.eval_run import EvalRequest, resolve
 from r1mega.train.evaluate import judge_config
 
@@ -290,6 +296,9 @@ def test_report_pass1_and_consk_against_hand_computed_values(tmp_path, bench_fil
                BenchmarkConfig("code", str(bench_files["code"]), kind="code", k=2)]
     loaded = load_benchmarks(benches)
     engine = ScriptedEngine(script_for(loaded[2].examples))
+    with pytest.raises(ValueError, match="render_problems first"):
+        run_benchmarks(engine, None, loaded, k=4, sampling=None, tokenizer=engine.tok)
+    render_problems(loaded, engine.tok)
     sources = {e.data_source for b in loaded for e in b.examples}
     with RewardComputer(judge_config(RewardConfig(num_workers=0), sources)) as judge:
         results = run_benchmarks(engine, judge, loaded, k=4, sampling=None, tokenizer=engine.tok)
@@ -364,6 +373,11 @@ def test_eval_cli_with_benchmarks(tmp_path, bench_files, monkeypatch, capsys):
     assert report["benchmarks"]["gpqa"]["pass@1"] == pytest.approx((0.5 + 0.5) / 2)
     assert (tmp_path / "report.md").read_text() in printed and "| code | code | 2 | 2 | 0.750 | n/a |" in printed
     assert engine.calls == [(2, 2), (2, 2), (2, 2)]
+    # a too-long prompt fails before the engine starts
+    monkeypatch.setattr(r1mega.rollout, "build_engine", lambda *a, **kw: pytest.fail("engine started"))
+    rc = cli.main(["eval", "--config", "configs/demo_cpu.yaml", "--hf", str(hf), "--benchmarks", spec,
+                   "data.max_prompt_length=64"])
+    assert rc == 2 and "more than data.max_prompt_length=64" in capsys.readouterr().err
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"Question": "q"}])
     rc = cli.main(["eval", "--config", "configs/demo_cpu.yaml", "--hf", str(hf), "--benchmarks", f"g={bad}:choice"])
     assert rc == 2 and "bad.jsonl:1: missing field 'Correct Answer'" in capsys.readouterr().err

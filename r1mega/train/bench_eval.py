@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +32,7 @@ class LoadedBenchmark:
     config: BenchmarkConfig
     kind: str  # math | choice | code (resolved from "auto")
     examples: list[Example]
+    problems: list[EvalProblem] = field(default_factory=list)  # rendered prompts (render_problems)
 
 
 @dataclass
@@ -56,17 +57,24 @@ def load_benchmarks(benches: Sequence[BenchmarkConfig], max_problems: int = 0) -
     return [LoadedBenchmark(b, *load_benchmark(b, max_problems)) for b in benches]
 
 
+def render_problems(loaded: Sequence[LoadedBenchmark], tokenizer, template: str = "r1",
+                    max_prompt_tokens: Optional[int] = None) -> None:
+    """Render and tokenize every prompt (before the engine starts: a too-long prompt fails early)."""
+    for bench in loaded:
+        bench.problems = make_problems(bench.examples, tokenizer, template, max_prompt_tokens)
+
+
 def run_benchmarks(engine, judge, loaded: Sequence[LoadedBenchmark], k: int, sampling, tokenizer,
-                   template: str = "r1", max_prompt_tokens: Optional[int] = None,
                    math_timeout_s: int = 5) -> list[BenchmarkResult]:
-    """Generate ``bench.k or k`` samples per problem of each benchmark and score them."""
+    """Generate ``bench.k or k`` samples per problem of each (rendered) benchmark and score them."""
     out = []
     for bench in loaded:
-        problems = make_problems(bench.examples, tokenizer, template, max_prompt_tokens)
+        if len(bench.problems) != len(bench.examples):
+            raise ValueError(f"benchmark {bench.config.name!r} has no rendered prompts: call render_problems first")
         bk = bench.config.k or k
-        metrics, groups, texts = generate_and_score(engine, judge, problems, bk, sampling, tokenizer,
+        metrics, groups, texts = generate_and_score(engine, judge, bench.problems, bk, sampling, tokenizer,
                                                     math_timeout_s, prefix="")
-        out.append(BenchmarkResult(bench, bk, metrics, problems, groups, texts))
+        out.append(BenchmarkResult(bench, bk, metrics, bench.problems, groups, texts))
     return out
 
 

@@ -113,8 +113,8 @@ def run_eval(cfg: R1Config, req: EvalRequest) -> Optional[dict]:
     """Evaluate and write the report (rank 0); returns the report on rank 0, ``None`` elsewhere."""
     import torch.distributed as dist
 
-    from r1mega.train.bench_eval import load_benchmarks
-    from r1mega.train.evaluate import load_eval_examples
+    from r1mega.train.bench_eval import load_benchmarks, render_problems
+    from r1mega.train.evaluate import load_eval_examples, make_problems
 
     req = resolve(cfg, req)
     t0 = time.monotonic()
@@ -135,11 +135,15 @@ def run_eval(cfg: R1Config, req: EvalRequest) -> Optional[dict]:
     if rank == 0:
         from r1mega.rollout import build_engine
 
+        if req.suite:  # prompts are rendered before the engine starts: a too-long one fails early
+            render_problems(loaded, tokenizer, cfg.data.chat_template, cfg.data.max_prompt_length)
+        else:
+            problems = make_problems(examples, tokenizer, cfg.data.chat_template, cfg.data.max_prompt_length)
         engine = build_engine(model_dir, cfg.rollout, in_process=in_process,
                               **({} if in_process else {"env": {"OMP_NUM_THREADS": "1"}}))
         try:
             run = _run_suite if req.suite else _run_set
-            report = run(cfg, req, engine, tokenizer, loaded if req.suite else examples, sources, t0)
+            report = run(cfg, req, engine, tokenizer, loaded if req.suite else problems, sources, t0)
         finally:
             close = getattr(engine, "close", None)
             if close is not None:
@@ -161,12 +165,11 @@ def _meta(cfg: R1Config, req: EvalRequest, tokenizer, t0: float) -> dict:
             "chat_template": cfg.data.chat_template, "seconds": time.monotonic() - t0}
 
 
-def _run_set(cfg: R1Config, req: EvalRequest, engine, tokenizer, examples, sources, t0: float) -> dict:
+def _run_set(cfg: R1Config, req: EvalRequest, engine, tokenizer, problems, sources, t0: float) -> dict:
     """One eval set -> the report file (metrics under ``eval/``) and its samples file."""
     from r1mega.rewards import RewardComputer
-    from r1mega.train.evaluate import eval_sampling, generate_and_score, judge_config, make_problems, write_report
+    from r1mega.train.evaluate import eval_sampling, generate_and_score, judge_config, write_report
 
-    problems = make_problems(examples, tokenizer, cfg.data.chat_template, cfg.data.max_prompt_length)
     with RewardComputer(judge_config(cfg.reward, sources)) as judge:
         metrics, groups, texts = generate_and_score(engine, judge, problems, req.k, eval_sampling(cfg, tokenizer),
                                                     tokenizer, cfg.reward.math_timeout_s)
@@ -183,6 +186,6 @@ def _run_suite(cfg: R1Config, req: EvalRequest, engine, tokenizer, loaded, sourc
 
     with RewardComputer(judge_config(cfg.reward, sources)) as judge:
         results = run_benchmarks(engine, judge, loaded, req.k, eval_sampling(cfg, tokenizer), tokenizer,
-                                 cfg.data.chat_template, cfg.data.max_prompt_length, cfg.reward.math_timeout_s)
+                                 cfg.reward.math_timeout_s)
     report = write_benchmark_report(Path(req.out), results, _meta(cfg, req, tokenizer, t0))
     return {**report, "report": req.out}
