@@ -134,21 +134,25 @@ def cmd_train(args, rest: list[str]) -> int:
 
 
 def cmd_eval(args, rest: list[str]) -> int:
-    """pass@1 (mean over k samples), cons@k, format rate and response length -> a JSON report."""
+    """pass@1 (mean over k samples), cons@k, format rate and response length -> a JSON report
+    (several benchmarks: plus a markdown table, printed)."""
     if args.nproc > 1 and not _launched():
-        argv = ["eval", "--config", str(args.config), *_flags(args, ("data", "k", "checkpoint", "hf", "out")),
-                *args.overrides]
+        argv = ["eval", "--config", str(args.config),
+                *_flags(args, ("data", "benchmarks", "k", "checkpoint", "hf", "out")), *args.overrides]
         return _relaunch(args.nproc, argv, args.timeout)
     cfg = load_config(args.config, args.overrides, world_size=_world_size())
     from r1mega.data.jsonl import DataError
     from r1mega.train.eval_run import EvalRequest, run_eval
 
     try:
-        report = run_eval(cfg, EvalRequest(args.data, args.k, args.checkpoint, args.hf, args.out))
+        report = run_eval(cfg, EvalRequest(args.data, args.k, args.checkpoint, args.hf, args.out, args.benchmarks))
     except DataError as e:
         print(f"r1mega eval: {e}", file=sys.stderr)
         return 2
-    if report is not None:
+    if report is not None and "benchmarks" in report:
+        print(report["table"] + f"\neval: {len(report['benchmarks'])} benchmarks; report in {report['report']}, "
+              f"table in {report['markdown']}")
+    elif report is not None:
         cons = f", cons@{report['k']} {report['eval/cons@k']:.3f}" if "eval/cons@k" in report else ""
         print(f"eval: {report['problems']} problems x {report['k']} samples: pass@1 {report['eval/pass@1']:.3f}"
               f"{cons}, format {report['eval/format']:.3f}, response length {report['eval/response_len']:.1f} "
@@ -225,10 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=50 parallel.ep=2")
         p.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="pass@1 over k samples, cons@k, format, response length on a JSONL set")
+    ev = sub.add_parser("eval", help="pass@1 over k samples, cons@k, format, response length on a JSONL set "
+                                     "or on benchmarks (MATH-500/AIME, GPQA, code)")
     ev.add_argument("--config", required=True, help="recipe YAML (model, rollout sampling, eval section)")
     ev.add_argument("--data", default=None, help="JSONL with prompt/messages + answer (or synthetic:<task>); "
                                                  "default data.eval_path")
+    ev.add_argument("--benchmarks", default=None,
+                    help="name=path[:kind],... local benchmark files (kind: math | choice | code, default: "
+                         "detected from the fields), one report + markdown table; default eval.benchmarks")
     ev.add_argument("--k", type=int, default=None, help="samples per problem (default eval.k)")
     model = ev.add_mutually_exclusive_group()
     model.add_argument("--checkpoint", default=None, help="r1mega checkpoint root or step_* dir "

@@ -8,6 +8,7 @@ from r1mega.config.errors import ConfigError
 from r1mega.config.loader import config_to_yaml, load_config, save_config, stage_config
 from r1mega.config.presets import PRESETS, resolve_model
 from r1mega.config.schema import (
+    BenchmarkConfig,
     CheckpointConfig,
     DataConfig,
     EvalConfig,
@@ -27,6 +28,7 @@ from r1mega.config.schema import (
 from r1mega.config.validate import check_stage_list, derived_dp, effective_sequence_parallel, validate_config
 
 __all__ = [
+    "BenchmarkConfig",
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",

@@ -261,6 +261,19 @@ class LoggingConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """One benchmark of ``r1mega eval`` (``eval.benchmarks``, or ``--benchmarks name=path[:kind]``)."""
+
+    name: str = ""  # unique; the report's row and the samples file name
+    path: str = ""  # local .jsonl or .json file in a public layout (MATH-500, AIME, GPQA, code with tests)
+    kind: str = "auto"  # math | choice | code | auto (from the first record's fields)
+    k: Optional[int] = None  # samples per problem; None = eval.k (R1: 64 for AIME)
+    max_problems: int = 0  # evaluate the first N problems; 0 = eval.max_prompts (0 = all)
+    instruction: Optional[str] = None  # appended to each question; None = the kind's default, "" = none
+    seed: int = 0  # choice: seeds the deterministic shuffle of GPQA's four answers into A-D
+
+
+@dataclass
 class EvalConfig:
     """Evaluation (``r1mega eval`` and eval steps in training), as DeepSeek-R1 reports it: pass@1 is
     the mean accuracy over ``k`` temperature samples per problem; cons@k votes over the same samples."""
@@ -271,6 +284,7 @@ class EvalConfig:
     top_p: Optional[float] = None  # None = rollout.top_p (R1: 0.95)
     max_new_tokens: Optional[int] = None  # None = rollout.max_new_tokens
     seed: int = 12345  # sampling seed: the same model gives the same report
+    benchmarks: list[BenchmarkConfig] = field(default_factory=list)  # r1mega eval's default set when no --data
 
 
 @dataclass

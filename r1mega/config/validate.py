@@ -40,6 +40,7 @@ KL_ESTIMATOR_NAMES = ("k1", "k2", "k3")
 LOSS_AGG_MODE_NAMES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 REFILL_POLICY_NAMES = ("resample", "duplicate", "none")
 STAGE_KINDS = ("sft", "grpo", "rejection_sampling")
+BENCHMARK_KINDS = ("math", "choice", "code")  # r1mega.data.benchmarks layouts ("auto": detect)
 # Stages share one model and one process layout; what a stage may not override.
 STAGE_FIXED_SECTIONS = ("model", "parallel", "stages", "checkpoint")
 ROUTING_REPLAY_NAMES = ("none", "r2", "r3")
@@ -591,6 +592,29 @@ def _check_eval(e) -> Problems:
         out.append(f"eval.top_p={e.top_p} must be in (0, 1], or null for rollout.top_p")
     if e.max_new_tokens is not None:
         out += _at_least("eval.max_new_tokens", e.max_new_tokens, 1)
+    return out + check_benchmarks(e.benchmarks, "eval.benchmarks")
+
+
+def check_benchmarks(benchmarks, where: str = "eval.benchmarks") -> Problems:
+    """Unique file-name-safe names, a path, a known kind, k >= 1 (``--benchmarks`` is checked the same way)."""
+    import re
+
+    out: Problems = []
+    seen: set[str] = set()
+    for i, b in enumerate(benchmarks):
+        key = f"{where}[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", b.name or ""):
+            out.append(f"{key}.name={b.name!r} must be a non-empty name of letters, digits, '_', '-' or '.' "
+                       f"(it names the benchmark's samples file)")
+        elif b.name in seen:
+            out.append(f"{key}.name={b.name!r} is used twice: give every benchmark a unique name")
+        seen.add(b.name)
+        if not b.path:
+            out.append(f"{key}.path is empty: point it at a local .jsonl or .json file")
+        out += _one_of(f"{key}.kind", b.kind, BENCHMARK_KINDS + ("auto",))
+        if b.k is not None:
+            out += _at_least(f"{key}.k", b.k, 1, "or leave it unset for eval.k")
+        out += _at_least(f"{key}.max_problems", b.max_problems, 0, "set 0 for eval.max_prompts")
     return out
 
 

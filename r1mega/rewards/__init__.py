@@ -1,15 +1,17 @@
 """Verifiable rewards (DeepSeek-R1 style) and the registry that combines them.
 
 Built-in terms (``reward.terms[*].name``): ``accuracy`` (math answer equivalence via math-verify),
-``format`` (the ``<think>``/``<answer>`` template), ``language`` (chain-of-thought language
-consistency), ``code`` (sandboxed test execution), ``countdown`` and ``overlong`` (DAPO length
-shaping). Add one with ``@register_reward("name")`` on a ``(RewardInput, RewardConfig) -> float``
-function at module level. Model rewards (``reward.models``: an HF reward model, or a generative judge
-served by a rollout engine) are configured, not registered: see ``model_rewards``.
+``choice`` (multiple-choice letter), ``format`` (the ``<think>``/``<answer>`` template),
+``language`` (chain-of-thought language consistency), ``code`` (sandboxed test execution),
+``countdown`` and ``overlong`` (DAPO length shaping). Add one with ``@register_reward("name")`` on a
+``(RewardInput, RewardConfig) -> float`` function at module level. Model rewards (``reward.models``:
+an HF reward model, or a generative judge served by a rollout engine) are configured, not
+registered: see ``model_rewards``.
 """
 
-from r1mega.rewards import accuracy, code_exec, countdown, formatting, language, length  # noqa: F401 (register)
+from r1mega.rewards import accuracy, choice, code_exec, countdown, formatting, language, length  # noqa: F401 (register)
 from r1mega.rewards.accuracy import math_equal
+from r1mega.rewards.choice import extract_choice
 from r1mega.rewards.code_exec import extract_code, run_tests
 from r1mega.rewards.compute import RewardComputer, check_reward_config, score_sample, summarize
 from r1mega.rewards.countdown import check_countdown
@@ -35,6 +37,7 @@ __all__ = [
     "chain_of_thought",
     "check_countdown",
     "check_reward_config",
+    "extract_choice",
     "extract_code",
     "final_answer",
     "format_checks",

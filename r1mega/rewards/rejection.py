@@ -1,7 +1,8 @@
 """Rejection sampling (DeepSeek-R1 stage 3): keep the good generations of each prompt as SFT data.
 
 For each prompt with k generations, a generation is kept when it is correct (the data source's
-correctness reward is 1: ``accuracy`` for math, ``countdown``, all tests pass for ``code``),
+correctness reward is 1: ``accuracy`` for math, ``countdown``, all tests pass for ``code``, the
+right letter for ``multiple_choice``),
 strictly well formatted, and its chain of thought is at least ``min_language`` in the target
 language; duplicates (same text up to whitespace) are dropped and at most ``max_per_prompt`` are kept.
 Kept generations are written as chat records (``messages`` ending with the assistant reply in the
@@ -25,7 +26,8 @@ from r1mega.data.jsonl import DataError, PathLike, read_jsonl
 from r1mega.rewards.compute import RewardComputer
 from r1mega.rewards.sample import RewardInput, RewardResult
 
-CORRECTNESS = {"math": "accuracy", "arithmetic": "accuracy", "countdown": "countdown", "code": "code"}
+CORRECTNESS = {"math": "accuracy", "arithmetic": "accuracy", "countdown": "countdown", "code": "code",
+               "multiple_choice": "choice"}
 REASONS = ("unverifiable", "incorrect", "bad_format", "mixed_language", "duplicate", "over_cap")
 
 
@@ -47,7 +49,7 @@ def judge_config(base: Optional[RewardConfig] = None) -> RewardConfig:
     """The reward terms rejection sampling needs, with the base config's format/language/sandbox settings."""
     base = base or RewardConfig(num_workers=0)
     terms = [RewardTermConfig("accuracy", 1.0, ["math", "arithmetic"]),
-             RewardTermConfig("countdown", 1.0), RewardTermConfig("code", 1.0),
+             RewardTermConfig("countdown", 1.0), RewardTermConfig("code", 1.0), RewardTermConfig("choice", 1.0),
              RewardTermConfig("format", 1.0), RewardTermConfig("language", 1.0)]
     return replace(base, terms=terms, format_mode="strict")
 

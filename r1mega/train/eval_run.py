@@ -1,4 +1,6 @@
-"""``r1mega eval``: pass@1 / cons@k / format / response length of a model on a JSONL set, as one JSON report.
+"""``r1mega eval``: pass@1 / cons@k / format / response length of a model on a JSONL set, as one JSON report,
+or on several benchmarks (``--benchmarks`` / ``eval.benchmarks``: ``train/bench_eval.py``) as one JSON
+report plus a markdown table.
 
 The model is an HF directory (``--hf``: straight into the engine, no megatron) or an r1mega
 checkpoint (``--checkpoint``, default ``checkpoint.load_dir``: loaded into the megatron policy in
@@ -10,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from r1mega.config.errors import ConfigError
-from r1mega.config.schema import R1Config
+from r1mega.config.schema import BenchmarkConfig, R1Config
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +29,37 @@ class EvalRequest:
     checkpoint: Optional[str] = None  # r1mega checkpoint root or step dir; None = checkpoint.load_dir
     hf: Optional[str] = None  # HF model directory
     out: Optional[str] = None  # report path; None = <trainer.output_dir>/eval.json
+    benchmarks: Optional[str] = None  # "name=path[:kind],..."; None = eval.benchmarks when --data is not given
+    suite: list[BenchmarkConfig] = field(default_factory=list)  # resolved benchmarks (empty: one --data set)
+
+
+def _suite(cfg: R1Config, req: EvalRequest, problems: list[str]) -> list[BenchmarkConfig]:
+    """The benchmarks to run: ``--benchmarks``, else ``eval.benchmarks`` unless ``--data`` was given."""
+    from r1mega.config.validate import check_benchmarks
+    from r1mega.data.benchmarks import parse_benchmarks
+
+    if req.benchmarks is None:
+        return [] if req.data else list(cfg.eval.benchmarks)
+    if req.data:
+        problems.append("--data and --benchmarks both given: pass one (a --data set can be a benchmark: "
+                        "name=path.jsonl)")
+    try:
+        suite = parse_benchmarks(req.benchmarks)
+    except ValueError as e:
+        problems.append(str(e))
+        return []
+    problems += check_benchmarks(suite, "--benchmarks")
+    return suite
 
 
 def resolve(cfg: R1Config, req: EvalRequest) -> EvalRequest:
     """Fill defaults from the config; raise ``ConfigError`` naming the missing input and the flag that sets it."""
-    problems = []
-    data = req.data or cfg.data.eval_path
-    if not data:
-        problems.append("no eval set: pass --data path.jsonl (or synthetic:addition) or set data.eval_path")
+    problems: list[str] = []
+    suite = _suite(cfg, req, problems)
+    data = None if suite else req.data or cfg.data.eval_path
+    if not data and not suite and not problems:
+        problems.append("no eval set: pass --data path.jsonl (or synthetic:addition) or --benchmarks "
+                        "name=path[:kind],... or set data.eval_path / eval.benchmarks")
     checkpoint = req.checkpoint if req.hf is None else None
     checkpoint = checkpoint or (cfg.checkpoint.load_dir if req.hf is None else None)
     if req.hf is not None and req.checkpoint is not None:
@@ -50,7 +75,7 @@ def resolve(cfg: R1Config, req: EvalRequest) -> EvalRequest:
     if problems:
         raise ConfigError(problems)
     out = req.out or str(Path(cfg.trainer.output_dir) / "eval.json")
-    return EvalRequest(data, k, checkpoint, req.hf, out)
+    return EvalRequest(data, k, checkpoint, req.hf, out, req.benchmarks, suite)
 
 
 def _tokenizer(cfg: R1Config, model_dir: Optional[Path]):
@@ -88,53 +113,79 @@ def run_eval(cfg: R1Config, req: EvalRequest) -> Optional[dict]:
     """Evaluate and write the report (rank 0); returns the report on rank 0, ``None`` elsewhere."""
     import torch.distributed as dist
 
-    from r1mega.rewards import RewardComputer
-    from r1mega.train.evaluate import (
-        eval_sampling,
-        generate_and_score,
-        judge_config,
-        load_eval_examples,
-        make_problems,
-        write_report,
-    )
+    from r1mega.train.bench_eval import load_benchmarks, render_problems
+    from r1mega.train.evaluate import load_eval_examples, make_problems
 
     req = resolve(cfg, req)
     t0 = time.monotonic()
-    report_path = Path(req.out)
-    examples = load_eval_examples(req.data, seed=cfg.data.seed, max_prompts=cfg.eval.max_prompts)
+    if req.suite:  # read every file before loading a model: a bad file fails in a second, not minutes
+        loaded = load_benchmarks(req.suite, cfg.eval.max_prompts)
+        sources = {e.data_source for b in loaded for e in b.examples}
+    else:
+        examples = load_eval_examples(req.data, seed=cfg.data.seed, max_prompts=cfg.eval.max_prompts)
+        sources = {e.data_source for e in examples}
     if req.hf is not None:
         tokenizer, _ = _tokenizer(cfg, Path(req.hf))
         model_dir, in_process = Path(req.hf), True
     else:
         tokenizer, tok_dir = _tokenizer(cfg, None)
-        model_dir, in_process = _export_checkpoint(cfg, req.checkpoint, report_path.parent, tok_dir), False
+        model_dir, in_process = _export_checkpoint(cfg, req.checkpoint, Path(req.out).parent, tok_dir), False
     rank = dist.get_rank() if dist.is_initialized() else 0
     report = None
     if rank == 0:
         from r1mega.rollout import build_engine
 
-        problems = make_problems(examples, tokenizer, cfg.data.chat_template, cfg.data.max_prompt_length)
+        if req.suite:  # prompts are rendered before the engine starts: a too-long one fails early
+            render_problems(loaded, tokenizer, cfg.data.chat_template, cfg.data.max_prompt_length)
+        else:
+            problems = make_problems(examples, tokenizer, cfg.data.chat_template, cfg.data.max_prompt_length)
         engine = build_engine(model_dir, cfg.rollout, in_process=in_process,
                               **({} if in_process else {"env": {"OMP_NUM_THREADS": "1"}}))
         try:
-            with RewardComputer(judge_config(cfg.reward, {e.data_source for e in examples})) as judge:
-                metrics, groups, texts = generate_and_score(engine, judge, problems, req.k,
-                                                            eval_sampling(cfg, tokenizer), tokenizer,
-                                                            cfg.reward.math_timeout_s)
+            run = _run_suite if req.suite else _run_set
+            report = run(cfg, req, engine, tokenizer, loaded if req.suite else problems, sources, t0)
         finally:
             close = getattr(engine, "close", None)
             if close is not None:
                 close()
-        sampling = eval_sampling(cfg, tokenizer)
-        meta = {"data": req.data, "model": str(req.hf or req.checkpoint), "k": req.k, "problems": len(problems),
-                "temperature": sampling.temperature, "top_p": sampling.top_p,
-                "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed,
-                "chat_template": cfg.data.chat_template, "seconds": time.monotonic() - t0}
-        write_report(report_path, metrics, problems, groups, texts, meta)
-        report = {**meta, **metrics, "report": str(report_path)}
     if dist.is_initialized():
         from r1mega.platform.distributed import shutdown
 
         dist.barrier()
         shutdown()
     return report
+
+
+def _meta(cfg: R1Config, req: EvalRequest, tokenizer, t0: float) -> dict:
+    from r1mega.train.evaluate import eval_sampling
+
+    sampling = eval_sampling(cfg, tokenizer)
+    return {"model": str(req.hf or req.checkpoint), "k": req.k, "temperature": sampling.temperature,
+            "top_p": sampling.top_p, "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed,
+            "chat_template": cfg.data.chat_template, "seconds": time.monotonic() - t0}
+
+
+def _run_set(cfg: R1Config, req: EvalRequest, engine, tokenizer, problems, sources, t0: float) -> dict:
+    """One eval set -> the report file (metrics under ``eval/``) and its samples file."""
+    from r1mega.rewards import RewardComputer
+    from r1mega.train.evaluate import eval_sampling, generate_and_score, judge_config, write_report
+
+    with RewardComputer(judge_config(cfg.reward, sources)) as judge:
+        metrics, groups, texts = generate_and_score(engine, judge, problems, req.k, eval_sampling(cfg, tokenizer),
+                                                    tokenizer, cfg.reward.math_timeout_s)
+    meta = {"data": req.data, **_meta(cfg, req, tokenizer, t0), "problems": len(problems)}
+    write_report(Path(req.out), metrics, problems, groups, texts, meta)
+    return {**meta, **metrics, "report": req.out}
+
+
+def _run_suite(cfg: R1Config, req: EvalRequest, engine, tokenizer, loaded, sources, t0: float) -> dict:
+    """Several benchmarks -> one JSON report, a markdown table next to it, one samples file each."""
+    from r1mega.rewards import RewardComputer
+    from r1mega.train.bench_eval import run_benchmarks, write_benchmark_report
+    from r1mega.train.evaluate import eval_sampling, judge_config
+
+    with RewardComputer(judge_config(cfg.reward, sources)) as judge:
+        results = run_benchmarks(engine, judge, loaded, req.k, eval_sampling(cfg, tokenizer), tokenizer,
+                                 cfg.reward.math_timeout_s)
+    report = write_benchmark_report(Path(req.out), results, _meta(cfg, req, tokenizer, t0))
+    return {**report, "report": req.out}

@@ -6,8 +6,9 @@
   grouped by equivalence (exact text after normalisation, else ``math_equal`` for math/arithmetic);
   samples without an extractable answer do not vote. **Ties** go to the answer class whose first
   member came first in sample order; a problem with no answer at all counts as wrong. The voted class
-  is correct when its first member is. Code problems have no comparable final answer and are left
-  out of cons@k (the key is absent when no problem qualifies).
+  is correct when its first member is. Multiple-choice samples vote with the extracted letter
+  (``rewards.choice``). Code problems have no comparable final answer and are left out of cons@k
+  (the key is absent when no problem qualifies).
 - ``response_len`` = mean generated tokens; ``format`` = share of samples in the strict R1 template.
 
 Correctness per data source is the same reward rejection sampling uses (``rewards.rejection.CORRECTNESS``):
@@ -29,6 +30,7 @@ from r1mega.data.jsonl import DataError
 from r1mega.data.tasks import is_synthetic, synthetic_examples
 from r1mega.data.templates import get_template
 from r1mega.rewards.accuracy import answer_key, math_equal
+from r1mega.rewards.choice import choice_letters, extract_choice
 from r1mega.rewards.extract import final_answer, with_prefill
 from r1mega.rewards.rejection import CORRECTNESS
 from r1mega.rewards.sample import reward_input_from_example
@@ -162,8 +164,18 @@ def judge_config(base: RewardConfig, sources: Iterable[str] = tuple(CORRECTNESS)
     sources = set(sources)
     terms = [RewardTermConfig("accuracy", 1.0, sorted(sources & set(MATH_SOURCES)))] if sources & set(MATH_SOURCES) \
         else []
-    terms += [RewardTermConfig(name, 1.0) for name in ("countdown", "code") if name in sources]
+    terms += [RewardTermConfig(CORRECTNESS[s], 1.0, [s]) for s in sorted(sources - set(MATH_SOURCES))]
     return replace(base, terms=terms + [RewardTermConfig("format", 1.0)], format_mode="strict", overlong_buffer=0)
+
+
+def extract_answer(example: Example, text: str) -> Optional[str]:
+    """The answer a sample votes with: the chosen letter (multiple choice), the final answer (math and
+    the like), ``None`` for code (a program has no comparable final answer)."""
+    if example.data_source == "code":
+        return None
+    if example.data_source == "multiple_choice":
+        return extract_choice(text, choice_letters(example.meta))
+    return final_answer(text)
 
 
 def score_groups(judge, problems: Sequence[EvalProblem], responses: Sequence[Sequence[tuple[str, int]]]
@@ -178,7 +190,7 @@ def score_groups(judge, problems: Sequence[EvalProblem], responses: Sequence[Seq
         scored = []
         for text, n in group:
             r = next(results)
-            answer = None if p.example.data_source == "code" else final_answer(with_prefill(text, p.text))
+            answer = extract_answer(p.example, with_prefill(text, p.text))
             scored.append(ScoredSample(1.0 if r.terms.get(term, 0.0) >= 1.0 else 0.0,
                                        1.0 if r.terms.get("format", 0.0) >= 1.0 else 0.0, answer, n))
         out.append(scored)
@@ -198,13 +210,14 @@ def eval_sampling(cfg: R1Config, tokenizer, seed: Optional[int] = None):
 
 
 def generate_and_score(engine, judge, problems: Sequence[EvalProblem], k: int, sampling, tokenizer,
-                       math_timeout_s: int = 5) -> tuple[dict, list[list[ScoredSample]], list[list[str]]]:
+                       math_timeout_s: int = 5, prefix: str = "eval/"
+                       ) -> tuple[dict, list[list[ScoredSample]], list[list[str]]]:
     """``k`` samples per problem from ``engine`` -> ``(metrics, scored samples, response texts)``."""
     rows = engine.generate([p.ids for p in problems], k, sampling)
     texts = [[tokenizer.decode([t for t in g.token_ids if t != tokenizer.eos_id]) for g in row] for row in rows]
     responses = [[(t, len(g.token_ids)) for t, g in zip(trow, row)] for trow, row in zip(texts, rows)]
     groups = score_groups(judge, problems, responses)
-    return summarize_eval(problems, groups, math_timeout_s), groups, texts
+    return summarize_eval(problems, groups, math_timeout_s, prefix), groups, texts
 
 
 def evaluate_collective(engine, judge, problems: Sequence[EvalProblem], k: int, sampling, tokenizer,
@@ -221,8 +234,14 @@ def evaluate_collective(engine, judge, problems: Sequence[EvalProblem], k: int, 
 def write_report(path: Path, metrics: dict, problems: Sequence[EvalProblem], groups, texts, meta: dict) -> Path:
     """``<path>`` (metrics + run facts) and ``<path stem>_samples.jsonl`` (every response, judged)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    samples = path.with_name(path.stem + "_samples.jsonl")
+    samples = write_samples(path.with_name(path.stem + "_samples.jsonl"), problems, groups, texts)
+    path.write_text(json.dumps({**meta, **metrics, "samples_file": str(samples)}, indent=2))
+    return path
+
+
+def write_samples(samples: Path, problems: Sequence[EvalProblem], groups, texts) -> Path:
+    """One JSONL line per problem: prompt, reference, and every response with its verdict."""
+    samples.parent.mkdir(parents=True, exist_ok=True)
     with samples.open("w", encoding="utf-8") as f:
         for p, group, trow in zip(problems, groups, texts):
             f.write(json.dumps({"id": p.example.id, "where": p.example.where, "answer": p.example.answer,
@@ -230,5 +249,4 @@ def write_report(path: Path, metrics: dict, problems: Sequence[EvalProblem], gro
                                 "samples": [{"response": t, "correct": s.correct, "format": s.format,
                                              "extracted": s.answer, "tokens": s.length}
                                             for s, t in zip(group, trow)]}, ensure_ascii=False) + "\n")
-    path.write_text(json.dumps({**meta, **metrics, "samples_file": str(samples)}, indent=2))
-    return path
+    return samples
