@@ -4,6 +4,7 @@ padded), resumable teacher generation (interrupted + rerun == uninterrupted), th
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -84,3 +85,105 @@ def test_sft_step_adds_the_distillation_kl_padded_and_packed(single_process_mega
     with pytest.raises(ValueError, match="needs LearnerBatch.teacher_ids"):
         learner_step(tm, LearnerBatch(tokens, mask), LearnerSettings(2, vocab, distill_coef=1.0), None,
                      forward_only=True)
+
+
+class _SeededEngine:
+    """Samples depend only on each prompt's seed (as vLLM's per-request seeds): a pure function of it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, n, sampling):
+        from r1mega.rollout import Generation
+
+        self.calls.append((len(prompts), sampling.seed))
+        rows = []
+        for i, p in enumerate(prompts):
+            g = torch.Generator().manual_seed(sampling.seed + i)
+            row = []
+            for j in range(n):
+                ids = torch.randint(3, 50, (4,), generator=g).tolist() + [0]
+                top = [[t, 1] for t in ids]
+                row.append(Generation(i, j, list(p), ids, "", [0.0] * 5, "stop", top, [[-0.1, -2.5]] * 5))
+            rows.append(row)
+        return rows
+
+
+def _store(root, prompts, chunk=3):
+    from r1mega.rollout import SamplingSpec
+    from r1mega.train.teacher_gen import GenerationStore, store_settings
+
+    sampling = SamplingSpec(seed=7, top_logprobs=2)
+    return GenerationStore(root, store_settings("teacher", 2, sampling, chunk, prompts)), sampling
+
+
+def test_interrupted_generation_resumes_to_the_same_dataset(tmp_path):
+    from r1mega.train.teacher_gen import generate_resumable
+
+    prompts = [[1, 10 + i] for i in range(8)]  # 3 chunks of 3, 3, 2 prompts
+    decode = lambda ids: ",".join(map(str, ids))  # noqa: E731
+
+    def run(root, max_chunks, engine):
+        store, sampling = _store(root, prompts)
+        return generate_resumable(engine, prompts, 2, sampling, store, 3, decode, 0, max_chunks=max_chunks)
+
+    full_engine = _SeededEngine()
+    assert run(tmp_path / "full", 0, full_engine)
+    assert full_engine.calls == [(3, 7), (3, 10), (2, 13)]  # prompt i samples with seed 7 + i
+    engine = _SeededEngine()
+    assert not run(tmp_path / "cut", 1, engine)  # stops after one chunk
+    shard = tmp_path / "cut" / "generations.jsonl"
+    with open(shard, "a") as f:
+        f.write('{"index": 3, "partial')  # a kill while the second chunk was being written
+    assert not run(tmp_path / "cut", 1, engine)
+    assert run(tmp_path / "cut", 0, engine)
+    assert engine.calls == [(3, 7), (3, 10), (2, 13)]  # every chunk generated once
+    assert run(tmp_path / "cut", 0, engine) and len(engine.calls) == 3  # complete: nothing left to do
+    assert shard.read_bytes() == (tmp_path / "full" / "generations.jsonl").read_bytes()
+    records = [json.loads(x) for x in shard.read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(8))  # no duplicates, in order
+    g = records[0]["generations"][0]
+    assert g["text"] == decode(g["token_ids"][:-1]) and g["teacher_top_ids"][0] == [g["token_ids"][0], 1]
+    # other settings (here: another chunk size) must not resume this shard
+    store, _ = _store(tmp_path / "cut", prompts, chunk=4)
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['chunk_prompts'\]\).*delete"):
+        store.open()
+
+
+def test_the_teacher_must_share_the_students_tokenizer(tmp_path):
+    from r1mega.config import ConfigError
+    from r1mega.data.tasks import synthetic_examples
+    from r1mega.data.tokenizer import HFTokenizer
+    from r1mega.train.distill import check_same_tokenizer
+    from r1mega.train.r1_demo import build_tokenizer
+    from r1mega.train.sft import render
+
+    examples = synthetic_examples("synthetic:addition:2", "train", 0)[:200]
+    a = HFTokenizer(build_tokenizer(tmp_path / "a", examples, 300))
+    same = HFTokenizer(build_tokenizer(tmp_path / "same", examples, 300))
+    other = HFTokenizer(build_tokenizer(tmp_path / "b", examples, 280))
+    probes = [render(e.prompt) for e in examples[:4]]
+    check_same_tokenizer(a, same, probes, 512, "same")
+    assert other.vocab_size == 280 and a.vocab_size > 280
+    with pytest.raises(ConfigError, match=rf"the teacher's tokenizer \(b\) differs from the student's: vocab_size "
+                                          rf"280 \(teacher\) vs {a.vocab_size} \(student\).*set data.tokenizer"):
+        check_same_tokenizer(a, other, probes, 512, "b")
+    with pytest.raises(ConfigError, match="raise model.vocab_size"):
+        check_same_tokenizer(a, same, probes, 256, "same")
+
+
+def test_distill_config_is_checked():
+    from r1mega.config import ConfigError, load_config
+
+    base = "configs/distill_tiny_cpu.yaml"
+    cfg = load_config(base, world_size=1)
+    assert [s.kind for s in cfg.stages] == ["distill"] and cfg.model.preset == "qwen3"
+    with pytest.raises(ConfigError) as e:
+        load_config(base, ["distill.teacher_hf=x", "distill.kl_coef=0.5", "distill.top_logprobs=0",
+                           "distill.chunk_prompts=0", "rollout.seed=null"], world_size=1)
+    msg = str(e.value)
+    for phrase in ("needs exactly one teacher", "> 0 needs distill.top_logprobs >= 1", "distill.chunk_prompts=0",
+                   "rollout.seed=null"):
+        assert phrase in msg, phrase
+    with pytest.raises(ConfigError, match="distill.teacher_checkpoint needs data.tokenizer"):
+        load_config(base, ["data.tokenizer=null"], world_size=1)

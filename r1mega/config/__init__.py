@@ -10,6 +10,7 @@ from r1mega.config.presets import PRESETS, resolve_model
 from r1mega.config.schema import (
     CheckpointConfig,
     DataConfig,
+    DistillConfig,
     EvalConfig,
     LoggingConfig,
     ModelConfig,
@@ -30,6 +31,7 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "DistillConfig",
     "EvalConfig",
     "LoggingConfig",
     "ModelConfig",
