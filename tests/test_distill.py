@@ -187,3 +187,92 @@ def test_distill_config_is_checked():
         assert phrase in msg, phrase
     with pytest.raises(ConfigError, match="distill.teacher_checkpoint needs data.tokenizer"):
         load_config(base, ["data.tokenizer=null"], world_size=1)
+
+
+class _ScriptedTeacher:
+    """Stands in for the teacher's engine: R1-formatted worked solutions, right or wrong by the prompt's seed."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, []
+
+    def generate(self, prompts, n, sampling):
+        import re
+
+        from r1mega.rollout import Generation
+        from r1mega.train.sft import r1_completion
+
+        self.calls.append(len(prompts))
+        assert sampling.logprobs_mode == "raw" and sampling.top_logprobs == 5
+        rows = []
+        for i, p in enumerate(prompts):
+            a, b = map(int, re.search(r"(\d+)\s*\+\s*(\d+)", self.tok.decode(p)).groups())
+            g = torch.Generator().manual_seed(sampling.seed + i)
+            row = []
+            for j in range(n):
+                answer = a + b + (0 if torch.rand((), generator=g) < 0.7 else 1)
+                ids = self.tok.encode(r1_completion(f"{a}+{b}=", str(answer))) + [self.tok.eos_id]
+                top = [[t, *(((t + 1 + k) % 250) for k in range(4))] for t in ids]
+                lps = [[-0.1, -3.0, -4.0, -5.0, -6.0]] * len(ids)
+                row.append(Generation(i, j, list(p), ids, "", [-0.1] * len(ids), "stop", top, lps))
+            rows.append(row)
+        return rows
+
+    def close(self):
+        pass
+
+
+@pytest.mark.timeout(240)
+def test_distill_stage_interrupted_and_rerun_trains_the_student(tmp_path, monkeypatch):
+    """The whole stage in-process with a scripted teacher engine: generation stops after one chunk
+    (distill.max_chunks=1), the rerun continues it; the data equals an uninterrupted run's; the dense student
+    trains on the kept samples with the KL term."""
+    import r1mega.rollout
+    from r1mega.config import load_config
+    from r1mega.data.tasks import synthetic_examples
+    from r1mega.data.tokenizer import HFTokenizer
+    from r1mega.platform.distributed import shutdown
+    from r1mega.train.r1_demo import build_tokenizer
+    from r1mega.train.recipe import run_recipe
+    from r1mega.train.teacher_gen import GenerationPaused
+
+    teacher = build_tokenizer(tmp_path / "teacher", synthetic_examples("synthetic:addition:2", "train", 0), 512)
+    (teacher / "config.json").write_text("{}")
+    tok = HFTokenizer(teacher)
+    engines = []
+    monkeypatch.setattr(r1mega.rollout, "build_engine",
+                        lambda *a, **k: engines.append(_ScriptedTeacher(tok)) or engines[-1])
+
+    def config(out, *extra):
+        return load_config("configs/distill_tiny_cpu.yaml", [
+            f"distill.teacher_hf={teacher}", "distill.teacher_checkpoint=null", "distill.teacher_config=null",
+            "data.tokenizer=null", "data.eval_path=null", f"trainer.output_dir={out}", "trainer.steps=3",
+            "trainer.global_batch_size=8", "parallel.micro_batch_size=4", "distill.chunk_prompts=4",
+            "model.num_layers=1", "logging.tensorboard=false",
+            "stages=[{name: distill, kind: distill, samples_per_prompt: 3, max_per_prompt: 2, max_prompts: 10, "
+            "min_language: 0.0}]", *extra], world_size=1)
+
+    out = tmp_path / "cut"
+    with pytest.raises(GenerationPaused, match="stopped after distill.max_chunks=1 chunk.*rerun the same command"):
+        run_recipe(config(out, "distill.max_chunks=1"))
+    shutdown()
+    assert json.loads((out / "distill" / "teacher" / "manifest.json").read_text())["chunks_done"] == 1
+    summary = run_recipe(config(out, "distill.max_chunks=0"))
+    assert [e.calls for e in engines] == [[4], [4, 2]]  # 10 prompts in chunks of 4: each generated once
+    full = tmp_path / "full"
+    run_recipe(config(full))
+    gens = (out / "distill" / "teacher" / "generations.jsonl").read_bytes()
+    assert gens == (full / "distill" / "teacher" / "generations.jsonl").read_bytes()
+    assert (out / "distill" / "sft.jsonl").read_bytes() == (full / "distill" / "sft.jsonl").read_bytes()
+
+    info = summary["stages"]["distill"]
+    assert info["report"]["prompts"] == 10 and info["report"]["generations"] == 30
+    assert 0 < info["report"]["kept"] == info["examples"] <= 20
+    assert info["report"]["dropped"]["incorrect"] > 0 and info["fingerprint_end"] != info["fingerprint_start"]
+    records = [json.loads(x) for x in (out / "distill" / "sft.jsonl").read_text().splitlines()]
+    rec = records[0]
+    assert rec["messages"][-1]["role"] == "assistant" and rec["messages"][-1]["content"].startswith("<think>\n")
+    assert len(rec["teacher_top_ids"]) == len(rec["token_ids"]) and rec["token_ids"][-1] == tok.eos_id
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    sft = [r for r in steps if r["stage"] == "sft"]
+    assert len(sft) == 3 and all(r["distill_kl"] > 0 and r["loss"] > r["nll"] for r in sft)
+    assert summary["final_checkpoint"].endswith("step_000003")
