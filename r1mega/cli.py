@@ -109,20 +109,36 @@ def cmd_lm_demo(args, rest: list[str]) -> int:
 
 
 def cmd_train(args, rest: list[str]) -> int:
-    """Run the recipe's stages in order (``r1mega.train.recipe``); ``sft`` runs one SFT stage."""
+    """Run the recipe's stages in order (``r1mega.train.recipe``); ``sft`` runs one SFT stage; ``distill`` runs
+    the recipe's stages (which must include a distill stage), or one distill stage when it has none."""
     if args.nproc > 1 and not _launched():
         return _relaunch(args.nproc, [args.command, "--config", str(args.config), *args.overrides], args.timeout)
     cfg = load_config(args.config, args.overrides, world_size=_world_size())
     from r1mega.config import StageConfig
     from r1mega.data.jsonl import DataError
     from r1mega.train.recipe import run_recipe
+    from r1mega.train.teacher_gen import GenerationPaused
 
     only = [StageConfig(name="sft", kind="sft")] if args.command == "sft" else None
+    if args.command == "distill":
+        if cfg.stages and not any(st.kind == "distill" for st in cfg.stages):
+            raise ConfigError("`r1mega distill` needs a stage with kind: distill in `stages:` (or no stages at all "
+                              "for a single distill stage); use `r1mega train` for other recipes")
+        only = None if cfg.stages else [StageConfig(name="distill", kind="distill")]
+        if only:  # the single stage must pass the distill checks too
+            from dataclasses import replace
+
+            from r1mega.config import validate_config
+
+            validate_config(replace(cfg, stages=only), _world_size())
     try:
         s = run_recipe(cfg, only)
     except DataError as e:
         print(f"r1mega {args.command}: {e}", file=sys.stderr)
         return 2
+    except GenerationPaused as e:
+        print(f"r1mega {args.command}: {e}", file=sys.stderr)
+        return 3
     if int(os.environ.get("RANK", 0)) == 0:
         evals = ""
         if "eval/pass@1_first" in s:
@@ -220,9 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     lm_demo.set_defaults(func=cmd_lm_demo)
 
-    train = sub.add_parser("train", help="run a recipe's stages in order (sft / grpo / rejection_sampling)")
+    train = sub.add_parser("train", help="run a recipe's stages in order (sft / grpo / rejection_sampling / distill)")
     sft = sub.add_parser("sft", help="one SFT stage on data.train_path for trainer.steps (ignores `stages`)")
-    for p in (train, sft):
+    distill = sub.add_parser("distill", help="teacher generations -> rejection filter -> student SFT (resumable; "
+                                             "the `distill:` section names the teacher)")
+    for p in (train, sft, distill):
         p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/r1_tiny_cpu.yaml")
         p.add_argument("--nproc", type=int, default=1, help="local processes (torchrun --standalone)")
         p.add_argument("--timeout", type=float, default=86400.0, help="seconds before a multi-process run is stopped")

@@ -62,6 +62,16 @@ def main(spec: dict) -> None:
     rep["stop_token_ok"] = g3[0][0].token_ids == [first] and g3[0][0].finish_reason == "stop"
     g4 = engine.generate(["hello"], 1, SamplingSpec(max_new_tokens=5, seed=1, ignore_eos=True))
     rep["max_len_ok"] = len(g4[0][0].token_ids) == 5 and g4[0][0].finish_reason == "length"
+    # top-k log-probs per generated token (distillation targets): k entries in rank order, the sampled
+    # token's entry equal to its own log-prob when it is among them (temperature 1: processed == raw)
+    g5 = engine.generate([prompts[1]], 2, SamplingSpec(max_new_tokens=6, seed=3, top_logprobs=4))
+    rep["top_k_ok"] = all(
+        len(s.top_ids) == len(s.top_logprobs) == len(s.token_ids)
+        and all(len(ids) == 4 == len(set(ids)) and lps == sorted(lps, reverse=True) and lps[0] >= lp - 1e-6
+                and (t not in ids or abs(lps[ids.index(t)] - lp) < 1e-5)
+                for ids, lps, t, lp in zip(s.top_ids, s.top_logprobs, s.token_ids, s.logprobs))
+        for s in g5[0])
+    rep["top_k_off_by_default"] = g1[0][0].top_ids is None
     engine.sleep()
     engine.wake()
     Path(spec["report"]).write_text(json.dumps(rep, indent=1))

@@ -35,6 +35,7 @@ CONFIG_WORLD_SIZES = {
     "r1_deepseek_v3_671b.yaml": 1024,
     "r1_tiny_cpu.yaml": 1,
     "r1_zero_tiny_cpu.yaml": 1,
+    "distill_tiny_cpu.yaml": 1,
 }
 
 

@@ -41,7 +41,8 @@ def test_recipes_load_and_stage_configs_apply_their_settings():
 
 def test_bad_stage_lists_are_refused_with_the_fix():
     msg = _problems("stages=[{name: a, kind: dpo}, {name: a, kind: sft, steps: 0}]")
-    assert "stages[0].kind='dpo' is not supported: choose one of ['sft', 'grpo', 'rejection_sampling']" in msg
+    kinds = "['sft', 'grpo', 'rejection_sampling', 'distill']"
+    assert f"stages[0].kind='dpo' is not supported: choose one of {kinds}" in msg
     assert "stages[1].name='a' is used twice" in msg and "stages[1].steps=0 must be >= 1" in msg
     msg = _problems("stages=[{name: x, kind: grpo, overrides: ['model.num_layers=3']}]")
     assert "changes 'model', which all stages share" in msg

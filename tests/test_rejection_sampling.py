@@ -33,8 +33,8 @@ def test_filters_and_report(tmp_path):
     report = rejection_sample(GENERATIONS, out, max_per_prompt=2, min_language=0.95)
     assert report.as_dict() == {
         "prompts": 3, "generations": 10, "kept": 3,
-        "dropped": {"unverifiable": 1, "incorrect": 2, "bad_format": 1, "mixed_language": 1, "duplicate": 1,
-                    "over_cap": 1},
+        "dropped": {"unverifiable": 1, "incorrect": 2, "bad_format": 1, "mixed_language": 1, "too_long": 0,
+                    "duplicate": 1, "over_cap": 1},
         "prompts_without_kept": 1,
     }
     sft = load_examples(out)  # the output is a valid dataset: chat records with the reference kept
@@ -74,3 +74,16 @@ def test_bad_generations_field_names_the_line(tmp_path):
                    + json.dumps({"prompt": "q", "answer": "1", "generations": "a"}) + "\n")
     with pytest.raises(DataError, match=f"{src}:2: field 'generations'"):
         list(read_generations(src))
+
+
+def test_dict_generations_keep_their_fields_and_the_length_cap_drops(tmp_path):
+    out = tmp_path / "sft.jsonl"
+    good = "<think>\nAdd the fractions</think><answer>3/4</answer>"
+    generations = [(MATH, [{"text": good, "token_ids": [5] * 9, "teacher_top_ids": [[1, 2]]},
+                           {"text": good + " ", "token_ids": [5] * 8, "teacher_top_ids": [[3, 4]]}])]
+    report = rejection_sample(generations, out, max_response_tokens=8)
+    assert report.kept == 1 and report.dropped["too_long"] == 1
+    record = json.loads(out.read_text())
+    assert record["token_ids"] == [5] * 8 and record["teacher_top_ids"] == [[3, 4]]  # the short one, its own fields
+    with pytest.raises(ValueError, match="needs each generation as a dict with its 'token_ids'"):
+        rejection_sample([(MATH, [good])], out, max_response_tokens=8)

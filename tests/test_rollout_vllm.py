@@ -30,7 +30,7 @@ def test_engine_refit_parity_and_sampling(tmp_path):
     assert r["push"]["input_buckets"] > r["push"]["engine_calls"] >= 2  # layers straddled buckets
     assert max(r["cycle_max_abs"]) < 1e-4
     for k in ("repeatable", "samples_differ", "other_seed_differs", "shapes_ok", "logprobs_finite_negative",
-              "stop_token_ok", "max_len_ok"):
+              "stop_token_ok", "max_len_ok", "top_k_ok", "top_k_off_by_default"):
         assert r[k], k
 
 

@@ -64,6 +64,14 @@ def _model_config_for(step_dir: Path, meta: dict) -> ModelConfig:
                                      precision=names.get("precision") or "fp32"))
 
 
+def checkpoint_model_config(ckpt: str | Path) -> ModelConfig:
+    """The architecture an r1mega checkpoint (root or ``step_*`` dir) was saved with."""
+    from r1mega.ckpt import read_meta, resolve_checkpoint_dir
+
+    step_dir = resolve_checkpoint_dir(ckpt)
+    return _model_config_for(step_dir, read_meta(step_dir))
+
+
 def _training_model(model_cfg: ModelConfig, parallel: ParallelConfig):
     from r1mega.train.model_setup import build_training_model
 

@@ -325,18 +325,44 @@ class StageConfig:
     """
 
     name: str = ""  # unique; names the stage's checkpoint and output directories
-    kind: str = "grpo"  # sft | grpo | rejection_sampling
+    kind: str = "grpo"  # sft | grpo | rejection_sampling | distill (teacher in the `distill:` section)
     steps: Optional[int] = None  # optimizer steps; None = trainer.steps (rejection_sampling: unused)
     # JSONL path or synthetic:<task>[:<digits>]. None: data.train_path; an sft stage after a
     # rejection_sampling stage defaults to that stage's output.
     data: Optional[str] = None
     lr: Optional[float] = None  # None = optimizer.lr
     overrides: list[str] = field(default_factory=list)  # this stage only, e.g. ["rollout.n=16", "rl.kl_coef=0.001"]
-    # --- rejection_sampling ---
+    # --- rejection_sampling and distill (the filter of the teacher's generations) ---
     samples_per_prompt: int = 4  # generations per prompt
     max_per_prompt: int = 1  # kept per prompt (correct, well formatted, unique)
     max_prompts: int = 0  # prompts to sample from the data; 0 = all
     min_language: float = 0.95  # chain-of-thought language consistency to keep (0 = off)
+
+
+@dataclass
+class DistillConfig:
+    """Teacher -> student distillation (``kind: distill`` stages, ``r1mega distill``).
+
+    The teacher (an HF directory or an r1mega checkpoint of any preset) samples the stage's prompts,
+    the rejection filter keeps the good generations (the stage's ``samples_per_prompt``,
+    ``max_per_prompt``, ``min_language``), and the student (``model``) is SFT-trained on them. The
+    student must use the teacher's tokenizer.
+    """
+
+    teacher_hf: Optional[str] = None  # HF model directory (config.json, safetensors, tokenizer.json)
+    teacher_checkpoint: Optional[str] = None  # r1mega checkpoint (root or step_*); needs data.tokenizer
+    # the teacher's architecture: a recipe YAML whose `model:` section built it (e.g. <teacher run>/config.yaml);
+    # None = the checkpoint's model_config.json (written by `convert from-hf`) or its meta.json preset
+    teacher_config: Optional[str] = None
+    max_response_tokens: int = 0  # drop longer generations; 0 = no cap beyond rollout.max_new_tokens
+    # Logit distillation: store the teacher's top-k log-probs per response token (raw, temperature 1) and
+    # add kl_coef * KL(teacher || student) over those k ids plus a tail bucket (rl/distill_loss.py).
+    top_logprobs: int = 0  # k (<= 20); 0 = plain SFT on the kept samples
+    kl_coef: float = 0.0
+    pack: bool = True  # student SFT on packed (padding-free) micro-batches
+    chunk_prompts: int = 64  # prompts per generation chunk: the unit that is committed and resumed
+    max_chunks: int = 0  # generate at most this many new chunks per run, then stop (rerun to go on); 0 = all
+    eval_teacher: bool = True  # evaluate the teacher on data.eval_path once (logged as stage teacher_eval)
 
 
 @dataclass
@@ -354,4 +380,5 @@ class R1Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     stages: list[StageConfig] = field(default_factory=list)

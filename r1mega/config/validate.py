@@ -39,7 +39,7 @@ POLICY_LOSS_NAMES = ("ppo", "gspo")
 KL_ESTIMATOR_NAMES = ("k1", "k2", "k3")
 LOSS_AGG_MODE_NAMES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 REFILL_POLICY_NAMES = ("resample", "duplicate", "none")
-STAGE_KINDS = ("sft", "grpo", "rejection_sampling")
+STAGE_KINDS = ("sft", "grpo", "rejection_sampling", "distill")
 BENCHMARK_KINDS = ("math", "choice", "code")  # r1mega.data.benchmarks layouts ("auto": detect)
 # Stages share one model and one process layout; what a stage may not override.
 STAGE_FIXED_SECTIONS = ("model", "parallel", "stages", "checkpoint")
@@ -110,6 +110,7 @@ def validate_config(cfg: R1Config, world_size: Optional[int] = None) -> None:
     problems += _check_stages(cfg)
     problems += _check_routing_replay(cfg, model)
     problems += _check_rollout_mode(cfg)
+    problems += _check_distill(cfg)
     if problems:
         raise ConfigError(problems)
 
@@ -579,6 +580,31 @@ def _check_stages(cfg: R1Config) -> Problems:
             if section in STAGE_FIXED_SECTIONS:
                 out.append(f"{key}.overrides: {item!r} changes {section!r}, which all stages share: set it at the "
                            f"top level (the model, layout and checkpoints are the same for the whole recipe)")
+    return out
+
+
+def _check_distill(cfg: R1Config) -> Problems:
+    """Only for recipes with a distill stage: one teacher, its tokenizer, sane top-k / KL / chunk knobs."""
+    if not any(st.kind == "distill" for st in cfg.stages):
+        return []
+    d, out = cfg.distill, []
+    if bool(d.teacher_hf) == bool(d.teacher_checkpoint):
+        out.append("a distill stage needs exactly one teacher: set distill.teacher_hf (an HF model directory) or "
+                   "distill.teacher_checkpoint (an r1mega checkpoint)")
+    if d.teacher_checkpoint and not cfg.data.tokenizer:
+        out.append("distill.teacher_checkpoint needs data.tokenizer: point it at the tokenizer the teacher was "
+                   "trained with (e.g. <teacher run>/tokenizer); the student must use the same one")
+    if not 0 <= d.top_logprobs <= 20:
+        out.append(f"distill.top_logprobs={d.top_logprobs} must be in [0, 20] (vLLM's max_logprobs); 0 = no logit "
+                   f"distillation")
+    if d.kl_coef < 0 or (d.kl_coef > 0 and d.top_logprobs == 0):
+        out.append(f"distill.kl_coef={d.kl_coef} must be >= 0, and > 0 needs distill.top_logprobs >= 1 (the teacher "
+                   f"log-probs the KL is taken over)")
+    out += _at_least("distill.chunk_prompts", d.chunk_prompts, 1)
+    out += _at_least("distill.max_chunks", d.max_chunks, 0, "set 0 to generate every chunk in one run")
+    out += _at_least("distill.max_response_tokens", d.max_response_tokens, 0, "set 0 for no cap")
+    if cfg.rollout.seed is None:
+        out.append("rollout.seed=null: resumable teacher generation needs a fixed seed (e.g. rollout.seed=0)")
     return out
 
 

@@ -1,12 +1,15 @@
 """Rejection sampling (DeepSeek-R1 stage 3): keep the good generations of each prompt as SFT data.
 
 For each prompt with k generations, a generation is kept when it is correct (the data source's
-correctness reward is 1: ``accuracy`` for math, ``countdown``, all tests pass for ``code``, the
-right letter for ``multiple_choice``),
-strictly well formatted, and its chain of thought is at least ``min_language`` in the target
-language; duplicates (same text up to whitespace) are dropped and at most ``max_per_prompt`` are kept.
-Kept generations are written as chat records (``messages`` ending with the assistant reply in the
-R1 template) that ``r1mega.data.iter_examples`` reads back. The report counts every drop by reason.
+correctness reward is 1: ``accuracy`` for math, ``countdown``, all tests pass for ``code``, the right letter for
+``multiple_choice``),
+strictly well formatted, its chain of thought is at least ``min_language`` in the target language,
+and (with ``max_response_tokens``) it is not longer than the cap; duplicates (same text up to
+whitespace) are dropped and at most ``max_per_prompt`` are kept. Kept generations are written as chat
+records (``messages`` ending with the assistant reply in the R1 template) that
+``r1mega.data.iter_examples`` reads back. A generation may be a dict (``text`` plus fields such as the
+token ids and the teacher's top-k log-probs for distillation): its other fields are kept in the record.
+The report counts every drop by reason.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from r1mega.config.schema import RewardConfig, RewardTermConfig
 from r1mega.data.dataset import Example, example_from_record
@@ -28,7 +31,8 @@ from r1mega.rewards.sample import RewardInput, RewardResult
 
 CORRECTNESS = {"math": "accuracy", "arithmetic": "accuracy", "countdown": "countdown", "code": "code",
                "multiple_choice": "choice"}
-REASONS = ("unverifiable", "incorrect", "bad_format", "mixed_language", "duplicate", "over_cap")
+REASONS = ("unverifiable", "incorrect", "bad_format", "mixed_language", "too_long", "duplicate", "over_cap")
+Generation = Union[str, dict]  # the response text, or {"text": ..., "token_ids": [...], other fields to keep}
 
 
 @dataclass
@@ -68,11 +72,13 @@ def _drop_reason(example: Example, result: RewardResult, min_language: float) ->
 
 
 def _select(example: Example, responses: Sequence[str], results: Sequence[RewardResult], max_per_prompt: int,
-            min_language: float, report: RejectionReport) -> list[str]:
-    kept: list[str] = []
+            min_language: float, report: RejectionReport, too_long: Sequence[bool]) -> list[int]:
+    kept: list[int] = []
     seen: set[str] = set()
-    for response, result in zip(responses, results):
+    for i, (response, result) in enumerate(zip(responses, results)):
         reason = _drop_reason(example, result, min_language)
+        if reason is None and too_long[i]:
+            reason = "too_long"
         key = " ".join(response.split())
         if reason is None and key in seen:
             reason = "duplicate"
@@ -80,25 +86,34 @@ def _select(example: Example, responses: Sequence[str], results: Sequence[Reward
             reason = "over_cap"
         if reason is None:
             seen.add(key)
-            kept.append(response)
+            kept.append(i)
         else:
             report.dropped[reason] += 1
     return kept
 
 
-def _sft_record(example: Example, response: str) -> dict:
+def _sft_record(example: Example, response: str, extra: dict) -> dict:
     chat = example.chat() + [{"role": "assistant", "content": response}]
-    return replace(example, prompt=None, messages=chat).to_record()
+    return {**replace(example, prompt=None, messages=chat).to_record(), **extra}
 
 
-def rejection_sample(groups: Iterable[tuple[Example, Sequence[str]]], out_path: PathLike, *,
+def _too_long(generation: Generation, max_tokens: int) -> bool:
+    if not max_tokens:
+        return False
+    if not isinstance(generation, dict) or "token_ids" not in generation:
+        raise ValueError("max_response_tokens needs each generation as a dict with its 'token_ids'")
+    return len(generation["token_ids"]) > max_tokens
+
+
+def rejection_sample(groups: Iterable[tuple[Example, Sequence[Generation]]], out_path: PathLike, *,
                      reward_cfg: Optional[RewardConfig] = None, max_per_prompt: int = 4,
-                     min_language: float = 0.95, response_prefix: str = "",
+                     min_language: float = 0.95, response_prefix: str = "", max_response_tokens: int = 0,
                      prompts_per_batch: int = 64) -> RejectionReport:
     """Filter ``(example, generations)`` groups into an SFT JSONL at ``out_path``; returns the counts.
 
     ``response_prefix`` is what the generation prompt prefilled (e.g. ``"<think>\\n"`` for the ``r1``
     template); it is put back in front of each generation before judging and writing.
+    ``max_response_tokens`` > 0 drops generations with more tokens (dict generations with ``token_ids``).
     """
     if max_per_prompt < 1:
         raise ValueError(f"max_per_prompt={max_per_prompt} must be >= 1")
@@ -107,24 +122,28 @@ def rejection_sample(groups: Iterable[tuple[Example, Sequence[str]]], out_path: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with RewardComputer(judge_config(reward_cfg)) as computer, open(tmp, "w", encoding="utf-8") as f:
-        def flush(batch: list[tuple[Example, list[str]]]) -> None:
+        def flush(batch: list[tuple[Example, list[str], list[Generation]]]) -> None:
             samples = [RewardInput(r, e.answer, e.data_source, tests=e.tests, meta=dict(e.meta))
-                       for e, responses in batch for r in responses]
+                       for e, responses, _ in batch for r in responses]
             results = iter(computer.compute(samples))
-            for example, responses in batch:
+            for example, responses, generations in batch:
+                too_long = [_too_long(g, max_response_tokens) for g in generations]
                 kept = _select(example, responses, [next(results) for _ in responses], max_per_prompt,
-                               min_language, report)
+                               min_language, report, too_long)
                 report.kept += len(kept)
                 report.prompts_without_kept += not kept
-                for response in kept:
-                    f.write(json.dumps(_sft_record(example, response), ensure_ascii=False) + "\n")
+                for i in kept:
+                    g = generations[i]
+                    extra = {k: v for k, v in g.items() if k != "text"} if isinstance(g, dict) else {}
+                    f.write(json.dumps(_sft_record(example, responses[i], extra), ensure_ascii=False) + "\n")
 
-        batch: list[tuple[Example, list[str]]] = []
+        batch: list[tuple[Example, list[str], list[Generation]]] = []
         for example, generations in groups:
-            responses = [g if g.startswith(response_prefix) else response_prefix + g for g in generations]
+            texts = [g["text"] if isinstance(g, dict) else g for g in generations]
+            responses = [t if t.startswith(response_prefix) else response_prefix + t for t in texts]
             report.prompts += 1
             report.generations += len(responses)
-            batch.append((example, responses))
+            batch.append((example, responses, list(generations)))
             if len(batch) >= prompts_per_batch:
                 flush(batch)
                 batch = []

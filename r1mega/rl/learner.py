@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from r1mega.config.schema import RLConfig
 from r1mega.rl.aggregation import aggregate, split_scale, token_weights
+from r1mega.rl.distill_loss import topk_forward_kl
 from r1mega.rl.kl import kl_penalty
 from r1mega.rl.logprob_head import hidden_state_output, token_logprobs
 from r1mega.rl.mismatch import mismatch_metrics, tis_weights
@@ -54,6 +55,9 @@ class LearnerBatch:
     # choices every forward of this batch replays (R3: the engine's; R2: the old-logprob pass's; None: none)
     rollout_experts: Optional[torch.Tensor] = None
     replay_experts: Optional[torch.Tensor] = None
+    # logit distillation (SFT with LearnerSettings.distill_coef > 0): the teacher's top-k ids and log-probs
+    teacher_ids: Optional[torch.Tensor] = None  # [B, S-1, k] long
+    teacher_logp: Optional[torch.Tensor] = None  # [B, S-1, k]; -inf pads positions with fewer entries
 
     @property
     def size(self) -> int:
@@ -64,7 +68,7 @@ class LearnerBatch:
         return LearnerBatch(self.tokens[idx], self.loss_mask[idx], pick(self.advantages), pick(self.old_logp),
                             pick(self.rollout_logp), pick(self.ref_logp), pick(self.lengths),
                             pick(self.token_advantages), pick(self.seq_ids), pick(self.rollout_experts),
-                            pick(self.replay_experts))
+                            pick(self.replay_experts), pick(self.teacher_ids), pick(self.teacher_logp))
 
 
 @dataclass
@@ -78,6 +82,7 @@ class LearnerSettings:
     constant_norm: Optional[float] = None  # Dr.GRPO's constant normaliser (seq-mean-token-sum-norm)
     pack: bool = False  # padding-free: each micro-batch's sequences become one packed row
     skip_nonfinite: bool = True  # a NaN/Inf loss skips the optimizer step (reported, never applied)
+    distill_coef: float = 0.0  # SFT: + coef * forward KL to the teacher's top-k (rl/distill_loss.py)
 
 
 @dataclass
@@ -144,13 +149,14 @@ def pack_micro_batch(mb: LearnerBatch, weights: torch.Tensor, multiple: int = 1)
     lengths = mb.lengths if mb.lengths is not None else torch.full((mb.size,), mb.tokens.size(1))
     spans = [max(int(n) - 1, 0) for n in lengths]  # predicted positions per sequence
     per_token = {"loss_mask": mb.loss_mask, "old_logp": mb.old_logp, "rollout_logp": mb.rollout_logp,
-                 "ref_logp": mb.ref_logp}
+                 "ref_logp": mb.ref_logp, "teacher_ids": mb.teacher_ids, "teacher_logp": mb.teacher_logp}
     total = sum(spans)
     padded = -(-max(total, 1) // multiple) * multiple
     inputs = torch.zeros(padded, dtype=mb.tokens.dtype)
     labels = torch.zeros(padded, dtype=mb.tokens.dtype)
     positions = torch.zeros(padded, dtype=torch.long)
-    fields = {k: None if v is None else torch.zeros(padded, dtype=v.dtype) for k, v in per_token.items()}
+    fields = {k: None if v is None else torch.zeros((padded, *v.shape[2:]), dtype=v.dtype)
+              for k, v in per_token.items()}
     packed_w = torch.zeros(padded, dtype=weights.dtype)
     adv = torch.zeros(padded) if mb.advantages is not None else None
     seq_ids = torch.full((padded,), -1, dtype=torch.long)
@@ -186,7 +192,8 @@ def pack_micro_batch(mb: LearnerBatch, weights: torch.Tensor, multiple: int = 1)
     batch = LearnerBatch(tokens.unsqueeze(0), fields["loss_mask"].unsqueeze(0),
                          advantages=None if adv is None else torch.zeros(1), token_advantages=row(adv),
                          old_logp=row(fields["old_logp"]), rollout_logp=row(fields["rollout_logp"]),
-                         ref_logp=row(fields["ref_logp"]), seq_ids=seq_ids.unsqueeze(0), replay_experts=row(replay))
+                         ref_logp=row(fields["ref_logp"]), seq_ids=seq_ids.unsqueeze(0), replay_experts=row(replay),
+                         teacher_ids=row(fields["teacher_ids"]), teacher_logp=row(fields["teacher_logp"]))
     return PackedMicroBatch(inputs.unsqueeze(0), positions.unsqueeze(0), params, batch, packed_w.unsqueeze(0))
 
 
@@ -231,9 +238,24 @@ def _sft_loss(s: LearnerSettings, scale: float, gpt_model, mb: LearnerBatch, wei
     targets = mb.tokens[:, 1:]
     logp, entropy = token_logprobs(gpt_model, hidden, targets, s.valid_vocab, 1.0, s.chunk_size)
     mask = mb.loss_mask.float()
-    loss = aggregate(-logp, weights)
-    sums = {"loss": loss.detach(), "entropy": _masked_sum(entropy, mask), "tokens": mask.sum()}
+    per_token = -logp
+    sums = {"entropy": _masked_sum(entropy, mask), "tokens": mask.sum()}
+    if s.distill_coef:
+        if mb.teacher_ids is None or mb.teacher_logp is None:
+            raise ValueError("distill_coef > 0 needs LearnerBatch.teacher_ids/teacher_logp (the teacher's top-k)")
+        kl = _distill_kl(s, gpt_model, hidden, mb)
+        per_token = per_token + s.distill_coef * kl
+        sums["nll"], sums["distill_kl"] = _masked_sum(-logp, mask), _masked_sum(kl, mask)
+    loss = aggregate(per_token, weights)
+    sums["loss"] = loss.detach()
     return loss * scale, _as_reduced(sums)
+
+
+def _distill_kl(s: LearnerSettings, gpt_model, hidden, mb: LearnerBatch) -> torch.Tensor:
+    """Student log-probs of the teacher's k ids (one chunked vocab-parallel pass per rank j), then the KL."""
+    student = torch.stack([token_logprobs(gpt_model, hidden, mb.teacher_ids[..., j], s.valid_vocab, 1.0,
+                                          s.chunk_size)[0] for j in range(mb.teacher_ids.size(-1))], dim=-1)
+    return topk_forward_kl(student, mb.teacher_logp)
 
 
 def _as_reduced(sums: dict) -> dict:

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 Prompt = Union[str, Sequence[int]]  # text, or token ids (used as given: no template, no BOS added)
 Bucket = Sequence[tuple[str, torch.Tensor]]  # HF parameter name -> full (unsharded) tensor
+MAX_TOP_LOGPROBS = 20  # vLLM's max_logprobs as the engine is built
 
 
 @dataclass
@@ -30,6 +31,8 @@ class SamplingSpec:
     ``logprobs_mode``: ``processed`` returns log-probs of the distribution actually sampled from
     (after temperature/top-p/top-k: the right ones for importance ratios); ``raw`` = log-softmax of
     the raw logits (what the trainer computes at temperature 1).
+    ``top_logprobs``: also return the ``k`` most likely tokens and their log-probs at every generated
+    position (same mode as ``logprobs``; distillation targets); 0 = off.
     """
 
     max_new_tokens: int = 128
@@ -43,12 +46,16 @@ class SamplingSpec:
     ignore_eos: bool = False
     seed: Optional[int] = None
     logprobs_mode: str = "processed"  # processed | raw
+    top_logprobs: int = 0
 
     def __post_init__(self):
         if self.logprobs_mode not in ("processed", "raw"):
             raise ValueError(f"logprobs_mode={self.logprobs_mode!r}: choose 'processed' or 'raw'")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs={self.top_logprobs} must be in [0, {MAX_TOP_LOGPROBS}] (the engine's "
+                             f"max_logprobs)")
 
     @classmethod
     def from_config(cls, rollout, **overrides) -> "SamplingSpec":
@@ -78,6 +85,9 @@ class Generation:
     # experts each fed token was routed to (MoE layers in model order; the last sampled token is never fed)
     routed_experts: Optional[torch.Tensor] = None
     policy_version: int = 0  # optimizer steps taken by the weights that sampled it (disaggregated runs stamp it)
+    # SamplingSpec.top_logprobs > 0: per generated token, the k most likely ids and their log-probs (rank order)
+    top_ids: Optional[list[list[int]]] = None
+    top_logprobs: Optional[list[list[float]]] = None
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from r1mega.rollout import routing_capture
-from r1mega.rollout.protocol import Bucket, Generation, Prompt, RefitStats, SamplingSpec, log_once
+from r1mega.rollout.protocol import MAX_TOP_LOGPROBS, Bucket, Generation, Prompt, RefitStats, SamplingSpec, log_once
 from r1mega.rollout.refit import layer_complete_batches, worker_param_checksum, worker_reload
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class VLLMEngine:
         kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), tensor_parallel_size=tp, dtype=dtype,
                       seed=seed, enforce_eager=enforce_eager, max_model_len=max_model_len,
                       logprobs_mode=_MODES[logprobs_mode], enable_prefix_caching=enable_prefix_caching,
-                      max_logprobs=20)
+                      max_logprobs=MAX_TOP_LOGPROBS)
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep_mode)
         self.return_routed_experts = return_routed_experts
@@ -111,7 +111,7 @@ class VLLMEngine:
             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
             stop=list(sampling.stop) or None, stop_token_ids=list(sampling.stop_token_ids) or None,
             include_stop_str_in_output=sampling.include_stop_str_in_output, ignore_eos=sampling.ignore_eos,
-            seed=seed, logprobs=0, detokenize=True)
+            seed=seed, logprobs=sampling.top_logprobs, detokenize=True)
 
     @staticmethod
     def _prompt(p: Prompt):
@@ -141,8 +141,11 @@ class VLLMEngine:
             for j, c in enumerate(out.outputs):
                 ids = list(c.token_ids)
                 lps = [float(step[t].logprob) for t, step in zip(ids, c.logprobs or [])]
-                row.append(Generation(i, j, list(out.prompt_token_ids), ids, c.text, lps, c.finish_reason,
-                                      self._routed(c, len(out.prompt_token_ids) + len(ids) - 1)))
+                gen = Generation(i, j, list(out.prompt_token_ids), ids, c.text, lps, c.finish_reason,
+                                 self._routed(c, len(out.prompt_token_ids) + len(ids) - 1))
+                if sampling.top_logprobs:
+                    gen.top_ids, gen.top_logprobs = _top_k(c.logprobs or [], sampling.top_logprobs)
+                row.append(gen)
             result.append(row)
         if captured is not None:
             flat = [g for row in result for g in row]
@@ -210,6 +213,16 @@ class VLLMEngine:
     def _check_awake(self) -> None:
         if self.sleeping:
             raise RuntimeError("the rollout engine is asleep: call wake() first")
+
+
+def _top_k(steps, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """The ``k`` best entries (vLLM rank 1..k) of each position; vLLM adds the sampled token when it ranks lower."""
+    ids, lps = [], []
+    for step in steps:
+        best = sorted(((lp.rank, t, lp.logprob) for t, lp in step.items() if lp.rank <= k))[:k]
+        ids.append([int(t) for _, t, _ in best])
+        lps.append([float(v) for _, _, v in best])
+    return ids, lps
 
 
 # ----------------------------------------------------------------------------- child process

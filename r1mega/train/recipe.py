@@ -6,8 +6,9 @@ one GRPO stage straight from the base model. Each SFT/GRPO stage builds a fresh 
 (the first stage: ``checkpoint.load_dir``, else a seeded fresh init), trains, and saves
 ``<checkpoint.save_dir or output_dir/checkpoints>/<stage>/step_<n>``. A rejection-sampling stage
 samples the current policy, keeps the correct, well-formatted generations and writes them as the
-next SFT stage's data (``<output_dir>/<stage>/sft.jsonl``). A finished stage leaves
-``<output_dir>/<stage>/done.json``; running the recipe again skips it.
+next SFT stage's data (``<output_dir>/<stage>/sft.jsonl``). A distill stage does the same with a
+different teacher model and trains this stage's (student) model on the result (``train/distill.py``).
+A finished stage leaves ``<output_dir>/<stage>/done.json``; running the recipe again skips it.
 
 The rollout engine (rank 0, a child process) starts once, from an HF export, the first time a stage
 or an eval needs it, and is refit from the trainer whenever the weights changed.
@@ -110,8 +111,9 @@ def recipe_tokenizer(cfg: R1Config, out: Path):
     """``data.tokenizer``; for all-synthetic CPU recipes without one, the demo's BPE trained on the task."""
     from r1mega.data.tokenizer import HFTokenizer, load_tokenizer
 
-    if cfg.data.tokenizer:
-        tok_path = Path(cfg.data.tokenizer)
+    teacher_hf = cfg.distill.teacher_hf if any(s.kind == "distill" for s in cfg.stages) else None
+    if cfg.data.tokenizer or teacher_hf:  # a distilled student uses its teacher's tokenizer
+        tok_path = Path(cfg.data.tokenizer or teacher_hf)
         return load_tokenizer(tok_path), (tok_path if tok_path.is_dir() else tok_path.parent)
     specs = [s.data for s in cfg.stages if s.data] + [p for p in (cfg.data.train_path, cfg.data.eval_path) if p]
     if not specs or not all(is_synthetic(s) for s in specs):
@@ -181,28 +183,30 @@ def _grpo(r: Recipe, stage: StageConfig, scfg: R1Config, tm) -> dict:
     return {"data": spec, "prompts": len(prompts)}
 
 
-def _rejection(r: Recipe, stage: StageConfig, scfg: R1Config, tm) -> dict:
+def stage_problems(r: Recipe, stage: StageConfig, scfg: R1Config):
+    """The stage's prompts (the first ``max_prompts``) rendered and tokenized as the engine sees them."""
+    from r1mega.train.evaluate import make_problems
+
+    examples = stage_examples(stage.data or scfg.data.train_path, scfg.data.seed)
+    examples = examples[: stage.max_prompts] if stage.max_prompts else examples
+    return make_problems(examples, r.tokenizer, scfg.data.chat_template, scfg.data.max_prompt_length)
+
+
+def filter_to_sft(r: Recipe, stage: StageConfig, scfg: R1Config, groups, path: Path, who: str = "the policy",
+                  max_response_tokens: int = 0) -> dict:
+    """Rejection-sample ``groups()`` (rank 0 only calls it) into the SFT JSONL ``path``; collective.
+
+    Shared by rejection sampling (the policy's own generations) and distillation (the teacher's). Logs
+    the report and refuses an empty result with what to change.
+    """
     from r1mega.data.templates import get_template
     from r1mega.platform.distributed import broadcast_from_rank0
     from r1mega.rewards.rejection import rejection_sample
-    from r1mega.rollout import SamplingSpec
-    from r1mega.train.evaluate import make_problems
 
-    spec = stage.data or scfg.data.train_path
-    examples = stage_examples(spec, scfg.data.seed)
-    examples = examples[: stage.max_prompts] if stage.max_prompts else examples
-    problems = make_problems(examples, r.tokenizer, scfg.data.chat_template, scfg.data.max_prompt_length)
-    r.sync_engine(tm)
-    path = r.out / stage.name / "sft.jsonl"
     report = None
     if _rank() == 0:
-        tok = r.tokenizer
-        sampling = SamplingSpec.from_config(scfg.rollout, stop_token_ids=[tok.eos_id])
-        rows = r.engine.generate([p.ids for p in problems], stage.samples_per_prompt, sampling)
-        groups = [(p.example, [tok.decode([t for t in g.token_ids if t != tok.eos_id]) for g in row])
-                  for p, row in zip(problems, rows)]
-        report = rejection_sample(groups, path, reward_cfg=scfg.reward, max_per_prompt=stage.max_per_prompt,
-                                  min_language=stage.min_language,
+        report = rejection_sample(groups(), path, reward_cfg=scfg.reward, max_per_prompt=stage.max_per_prompt,
+                                  min_language=stage.min_language, max_response_tokens=max_response_tokens,
                                   response_prefix=get_template(scfg.data.chat_template).generation_prefix).as_dict()
     report = broadcast_from_rank0(report)
     r.metrics.log({"stage": "rejection_sampling", "step": 0, "prompts": report["prompts"],
@@ -210,13 +214,37 @@ def _rejection(r: Recipe, stage: StageConfig, scfg: R1Config, tm) -> dict:
                    **{f"dropped/{k}": v for k, v in report["dropped"].items()}})
     if report["kept"] == 0:
         raise RuntimeError(f"stage {stage.name!r}: rejection sampling kept 0 of {report['generations']} generations "
-                           f"({report['dropped']}): raise samples_per_prompt, lower min_language, or train the "
-                           f"policy longer before this stage")
+                           f"({report['dropped']}): raise samples_per_prompt, lower min_language, or train "
+                           f"{who} longer before this stage")
+    return report
+
+
+def _rejection(r: Recipe, stage: StageConfig, scfg: R1Config, tm) -> dict:
+    from r1mega.rollout import SamplingSpec
+
+    problems = stage_problems(r, stage, scfg)
+    r.sync_engine(tm)
+    path = r.out / stage.name / "sft.jsonl"
+
+    def groups():
+        tok = r.tokenizer
+        sampling = SamplingSpec.from_config(scfg.rollout, stop_token_ids=[tok.eos_id])
+        rows = r.engine.generate([p.ids for p in problems], stage.samples_per_prompt, sampling)
+        return [(p.example, [tok.decode([t for t in g.token_ids if t != tok.eos_id]) for g in row])
+                for p, row in zip(problems, rows)]
+
+    report = filter_to_sft(r, stage, scfg, groups, path)
     r.rejection_output = str(path)
-    return {"data": spec, "sft_data": str(path), "report": report}
+    return {"data": stage.data or scfg.data.train_path, "sft_data": str(path), "report": report}
 
 
-RUNNERS = {"sft": _sft, "grpo": _grpo, "rejection_sampling": _rejection}
+def _distill(r: Recipe, stage: StageConfig, scfg: R1Config, tm) -> dict:
+    from r1mega.train.distill import run_distill
+
+    return run_distill(r, stage, scfg, tm)
+
+
+RUNNERS = {"sft": _sft, "grpo": _grpo, "rejection_sampling": _rejection, "distill": _distill}
 
 
 # ---------------------------------------------------------------------- the run

@@ -57,6 +57,14 @@ class SFTRows:
     tokens: torch.Tensor  # [N, S] bos + prompt + completion + eos, right-padded
     loss_mask: torch.Tensor  # [N, S-1] 1 where the predicted token belongs to the completion
     lengths: torch.Tensor  # [N]
+    # distillation: the teacher's top-k per label position ([N, S-1, k]; -inf log-prob off the response)
+    teacher_ids: Optional[torch.Tensor] = None
+    teacher_logp: Optional[torch.Tensor] = None
+
+    def batch(self, idx: torch.Tensor) -> LearnerBatch:
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return LearnerBatch(self.tokens[idx], self.loss_mask[idx], lengths=self.lengths[idx],
+                            teacher_ids=pick(self.teacher_ids), teacher_logp=pick(self.teacher_logp))
 
 
 def build_rows(examples, tokenizer, seq_length: int, template: str = "r1", multiple: int = 1) -> SFTRows:
@@ -82,35 +90,53 @@ def chat_pair(messages: list[dict], template: str = "r1") -> tuple[str, str]:
 
 def rows_from_pairs(pairs, tokenizer, seq_length: int, multiple: int = 1, names=None) -> SFTRows:
     """``(prompt text, completion text)`` pairs -> bos + prompt + completion + eos rows, loss on the completion."""
+    names = names if names is not None else [prompt_text[-60:] for prompt_text, _ in pairs]
+    seqs = [(tokenizer.encode(p, add_bos=True), tokenizer.encode(c) + [tokenizer.eos_id]) for p, c in pairs]
+    return rows_from_ids(seqs, tokenizer.pad_id, seq_length, multiple, names)
+
+
+def rows_from_ids(seqs, pad_id: int, seq_length: int, multiple: int = 1, names=None, teacher=None) -> SFTRows:
+    """``(prompt ids, completion ids)`` -> right-padded rows of ``seq_length + 1`` tokens, loss on the completion.
+
+    ``teacher``: per row the teacher's top-k ``(ids, log-probs)`` for each completion token (distillation).
+    """
     width = seq_length + 1
     width += (-(width - 1)) % multiple  # S-1 divisible by ``multiple`` (tp: sequence parallel)
-    tokens = torch.full((len(pairs), width), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros(len(pairs), width - 1)
-    lengths = torch.zeros(len(pairs), dtype=torch.long)
-    for i, (prompt_text, completion_text) in enumerate(pairs):
-        prompt = tokenizer.encode(prompt_text, add_bos=True)
-        completion = tokenizer.encode(completion_text) + [tokenizer.eos_id]
-        ids = prompt + completion
+    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width - 1)
+    lengths = torch.zeros(len(seqs), dtype=torch.long)
+    k = len(teacher[0][0][0]) if teacher else 0
+    t_ids = torch.zeros(len(seqs), width - 1, k, dtype=torch.long) if teacher else None
+    t_logp = torch.full((len(seqs), width - 1, k), float("-inf")) if teacher else None
+    for i, (prompt, completion) in enumerate(seqs):
+        ids = list(prompt) + list(completion)
         if len(ids) > width:
-            name = names[i] if names is not None else prompt_text[-60:]
+            name = names[i] if names is not None else i
             raise ValueError(f"SFT example {name!r} needs {len(ids)} tokens; raise model.seq_length")
         tokens[i, : len(ids)] = torch.tensor(ids)
-        mask[i, len(prompt) - 1: len(ids) - 1] = 1.0  # position t predicts token t + 1
+        span = slice(len(prompt) - 1, len(ids) - 1)  # position t predicts token t + 1
+        mask[i, span] = 1.0
         lengths[i] = len(ids)
-    return SFTRows(tokens, mask, lengths)
+        if teacher:
+            top_ids, top_logp = teacher[i]
+            for j, (tid, tlp) in enumerate(zip(top_ids, top_logp)):  # fewer than k entries: -inf padding
+                t_ids[i, span.start + j, : len(tid)] = torch.tensor(tid, dtype=torch.long)
+                t_logp[i, span.start + j, : len(tlp)] = torch.tensor(tlp)
+    return SFTRows(tokens, mask, lengths, t_ids, t_logp)
 
 
 def run_sft(tm, rows: SFTRows, *, steps: int, global_batch_size: int, micro_batch_size: int,
             valid_vocab: int, seed: int = 0, on_step=None, ckpt=None, resume: Optional[dict] = None,
-            skip_nonfinite: bool = True) -> list[float]:
+            skip_nonfinite: bool = True, settings: Optional[LearnerSettings] = None) -> list[float]:
     """Masked NLL on random global batches up to step ``steps``; returns the losses.
 
     ``ckpt`` (a ``resilience.Checkpointer``) is told about every step (periodic / on-signal saves);
     ``resume`` is the ``extra`` of an SFT-stage checkpoint: continue after its step with its sampler state.
+    ``settings`` (default: plain padded SFT) e.g. packs micro-batches or adds the distillation KL.
     """
     from r1mega.train.resilience import check_skip
 
-    settings = LearnerSettings(micro_batch_size=micro_batch_size, valid_vocab=valid_vocab)
+    settings = settings or LearnerSettings(micro_batch_size=micro_batch_size, valid_vocab=valid_vocab)
     gen = torch.Generator().manual_seed(seed)  # same draw on every rank
     start, skipped = 0, 0
     if resume is not None:
@@ -120,13 +146,13 @@ def run_sft(tm, rows: SFTRows, *, steps: int, global_batch_size: int, micro_batc
     for step in range(start + 1, steps + 1):
         t0 = time.monotonic()
         idx = torch.randint(0, rows.tokens.size(0), (global_batch_size,), generator=gen)
-        batch = LearnerBatch(rows.tokens[idx], rows.loss_mask[idx], lengths=rows.lengths[idx])
-        m = learner_step(tm, batch, settings, None)
+        m = learner_step(tm, rows.batch(idx), settings, None)
         skipped += check_skip(m, "sft", step, skip_nonfinite)
         losses.append(m.values["loss"])
         record = {"stage": "sft", "step": step, "loss": m.values["loss"], "entropy": m.values.get("entropy", 0.0),
                   "grad_norm": m.grad_norm, "skipped": m.skipped, "skipped_steps": skipped,
-                  "time/train": time.monotonic() - t0}
+                  "time/train": time.monotonic() - t0,
+                  **{k: m.values[k] for k in ("nll", "distill_kl") if k in m.values}}
         if on_step is not None:
             on_step(record)
         if ckpt is not None:
