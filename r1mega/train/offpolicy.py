@@ -111,8 +111,9 @@ def engine_loop(cfg, role: Role, steps: int, engine_env: Optional[dict] = None) 
     try:
         for step in range(steps):
             mine = _step_prompts(prompts, order, step, per_step)[role.engine_index::R]
-            gens, rewards, t_roll, t_rew = sample_and_score(engine, rewarder, mine, cfg.rollout.n,
-                                                            _sampling(cfg, tokenizer.eos_id, step), tokenizer)
+            gens, rewards, t_roll, t_rew, _ = sample_and_score(engine, rewarder, mine, cfg.rollout.n,
+                                                               _sampling(cfg, tokenizer.eos_id, step), tokenizer,
+                                                               step + 1)
             for g in gens:
                 g.policy_version = version
             for src in role.engine_src:  # every engine's share, in engine order
