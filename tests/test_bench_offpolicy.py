@@ -31,11 +31,13 @@ def _history(mode: str, steps: list[float]) -> list[dict]:
 def test_summary_excludes_the_first_step_and_the_line_format_is_stable():
     tool = _tool()
     s = tool.summarize("one_step_off", _history("one_step_off", [30.0, 2.0, 4.0]))
-    assert s["first_step_s"] == 30.0 and s["s_per_step"] == 3.0 and s["train_s"] == 3.5 and s["steps"] == 3
+    assert s["first_step_s"] == 30.0 and s["s_per_step"] == s["s_per_step_median"] == 3.0
+    assert s["train_s"] == 3.5 and s["steps"] == 3
     assert s["overlap_bound"] == pytest.approx(4.5 / 3.5)
     line = tool.format_line("one_step_off", s)
-    assert re.fullmatch(r"mode=one_step_off procs=3 \(.*\) steps=3 s_per_step=3\.000 first_step_s=30\.000 "
-                        r"rollout_s=1\.000 reward_s=0\.000 train_s=3\.500 wait_s=0\.500 push_s=0\.100", line), line
+    assert re.fullmatch(r"mode=one_step_off procs=3 \(.*\) steps=3 s_per_step=3\.000 s_per_step_median=3\.000 "
+                        r"first_step_s=30\.000 rollout_s=1\.000 reward_s=0\.000 train_s=3\.500 wait_s=0\.500 "
+                        r"push_s=0\.100", line), line
     one = tool.summarize("colocated", _history("colocated", [5.0]))  # one step: it is also the mean
     assert one["s_per_step"] == one["first_step_s"] == 5.0
     assert tool.format_line("colocated", one).startswith("mode=colocated procs=2 (")

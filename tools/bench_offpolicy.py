@@ -18,12 +18,14 @@ one-step-off adds a busy engine thread during training. On a machine with fewer 
 (2 cores here: 2 learner threads + 1 engine thread) the overlap is bounded by the cores, not by the
 schedule: the ideal ``(rollout + train) / max(rollout, train)`` is printed as ``overlap_bound``.
 
-    PYTHONPATH=. python tools/bench_offpolicy.py [--steps 6] [--sft-steps 0] [--out DIR] [KEY=VALUE ...]
+    PYTHONPATH=. python tools/bench_offpolicy.py [--steps 10] [--sft-steps 0] [--out DIR] [KEY=VALUE ...]
 
 ``KEY=VALUE`` are config overrides applied to both modes (e.g. ``rollout.max_new_tokens=16``). Per mode
-one line ``mode=<m> procs=... s_per_step=<mean after the first> first_step_s=... rollout_s=...
-train_s=... wait_s=... push_s=...`` (means over the steps after the first); last line
-``offpolicy_speedup=<colocated s/step / one-step-off s/step>``. The first step is reported apart: in
+one line ``mode=<m> procs=... s_per_step=<mean after the first> s_per_step_median=... first_step_s=...
+rollout_s=... reward_s=... train_s=... wait_s=... push_s=...`` (means over the steps after the first;
+``wait_s`` = the learners' wait for the batch, ``push_s`` = weights to the engine); then
+``overlap_bound=``, ``offpolicy_speedup_median=`` and, last,
+``offpolicy_speedup=<colocated s/step / one-step-off s/step>`` (means). The first step is reported apart: in
 one-step-off mode it includes the engine rank's vLLM start-up (the engine starts when the learners send
 the set-up message), colocated starts its engine before the loop.
 """
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,7 +60,8 @@ def layout(mode: str) -> tuple[int, str]:
 
 def mode_overrides(mode: str, user: list[str]) -> list[str]:
     extra = ["rollout.mode=one_step_off", "rollout.engine_ranks=1"] if mode == "one_step_off" else []
-    return ["trainer.eval_interval=0", *user, *extra]
+    # no evals; no TensorBoard (only the colocated loop's MetricsLogger would write it)
+    return ["trainer.eval_interval=0", "logging.tensorboard=false", *user, *extra]
 
 
 # ----------------------------------------------------------------------------- rank program
@@ -159,7 +163,8 @@ def summarize(mode: str, history: list[dict]) -> dict:
     if missing:
         raise ValueError(f"{mode}: the step records lack {missing} (is r1mega older than this tool?)")
     steady = history[1:] or history
-    s = {"steps": len(history), "s_per_step": _mean([r["time/step"] for r in steady]),
+    times = [r["time/step"] for r in steady]
+    s = {"steps": len(history), "s_per_step": _mean(times), "s_per_step_median": statistics.median(times),
          "first_step_s": history[0]["time/step"]}
     for name, field in FIELDS[mode].items():
         s[f"{name}_s"] = _mean([r[field] for r in steady])
@@ -170,14 +175,15 @@ def summarize(mode: str, history: list[dict]) -> dict:
 
 def format_line(mode: str, s: dict) -> str:
     world, desc = layout(mode)
-    return (f"mode={mode} procs={world} ({desc}) steps={s['steps']} s_per_step={s['s_per_step']:.3f} "
-            f"first_step_s={s['first_step_s']:.3f} rollout_s={s['rollout_s']:.3f} reward_s={s['reward_s']:.3f} "
-            f"train_s={s['train_s']:.3f} wait_s={s['wait_s']:.3f} push_s={s['push_s']:.3f}")
+    phases = " ".join(f"{k}={s[k]:.3f}" for k in ("s_per_step", "s_per_step_median", "first_step_s", "rollout_s",
+                                                  "reward_s", "train_s", "wait_s", "push_s"))
+    return f"mode={mode} procs={world} ({desc}) steps={s['steps']} {phases}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6, help="GRPO steps per mode (>= 2 for a steady-state mean)")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="GRPO steps per mode (>= 2 for a steady-state mean; a step is ~1 s, start-up ~1-2 min)")
     parser.add_argument("--sft-steps", type=int, default=0, help="cold-start SFT steps before GRPO (both modes)")
     parser.add_argument("--sft-lr", type=float, default=2e-3)
     parser.add_argument("--out", default=None, help="run directory (default: a temporary one, removed)")
@@ -231,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     colo, off = results["colocated"], results["one_step_off"]
     print(f"overlap_bound={colo['overlap_bound']:.2f} (colocated (rollout+reward+train)/max(rollout+reward, train): "
           f"the speedup with a free core per busy thread)")
+    print(f"offpolicy_speedup_median={colo['s_per_step_median'] / off['s_per_step_median']:.3f} (medians: "
+          "less sensitive to other jobs' load spikes)")
     print(f"offpolicy_speedup={colo['s_per_step'] / off['s_per_step']:.3f}")
     return 0
 
