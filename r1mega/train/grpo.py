@@ -181,12 +181,14 @@ def run_grpo(cfg, tm, engine, tokenizer, prompts: list[Prompt], *, steps: int, p
     history = []
     try:
         for step in range(start_step + 1, steps + 1):
+            t_step = time.monotonic()
             picked = [prompts[order[(consumed_samples + i) % len(prompts)]] for i in range(prompts_per_step)]
             consumed_samples += prompts_per_step
             if cfg.rollout.seed is not None:  # a function of the step alone: a resumed run samples the same
                 sampling.seed = cfg.rollout.seed + step * 100_003
             gens, rewards, t_rollout, t_reward, reward_errors = _from_rank0(
                 partial(sample_and_score, engine, rewarder, picked, n, sampling, tokenizer, step), engine is not None)
+            t_wait = time.monotonic() - t_step  # the learner is idle while rank 0 samples and scores
             batch = build_batch(gens, rewards, n, tokenizer.pad_id, rl, multiple=tp)
             t0 = time.monotonic()
             if reference is not None:
@@ -208,6 +210,7 @@ def run_grpo(cfg, tm, engine, tokenizer, prompts: list[Prompt], *, steps: int, p
                 "reward/errors": reward_errors,
                 "tokens_per_s": tokens / max(t_rollout + t_reward + t_train + t_refit, 1e-9),
                 "time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train, "time/refit": t_refit,
+                "time/wait_rollout": t_wait, "time/step": time.monotonic() - t_step,
                 "consumed_samples": consumed_samples, **routing_metrics,
             }
             interval = cfg.trainer.eval_interval

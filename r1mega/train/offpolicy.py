@@ -111,13 +111,12 @@ def engine_loop(cfg, role: Role, steps: int, engine_env: Optional[dict] = None) 
     try:
         for step in range(steps):
             mine = _step_prompts(prompts, order, step, per_step)[role.engine_index::R]
-            gens, rewards, t_roll, t_rew, _ = sample_and_score(engine, rewarder, mine, cfg.rollout.n,
-                                                               _sampling(cfg, tokenizer.eos_id, step), tokenizer,
-                                                               step + 1)
+            gens, rewards, t_roll, t_rew, errors = sample_and_score(
+                engine, rewarder, mine, cfg.rollout.n, _sampling(cfg, tokenizer.eos_id, step), tokenizer, step + 1)
             for g in gens:
                 g.policy_version = version
             for src in role.engine_src:  # every engine's share, in engine order
-                transfer.broadcast_object((gens, rewards, t_roll, t_rew) if src == transfer.rank else None, src)
+                transfer.broadcast_object((gens, rewards, t_roll, t_rew, errors) if src == transfer.rank else None, src)
             if step >= 1:  # v_step arrives after batch `step` left (the learner trains it meanwhile)
                 engine.update_weights(receive_weights(transfer))
                 version = step
@@ -174,8 +173,8 @@ def run_one_step_off(cfg, role: Role, tm, tokenizer, prompts: list, *, steps: in
         if transfer is not None:
             parts = [transfer.broadcast_object(None, src) for src in role.engine_src]
             rollout = ([g for p in parts for g in p[0]], [r for p in parts for r in p[1]],
-                       max(p[2] for p in parts), max(p[3] for p in parts))
-        gens, rewards, t_rollout, t_reward = broadcast_from_rank0(rollout)
+                       max(p[2] for p in parts), max(p[3] for p in parts), sum(p[4] for p in parts))
+        gens, rewards, t_rollout, t_reward, reward_errors = broadcast_from_rank0(rollout)
         t_wait = time.monotonic() - t0
         t_push = 0.0
         if step >= 1:  # v_step to the engines, which generate batch step+1 with it while we train
@@ -192,12 +191,14 @@ def run_one_step_off(cfg, role: Role, tm, tokenizer, prompts: list, *, steps: in
         v = m.values
         record = {
             "stage": "grpo_one_step_off", "step": step + 1, "reward/mean": sum(rewards) / len(rewards),
+            "reward/errors": reward_errors,
             "loss": v.get("loss", 0.0), "grad_norm": m.grad_norm, "skipped": m.skipped,
             "logprob_mismatch": v.get("mismatch_abs_mean", 0.0), "tis_clip_frac": v.get("tis_clip_frac", 0.0),
             "staleness": staleness, "staleness/mean": sum(staleness) / len(staleness),
             "staleness/max": max(staleness), "staleness/dropped": len(dropped),
             "time/wait_rollout": t_wait, "time/push": t_push, "time/train": t_train,
-            "time/engine_rollout": t_rollout, "time/engine_reward": t_reward, **routing_metrics,
+            "time/engine_rollout": t_rollout, "time/engine_reward": t_reward, "time/step": time.monotonic() - t0,
+            **routing_metrics,
         }
         history.append(record)
         if role.world.rank == 0:
