@@ -171,9 +171,9 @@ LAYOUT_TIMEOUT_S = 300
 def _spec(mode: str, pack: bool = False):
     from r1mega.train.parallel_check import CheckSpec
 
-    # packed at TP2 the padding segment (to a multiple of tp) passes the router and enters the aux loss,
-    # which one process does not have (also without replay: grad error 6e-3): packed runs go aux-loss-free
-    model = ModelConfig(preset="qwen3_moe", moe_aux_loss_coeff=0.0 if pack else None)
+    # with the aux loss on: packed at TP2 the padding segment (to a multiple of tp) must stay out of it
+    # (megatron's padding_mask; without it the grads are 6e-3 off one process)
+    model = ModelConfig(preset="qwen3_moe", moe_aux_loss_coeff=0.01)
     return CheckSpec(model=model, objective="grpo", pack=pack,
                      rl=RLConfig(routing_replay=mode, kl_coef=0.01, entropy_coef=0.01, tis_cap=2.0))
 

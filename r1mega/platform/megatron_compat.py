@@ -149,3 +149,18 @@ def local_expert_spec() -> tuple[type, object]:
     if isinstance(built, functools.partial):
         return built.func, built.keywords["submodules"]
     return built
+
+
+def gpt_accepts_padding_mask() -> bool:
+    """``GPTModel.forward(padding_mask=...)`` (True = padding) keeps padding tokens out of the MoE aux
+    loss, z-loss and expert-bias counts (megatron-core >= 0.16); older releases lack the argument."""
+    import functools
+    import inspect
+
+    @functools.cache
+    def probe() -> bool:
+        from megatron.core.models.gpt.gpt_model import GPTModel
+
+        return "padding_mask" in inspect.signature(GPTModel.forward).parameters
+
+    return probe()

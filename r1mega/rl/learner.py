@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from r1mega.config.schema import RLConfig
+from r1mega.platform.megatron_compat import gpt_accepts_padding_mask
 from r1mega.rl.aggregation import aggregate, split_scale, token_weights
 from r1mega.rl.distill_loss import topk_forward_kl
 from r1mega.rl.kl import kl_penalty
@@ -117,6 +118,7 @@ def _forward(gpt_model, pack: bool, data_iterator, model, loss_fn, routing=None,
     if pack:
         packed = pack_micro_batch(mb, weights, parallel_state.get_tensor_model_parallel_world_size())
         inputs, positions, kw, fed = packed.inputs, packed.positions, {"packed_seq_params": packed.params}, packed.batch
+        kw.update(_padding_mask_kwargs(gpt_model, packed.batch.seq_ids))
     else:
         inputs = mb.tokens[:, :-1].contiguous()
         positions, kw, fed = torch.arange(inputs.size(1)).unsqueeze(0).expand_as(inputs), {}, mb
@@ -131,6 +133,20 @@ def _forward(gpt_model, pack: bool, data_iterator, model, loss_fn, routing=None,
     if pack:
         return hidden, partial(loss_fn, gpt_model, packed.batch, packed.weights)
     return hidden, partial(loss_fn, gpt_model, mb, weights)
+
+
+def _padding_mask_kwargs(gpt_model, seq_ids: torch.Tensor) -> dict:
+    """The packed row's padding (to a multiple of tp) as megatron's MoE ``padding_mask``, so it stays out
+    of the aux loss: a layout-dependent amount of padding otherwise changes the loss with the layout.
+    megatron scatters the mask over sequence-parallel ranks only on the first pipeline stage; later
+    stages get this rank's chunk here."""
+    pad = seq_ids == -1
+    if not pad.any() or not gpt_model.config.num_moe_experts or not gpt_accepts_padding_mask():
+        return {}
+    if not parallel_state.is_pipeline_first_stage() and gpt_model.config.sequence_parallel:
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        pad = pad.chunk(tp, dim=1)[parallel_state.get_tensor_model_parallel_rank()].contiguous()
+    return {"padding_mask": pad}
 
 
 @dataclass
