@@ -124,13 +124,14 @@ def main(argv: list[str] | None = None) -> int:
 
     memcpy()  # first touch of the destination pages
     probe = probe_batch(model_cfg.vocab_size, batch=2, length=16, seed=0)
-    modes = {"before": False, "after": True}  # EngineProcess.update_weights(streamed=...)
+    modes = {"before": dict(streamed=False), "after": dict(streamed=True),  # EngineProcess.update_weights(**)
+             "after, engine 1 thread": dict(streamed=True, engine_threads=1)}
     first, times, profiled, parity, copies = {}, {m: [] for m in modes}, {}, {}, []
     with EngineProcess(tmp / "hf", seed=0, env=env) as engine:
         print(f"{layers}-layer model; engine started in {engine.startup_s:.1f}s", file=sys.stderr)
         seed = 100
         for r in range(args.repeats + 2):  # round 0: first pushes; last round: profiled (vLLM internals timed)
-            for mode, streamed in modes.items():
+            for mode, kwargs in modes.items():
                 seed += 1
                 with torch.no_grad():
                     init_layout_invariant(stage.model, stage.config, seed=seed)
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 copies.append(memcpy())  # interleaved with the pushes: same machine state
                 last = r == args.repeats + 1
                 t = time.perf_counter()
-                stats = engine.update_weights(exporter.buckets(), profile=last, streamed=streamed)
+                stats = engine.update_weights(exporter.buckets(), profile=last, **kwargs)
                 elapsed = time.perf_counter() - t
                 print(f"round {r} {mode}: {elapsed:.2f} s", file=sys.stderr)
                 if r == 0:
@@ -165,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bytes={total / 2**30:.2f} GiB tensors={stats.tensors} bucket={args.bucket_mb:.0f} MiB "
           f"engine_batches={stats.buckets}; memcpy of the same bytes {t_memcpy * 1e3:.1f} ms "
           f"({total / t_memcpy / 1e9:.2f} GB/s; best of {len(copies)}, interleaved with the pushes)")
-    for mode, label in (("before", "before (per-batch reload, tensors pickled as shared-memory handles)"),
-                        ("after", "after (one streamed reload, reused shared-memory buffers, pipelined)")):
+    labels = {"before": "before (per-batch reload, tensors pickled as shared-memory handles)",
+              "after": "after (one streamed reload, reused shared-memory buffers, pipelined)",
+              "after, engine 1 thread": "after, the engine's reload on 1 torch thread"}
+    for mode, label in labels.items():
         f_s, f_stats = first[mode]
         print(f"{label}: refit {best[mode]:.2f} s ({total / best[mode] / 1e9:.2f} GB/s; runs "
               f"{[round(x, 2) for x in times[mode]]}); first refit {f_s:.2f} s (copied into shared memory: "
@@ -176,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  breakdown of one profiled {mode} refit ({p.seconds * 1e3:.0f} ms):")
         print("\n".join("  " + row for row in format_breakdown(p.breakdown, p.seconds, min_share=0.002)))
     print(f"speedup_after_vs_before={best['before'] / best['after']:.2f}")
+    print(f"speedup_after_1thread_vs_before={best['before'] / best['after, engine 1 thread']:.2f}")
     if tp is not None:
         print(f"generation ({args.prompts} prompts x n={args.n} x {args.new_tokens} tokens): wrapper "
               f"{tp['wrapper']:.1f} tok/s, raw vLLM {tp['raw']:.1f} tok/s")

@@ -14,6 +14,7 @@ independent of the trainer's since it receives full HF tensors from the bridge).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -252,6 +253,7 @@ def _child_main(conn, model_dir, kwargs, env) -> None:
     stream = {"ended": True}
     while True:
         try:
+            conn.poll(None)  # idle until the next call (not counted as receiving)
             t0 = time.perf_counter()
             method, args = _recv(conn)
             t_recv = time.perf_counter() - t0
@@ -263,7 +265,8 @@ def _child_main(conn, model_dir, kwargs, env) -> None:
         try:
             if method == "stream_update":
                 stream = {"ended": False}
-                out = _child_stream_update(engine, conn, slots, args[0], stream)
+                with _torch_threads(args[1]):
+                    out = _child_stream_update(engine, conn, slots, args[0], stream)
             elif method == "update_batch":  # tensors pickled as shared-memory handles (profile: args[1])
                 sec = Sections()
                 sec.seconds["recv"] = t_recv
@@ -395,9 +398,24 @@ class _Slots:
             size = -(-offset // (16 << 20)) * (16 << 20)
             buf = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
             self.buffers[slot] = new = buf
-        for (_, off, nbytes, dtype, shape), (_, t) in zip(entries, batch):
-            buf[off: off + nbytes].view(dtype).view(shape).copy_(t)
+        with _torch_threads(1):  # many small copies: no OpenMP team (its barriers stall on busy cores)
+            for (_, off, nbytes, dtype, shape), (_, t) in zip(entries, batch):
+                buf[off: off + nbytes].view(dtype).view(shape).copy_(t)
         return new, entries
+
+
+@contextlib.contextmanager
+def _torch_threads(n: Optional[int]):
+    """Run the block with ``n`` torch intra-op threads (``None``: unchanged), then restore."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _unshared_bytes(batch) -> int:
@@ -424,6 +442,12 @@ class EngineProcess:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         child_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
+        if not torch.cuda.is_available():
+            # torch's CPU allocator backs tensors >= 2 MiB with transparent huge pages: vLLM's reload
+            # allocates every layer afresh (and its MoE prepack output), and 4 KiB page faults on that
+            # memory cost about as much as the copies themselves (measured: fresh 128 MiB alloc+copy
+            # 70-130 ms -> 20-40 ms)
+            child_env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
         self._proc = ctx.Process(target=_child_main, args=(child, str(model_dir), kwargs, child_env), daemon=True)
         self._proc.start()
         child.close()
@@ -477,7 +501,8 @@ class EngineProcess:
     def prompt_logprobs(self, token_ids):
         return self._call("prompt_logprobs", [list(map(int, t)) for t in token_ids])
 
-    def update_weights(self, buckets: Iterable[Bucket], profile: bool = False, streamed: bool = True) -> RefitStats:
+    def update_weights(self, buckets: Iterable[Bucket], profile: bool = False, streamed: bool = True,
+                       engine_threads: Optional[int] = None) -> RefitStats:
         """Push new weights into the engine process, then reset its prefix cache.
 
         Streamed (default): each layer-complete batch is copied into one of two reusable shared-memory
@@ -489,12 +514,14 @@ class EngineProcess:
         handles (torch moves every storage that is not yet shared into shared memory first: the
         trainer's parameters on the first push, a fresh copy of every gathered tensor on every push).
         ``stats.breakdown`` says where the time went (``profile``: with vLLM's reload internals).
+        ``engine_threads``: torch threads of the engine process during a streamed push (``None``: its
+        own setting).
         """
         stats = RefitStats()
         sec = Sections()
         t0 = time.perf_counter()
         if streamed:
-            self._update_streamed(buckets, profile, stats, sec)
+            self._update_streamed(buckets, profile, stats, sec, engine_threads)
         else:
             for batch in timed_batches(buckets, sec, stats.count):
                 with sec.section("send"):
@@ -513,7 +540,8 @@ class EngineProcess:
         stats.breakdown = sec.as_dict()
         return stats
 
-    def _update_streamed(self, buckets, profile: bool, stats: RefitStats, sec: Sections) -> None:
+    def _update_streamed(self, buckets, profile: bool, stats: RefitStats, sec: Sections,
+                         engine_threads: Optional[int]) -> None:
         in_flight: list[int] = []  # slots sent and not yet handed back
 
         def handed_back(reply) -> bool:  # an ack frees its slot; anything else is the final answer
@@ -522,7 +550,7 @@ class EngineProcess:
                 return True
             return False
 
-        self._send("stream_update", profile)
+        self._send("stream_update", profile, engine_threads)
         ended = answered = False
 
         def wait():
@@ -556,11 +584,12 @@ class EngineProcess:
         except BaseException:
             # a failure on this side (e.g. in the bridge): close the stream and take the engine's
             # answers, so that the next call starts in step (the engine then holds a partial update)
-            if not answered and self._proc.is_alive():
+            # (an engine that failed skips the rest of the stream up to the end mark: send it, once)
+            if self._proc.is_alive():
                 try:
                     if not ended:
                         self._send("end_stream")
-                    while handed_back(wait()):
+                    while not answered and handed_back(wait()):
                         pass
                 except EngineProcessError:
                     pass
