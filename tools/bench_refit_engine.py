@@ -1,18 +1,24 @@
-"""End-to-end refit benchmark: megatron shards -> bridge stream -> a live vLLM(-CPU) engine, plus the
-engine wrapper's generation throughput next to raw vLLM on the same prompts.
+"""End-to-end refit benchmark: megatron shards -> bridge stream -> a live vLLM(-CPU) engine, with a time
+breakdown, plus the engine wrapper's generation throughput next to raw vLLM on the same prompts.
 
 The end-to-end mode of ``tools/bench_refit.py`` (that tool measures shards -> HF tensors -> plain
 buffers). Builds the same ~``--gb`` GB float32 Qwen3-MoE-style policy in one process, writes it once
 as an HF directory (the engine's start point), starts a TP1 engine in a child process
-(``r1mega.rollout.vllm_engine.EngineProcess``, how a learner rank owns its engine), re-draws the
-weights and times ``engine.update_weights(exporter.buckets())`` (best of ``--repeats``) against one
-``Tensor.copy_`` of the same bytes; the parity probe checks the engine got the new weights. Then a
-clean child process loads the engine in-process and times ``VLLMEngine.generate`` against
-``LLM.generate`` with the same ``SamplingParams`` (alternating, best of ``--repeats``).
+(``r1mega.rollout.vllm_engine.EngineProcess``, how a learner rank owns its engine), then, round after
+round, re-draws the weights and pushes them with each transport in turn (interleaved, same engine, same
+machine state): ``before`` = one vLLM reload per batch with tensors pickled as shared-memory handles
+(the previous code path), ``after`` = one streamed vLLM reload fed from reused shared-memory buffers,
+pipelined, and ``after`` with the engine's reload on one torch thread. Round 0 is reported as the
+first refit, the last round is profiled (``RefitStats.breakdown`` with vLLM's reload internals), the
+others give the best time. A plain ``Tensor.copy_`` of the same bytes is timed before every push (best
+of all). The parity probe checks the engine got the new weights after each transport. Then a clean
+child process loads the engine in-process and times ``VLLMEngine.generate`` against ``LLM.generate``
+with the same ``SamplingParams`` (alternating, best of ``--repeats``; ``--no-throughput`` skips it).
 
-    python tools/bench_refit_engine.py [--gb 1.0] [--bucket-mb 256] [--repeats 2]
+    python tools/bench_refit_engine.py [--gb 1.0] [--bucket-mb 256] [--repeats 2] [--no-throughput]
 
-Last lines: ``engine_refit_vs_memcpy=<memcpy_time / refit_time>``, ``wrapper_vs_raw_tokens_per_s=<ratio>``.
+Last lines: ``engine_refit_vs_memcpy=<memcpy_time / refit_time (after)>``,
+``wrapper_vs_raw_tokens_per_s=<ratio>``.
 """
 
 from __future__ import annotations
