@@ -79,3 +79,89 @@ def test_sampling_spec_from_config():
         7, 0.7, ["</answer>"], [9], 3, 5)
     with pytest.raises(ValueError, match="logprobs_mode"):
         SamplingSpec(logprobs_mode="weird")
+
+
+# ----------------------------------------------------------------------------- refit transport and profile
+
+
+def test_sections_are_exclusive_and_add_up():
+    import time
+
+    from r1mega.rollout.refit_profile import Sections
+
+    sec = Sections()
+    t0 = time.perf_counter()
+    with sec.section("outer"):
+        time.sleep(0.02)
+        with sec.section("inner"):
+            time.sleep(0.03)
+        sec.add({"remote": 0.01})  # timed elsewhere, inside "outer": taken out of its exclusive time
+    wall = time.perf_counter() - t0
+    parts = sec.as_dict()
+    assert parts["inner"] >= 0.03 and parts["outer"] >= 0.01 and parts["remote"] == 0.01
+    assert abs(sum(parts.values()) - wall) < 0.005
+
+
+def test_timed_batches_matches_layer_complete_batches():
+    from r1mega.rollout.refit_profile import Sections, timed_batches
+
+    t = torch.zeros(1)
+    names = ["model.embed_tokens.weight"] + [f"model.layers.{i}.mlp.experts.{e}.w" for i in range(3) for e in range(3)]
+    buckets = [[(n, t) for n in names[i:i + 4]] for i in range(0, len(names), 4)]
+    seen = []
+    sec = Sections()
+    out = _names(timed_batches(iter(buckets), sec, seen.append))
+    assert out == _names(layer_complete_batches(buckets)) and len(seen) == len(out)
+    assert sec.calls["export"] == len(buckets) + 1 and sec.calls["regroup"] == len(out) + 1
+
+
+def test_shared_memory_slots_round_trip_and_reuse():
+    from r1mega.rollout.vllm_engine import _Slots
+
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    batch = [("a", base), ("b.t", base.t()), ("c", base[1:3, ::2]), ("d", torch.tensor(3.5)),
+             ("e", torch.randn(5, 7).to(torch.bfloat16)), ("f", torch.arange(3))]
+    slots = _Slots(2)
+    new, entries = slots.pack(0, batch)
+    assert new is not None and new.untyped_storage().is_shared()
+    for (name, off, nbytes, dtype, shape), (ref_name, ref) in zip(entries, batch):
+        assert name == ref_name and off % _Slots.ALIGN == 0
+        got = new[off: off + nbytes].view(dtype).view(shape)
+        assert got.dtype == ref.dtype and torch.equal(got, ref)
+    again, _ = slots.pack(0, batch[:2])  # fits: the engine keeps its mapping, nothing new is sent
+    assert again is None
+    grown, entries = slots.pack(0, [("big", torch.ones(5 << 20))])  # 20 MiB > the 16 MiB buffer
+    assert grown is not None and grown.numel() >= 20 << 20
+    assert torch.equal(grown[: entries[0][2]].view(torch.float32), torch.ones(5 << 20))
+    with pytest.raises(ValueError, match="at least one buffer"):
+        _Slots(0)
+
+
+def test_release_pending_clones_loads_that_point_into_a_reused_buffer():
+    pytest.importorskip("vllm")
+    import inspect
+
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+    from r1mega.rollout.refit import release_pending
+
+    buf = torch.arange(64, dtype=torch.float32)
+    other = torch.ones(4)
+    layer = torch.nn.Linear(2, 2)
+
+    def loader(param, loaded_weight, shard_id=None):
+        pass
+
+    info = get_layerwise_info(layer)
+    bound = inspect.signature(loader).bind(layer.weight, buf[8:16], shard_id=other)
+    info.loaded_weights.append(("weight", bound))
+    try:
+        assert release_pending(buf) == 1
+        w = bound.arguments["loaded_weight"]
+        assert torch.equal(w, torch.arange(8, 16, dtype=torch.float32))
+        assert w.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()  # owns its data now
+        assert bound.arguments["shard_id"] is other  # tensors elsewhere are left alone
+        buf.zero_()  # the buffer is reused for the next batch ...
+        assert torch.equal(bound.args[1], torch.arange(8, 16, dtype=torch.float32))  # ... the load is intact
+    finally:
+        info.loaded_weights.clear()

@@ -52,3 +52,46 @@ def test_refit_from_tp2ep2_learner(tmp_path):
     assert r["engine_after_push_vs_trainer_w1"]["max_abs"] < 1e-4
     assert r["export_buckets"] > 1 and r["refit"]["engine_calls"] >= 2
     assert r["repeatable"]
+
+
+@pytest.mark.timeout(240)
+def test_engine_process_streamed_push_recovers_from_failures(tmp_path):
+    """Streamed refit into an engine process: a push that fails on the learner side (the bucket stream
+    raises) or in the engine (an unknown tensor name, followed by more batches) raises, and the next
+    push still lands exactly (the shared-memory buffers are reused across pushes)."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from rollout_common import VOCAB, as_buckets, checkpoint_tensors, hf_logprobs, tiny_hf_dir
+
+    from r1mega.rollout import compare, probe_batch
+    from r1mega.rollout.vllm_engine import EngineProcess, EngineProcessError
+
+    a, b = tiny_hf_dir(tmp_path / "a", seed=1), tiny_hf_dir(tmp_path / "b", seed=2)
+    probe = probe_batch(VOCAB, batch=2, length=24, seed=0, low=3)
+    la, lb = hf_logprobs(a, probe), hf_logprobs(b, probe)
+    ba, bb = as_buckets(checkpoint_tensors(a), 150_000), as_buckets(checkpoint_tensors(b), 150_000)
+    assert len(bb) >= 4
+
+    def failing(buckets):
+        yield from buckets[:3]
+        raise RuntimeError("bridge failed mid-stream")
+
+    env = {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    with EngineProcess(a, seed=0, env=env) as engine:
+        with pytest.raises(RuntimeError, match="bridge failed mid-stream"):
+            engine.update_weights(failing(bb))
+        stats = engine.update_weights(bb, profile=True)
+        assert compare(engine.prompt_logprobs(probe), lb).max_abs < 1e-4, "push after a failed push"
+        assert stats.buckets >= 2 and stats.shm_copied_bytes == stats.bytes
+        assert {"export", "pack", "send", "handoff", "engine.recv"} <= set(stats.breakdown)
+        assert any(k.startswith("engine.reload.process_weights_after_loading") for k in stats.breakdown)
+        assert abs(sum(v for k, v in stats.breakdown.items() if not k.startswith("engine.")) - stats.seconds) < 0.05
+        bad = [[("model.no_such_module.weight", torch.zeros(3))]] + ba
+        with pytest.raises(EngineProcessError, match="no_such_module"):
+            engine.update_weights(bad)
+        engine.update_weights(ba, engine_threads=1)
+        assert compare(engine.prompt_logprobs(probe), la).max_abs < 1e-4, "push after an engine-side failure"
+        legacy = engine.update_weights(bb, streamed=False)
+        assert compare(engine.prompt_logprobs(probe), lb).max_abs < 1e-4, "per-batch (baseline) transport"
+        assert legacy.buckets == stats.buckets

@@ -30,13 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket-mb", type=float, default=256.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--engine", action="store_true",
-                        help="end-to-end mode: shards -> bridge -> a live vLLM engine (tools/bench_refit_engine.py)")
+                        help="end-to-end mode: shards -> bridge -> a live vLLM engine (tools/bench_refit_engine.py): "
+                             "old vs new transport, interleaved, each with its time breakdown")
+    parser.add_argument("--no-throughput", action="store_true", help="--engine: skip the generation part")
     args = parser.parse_args(argv)
     if args.engine:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from bench_refit_engine import main as engine_main
 
-        return engine_main(["--gb", str(args.gb), "--bucket-mb", str(args.bucket_mb), "--repeats", str(args.repeats)])
+        return engine_main(["--gb", str(args.gb), "--bucket-mb", str(args.bucket_mb), "--repeats", str(args.repeats)]
+                           + (["--no-throughput"] if args.no_throughput else []))
 
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     import torch

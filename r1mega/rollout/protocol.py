@@ -99,6 +99,15 @@ class RefitStats:
     bytes: int = 0
     seconds: float = 0.0
     version: int = 0  # number of updates applied since the engine started
+    # exclusive seconds per section of the push (``rollout.refit_profile``): parent-side ``export``,
+    # ``regroup``, ``send``, ``handoff`` and engine-side ``engine.*``; they add up to ``seconds``
+    breakdown: dict[str, float] = field(default_factory=dict)
+    shm_copied_bytes: int = 0  # bytes copied into shared memory to reach an engine process
+
+    def count(self, batch) -> None:
+        self.buckets += 1
+        self.tensors += len(batch)
+        self.bytes += sum(t.numel() * t.element_size() for _, t in batch)
 
     @property
     def gb_per_s(self) -> float:

@@ -87,20 +87,58 @@ def _moe_layers(model: torch.nn.Module) -> list[tuple[str, object]]:
             if hasattr(getattr(mod, "quant_method", None), "moe_kernel")]
 
 
-def worker_reload(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
-    """Load HF-named tensors through vLLM's reload path (with the fused-MoE fix). Returns #tensors."""
+def worker_reload(worker, weights: Iterable[tuple[str, torch.Tensor]], profile: bool = False,
+                  sections=None, prefix: str = "") -> dict[str, float]:
+    """Load HF-named tensors through vLLM's reload path (with the fused-MoE fix).
+
+    ``weights`` may be any iterable, a lazy stream included (in-process workers only: a stream cannot
+    be sent to a worker process): vLLM processes each layer as soon as its last tensor arrives, so one
+    call can take a whole refit (one set-up and one finalisation of the layer-wise reload instead of
+    one per batch). Returns the seconds spent, by section (``reload`` alone; with ``profile`` vLLM's
+    internals broken down, see ``refit_profile``; names start with ``prefix``), recorded into
+    ``sections`` when given.
+    """
+    from contextlib import nullcontext
+
+    from r1mega.rollout.refit_profile import Sections, instrument_vllm_reload
+
     model = _model(worker)
-    saved = []
-    for name, qm in _moe_layers(model):
-        saved.append((name, qm, qm.moe_kernel))
-        qm.moe_kernel = None  # force the first-load path: pad + prepack + new kernel
-    try:
-        worker.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
-    finally:
-        for _, qm, kernel in saved:
-            if qm.moe_kernel is None:  # this layer got no weights in this call
-                qm.moe_kernel = kernel
-    return len(weights)
+    sec = Sections() if sections is None else sections
+    with instrument_vllm_reload(model, sec, prefix + "reload.") if profile else nullcontext():
+        with sec.section(prefix + ("reload.rest" if profile else "reload")):
+            saved = []
+            for name, qm in _moe_layers(model):
+                saved.append((name, qm, qm.moe_kernel))
+                qm.moe_kernel = None  # force the first-load path: pad + prepack + new kernel
+            try:
+                worker.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+            finally:
+                for _, qm, kernel in saved:
+                    if qm.moe_kernel is None:  # this layer got no weights in this call
+                        qm.moe_kernel = kernel
+    return sec.as_dict()
+
+
+def release_pending(buffer: torch.Tensor) -> int:
+    """Detach vLLM's buffered, not yet processed weight loads from ``buffer`` (clone them).
+
+    vLLM's layer-wise reload keeps the loader arguments of a layer until the layer is complete (and
+    those of attention-like layers until the end of the reload). Before a transport buffer is reused
+    for the next batch, anything still pointing into it must own its data. Returns how many tensors
+    were cloned (0 when every layer of the batch was complete, the normal case).
+    """
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+    lo = buffer.untyped_storage().data_ptr()
+    hi = lo + buffer.untyped_storage().nbytes()
+    cloned = 0
+    for info in list(LAYERWISE_INFO.values()):
+        for _, bound in info.loaded_weights:
+            for key, value in bound.arguments.items():
+                if isinstance(value, torch.Tensor) and lo <= value.data_ptr() < hi:
+                    bound.arguments[key] = value.clone()
+                    cloned += 1
+    return cloned
 
 
 def worker_param_checksum(worker) -> float:

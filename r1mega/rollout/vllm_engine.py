@@ -14,6 +14,7 @@ independent of the trainer's since it receives full HF tensors from the bridge).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -24,7 +25,8 @@ import torch
 
 from r1mega.rollout import routing_capture
 from r1mega.rollout.protocol import MAX_TOP_LOGPROBS, Bucket, Generation, Prompt, RefitStats, SamplingSpec, log_once
-from r1mega.rollout.refit import layer_complete_batches, worker_param_checksum, worker_reload
+from r1mega.rollout.refit import worker_param_checksum, worker_reload
+from r1mega.rollout.refit_profile import Sections, timed_batches
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,8 @@ class VLLMEngine:
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.startup_s = time.perf_counter() - t0
+        # the worker runs in this process (vLLM's UniProcExecutor): a refit can hand it a lazy stream
+        self.inproc_worker = tp == 1 and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
         self.tokenizer = self.llm.get_tokenizer()
         self.moe_layer_ids: list[int] = []
         if return_routed_experts:
@@ -177,20 +181,30 @@ class VLLMEngine:
         return result
 
     # ------------------------------------------------------------------ weights
-    def update_weights(self, buckets: Iterable[Bucket]) -> RefitStats:
-        """Push new weights in place: one engine call per layer-complete batch, then a prefix-cache reset."""
+    def update_weights(self, buckets: Iterable[Bucket], profile: bool = False) -> RefitStats:
+        """Push new weights in place, then reset the prefix cache.
+
+        With the worker in this process: one vLLM reload over the whole bucket stream (each layer is
+        processed as soon as it is complete, the bridge's next bucket is produced on demand). Otherwise
+        one engine call per layer-complete batch. ``profile``: also break vLLM's reload down into its
+        internals (``stats.breakdown``)."""
         self._check_awake()
         stats = RefitStats()
+        sec = Sections()
         t0 = time.perf_counter()
-        for batch in layer_complete_batches(buckets):
-            self.llm.collective_rpc(worker_reload, args=(batch,))
-            stats.buckets += 1
-            stats.tensors += len(batch)
-            stats.bytes += sum(t.numel() * t.element_size() for _, t in batch)
-        self.llm.reset_prefix_cache()
+        if self.inproc_worker:
+            stream = (item for batch in timed_batches(buckets, sec, stats.count) for item in batch)
+            self.llm.collective_rpc(worker_reload, args=(stream, profile, sec, "engine."))
+        else:
+            for batch in timed_batches(buckets, sec, stats.count):
+                with sec.section("engine.rpc"):
+                    sec.add(self.llm.collective_rpc(worker_reload, args=(batch, profile))[0], "engine.")
+        with sec.section("engine.reset_prefix_cache"):
+            self.llm.reset_prefix_cache()
         stats.seconds = time.perf_counter() - t0
         self.version += 1
         stats.version = self.version
+        stats.breakdown = sec.as_dict()
         return stats
 
     def param_checksum(self) -> float:
@@ -248,22 +262,35 @@ def _child_main(conn, model_dir, kwargs, env) -> None:
     except BaseException as e:  # noqa: BLE001 - report any start-up failure to the parent
         conn.send(("error", repr(e)))
         return
+    slots: dict[int, torch.Tensor] = {}  # transport buffers (shared memory), mapped once, reused
+    stream = {"ended": True}
     while True:
         try:
-            method, args = conn.recv()
+            conn.poll(None)  # idle until the next call (not counted as receiving)
+            t0 = time.perf_counter()
+            method, args = _recv(conn)
+            t_recv = time.perf_counter() - t0
         except EOFError:
             return
         if method == "close":
             conn.send(("ok", None))
             return
         try:
-            if method == "update_batch":
-                engine.llm.collective_rpc(worker_reload, args=(args[0],))
-                out = None
+            if method == "stream_update":
+                stream = {"ended": False}
+                with _torch_threads(args[1]):
+                    out = _child_stream_update(engine, conn, slots, args[0], stream)
+            elif method == "update_batch":  # tensors pickled as shared-memory handles (profile: args[1])
+                sec = Sections()
+                sec.seconds["recv"] = t_recv
+                with sec.section("rpc"):
+                    sec.add(engine.llm.collective_rpc(worker_reload, args=tuple(args))[0])
+                out = sec.as_dict()
             elif method == "finish_update":
+                t0 = time.perf_counter()
                 engine.llm.reset_prefix_cache()
                 engine.version += 1
-                out = engine.version
+                out = engine.version, {"reset_prefix_cache": time.perf_counter() - t0}
             else:
                 out = getattr(engine, method)(*args)
             if method == "generate":  # numpy pickles inline (no shared-memory handle per sample)
@@ -274,6 +301,144 @@ def _child_main(conn, model_dir, kwargs, env) -> None:
             import traceback
 
             conn.send(("error", f"{e!r}\n{traceback.format_exc()}"))
+            if not stream["ended"]:  # the parent still sends the rest of the stream: skip it
+                stream["ended"] = True
+                _drain_stream(conn)
+
+
+def _recv(conn):
+    from multiprocessing.reduction import ForkingPickler
+
+    return ForkingPickler.loads(conn.recv_bytes())
+
+
+def _drain_stream(conn) -> None:
+    """After a failed streamed update: read the parent's remaining batch messages up to its end mark."""
+    while True:
+        method, _ = _recv(conn)
+        if method == "end_stream":
+            return
+
+
+def _child_stream_update(engine: VLLMEngine, conn, slots: dict, profile: bool, state: dict):
+    """Engine side of a streamed refit (see ``EngineProcess.update_weights``).
+
+    Messages ``("batch", (slot, storage or None, entries))`` name tensors by offset into transport
+    buffer ``slot`` (a new ``storage`` replaces the slot's buffer: it is mapped once and reused);
+    ``("end_stream", ())`` closes the stream. A slot is handed back (``("ok", ("ack", slot))``) once
+    vLLM holds nothing of it: after the next batch's first tensor was loaded (one tensor of look-ahead
+    covered), with any still-buffered loads into it cloned (``release_pending``). The stream feeds one
+    vLLM reload when the worker is in this process, else one reload per batch.
+    """
+    from r1mega.rollout.refit import release_pending
+
+    sec = Sections()
+
+    def batches():
+        while True:
+            with sec.section("idle"):  # waiting for the learner's next batch
+                conn.poll(None)
+            with sec.section("recv"):
+                method, args = _recv(conn)
+            if method == "end_stream":
+                state["ended"] = True
+                return
+            if method != "batch":
+                raise RuntimeError(f"refit stream: unexpected message {method!r} (expected 'batch' or 'end_stream')")
+            slot, storage, entries = args
+            if storage is not None:
+                slots[slot] = storage
+            buf = slots[slot]
+            yield slot, [(name, buf[off: off + nbytes].view(dtype).view(shape))
+                         for name, off, nbytes, dtype, shape in entries]
+
+    def ack(slot: int) -> None:
+        with sec.section("release"):
+            release_pending(slots[slot])
+            conn.send(("ok", ("ack", slot)))
+
+    if engine.inproc_worker:
+        def tensors():
+            prev = None
+            for slot, batch in batches():
+                for i, item in enumerate(batch):
+                    yield item
+                    if i == 0 and prev is not None:
+                        ack(prev)
+                        prev = None
+                if prev is not None:  # an empty batch
+                    ack(prev)
+                prev = slot
+            # the last slot is released by the final answer
+
+        with sec.section("rpc"):
+            engine.llm.collective_rpc(worker_reload, args=(tensors(), profile, sec))
+    else:  # worker processes: each batch is sent to them whole
+        for slot, batch in batches():
+            with sec.section("rpc"):
+                sec.add(engine.llm.collective_rpc(worker_reload, args=(batch, profile))[0])
+            ack(slot)
+    if not state["ended"]:
+        raise RuntimeError("refit stream: vLLM's reload returned before the end of the stream")
+    with sec.section("reset_prefix_cache"):
+        engine.llm.reset_prefix_cache()
+    engine.version += 1
+    return engine.version, sec.as_dict()
+
+
+class _Slots:
+    """Parent side of the refit transport: reusable shared-memory buffers, one batch each."""
+
+    ALIGN = 64
+
+    def __init__(self, count: int):
+        if count < 1:
+            raise ValueError(f"refit transport needs at least one buffer, got {count}")
+        self.buffers: list[Optional[torch.Tensor]] = [None] * count
+
+    def pack(self, slot: int, batch) -> tuple[Optional[torch.Tensor], list]:
+        """Copy a batch into buffer ``slot`` (grown if too small). Returns (the buffer if it is new, so
+        the engine maps it, else None; entries ``(name, offset, nbytes, dtype, shape)``)."""
+        entries, offset = [], 0
+        for name, t in batch:
+            nbytes = t.numel() * t.element_size()
+            entries.append((name, offset, nbytes, t.dtype, tuple(t.shape)))
+            offset += -(-nbytes // self.ALIGN) * self.ALIGN
+        new = None
+        buf = self.buffers[slot]
+        if buf is None or buf.numel() < offset:
+            self.buffers[slot] = buf = None  # free the old one first
+            size = -(-offset // (16 << 20)) * (16 << 20)
+            buf = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
+            self.buffers[slot] = new = buf
+        with _torch_threads(1):  # many small copies: no OpenMP team (its barriers stall on busy cores)
+            for (_, off, nbytes, dtype, shape), (_, t) in zip(entries, batch):
+                buf[off: off + nbytes].view(dtype).view(shape).copy_(t)
+        return new, entries
+
+
+@contextlib.contextmanager
+def _torch_threads(n: Optional[int]):
+    """Run the block with ``n`` torch intra-op threads (``None``: unchanged), then restore."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _unshared_bytes(batch) -> int:
+    """Bytes of the storages that pickling for another process will first copy into shared memory."""
+    storages = {}
+    for _, t in batch:
+        st = t.untyped_storage()
+        if not st.is_shared():
+            storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
 
 
 class EngineProcessError(RuntimeError):
@@ -284,16 +449,23 @@ class EngineProcess:
     """A :class:`VLLMEngine` in a spawned child process; same methods, forwarded over a pipe."""
 
     def __init__(self, model_dir: str | Path, *, start_timeout_s: float = 300.0, env: Optional[dict] = None,
-                 **kwargs):
+                 refit_buffers: int = 2, **kwargs):
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         child_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
+        if not torch.cuda.is_available():
+            # torch's CPU allocator backs tensors >= 2 MiB with transparent huge pages: vLLM's reload
+            # allocates every layer afresh (and its MoE prepack output), and 4 KiB page faults on that
+            # memory cost about as much as the copies themselves (measured: fresh 128 MiB alloc+copy
+            # 70-130 ms -> 20-40 ms)
+            child_env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
         self._proc = ctx.Process(target=_child_main, args=(child, str(model_dir), kwargs, child_env), daemon=True)
         self._proc.start()
         child.close()
         self.logprobs_mode = kwargs.get("logprobs_mode", "processed")
+        self._slots = _Slots(refit_buffers)
         self.startup_s = self._wait(start_timeout_s)
 
     def _dead(self, what: str) -> "EngineProcessError":
@@ -321,13 +493,16 @@ class EngineProcess:
             raise EngineProcessError(f"rollout engine process failed in {what}: {value}")
         return value
 
-    def _call(self, method: str, *args, timeout: Optional[float] = None):
+    def _send(self, method: str, *args) -> None:
         if not self._proc.is_alive():
             raise self._dead(f"{method} (already dead before the call)")
         try:
             self._conn.send((method, args))
         except (BrokenPipeError, ConnectionError):
             raise self._dead(method) from None
+
+    def _call(self, method: str, *args, timeout: Optional[float] = None):
+        self._send(method, *args)
         return self._wait(timeout, method)
 
     def generate(self, prompts, n, sampling: SamplingSpec):
@@ -339,17 +514,102 @@ class EngineProcess:
     def prompt_logprobs(self, token_ids):
         return self._call("prompt_logprobs", [list(map(int, t)) for t in token_ids])
 
-    def update_weights(self, buckets: Iterable[Bucket]) -> RefitStats:
+    def update_weights(self, buckets: Iterable[Bucket], profile: bool = False, streamed: bool = True,
+                       engine_threads: Optional[int] = None) -> RefitStats:
+        """Push new weights into the engine process, then reset its prefix cache.
+
+        Streamed (default): each layer-complete batch is copied into one of two reusable shared-memory
+        buffers that the engine mapped once, and only names/offsets go through the pipe; the engine
+        feeds the whole stream into one vLLM reload. While the engine loads batch k the next one is
+        exported and packed (a buffer is reused only after the engine handed it back).
+        ``streamed=False``: the previous transport, kept as the baseline of ``tools/bench_refit.py
+        --engine``: one message and one vLLM reload per batch, the tensors pickled as shared-memory
+        handles (torch moves every storage that is not yet shared into shared memory first: the
+        trainer's parameters on the first push, a fresh copy of every gathered tensor on every push).
+        ``stats.breakdown`` says where the time went (``profile``: with vLLM's reload internals).
+        ``engine_threads``: torch threads of the engine process during a streamed push (``None``: its
+        own setting).
+        """
         stats = RefitStats()
+        sec = Sections()
         t0 = time.perf_counter()
-        for batch in layer_complete_batches(buckets):
-            self._call("update_batch", [(n, t.detach().contiguous()) for n, t in batch])
-            stats.buckets += 1
-            stats.tensors += len(batch)
-            stats.bytes += sum(t.numel() * t.element_size() for _, t in batch)
-        stats.version = self._call("finish_update")
+        if streamed:
+            self._update_streamed(buckets, profile, stats, sec, engine_threads)
+        else:
+            for batch in timed_batches(buckets, sec, stats.count):
+                with sec.section("send"):
+                    batch = [(n, t.detach().contiguous()) for n, t in batch]
+                    stats.shm_copied_bytes += _unshared_bytes(batch)
+                    self._send("update_batch", batch, profile)
+                with sec.section("handoff"):
+                    parts = self._wait(None, "update_batch")
+                sec.add(parts, "engine.")  # engine-side sections (they ran during "handoff")
+            with sec.section("send"):
+                self._send("finish_update")
+            with sec.section("handoff"):
+                stats.version, parts = self._wait(None, "finish_update")
+            sec.add(parts, "engine.")
         stats.seconds = time.perf_counter() - t0
+        stats.breakdown = sec.as_dict()
         return stats
+
+    def _update_streamed(self, buckets, profile: bool, stats: RefitStats, sec: Sections,
+                         engine_threads: Optional[int]) -> None:
+        in_flight: list[int] = []  # slots sent and not yet handed back
+
+        def handed_back(reply) -> bool:  # an ack frees its slot; anything else is the final answer
+            if isinstance(reply, tuple) and len(reply) == 2 and reply[0] == "ack":
+                in_flight.remove(reply[1])
+                return True
+            return False
+
+        self._send("stream_update", profile, engine_threads)
+        ended = answered = False
+
+        def wait():
+            nonlocal answered
+            try:
+                with sec.section("handoff"):
+                    return self._wait(None, "update_weights (stream)")
+            except EngineProcessError:
+                answered = True  # the engine's error (or death) ends its side of the stream
+                raise
+
+        try:
+            for k, batch in enumerate(timed_batches(buckets, sec, stats.count)):
+                slot = k % len(self._slots.buffers)
+                while slot in in_flight:
+                    reply = wait()
+                    if not handed_back(reply):
+                        answered = True
+                        raise EngineProcessError(f"refit stream: engine answered {reply!r} before the end")
+                with sec.section("pack"):
+                    new, entries = self._slots.pack(slot, batch)
+                    stats.shm_copied_bytes += sum(e[2] for e in entries)
+                with sec.section("send"):
+                    self._send("batch", slot, new, entries)
+                in_flight.append(slot)
+            with sec.section("send"):
+                self._send("end_stream")
+            ended = True
+            while handed_back(reply := wait()):
+                pass
+        except BaseException:
+            # a failure on this side (e.g. in the bridge): close the stream and take the engine's
+            # answers, so that the next call starts in step (the engine then holds a partial update)
+            # (an engine that failed skips the rest of the stream up to the end mark: send it, once)
+            if self._proc.is_alive():
+                try:
+                    if not ended:
+                        self._send("end_stream")
+                    while not answered and handed_back(wait()):
+                        pass
+                except EngineProcessError:
+                    pass
+            raise
+        in_flight.clear()
+        stats.version, parts = reply
+        sec.add(parts, "engine.")
 
     def param_checksum(self) -> float:
         return self._call("param_checksum")
