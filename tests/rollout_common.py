@@ -83,3 +83,34 @@ def hf_logprobs(hf_dir: Path, seqs: list[list[int]]) -> torch.Tensor:
 
 def hf_config(hf_dir: Path) -> dict:
     return json.loads((Path(hf_dir) / "config.json").read_text())
+
+
+def learner_with_hf_start(spec: dict, micro_batch_size: int, timeout_minutes: int):
+    """Rank-program set-up shared by the multi-rank engine workers: the process group and megatron state
+    for ``spec["layout"]``, a tiny Qwen3-MoE (``spec["overrides"]``) built for training, a tokenizer
+    (rank 0) and the initial weights saved as an HF directory ``<root>/w0`` (collective).
+    Returns ``(tm, model_cfg, parallel, rank, root)``."""
+    import torch.distributed as dist
+
+    from r1mega.platform.distributed import init_model_parallel, init_process_group
+    from r1mega.train.parallel_check import Layout
+
+    init_process_group(timeout_minutes=timeout_minutes)
+    parallel = Layout.parse(spec["layout"]).parallel_config(micro_batch_size=micro_batch_size)
+    init_model_parallel(parallel, seed=1)
+
+    from r1mega.bridge.hf_dir import save_hf
+    from r1mega.config.presets import resolve_model
+    from r1mega.config.schema import ModelConfig, OptimizerConfig
+    from r1mega.train.model_setup import build_training_model
+
+    model_cfg = resolve_model(ModelConfig(preset="qwen3_moe", **spec["overrides"]))
+    tm = build_training_model(model_cfg, parallel, OptimizerConfig(), total_steps=1)
+    rank = dist.get_rank()
+    root = Path(spec["root"])
+    if rank == 0:
+        (root / "tok").mkdir(parents=True, exist_ok=True)
+        write_tokenizer(root / "tok", model_cfg.vocab_size)
+    dist.barrier()
+    save_hf(tm.module, tm.config, model_cfg, root / "w0", tokenizer_dir=root / "tok")
+    return tm, model_cfg, parallel, rank, root

@@ -22,34 +22,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 def main(spec: dict) -> None:
     import torch
     import torch.distributed as dist
+    from rollout_common import learner_with_hf_start
 
-    from r1mega.platform.distributed import init_model_parallel, init_process_group
-    from r1mega.train.parallel_check import Layout
-
-    init_process_group(timeout_minutes=3)
-    parallel = Layout.parse(spec["layout"]).parallel_config(micro_batch_size=1)
-    init_model_parallel(parallel, seed=1)
+    tm, model_cfg, parallel, rank, root = learner_with_hf_start(spec, 1, timeout_minutes=3)
 
     from r1mega.bridge.export import StreamingExporter
-    from r1mega.bridge.hf_dir import save_hf
-    from r1mega.config.presets import resolve_model
-    from r1mega.config.schema import ModelConfig, OptimizerConfig
     from r1mega.models.sharding import init_layout_invariant
     from r1mega.rl.learner import LearnerBatch, LearnerSettings, compute_logprobs
     from r1mega.rollout import ParityChecker, ParityError, compare, probe_batch
-    from r1mega.train.model_setup import build_training_model
-
-    model_cfg = resolve_model(ModelConfig(preset="qwen3_moe", **spec["overrides"]))
-    tm = build_training_model(model_cfg, parallel, OptimizerConfig(), total_steps=1)
-    rank = dist.get_rank()
-    root = Path(spec["root"])
-    if rank == 0:
-        from rollout_common import write_tokenizer
-
-        (root / "tok").mkdir(parents=True, exist_ok=True)
-        write_tokenizer(root / "tok", model_cfg.vocab_size)
-    dist.barrier()
-    save_hf(tm.module, tm.config, model_cfg, root / "w0", tokenizer_dir=root / "tok")
 
     engine = None
     if rank == 0:
