@@ -200,6 +200,8 @@ BAD_OVERRIDES = [
     ("bad_decay", ["optimizer.lr_decay_style=step"], None, ["optimizer.lr_decay_style='step'"]),
     ("bad_temperature", ["rollout.temperature=0"], None, ["rollout.temperature=0.0 must be > 0"]),
     ("bad_top_p", ["rollout.top_p=1.5"], None, ["rollout.top_p=1.5 must be in (0, 1]"]),
+    ("bad_engine_timeout", ["rollout.engine_call_timeout_s=0"], None,
+     ["rollout.engine_call_timeout_s=0.0 must be > 0 seconds, or null"]),
     ("bad_score_fn", ["model.moe_router_score_function=relu"], None,
      ["model.moe_router_score_function='relu'"]),
     ("bad_balancing", ["model.moe_router_load_balancing_type=sinkhorn"], None,

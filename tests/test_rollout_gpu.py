@@ -38,3 +38,24 @@ def test_sleep_frees_memory_and_refit_lands_on_gpu(tmp_path):
     engine.update_weights(as_buckets(checkpoint_tensors(b), 2**20))
     assert compare(engine.prompt_logprobs(probe), hf_logprobs(b, probe)).max_abs < 1e-2  # bf16/fp32 kernels
     assert compare(engine.prompt_logprobs(probe), hf_logprobs(a, probe)).max_abs > 0.1
+
+
+def test_engine_process_refit_through_cuda_ipc(tmp_path):
+    """A learner rank's CUDA weights reach its engine process through CUDA IPC buffers (no host copy)."""
+    pytest.importorskip("vllm")
+    from rollout_common import VOCAB, as_buckets, checkpoint_tensors, hf_logprobs, tiny_hf_dir
+
+    from r1mega.rollout import compare, probe_batch
+    from r1mega.rollout.vllm_engine import EngineProcess
+
+    a, b = tiny_hf_dir(tmp_path / "a", seed=1), tiny_hf_dir(tmp_path / "b", seed=2)
+    probe = probe_batch(VOCAB, batch=4, length=32, seed=0, low=3)
+    buckets = [[(n, t.cuda()) for n, t in bucket] for bucket in as_buckets(checkpoint_tensors(b), 2**20)]
+    torch.cuda.set_device(0)
+    with EngineProcess(a, seed=0, gpu_memory_utilization=0.3, call_timeout_s=300) as engine:
+        stats = engine.update_weights(buckets)
+        assert all(buf is None or buf.device.type == "cuda" for buf in engine._slots.buffers)
+        assert compare(engine.prompt_logprobs(probe), hf_logprobs(b, probe)).max_abs < 1e-2
+        assert compare(engine.prompt_logprobs(probe), hf_logprobs(a, probe)).max_abs > 0.1
+        engine.update_weights(buckets)  # the mapped buffers are reused
+        assert stats.buckets >= 2

@@ -115,28 +115,6 @@ def test_timed_batches_matches_layer_complete_batches():
     assert sec.calls["export"] == len(buckets) + 1 and sec.calls["regroup"] == len(out) + 1
 
 
-def test_shared_memory_slots_round_trip_and_reuse():
-    from r1mega.rollout.vllm_engine import _Slots
-
-    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    batch = [("a", base), ("b.t", base.t()), ("c", base[1:3, ::2]), ("d", torch.tensor(3.5)),
-             ("e", torch.randn(5, 7).to(torch.bfloat16)), ("f", torch.arange(3))]
-    slots = _Slots(2)
-    new, entries = slots.pack(0, batch)
-    assert new is not None and new.untyped_storage().is_shared()
-    for (name, off, nbytes, dtype, shape), (ref_name, ref) in zip(entries, batch):
-        assert name == ref_name and off % _Slots.ALIGN == 0
-        got = new[off: off + nbytes].view(dtype).view(shape)
-        assert got.dtype == ref.dtype and torch.equal(got, ref)
-    again, _ = slots.pack(0, batch[:2])  # fits: the engine keeps its mapping, nothing new is sent
-    assert again is None
-    grown, entries = slots.pack(0, [("big", torch.ones(5 << 20))])  # 20 MiB > the 16 MiB buffer
-    assert grown is not None and grown.numel() >= 20 << 20
-    assert torch.equal(grown[: entries[0][2]].view(torch.float32), torch.ones(5 << 20))
-    with pytest.raises(ValueError, match="at least one buffer"):
-        _Slots(0)
-
-
 def test_release_pending_clones_loads_that_point_into_a_reused_buffer():
     pytest.importorskip("vllm")
     import inspect

@@ -64,7 +64,7 @@ def test_engine_process_streamed_push_recovers_from_failures(tmp_path):
     sys.path.insert(0, str(HERE))
     from rollout_common import VOCAB, as_buckets, checkpoint_tensors, hf_logprobs, tiny_hf_dir
 
-    from r1mega.rollout import compare, probe_batch
+    from r1mega.rollout import SamplingSpec, compare, probe_batch
     from r1mega.rollout.vllm_engine import EngineProcess, EngineProcessError
 
     a, b = tiny_hf_dir(tmp_path / "a", seed=1), tiny_hf_dir(tmp_path / "b", seed=2)
@@ -95,3 +95,11 @@ def test_engine_process_streamed_push_recovers_from_failures(tmp_path):
         legacy = engine.update_weights(bb, streamed=False)
         assert compare(engine.prompt_logprobs(probe), lb).max_abs < 1e-4, "per-batch (baseline) transport"
         assert legacy.buckets == stats.buckets
+        # a call the engine does not answer in time kills it instead of hanging the learner
+        engine.call_timeout_s = 0.05
+        with pytest.raises(TimeoutError, match="engine_call_timeout_s"):
+            engine.generate(["hello"] * 8, 4, SamplingSpec(max_new_tokens=256, ignore_eos=True))
+        engine._proc.join(10)
+        assert not engine._proc.is_alive()
+        with pytest.raises(EngineProcessError, match="already dead"):
+            engine.prompt_logprobs(probe)

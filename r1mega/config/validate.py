@@ -502,6 +502,9 @@ def _check_rollout(r: RolloutConfig) -> Problems:
     out += _at_least("rollout.n", r.n, 1, "GRPO needs at least one sample per prompt")
     out += _at_least("rollout.max_new_tokens", r.max_new_tokens, 1)
     out += _at_least("rollout.tp", r.tp, 1)
+    if r.engine_call_timeout_s is not None and not r.engine_call_timeout_s > 0:
+        out.append(f"rollout.engine_call_timeout_s={r.engine_call_timeout_s} must be > 0 seconds, "
+                   "or null for no limit")
     return out
 
 

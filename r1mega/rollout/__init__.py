@@ -23,5 +23,6 @@ def build_engine(model_dir, rollout, dtype: str = "float32", in_process: bool = 
     if in_process:
         return vllm_engine.VLLMEngine.from_config(model_dir, rollout, dtype=dtype, **overrides)
     kw = vllm_engine.engine_kwargs(rollout)
+    kw["call_timeout_s"] = getattr(rollout, "engine_call_timeout_s", None)
     kw.update(overrides)
     return vllm_engine.EngineProcess(model_dir, dtype=dtype, **kw)

@@ -14,7 +14,6 @@ independent of the trainer's since it receives full HF tensors from the bridge).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -25,8 +24,16 @@ import torch
 
 from r1mega.rollout import routing_capture
 from r1mega.rollout.protocol import MAX_TOP_LOGPROBS, Bucket, Generation, Prompt, RefitStats, SamplingSpec, log_once
-from r1mega.rollout.refit import worker_param_checksum, worker_reload
+from r1mega.rollout.refit import release_pending, worker_param_checksum, worker_reload
 from r1mega.rollout.refit_profile import Sections, timed_batches
+from r1mega.rollout.transport import (
+    SlotBuffers,
+    StreamReceiver,
+    engine_visible_devices,
+    recv_message,
+    send_stream,
+    torch_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -262,13 +269,13 @@ def _child_main(conn, model_dir, kwargs, env) -> None:
     except BaseException as e:  # noqa: BLE001 - report any start-up failure to the parent
         conn.send(("error", repr(e)))
         return
-    slots: dict[int, torch.Tensor] = {}  # transport buffers (shared memory), mapped once, reused
-    stream = {"ended": True}
+    buffers: dict[int, torch.Tensor] = {}  # transport buffers (shared memory / CUDA IPC), mapped once, reused
+    receiver = None
     while True:
         try:
             conn.poll(None)  # idle until the next call (not counted as receiving)
             t0 = time.perf_counter()
-            method, args = _recv(conn)
+            method, args = recv_message(conn)
             t_recv = time.perf_counter() - t0
         except EOFError:
             return
@@ -277,9 +284,10 @@ def _child_main(conn, model_dir, kwargs, env) -> None:
             return
         try:
             if method == "stream_update":
-                stream = {"ended": False}
-                with _torch_threads(args[1]):
-                    out = _child_stream_update(engine, conn, slots, args[0], stream)
+                receiver = None
+                with torch_threads(args[1]):
+                    receiver = StreamReceiver(conn, buffers, Sections(), before_release=release_pending)
+                    out = _child_stream_update(engine, receiver, args[0])
             elif method == "update_batch":  # tensors pickled as shared-memory handles (profile: args[1])
                 sec = Sections()
                 sec.seconds["recv"] = t_recv
@@ -301,134 +309,46 @@ def _child_main(conn, model_dir, kwargs, env) -> None:
             import traceback
 
             conn.send(("error", f"{e!r}\n{traceback.format_exc()}"))
-            if not stream["ended"]:  # the parent still sends the rest of the stream: skip it
-                stream["ended"] = True
-                _drain_stream(conn)
+            if receiver is not None and method == "stream_update":  # the parent still sends the rest
+                receiver.drain()
 
 
-def _recv(conn):
-    from multiprocessing.reduction import ForkingPickler
+def _child_stream_update(engine: VLLMEngine, receiver: StreamReceiver, profile: bool):
+    """Engine side of a streamed refit (see ``EngineProcess.update_weights`` and ``transport``).
 
-    return ForkingPickler.loads(conn.recv_bytes())
-
-
-def _drain_stream(conn) -> None:
-    """After a failed streamed update: read the parent's remaining batch messages up to its end mark."""
-    while True:
-        method, _ = _recv(conn)
-        if method == "end_stream":
-            return
-
-
-def _child_stream_update(engine: VLLMEngine, conn, slots: dict, profile: bool, state: dict):
-    """Engine side of a streamed refit (see ``EngineProcess.update_weights``).
-
-    Messages ``("batch", (slot, storage or None, entries))`` name tensors by offset into transport
-    buffer ``slot`` (a new ``storage`` replaces the slot's buffer: it is mapped once and reused);
-    ``("end_stream", ())`` closes the stream. A slot is handed back (``("ok", ("ack", slot))``) once
-    vLLM holds nothing of it: after the next batch's first tensor was loaded (one tensor of look-ahead
-    covered), with any still-buffered loads into it cloned (``release_pending``). The stream feeds one
-    vLLM reload when the worker is in this process, else one reload per batch.
+    A buffer is handed back once vLLM holds nothing of it: after the next batch's first tensor was
+    loaded (one tensor of look-ahead covered), with any still-buffered loads into it cloned
+    (``release_pending``). The stream feeds one vLLM reload when the worker is in this process, else
+    one reload per batch.
     """
-    from r1mega.rollout.refit import release_pending
-
-    sec = Sections()
-
-    def batches():
-        while True:
-            with sec.section("idle"):  # waiting for the learner's next batch
-                conn.poll(None)
-            with sec.section("recv"):
-                method, args = _recv(conn)
-            if method == "end_stream":
-                state["ended"] = True
-                return
-            if method != "batch":
-                raise RuntimeError(f"refit stream: unexpected message {method!r} (expected 'batch' or 'end_stream')")
-            slot, storage, entries = args
-            if storage is not None:
-                slots[slot] = storage
-            buf = slots[slot]
-            yield slot, [(name, buf[off: off + nbytes].view(dtype).view(shape))
-                         for name, off, nbytes, dtype, shape in entries]
-
-    def ack(slot: int) -> None:
-        with sec.section("release"):
-            release_pending(slots[slot])
-            conn.send(("ok", ("ack", slot)))
-
+    sec = receiver.sec
     if engine.inproc_worker:
         def tensors():
             prev = None
-            for slot, batch in batches():
+            for slot, batch in receiver.batches():
                 for i, item in enumerate(batch):
                     yield item
                     if i == 0 and prev is not None:
-                        ack(prev)
+                        receiver.ack(prev)
                         prev = None
                 if prev is not None:  # an empty batch
-                    ack(prev)
+                    receiver.ack(prev)
                 prev = slot
-            # the last slot is released by the final answer
+            # the last buffer is released by the final answer
 
         with sec.section("rpc"):
             engine.llm.collective_rpc(worker_reload, args=(tensors(), profile, sec))
     else:  # worker processes: each batch is sent to them whole
-        for slot, batch in batches():
+        for slot, batch in receiver.batches():
             with sec.section("rpc"):
                 sec.add(engine.llm.collective_rpc(worker_reload, args=(batch, profile))[0])
-            ack(slot)
-    if not state["ended"]:
+            receiver.ack(slot)
+    if not receiver.ended:
         raise RuntimeError("refit stream: vLLM's reload returned before the end of the stream")
     with sec.section("reset_prefix_cache"):
         engine.llm.reset_prefix_cache()
     engine.version += 1
     return engine.version, sec.as_dict()
-
-
-class _Slots:
-    """Parent side of the refit transport: reusable shared-memory buffers, one batch each."""
-
-    ALIGN = 64
-
-    def __init__(self, count: int):
-        if count < 1:
-            raise ValueError(f"refit transport needs at least one buffer, got {count}")
-        self.buffers: list[Optional[torch.Tensor]] = [None] * count
-
-    def pack(self, slot: int, batch) -> tuple[Optional[torch.Tensor], list]:
-        """Copy a batch into buffer ``slot`` (grown if too small). Returns (the buffer if it is new, so
-        the engine maps it, else None; entries ``(name, offset, nbytes, dtype, shape)``)."""
-        entries, offset = [], 0
-        for name, t in batch:
-            nbytes = t.numel() * t.element_size()
-            entries.append((name, offset, nbytes, t.dtype, tuple(t.shape)))
-            offset += -(-nbytes // self.ALIGN) * self.ALIGN
-        new = None
-        buf = self.buffers[slot]
-        if buf is None or buf.numel() < offset:
-            self.buffers[slot] = buf = None  # free the old one first
-            size = -(-offset // (16 << 20)) * (16 << 20)
-            buf = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
-            self.buffers[slot] = new = buf
-        with _torch_threads(1):  # many small copies: no OpenMP team (its barriers stall on busy cores)
-            for (_, off, nbytes, dtype, shape), (_, t) in zip(entries, batch):
-                buf[off: off + nbytes].view(dtype).view(shape).copy_(t)
-        return new, entries
-
-
-@contextlib.contextmanager
-def _torch_threads(n: Optional[int]):
-    """Run the block with ``n`` torch intra-op threads (``None``: unchanged), then restore."""
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _unshared_bytes(batch) -> int:
@@ -449,23 +369,33 @@ class EngineProcess:
     """A :class:`VLLMEngine` in a spawned child process; same methods, forwarded over a pipe."""
 
     def __init__(self, model_dir: str | Path, *, start_timeout_s: float = 300.0, env: Optional[dict] = None,
-                 refit_buffers: int = 2, **kwargs):
+                 refit_buffers: int = 2, call_timeout_s: Optional[float] = None, **kwargs):
+        """``call_timeout_s``: a call the engine has not answered by then kills it and raises
+        ``TimeoutError`` (a hung engine must not stall the whole job; None: no limit).
+        Other keyword arguments go to the child's :class:`VLLMEngine`."""
         import torch.multiprocessing as mp
 
+        if call_timeout_s is not None and not call_timeout_s > 0:
+            raise ValueError(f"call_timeout_s={call_timeout_s} must be > 0 (or None for no limit)")
+        self.call_timeout_s = call_timeout_s
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         child_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
+        tp = int(kwargs.get("tp", 1))
         if not torch.cuda.is_available():
             # torch's CPU allocator backs tensors >= 2 MiB with transparent huge pages: vLLM's reload
             # allocates every layer afresh (and its MoE prepack output), and 4 KiB page faults on that
             # memory cost about as much as the copies themselves (measured: fresh 128 MiB alloc+copy
             # 70-130 ms -> 20-40 ms)
             child_env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+        elif tp == 1 and "CUDA_VISIBLE_DEVICES" not in (env or {}):
+            # this rank's GPU, not GPU 0 for every rank's engine (the CUDA IPC buffers live there too)
+            child_env["CUDA_VISIBLE_DEVICES"] = engine_visible_devices()
         self._proc = ctx.Process(target=_child_main, args=(child, str(model_dir), kwargs, child_env), daemon=True)
         self._proc.start()
         child.close()
         self.logprobs_mode = kwargs.get("logprobs_mode", "processed")
-        self._slots = _Slots(refit_buffers)
+        self._slots = SlotBuffers(refit_buffers, cuda_ipc=tp == 1)
         self.startup_s = self._wait(start_timeout_s)
 
     def _dead(self, what: str) -> "EngineProcessError":
@@ -484,7 +414,8 @@ class EngineProcess:
                 raise self._dead(what)
             if deadline is not None and time.monotonic() > deadline:
                 self._proc.kill()
-                raise TimeoutError(f"rollout engine process gave no answer to {what} within {timeout}s (killed)")
+                raise TimeoutError(f"rollout engine process gave no answer to {what} within {timeout}s (killed; "
+                                   "the limit of a call is rollout.engine_call_timeout_s)")
         try:
             status, value = self._conn.recv()
         except (EOFError, ConnectionError):
@@ -503,7 +434,7 @@ class EngineProcess:
 
     def _call(self, method: str, *args, timeout: Optional[float] = None):
         self._send(method, *args)
-        return self._wait(timeout, method)
+        return self._wait(self.call_timeout_s if timeout is None else timeout, method)
 
     def generate(self, prompts, n, sampling: SamplingSpec):
         out = self._call("generate", [p if isinstance(p, str) else list(p) for p in prompts], n, sampling)
@@ -542,12 +473,12 @@ class EngineProcess:
                     stats.shm_copied_bytes += _unshared_bytes(batch)
                     self._send("update_batch", batch, profile)
                 with sec.section("handoff"):
-                    parts = self._wait(None, "update_batch")
+                    parts = self._wait(self.call_timeout_s, "update_batch")
                 sec.add(parts, "engine.")  # engine-side sections (they ran during "handoff")
             with sec.section("send"):
                 self._send("finish_update")
             with sec.section("handoff"):
-                stats.version, parts = self._wait(None, "finish_update")
+                stats.version, parts = self._wait(self.call_timeout_s, "finish_update")
             sec.add(parts, "engine.")
         stats.seconds = time.perf_counter() - t0
         stats.breakdown = sec.as_dict()
@@ -555,60 +486,14 @@ class EngineProcess:
 
     def _update_streamed(self, buckets, profile: bool, stats: RefitStats, sec: Sections,
                          engine_threads: Optional[int]) -> None:
-        in_flight: list[int] = []  # slots sent and not yet handed back
-
-        def handed_back(reply) -> bool:  # an ack frees its slot; anything else is the final answer
-            if isinstance(reply, tuple) and len(reply) == 2 and reply[0] == "ack":
-                in_flight.remove(reply[1])
-                return True
-            return False
+        def on_pack(entries):
+            stats.shm_copied_bytes += sum(e[2] for e in entries)
 
         self._send("stream_update", profile, engine_threads)
-        ended = answered = False
-
-        def wait():
-            nonlocal answered
-            try:
-                with sec.section("handoff"):
-                    return self._wait(None, "update_weights (stream)")
-            except EngineProcessError:
-                answered = True  # the engine's error (or death) ends its side of the stream
-                raise
-
-        try:
-            for k, batch in enumerate(timed_batches(buckets, sec, stats.count)):
-                slot = k % len(self._slots.buffers)
-                while slot in in_flight:
-                    reply = wait()
-                    if not handed_back(reply):
-                        answered = True
-                        raise EngineProcessError(f"refit stream: engine answered {reply!r} before the end")
-                with sec.section("pack"):
-                    new, entries = self._slots.pack(slot, batch)
-                    stats.shm_copied_bytes += sum(e[2] for e in entries)
-                with sec.section("send"):
-                    self._send("batch", slot, new, entries)
-                in_flight.append(slot)
-            with sec.section("send"):
-                self._send("end_stream")
-            ended = True
-            while handed_back(reply := wait()):
-                pass
-        except BaseException:
-            # a failure on this side (e.g. in the bridge): close the stream and take the engine's
-            # answers, so that the next call starts in step (the engine then holds a partial update)
-            # (an engine that failed skips the rest of the stream up to the end mark: send it, once)
-            if self._proc.is_alive():
-                try:
-                    if not ended:
-                        self._send("end_stream")
-                    while not answered and handed_back(wait()):
-                        pass
-                except EngineProcessError:
-                    pass
-            raise
-        in_flight.clear()
-        stats.version, parts = reply
+        stats.version, parts = send_stream(
+            timed_batches(buckets, sec, stats.count), self._slots, self._send,
+            lambda: self._wait(self.call_timeout_s, "update_weights (stream)"), sec, on_pack,
+            remote_error=EngineProcessError)
         sec.add(parts, "engine.")
 
     def param_checksum(self) -> float:
