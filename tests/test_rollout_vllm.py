@@ -100,6 +100,44 @@ def test_engine_process_streamed_push_recovers_from_failures(tmp_path):
         with pytest.raises(TimeoutError, match="engine_call_timeout_s"):
             engine.generate(["hello"] * 8, 4, SamplingSpec(max_new_tokens=256, ignore_eos=True))
         engine._proc.join(10)
-        assert not engine._proc.is_alive()
+        assert not engine._proc.is_alive() and _process_group_gone(engine._proc.pid)
         with pytest.raises(EngineProcessError, match="already dead"):
             engine.prompt_logprobs(probe)
+
+
+def _process_group_gone(pgid: int) -> bool:
+    import os
+
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.timeout(300)
+def test_engine_process_with_two_tp_workers(tmp_path):
+    """Rollout TP2 (vLLM worker processes under the engine process) while the learner is one process:
+    refit batches reach both workers, logprobs match the pushed weights, and closing the engine leaves
+    no vLLM process behind."""
+    sys.path.insert(0, str(HERE))
+    from rollout_common import VOCAB, as_buckets, checkpoint_tensors, hf_logprobs, tiny_hf_dir
+
+    from r1mega.rollout import SamplingSpec, compare, probe_batch
+    from r1mega.rollout.vllm_engine import EngineProcess
+
+    a, b = tiny_hf_dir(tmp_path / "a", seed=1), tiny_hf_dir(tmp_path / "b", seed=2)
+    probe = probe_batch(VOCAB, batch=2, length=24, seed=0, low=3)
+    la, lb = hf_logprobs(a, probe), hf_logprobs(b, probe)
+    env = {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    with EngineProcess(a, seed=0, tp=2, env=env, call_timeout_s=200) as engine:
+        pgid = engine._proc.pid
+        assert compare(engine.prompt_logprobs(probe), la).max_abs < 1e-4, "fresh TP2 engine"
+        stats = engine.update_weights(as_buckets(checkpoint_tensors(b), 150_000))
+        assert stats.buckets >= 2
+        assert compare(engine.prompt_logprobs(probe), lb).max_abs < 1e-4, "TP2 engine after the push"
+        assert compare(engine.prompt_logprobs(probe), la).max_abs > 0.1, "the push changed nothing"
+        sp = SamplingSpec(max_new_tokens=8, seed=3, temperature=0.9)
+        ids = [[s.token_ids for s in row] for row in engine.generate([[5, 6, 7]], 2, sp)]
+        assert ids == [[s.token_ids for s in row] for row in engine.generate([[5, 6, 7]], 2, sp)]
+    assert _process_group_gone(pgid), "vLLM processes outlived the closed engine"

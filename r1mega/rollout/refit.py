@@ -87,6 +87,22 @@ def _moe_layers(model: torch.nn.Module) -> list[tuple[str, object]]:
             if hasattr(getattr(mod, "quant_method", None), "moe_kernel")]
 
 
+class WorkerBatch:
+    """A batch on its way to vLLM worker processes (rollout TP > 1).
+
+    vLLM's RPC encodes bare tensors in arguments without type information, so a worker would decode
+    them as lists; an object of this class is pickled whole instead (``VLLM_ALLOW_INSECURE_SERIALIZATION``,
+    set by ``EngineProcess``). Each tensor is cloned: pickling a view of a transport buffer would
+    serialise the whole buffer.
+    """
+
+    def __init__(self, batch: Iterable[tuple[str, torch.Tensor]]):
+        self.items = [(name, t.detach().clone()) for name, t in batch]
+
+    def __iter__(self):
+        return iter(self.items)
+
+
 def worker_reload(worker, weights: Iterable[tuple[str, torch.Tensor]], profile: bool = False,
                   sections=None, prefix: str = "") -> dict[str, float]:
     """Load HF-named tensors through vLLM's reload path (with the fused-MoE fix).

