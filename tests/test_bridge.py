@@ -126,6 +126,10 @@ def test_dense_bridge_refuses_what_hf_cannot_hold():
 def test_deepseek_without_latent_norms_is_refused():
     with pytest.raises(BridgeError, match="qk_layernorm=True"):
         to_hf_config(resolve_model(ModelConfig(preset="deepseek_v3", qk_layernorm=False)))
+    hf = to_hf_config(resolve_model(ModelConfig(preset="deepseek_v3")))
+    for key, other in (("scoring_func", "softmax"), ("topk_method", "group_limited_greedy")):
+        with pytest.raises(BridgeError, match=key):  # routing megatron's deepseek_v3 does not do
+            from_hf_config(dict(hf, **{key: other}))
 
 
 # ----------------------------------------------------------------------------- spawned ranks

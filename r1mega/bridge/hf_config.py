@@ -158,7 +158,10 @@ def _deepseek_to_hf(model: ModelConfig) -> dict:
                 v_head_dim=model.v_head_dim, first_k_dense_replace=model.first_k_dense_layers or 0,
                 n_group=model.moe_router_num_groups or 1, topk_group=model.moe_router_group_topk or 1,
                 routed_scaling_factor=model.moe_router_topk_scaling_factor or 1.0, norm_topk_prob=True,
-                rope_interleave=True, num_nextn_predict_layers=0)
+                rope_interleave=True, num_nextn_predict_layers=0,
+                # transformers always routes DeepSeek-V3 this way; vLLM reads these keys (as in the released
+                # config.json) and otherwise routes with softmax and has no slot for e_score_correction_bias
+                topk_method="noaux_tc", scoring_func="sigmoid")
 
 
 def _deepseek_from_hf(hf: dict) -> dict:
@@ -168,6 +171,9 @@ def _deepseek_from_hf(hf: dict) -> dict:
         raise BridgeError("deepseek_v3 with rope_interleave=false is not supported (megatron MLA interleaves)")
     if not hf.get("norm_topk_prob", True):
         raise BridgeError("deepseek_v3 with norm_topk_prob=false is not supported")
+    if hf.get("topk_method", "noaux_tc") != "noaux_tc" or hf.get("scoring_func", "sigmoid") != "sigmoid":
+        raise BridgeError(f"deepseek_v3 with topk_method={hf.get('topk_method')!r}, scoring_func="
+                          f"{hf.get('scoring_func')!r} is not supported (expects noaux_tc, sigmoid)")
     moe = hf["moe_intermediate_size"]
     return dict(_common_from_hf(hf), num_query_groups=hf["num_attention_heads"],
                 ffn_hidden_size=hf["intermediate_size"],
