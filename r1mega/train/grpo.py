@@ -20,8 +20,9 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from r1mega.data.dataset import Example
 from r1mega.platform.distributed import broadcast_from_rank0
-from r1mega.rewards import RewardComputer, RewardInput
+from r1mega.rewards import RewardComputer, RewardInput, reward_input_from_example
 from r1mega.rl.advantages import compute_advantages
 from r1mega.rl.learner import LearnerBatch, LearnerSettings, ReferencePolicy, learner_step, prepare_routing_replay
 from r1mega.rl.routing import routing_table
@@ -42,12 +43,29 @@ def rank() -> int:
 
 @dataclass
 class Prompt:
-    """One task instance: ``ids`` are what the engine continues; ``text`` is the rendered prompt."""
+    """One task instance: ``ids`` are what the engine continues; ``text`` is the rendered prompt.
+
+    ``example`` is the record it came from: the rewards need its ``tests`` (code), ``meta`` (e.g.
+    countdown ``numbers``) and the user's question (model rewards), not only ``answer``.
+    """
 
     ids: list[int]
     text: str
     answer: str
     data_source: str = "arithmetic"
+    example: Optional[Example] = None
+
+    @classmethod
+    def of(cls, example: Example, text: str, ids: list[int]) -> Prompt:
+        """The prompt of ``example`` rendered as ``text`` and tokenized as ``ids``."""
+        return cls(ids, text, example.answer, example.data_source, example)
+
+    def reward_input(self, response: str, response_length: int) -> RewardInput:
+        """What the rewards see for one ``response`` to this prompt (the whole example when there is one)."""
+        if self.example is not None:
+            return reward_input_from_example(self.example, response, self.text, response_length)
+        return RewardInput(response=response, reference=self.answer, prompt=self.text, data_source=self.data_source,
+                           response_length=response_length)
 
 
 class RolloutFailure(RuntimeError):
@@ -64,10 +82,9 @@ def sample_and_score(engine, rewarder: RewardComputer, prompts: list[Prompt], n:
         raise RolloutFailure(f"grpo step {step}: the rollout engine failed in generate ({len(prompts)} prompts x "
                              f"{n} samples): {type(e).__name__}: {e}") from e
     t1 = time.monotonic()
-    samples = [RewardInput(response=tokenizer.decode([t for t in g.token_ids if t != tokenizer.eos_id]),
-                           reference=prompts[g.prompt_index].answer, prompt=prompts[g.prompt_index].text,
-                           data_source=prompts[g.prompt_index].data_source, response_length=len(g.token_ids))
-               for g in gens]
+    eos = tokenizer.eos_id
+    samples = [prompts[g.prompt_index].reward_input(tokenizer.decode([t for t in g.token_ids if t != eos]),
+                                                    len(g.token_ids)) for g in gens]
     try:
         results = rewarder.compute(samples)
     except Exception as e:

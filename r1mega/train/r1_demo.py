@@ -53,8 +53,7 @@ def make_prompts(examples, tokenizer):
     from r1mega.train.grpo import Prompt
     from r1mega.train.sft import render
 
-    return [Prompt(tokenizer.encode(render(e.prompt), add_bos=True), render(e.prompt), e.answer, e.data_source)
-            for e in examples]
+    return [Prompt.of(e, render(e.prompt), tokenizer.encode(render(e.prompt), add_bos=True)) for e in examples]
 
 
 def eval_problems(examples, tokenizer):

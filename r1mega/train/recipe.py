@@ -169,7 +169,7 @@ def _grpo(r: Recipe, stage: StageConfig, scfg: R1Config, tm) -> dict:
     spec = stage.data or scfg.data.train_path
     problems = make_problems(stage_examples(spec, scfg.data.seed), r.tokenizer, scfg.data.chat_template,
                              scfg.data.max_prompt_length)
-    prompts = [Prompt(p.ids, p.text, p.example.answer, p.example.data_source) for p in problems]
+    prompts = [Prompt.of(p.example, p.text, p.ids) for p in problems]
     r.sync_engine(tm)
     rewarder = RewardComputer(scfg.reward, scfg.rollout.max_new_tokens) if _rank() == 0 else None
     try:
