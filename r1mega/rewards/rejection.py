@@ -27,7 +27,7 @@ from r1mega.config.schema import RewardConfig, RewardTermConfig
 from r1mega.data.dataset import Example, example_from_record
 from r1mega.data.jsonl import DataError, PathLike, read_jsonl
 from r1mega.rewards.compute import RewardComputer
-from r1mega.rewards.sample import RewardInput, RewardResult
+from r1mega.rewards.sample import RewardResult, reward_input_from_example
 
 CORRECTNESS = {"math": "accuracy", "arithmetic": "accuracy", "countdown": "countdown", "code": "code",
                "multiple_choice": "choice"}
@@ -123,8 +123,7 @@ def rejection_sample(groups: Iterable[tuple[Example, Sequence[Generation]]], out
     tmp = out.with_name(out.name + ".tmp")
     with RewardComputer(judge_config(reward_cfg)) as computer, open(tmp, "w", encoding="utf-8") as f:
         def flush(batch: list[tuple[Example, list[str], list[Generation]]]) -> None:
-            samples = [RewardInput(r, e.answer, e.data_source, tests=e.tests, meta=dict(e.meta))
-                       for e, responses, _ in batch for r in responses]
+            samples = [reward_input_from_example(e, r) for e, responses, _ in batch for r in responses]
             results = iter(computer.compute(samples))
             for example, responses, generations in batch:
                 too_long = [_too_long(g, max_response_tokens) for g in generations]
