@@ -41,7 +41,8 @@ for s in "${@:-build tests mfu logprob}"; do
                    $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
                    step build 200 $PY -m r1mega.kernels.build -v ;;
             tests) step tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_kernels.py \
-                       tests/test_grouped_experts.py tests/test_gpu_training.py tests/test_accelerated_paths.py
+                       tests/test_grouped_experts.py tests/test_gpu_training.py tests/test_accelerated_paths.py \
+                       tests/test_refit_transport.py
                    step spec 120 $PY -m pytest -q -p no:cacheprovider tests/test_accelerated_paths.py -k local_spec ;;
             mfu) step mfu 180 $PY tools/bench_mfu.py "${MOE_2B[@]}" --steps 3 --warmup 1 --experts-compare --json ;;
             logprob) step logprob 90 $PY tools/bench_logprob.py --device cuda --dtype bfloat16 --vocab 152064 \
