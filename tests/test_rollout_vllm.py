@@ -187,3 +187,37 @@ def test_engine_process_with_two_tp_workers(tmp_path):
         ids = [[s.token_ids for s in row] for row in engine.generate([[5, 6, 7]], 2, sp)]
         assert ids == [[s.token_ids for s in row] for row in engine.generate([[5, 6, 7]], 2, sp)]
     assert _process_group_gone(pgid), "vLLM processes outlived the closed engine"
+
+
+@pytest.mark.timeout(180)
+def test_unclosed_engine_process_does_not_hang_interpreter_exit(tmp_path):
+    """A script that fails with its engine still open exits promptly, with the engine and vLLM gone
+    (multiprocessing joins children at exit, and the engine process ignores SIGTERM)."""
+    import subprocess
+    import time
+
+    script = tmp_path / "leave_open.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(HERE)!r})
+from pathlib import Path
+from rollout_common import tiny_hf_dir
+from r1mega.rollout.vllm_engine import EngineProcess
+
+if __name__ == "__main__":
+    root = Path({str(tmp_path)!r})
+    engine = EngineProcess(tiny_hf_dir(root / "a", seed=1), seed=0,
+                           env={{"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(root / "cache")}})
+    print("ENGINE_PID", engine._proc.pid, flush=True)
+    raise RuntimeError("the learner failed with its engine open")
+""")
+    t0 = time.monotonic()
+    try:
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=150)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the interpreter hung at exit with an unclosed engine process")
+    exit_s = time.monotonic() - t0
+    assert out.returncode == 1 and "the learner failed with its engine open" in out.stderr, out.stderr[-2000:]
+    pid = int(next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("ENGINE_PID")))
+    assert _process_group_gone(pid), "the engine process (or vLLM under it) outlived the script"
+    print(f"script with an unclosed engine exited after {exit_s:.1f} s", file=sys.stderr)

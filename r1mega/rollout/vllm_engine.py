@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -410,6 +411,32 @@ def _unshared_bytes(batch) -> int:
     return sum(storages.values())
 
 
+def _kill_group(proc) -> None:
+    """Kill an engine process and everything vLLM started under it (its process group)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    proc.join(5)
+
+
+def _stop_child(proc, conn, grace_s: float = 30.0) -> None:
+    """Ask the engine process to shut vLLM down and exit; kill its process group if it does not."""
+    if proc.is_alive():
+        try:
+            conn.send(("close", ()))
+            if conn.poll(grace_s):
+                conn.recv()
+        except (OSError, EOFError):
+            pass
+    conn.close()  # an engine still busy (e.g. mid-refit) sees the end of the pipe
+    proc.join(10)
+    if proc.is_alive():
+        _kill_group(proc)
+
+
 class EngineProcessError(RuntimeError):
     """The engine child process failed or died; the message names the call and the exit status."""
 
@@ -445,17 +472,14 @@ class EngineProcess:
         child.close()
         self.logprobs_mode = kwargs.get("logprobs_mode", "processed")
         self._slots = SlotBuffers(refit_buffers, cuda_ipc=tp == 1)
+        # An engine nobody closed (an exception on the way out, a script without ``with``) must not hang the
+        # interpreter's exit: multiprocessing joins its children there, and this one ignores SIGTERM and
+        # only exits when asked or when the pipe closes. Finalizers registered now run before that join.
+        self._finalizer = weakref.finalize(self, _stop_child, self._proc, self._conn)
         self.startup_s = self._wait(start_timeout_s)
 
     def _kill(self) -> None:
-        """Kill the engine process and everything vLLM started under it (its process group)."""
-        import signal
-
-        try:
-            os.killpg(self._proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            self._proc.kill()
-        self._proc.join(5)
+        _kill_group(self._proc)
 
     def _dead(self, what: str) -> "EngineProcessError":
         self._proc.join(5)
@@ -565,14 +589,8 @@ class EngineProcess:
         self._call("wake")
 
     def close(self) -> None:
-        if self._proc.is_alive():
-            try:
-                self._call("close", timeout=30)
-            except Exception:  # noqa: BLE001
-                pass
-            self._proc.join(10)
-            if self._proc.is_alive():
-                self._kill()
+        """Shut the engine down (vLLM included). Also runs at interpreter exit for an engine nobody closed."""
+        self._finalizer()
 
     def __enter__(self):
         return self
