@@ -102,7 +102,7 @@ class RefitStats:
     # exclusive seconds per section of the push (``rollout.refit_profile``): parent-side ``export``,
     # ``regroup``, ``send``, ``handoff`` and engine-side ``engine.*``; they add up to ``seconds``
     breakdown: dict[str, float] = field(default_factory=dict)
-    shm_copied_bytes: int = 0  # bytes copied into shared memory to reach an engine process
+    shm_copied_bytes: int = 0  # bytes copied into transport buffers (shared memory / CUDA IPC) for an engine process
 
     def count(self, batch) -> None:
         self.buckets += 1

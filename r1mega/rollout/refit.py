@@ -93,7 +93,7 @@ class WorkerBatch:
 
     vLLM's RPC encodes bare tensors in arguments without type information, so a worker would decode
     them as lists; an object of this class is pickled whole instead (``VLLM_ALLOW_INSECURE_SERIALIZATION``,
-    set by ``EngineProcess``). Each tensor is cloned: pickling a view of a transport buffer would
+    set by ``VLLMEngine`` for TP > 1). Each tensor is cloned: pickling a view of a transport buffer would
     serialise the whole buffer.
     """
 

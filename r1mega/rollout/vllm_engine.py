@@ -235,13 +235,18 @@ class VLLMEngine:
             for batch in timed_batches(buckets, sec, stats.count):
                 with sec.section("engine.rpc"):
                     sec.add(self.reload_batch(batch, profile), "engine.")
-        with sec.section("engine.reset_prefix_cache"):
-            self.llm.reset_prefix_cache()
+        stats.version = self.finish_update(sec, "engine.")
         stats.seconds = time.perf_counter() - t0
-        self.version += 1
-        stats.version = self.version
         stats.breakdown = sec.as_dict()
         return stats
+
+    def finish_update(self, sections: Sections, prefix: str = "") -> int:
+        """End of every push: drop KV blocks cached under the old weights (prompt-logprob probes skip the
+        prefix cache, so they would not notice) and count the new version, which is returned."""
+        with sections.section(prefix + "reset_prefix_cache"):
+            self.llm.reset_prefix_cache()
+        self.version += 1
+        return self.version
 
     def reload_batch(self, batch, profile: bool = False) -> dict[str, float]:
         """One vLLM reload call over one layer-complete batch (seconds by section, from the first worker)."""
@@ -305,8 +310,8 @@ def _child_main(conn, model_dir, kwargs, env) -> None:
         os.environ.pop(k, None)
     os.environ.update(env)
     # The parent starts this process as a daemon (it must not outlive the learner), but a rollout-TP > 1
-    # engine starts worker processes of its own, which Python refuses to a daemon. The parent still
-    # terminates this process at its exit; vLLM's workers exit when this process dies.
+    # engine starts worker processes of its own, which Python refuses to a daemon. The parent's
+    # EngineProcess still stops this process at its exit (close or its finalizer, see EngineProcess).
     import multiprocessing
 
     multiprocessing.current_process().daemon = False
@@ -345,10 +350,8 @@ def _child_main(conn, model_dir, kwargs, env) -> None:
                     sec.add(engine.reload_batch(*args))
                 out = sec.as_dict()
             elif method == "finish_update":
-                t0 = time.perf_counter()
-                engine.llm.reset_prefix_cache()
-                engine.version += 1
-                out = engine.version, {"reset_prefix_cache": time.perf_counter() - t0}
+                sec = Sections()
+                out = engine.finish_update(sec), sec.as_dict()
             else:
                 out = getattr(engine, method)(*args)
             if method == "generate":  # numpy pickles inline (no shared-memory handle per sample)
@@ -395,10 +398,7 @@ def _child_stream_update(engine: VLLMEngine, receiver: StreamReceiver, profile: 
             receiver.ack(slot)
     if not receiver.ended:
         raise RuntimeError("refit stream: vLLM's reload returned before the end of the stream")
-    with sec.section("reset_prefix_cache"):
-        engine.llm.reset_prefix_cache()
-    engine.version += 1
-    return engine.version, sec.as_dict()
+    return engine.finish_update(sec), sec.as_dict()
 
 
 def _unshared_bytes(batch) -> int:
