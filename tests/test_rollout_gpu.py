@@ -54,8 +54,11 @@ def test_engine_process_refit_through_cuda_ipc(tmp_path):
     torch.cuda.set_device(0)
     with EngineProcess(a, seed=0, gpu_memory_utilization=0.3, call_timeout_s=300) as engine:
         stats = engine.update_weights(buckets)
+        assert stats.buckets >= 2
         assert all(buf is None or buf.device.type == "cuda" for buf in engine._slots.buffers)
         assert compare(engine.prompt_logprobs(probe), hf_logprobs(b, probe)).max_abs < 1e-2
         assert compare(engine.prompt_logprobs(probe), hf_logprobs(a, probe)).max_abs > 0.1
-        engine.update_weights(buckets)  # the mapped buffers are reused
-        assert stats.buckets >= 2
+        mapped = list(engine._slots.buffers)
+        engine.update_weights(buckets)  # the mapped buffers are reused, and the weights stay right
+        assert all(x is y for x, y in zip(mapped, engine._slots.buffers))
+        assert compare(engine.prompt_logprobs(probe), hf_logprobs(b, probe)).max_abs < 1e-2

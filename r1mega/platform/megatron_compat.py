@@ -7,6 +7,7 @@ the few megatron functions that hard-code CUDA tensors (each patch names the fil
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -138,7 +139,6 @@ def local_expert_spec() -> tuple[type, object]:
     0.16 returns the pair from ``LocalSpecProvider.grouped_mlp_modules(grouped_gemm, fp8)``; 0.19
     takes one argument and returns ``functools.partial(SequentialMLP, submodules=...)``.
     """
-    import functools
     import inspect
 
     from megatron.core.models.backends import LocalSpecProvider
@@ -151,16 +151,13 @@ def local_expert_spec() -> tuple[type, object]:
     return built
 
 
+@functools.cache
 def gpt_accepts_padding_mask() -> bool:
     """``GPTModel.forward(padding_mask=...)`` (True = padding) keeps padding tokens out of the MoE aux
-    loss, z-loss and expert-bias counts (megatron-core >= 0.16); older releases lack the argument."""
-    import functools
+    loss, z-loss and expert-bias counts (megatron-core >= 0.16); older releases lack the argument.
+    Cached: asked on every packed micro-batch."""
     import inspect
 
-    @functools.cache
-    def probe() -> bool:
-        from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.models.gpt.gpt_model import GPTModel
 
-        return "padding_mask" in inspect.signature(GPTModel.forward).parameters
-
-    return probe()
+    return "padding_mask" in inspect.signature(GPTModel.forward).parameters
