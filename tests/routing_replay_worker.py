@@ -55,11 +55,10 @@ def main(spec: dict) -> None:
     settings = LearnerSettings(micro_batch_size=spec["micro_batch_size"], valid_vocab=model_cfg.vocab_size)
     mask = batch.loss_mask
 
-    used: list = []  # (micro-batch index, layer number, routing map) of every router forward on this rank
-    counter = {"calls": 0}
+    used: list = []  # (layer number, routing map) of every router forward on this rank, in call order
 
     def hook(mod, args, out):
-        used.append((counter["calls"], mod.layer_number, out[1].detach().clone()))
+        used.append((mod.layer_number, out[1].detach().clone()))
 
     handles = [m.register_forward_hook(hook) for m in tm.module.modules() if isinstance(m, TopKRouter)]
     report = {"layout": spec["layout"], "engine_dtype": spec["engine_dtype"], "samples": len(gens),
@@ -92,7 +91,7 @@ def _used_vs_engine(used, batch, settings, config) -> dict:
     mbs, k = settings.micro_batch_size, config.moe_router_topk
     column = {n: i for i, n in enumerate(moe_layer_numbers(config))}
     per_layer: dict[int, list] = {}
-    for _, number, rmap in used:
+    for number, rmap in used:
         per_layer.setdefault(number, []).append(rmap)
     differ = total = 0
     for number, maps in per_layer.items():

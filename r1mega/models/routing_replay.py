@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -184,10 +183,10 @@ def for_model(model: torch.nn.Module, config) -> RoutingReplay:
     return handle
 
 
-def sum_over_ranks(t: torch.Tensor, group: Optional[object] = None) -> torch.Tensor:
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """All-reduce (sum) of an integer tensor over the world (int64 on the wire; gloo lacks int16)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return t
     out = t.to(torch.int64)
-    dist.all_reduce(out, group=group)
+    dist.all_reduce(out)
     return out

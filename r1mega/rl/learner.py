@@ -458,11 +458,10 @@ class ReferencePolicy:
 
 def _grads_finite(tm) -> bool:
     """Collective: no rank's gradient buffers hold a NaN/Inf (after megatron's reduction of the grads)."""
-    ddp = tm.ddp
-    local = all(bool(torch.isfinite(b.grad_data).all()) for b in ddp.buffers + ddp.expert_parallel_buffers)
+    buffers = tm.ddp.buffers + tm.ddp.expert_parallel_buffers
+    local = all(bool(torch.isfinite(b.grad_data).all()) for b in buffers)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return local
-    buffers = ddp.buffers + ddp.expert_parallel_buffers
     flag = torch.tensor([0.0 if local else 1.0], device=buffers[0].grad_data.device if buffers else "cpu")
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0.0
