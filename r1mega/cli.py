@@ -18,7 +18,6 @@ from pathlib import Path
 from r1mega.config import ConfigError, load_config
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml"
-LM_DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "lm_demo_cpu.yaml"
 
 
 def _launched() -> bool:
@@ -60,52 +59,9 @@ def _demo_overrides(nproc: int, overrides: list[str]) -> list[str]:
 
 
 def cmd_demo(args, rest: list[str]) -> int:
-    """The R1 demo: eval -> cold-start SFT -> eval -> GRPO -> eval (``r1mega.train.r1_demo``)."""
-    overrides = _demo_overrides(args.nproc, args.overrides)
-    if args.nproc > 1 and not _launched():
-        argv = ["demo", "--config", str(args.config), "--sft-steps", str(args.sft_steps), "--sft-lr", str(args.sft_lr),
-                "--eval-prompts",
-                str(args.eval_prompts), "--eval-k", str(args.eval_k), *overrides]
-        return _relaunch(args.nproc, argv, args.timeout)
-    cfg = load_config(args.config, overrides, world_size=_world_size())
-    from r1mega.train.r1_demo import run_r1_demo
-    from r1mega.train.resilience import EXIT_PREEMPTED, TrainingPreempted
-
-    try:
-        s = run_r1_demo(cfg, sft_steps=args.sft_steps, sft_lr=args.sft_lr, eval_prompts=args.eval_prompts,
-                        eval_k=args.eval_k)
-    except TrainingPreempted as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"r1mega demo: {e} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
-        return EXIT_PREEMPTED
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(
-            f"demo: {s['world_size']} process(es), {s['seconds']:.1f}s ({s['sft_steps']} SFT + {s['grpo_steps']} "
-            f"GRPO steps); eval pass@1 (mean of {s['eval_k']} samples x {s['eval_prompts']} held-out prompts): "
-            f"before SFT {s['eval/pass@1_before_sft']:.3f}, after SFT {s['eval/pass@1_after_sft']:.3f}, "
-            f"after GRPO {s['eval/pass@1_after_grpo']:.3f}; GRPO train reward first 20% "
-            f"{s['grpo/reward_first_20pct']:.3f} -> last 20% {s['grpo/reward_last_20pct']:.3f}; "
-            f"summary in {cfg.trainer.output_dir}/summary.json"
-        )
-    return 0
-
-
-def cmd_lm_demo(args, rest: list[str]) -> int:
-    overrides = _demo_overrides(args.nproc, args.overrides)
-    if args.nproc > 1 and not _launched():
-        argv = ["lm-demo", "--config", str(args.config), *overrides]
-        return _relaunch(args.nproc, argv, args.timeout)
-    cfg = load_config(args.config, overrides, world_size=_world_size())
-    from r1mega.train.lm_demo import run_lm_demo
-
-    summary = run_lm_demo(cfg)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(
-            f"lm-demo: {summary['world_size']} process(es), {cfg.trainer.steps} steps in {summary['seconds']:.1f}s; "
-            f"held-out answer loss {summary['eval/answer_loss_before']:.3f} -> "
-            f"{summary['eval/answer_loss_after']:.3f}; metrics in {cfg.trainer.output_dir}"
-        )
-    return 0
+    """The R1 demo: ``r1mega train`` on configs/demo_cpu.yaml (eval -> cold-start SFT -> eval -> GRPO -> eval)."""
+    args.command, args.overrides = "train", _demo_overrides(args.nproc, args.overrides)
+    return cmd_train(args, rest)
 
 
 def cmd_train(args, rest: list[str]) -> int:
@@ -117,6 +73,7 @@ def cmd_train(args, rest: list[str]) -> int:
     from r1mega.config import StageConfig
     from r1mega.data.jsonl import DataError
     from r1mega.train.recipe import run_recipe
+    from r1mega.train.resilience import EXIT_PREEMPTED, TrainingPreempted
     from r1mega.train.teacher_gen import GenerationPaused
 
     only = [StageConfig(name="sft", kind="sft")] if args.command == "sft" else None
@@ -139,10 +96,16 @@ def cmd_train(args, rest: list[str]) -> int:
     except GenerationPaused as e:
         print(f"r1mega {args.command}: {e}", file=sys.stderr)
         return 3
+    except TrainingPreempted as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"r1mega {args.command}: {e} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
+    if s is None:  # an engine rank of a one-step-off run
+        return 0
     if int(os.environ.get("RANK", 0)) == 0:
         evals = ""
-        if "eval/pass@1_first" in s:
-            evals = f"; eval pass@1 {s['eval/pass@1_first']:.3f} -> {s['eval/pass@1_last']:.3f}"
+        if s.get("evals"):
+            evals = "; eval pass@1 " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in s["evals"].items())
         print(f"{args.command}: stages {', '.join(f'{k} ({v} steps)' for k, v in s['steps'].items()) or '-'} in "
               f"{s['seconds']:.1f}s{evals}; final checkpoint {s['final_checkpoint']}; summary in "
               f"{cfg.trainer.output_dir}/summary.json, curves in {s.get('plot')}")
@@ -220,21 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="R1 recipe in miniature: cold-start SFT -> GRPO on addition (CPU, minutes)")
+    demo = sub.add_parser("demo", help="R1 recipe in miniature: cold-start SFT -> GRPO on addition (CPU, minutes); "
+                                       "`r1mega train` on configs/demo_cpu.yaml")
     demo.add_argument("--config", default=str(DEMO_CONFIG), help="recipe YAML (default: configs/demo_cpu.yaml)")
-    demo.add_argument("--sft-steps", type=int, default=150, help="cold-start SFT steps (trainer.steps: GRPO steps)")
-    demo.add_argument("--sft-lr", type=float, default=2e-3, help="cold-start SFT learning rate (optimizer.lr: GRPO)")
-    demo.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts per eval")
-    demo.add_argument("--eval-k", type=int, default=4, help="samples per prompt for pass@1")
-    lm_demo = sub.add_parser("lm-demo", help="train the tiny MoE policy on addition answers (supervised, CPU)")
-    lm_demo.add_argument("--config", default=str(LM_DEMO_CONFIG),
-                         help="recipe YAML (default: configs/lm_demo_cpu.yaml)")
-    for p in (demo, lm_demo):
-        p.add_argument("--nproc", type=int, default=1, help="local processes (2: expert parallel by default)")
-        p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a multi-process run is stopped")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=50 parallel.tp=2")
+    demo.add_argument("--nproc", type=int, default=1, help="local processes (2: expert parallel by default)")
+    demo.add_argument("--timeout", type=float, default=1800.0, help="seconds before a multi-process run is stopped")
+    demo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.grpo.steps=20 parallel.tp=2")
     demo.set_defaults(func=cmd_demo)
-    lm_demo.set_defaults(func=cmd_lm_demo)
 
     train = sub.add_parser("train", help="run a recipe's stages in order (sft / grpo / rejection_sampling / distill)")
     sft = sub.add_parser("sft", help="one SFT stage on data.train_path for trainer.steps (ignores `stages`)")

@@ -106,12 +106,17 @@ def _build(path: Optional[PathLike], overrides: Sequence[str]) -> R1Config:
     sources: list[tuple[str, dict]] = []
     if path is not None:
         sources.append((str(path), _read_yaml(path)))
+    by_name: list[tuple[str, dict]] = []
     for item in overrides:
         parsed = _parse_override(item, problems)
-        if parsed is not None:
+        if parsed is not None and isinstance(parsed.get("stages"), Mapping):
+            by_name.append((item, parsed["stages"]))  # stages.<name>.<key>=value: one stage of the recipe
+        elif parsed is not None:
             sources.append((f"override {item!r}", parsed))
     for label, data in sources:
         problems += _apply(base, data, label)
+    for item, data in by_name:
+        problems += _apply_stage_override(base, item, data)
     if problems:
         raise ConfigError(problems)
     try:
@@ -134,6 +139,33 @@ def _apply(base: DictConfig, data: Mapping, label: str) -> list[str]:
                 f"{key}={value!r} (in {label}) has the wrong type: expected {_type_name(ftype)}, "
                 f"got {type(value).__name__} ({_first_line(exc)}); fix the value"
             )
+    return problems
+
+
+def _apply_stage_override(base: DictConfig, item: str, data: Mapping) -> list[str]:
+    """``stages.<name>.<key>=value``: set one field of the recipe's stage called ``name``."""
+    from r1mega.config.schema import StageConfig
+
+    names = [str(st["name"]) for st in OmegaConf.to_container(base.stages)]
+    problems: list[str] = []
+    for name, fields_ in data.items():
+        if str(name) not in names:
+            problems.append(f"override {item!r}: the recipe has no stage {name!r} (its stages: "
+                            f"{', '.join(names) or 'none'}); write stages.<stage name>.<key>=value")
+            continue
+        if not isinstance(fields_, Mapping):
+            problems.append(f"override {item!r}: name a field of the stage, e.g. stages.{name}.steps=10")
+            continue
+        i = names.index(str(name))
+        for key, value in fields_.items():
+            if key not in _field_types(StageConfig):
+                problems.append(_unknown_key(str(key), StageConfig, f"stages.{name}.", f"override {item!r}"))
+                continue
+            try:
+                OmegaConf.update(base, f"stages.{i}.{key}", value, merge=True)
+            except OmegaConfBaseException as exc:
+                problems.append(f"override {item!r} has the wrong type: expected "
+                                f"{_type_name(_field_types(StageConfig)[key])} ({_first_line(exc)}); fix the value")
     return problems
 
 

@@ -143,6 +143,9 @@ class RolloutConfig:
     engine_ranks: int = 1  # one_step_off: ranks (of the launcher's world) that run engines
     max_staleness: int = 1  # one_step_off: samples generated more optimizer steps ago are left out of the loss
     refit_bucket_mb: float = 256.0  # bridge export bucket size for weight pushes
+    # engine sleep while the learner trains (GPU vLLM; a logged no-op on CPU): 1 frees the KV cache and moves the
+    # weights to CPU memory, 2 also drops the weights (the refit after training pushes them anyway)
+    sleep_level: int = 1
     parity_check_interval: int = 1  # run the refit parity probe every N refits (0 = never)
     parity_max_abs_logp: float = 1e-2  # max |engine - trainer log p| on the probe before failing
     parity_probe_batch: int = 4

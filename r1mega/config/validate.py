@@ -523,6 +523,9 @@ def _check_routing_replay(cfg: R1Config, model: Optional[ModelConfig]) -> Proble
 def _check_rollout_mode(cfg: R1Config) -> Problems:
     r = cfg.rollout
     out = _one_of("rollout.mode", r.mode, ROLLOUT_MODES)
+    if r.sleep_level not in (1, 2):
+        out.append(f"rollout.sleep_level={r.sleep_level} is not supported: choose 1 (free the KV cache, keep the "
+                   "weights in CPU memory) or 2 (also drop the weights; the next refit pushes them)")
     if out or r.mode == "colocated":
         return out
     out += _at_least("rollout.engine_ranks", r.engine_ranks, 1, "one_step_off runs engines on their own ranks")
@@ -530,6 +533,17 @@ def _check_rollout_mode(cfg: R1Config) -> Problems:
     if cfg.rl.tis_cap is None:
         out.append("rollout.mode=one_step_off trains on samples from the previous policy, corrected with "
                    "truncated IS: set rl.tis_cap (e.g. 2.0)")
+    # what the engine ranks do not serve, refused before any stage runs
+    other = [f"{st.name} ({st.kind})" for st in cfg.stages if st.kind != "grpo"]
+    if other:
+        out.append(f"rollout.mode=one_step_off: the engine ranks serve GRPO stages only, but the recipe has "
+                   f"{', '.join(other)}: run those stages colocated (a recipe of their own) or drop them")
+    if cfg.data.eval_path:
+        out.append("rollout.mode=one_step_off: evals need an engine on the learner ranks; unset data.eval_path "
+                   "(evaluate the stage's checkpoint with `r1mega eval` instead)")
+    if cfg.rl.drop_uniform_groups and cfg.rl.refill_policy == "resample":
+        out.append("rollout.mode=one_step_off samples a step ahead and cannot generate more for DAPO's refill: "
+                   "set rl.refill_policy=duplicate or none, or rl.drop_uniform_groups=false")
     return out
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from r1mega.config import ConfigError, R1Config, StageConfig
-from r1mega.train.recipe import Recipe, _rank, filter_to_sft, stage_problems
+from r1mega.train.stages import filter_to_sft, load_weights, stage_problems
 from r1mega.train.teacher_gen import GenerationPaused, GenerationStore, generate_resumable, store_settings
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def check_same_tokenizer(student, teacher, probes: list[str], student_vocab: int
                           f"model.vocab_size={student_vocab}: raise model.vocab_size")
 
 
-def teacher_model_dir(r: Recipe, scfg: R1Config, stage_dir: Path) -> Path:
+def teacher_model_dir(tr, scfg: R1Config, stage_dir: Path) -> Path:
     """The teacher as an HF directory: ``distill.teacher_hf``, or the checkpoint exported once (collective)."""
     d = scfg.distill
     if d.teacher_hf:
@@ -67,17 +67,16 @@ def teacher_model_dir(r: Recipe, scfg: R1Config, stage_dir: Path) -> Path:
     from r1mega.bridge.hf_dir import save_hf
     from r1mega.config import load_config, resolve_model
     from r1mega.train.model_setup import build_training_model
-    from r1mega.train.stages import load_weights
 
     model_cfg = resolve_model(load_config(d.teacher_config).model if d.teacher_config
                               else checkpoint_model_config(d.teacher_checkpoint))
     teacher = build_training_model(model_cfg, scfg.parallel, scfg.optimizer, total_steps=1)
     load_weights(teacher, d.teacher_checkpoint, model_cfg)
     tmp = stage_dir / "teacher_hf.tmp"
-    if _rank() == 0 and tmp.exists():
+    if tr.rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
-    save_hf(teacher.module, teacher.config, model_cfg, tmp, tokenizer_dir=r.tok_dir)
-    if _rank() == 0:
+    save_hf(teacher.module, teacher.config, model_cfg, tmp, tokenizer_dir=tr.tok_dir)
+    if tr.rank == 0:
         os.replace(tmp, out)
     if dist.is_initialized():
         dist.barrier()
@@ -92,21 +91,21 @@ def teacher_sampling(scfg: R1Config, tok):
                                     top_logprobs=scfg.distill.top_logprobs)
 
 
-def _teacher_generate(r: Recipe, stage: StageConfig, scfg: R1Config, teacher_dir: Path, problems, store) -> tuple:
+def _teacher_generate(tr, stage: StageConfig, scfg: R1Config, teacher_dir: Path, problems, store) -> tuple:
     """Rank 0: start the teacher's engine, evaluate it once, generate the missing chunks. -> (complete, eval)."""
     from r1mega.rollout import build_engine
     from r1mega.train.evaluate import eval_sampling, generate_and_score
 
-    d, tok = scfg.distill, r.tokenizer
+    d, tok = scfg.distill, tr.tokenizer
     engine = build_engine(teacher_dir, replace(scfg.rollout, logprobs_mode="raw"), in_process=False,
-                          env={"VLLM_CACHE_ROOT": str(r.out / "vllm-cache"), "OMP_NUM_THREADS": "1"})
+                          env={"VLLM_CACHE_ROOT": str(tr.out / "vllm-cache"), "OMP_NUM_THREADS": "1"})
     try:
         saved, teacher_eval = store.root / "teacher_eval.json", {}
         if saved.exists():  # evaluated by an earlier (interrupted) run
             teacher_eval = json.loads(saved.read_text())
-        elif d.eval_teacher and r.eval_set is not None:
+        elif d.eval_teacher and tr.eval_set is not None:
             sampling = replace(eval_sampling(scfg, tok), logprobs_mode="raw")
-            teacher_eval = generate_and_score(engine, r.judge, r.eval_set, scfg.eval.k, sampling, tok,
+            teacher_eval = generate_and_score(engine, tr.judge, tr.eval_set, scfg.eval.k, sampling, tok,
                                               scfg.reward.math_timeout_s)[0]
             store.root.mkdir(parents=True, exist_ok=True)
             saved.write_text(json.dumps(teacher_eval, indent=1))
@@ -136,7 +135,7 @@ def distill_rows(path: Path, pad_id: int, seq_length: int, multiple: int, valid_
     return rows_from_ids(seqs, pad_id, seq_length, multiple, names, teacher if with_teacher else None)
 
 
-def run_distill(r: Recipe, stage: StageConfig, scfg: R1Config, tm) -> dict:
+def distill_stage(tr, stage: StageConfig, scfg: R1Config, resume) -> dict:
     """Teacher generation (resumable) -> rejection filter -> student SFT on the kept samples. Collective."""
     from r1mega.data.tokenizer import load_tokenizer
     from r1mega.platform.distributed import broadcast_from_rank0
@@ -144,24 +143,24 @@ def run_distill(r: Recipe, stage: StageConfig, scfg: R1Config, tm) -> dict:
     from r1mega.train.sft import run_sft
 
     d = scfg.distill
-    stage_dir = r.out / stage.name
-    problems = stage_problems(r, stage, scfg)
-    teacher_dir = teacher_model_dir(r, scfg, stage_dir)
+    stage_dir = tr.out / stage.name
+    problems = stage_problems(tr, stage, scfg)
+    teacher_dir = teacher_model_dir(tr, scfg, stage_dir)
     if not (teacher_dir / "tokenizer.json").is_file():
         raise ConfigError(f"the teacher {teacher_dir} has no tokenizer.json: copy its tokenizer files there")
-    check_same_tokenizer(r.tokenizer, load_tokenizer(teacher_dir), [p.text for p in problems[:16]],
+    check_same_tokenizer(tr.tokenizer, load_tokenizer(teacher_dir), [p.text for p in problems[:16]],
                          scfg.model.vocab_size, str(teacher_dir))
     teacher_name = str(d.teacher_hf or d.teacher_checkpoint)
     t0 = time.monotonic()
     result = store = None
-    if _rank() == 0:
+    if tr.rank == 0:
         store = GenerationStore(stage_dir / "teacher", store_settings(
-            teacher_name, stage.samples_per_prompt, teacher_sampling(scfg, r.tokenizer), d.chunk_prompts,
+            teacher_name, stage.samples_per_prompt, teacher_sampling(scfg, tr.tokenizer), d.chunk_prompts,
             [p.ids for p in problems]))
-        result = _teacher_generate(r, stage, scfg, teacher_dir, problems, store)
+        result = _teacher_generate(tr, stage, scfg, teacher_dir, problems, store)
     complete, teacher_eval = broadcast_from_rank0(result)
-    if teacher_eval:
-        r.metrics.log({"stage": "teacher_eval", "step": 0, **{f"teacher/{k.split('/', 1)[-1]}": v
+    if teacher_eval and resume is None:  # a resumed stage logged it before its checkpoint
+        tr.metrics.log({"stage": "teacher_eval", "step": 0, **{f"teacher/{k.split('/', 1)[-1]}": v
                                                             for k, v in teacher_eval.items()}})
     if not complete:
         raise GenerationPaused(f"stage {stage.name!r}: teacher generation stopped after distill.max_chunks="
@@ -174,18 +173,24 @@ def run_distill(r: Recipe, stage: StageConfig, scfg: R1Config, tm) -> dict:
         return ((p.example, [{**g, "prompt_token_ids": rec["prompt_token_ids"]} for g in rec["generations"]])
                 for p, rec in zip(problems, store.records()))
 
-    report = filter_to_sft(r, stage, scfg, groups, path, who="the teacher",
-                           max_response_tokens=d.max_response_tokens)
-    r.rejection_output = str(path)
+    saved = stage_dir / "filter_report.json"
+    if resume is not None and saved.is_file():  # filtered (and logged) before the checkpoint this resumes
+        report = json.loads(saved.read_text())
+    else:
+        report = filter_to_sft(tr, stage, scfg, groups, path, who="the teacher",
+                               max_response_tokens=d.max_response_tokens)
+        if tr.rank == 0:
+            saved.write_text(json.dumps(report))
+    tr.rejection_output = str(path)
     multiple = scfg.parallel.tp
-    rows = distill_rows(path, r.tokenizer.pad_id, scfg.model.seq_length, multiple, scfg.model.vocab_size,
+    rows = distill_rows(path, tr.tokenizer.pad_id, scfg.model.seq_length, multiple, scfg.model.vocab_size,
                         with_teacher=d.kl_coef > 0)
     settings = LearnerSettings(micro_batch_size=scfg.parallel.micro_batch_size, valid_vocab=scfg.model.vocab_size,
-                               pack=d.pack, distill_coef=d.kl_coef)
-    run_sft(tm, rows, steps=scfg.trainer.steps, global_batch_size=scfg.trainer.global_batch_size,
-            micro_batch_size=scfg.parallel.micro_batch_size, valid_vocab=scfg.model.vocab_size,
-            seed=scfg.data.seed, on_step=r.metrics.log, settings=settings)
-    r.engine_stale = True
+                               pack=d.pack, distill_coef=d.kl_coef, skip_nonfinite=scfg.trainer.skip_nonfinite_loss)
+    run_sft(tr.tm, rows, steps=scfg.trainer.steps, global_batch_size=scfg.trainer.global_batch_size,
+            settings=settings, seed=scfg.data.seed, on_step=tr.metrics.log, ckpt=tr.ckpt, stage=stage.name,
+            resume=resume)
+    tr.sync.stale = True
     return {"data": stage.data or scfg.data.train_path, "teacher": teacher_name, "sft_data": str(path),
             "report": report, "examples": int(rows.tokens.size(0)), "generation_seconds": gen_seconds,
             **{f"teacher/{k.split('/', 1)[-1]}": v for k, v in teacher_eval.items()}}

@@ -6,36 +6,38 @@ at once; the price is that batch k+1 was sampled by the weights before step k's 
 which truncated importance sampling corrects: the learner's TIS weight ``min(pi_current / pi_engine, C)``
 uses the engine's sampling log-probs, so ``rl.tis_cap`` is required (config validation says so).
 
-Schedule on the transfer group (``platform.disaggregated``), identical order on both sides::
+The last ``rollout.engine_ranks`` ranks of the launcher's world run :func:`serve_engine`; the learners
+run ``r1mega train``'s stages with the :class:`OneStepOff` schedule of the GRPO step. For each GRPO stage
+learner rank 0 sends the engines a set-up message (the HF export of the stage's starting weights, the
+prompt stream, the steps); the schedule on the transfer group (``platform.disaggregated``) is then, in
+this order on both sides::
 
-    engine : gen 0 (v0) | send 0 | gen 1 (v0) | send 1 | recv v1 | gen 2 (v1) | send 2 | recv v2 | ...
-    learner:              recv 0 | train 0 -> v1 | recv 1 | send v1 | train 1 -> v2 | recv 2 | send v2 | ...
+    engine : gen s | send s | (s > first) recv v_s-1 | gen s+1 | send s+1 | recv v_s | ...
+    learner:         recv s | (s > first) send v_s-1 | train s -> v_s | recv s+1 | send v_s | ...
 
-``v_j`` = weights after ``j`` optimizer steps. Weights go as the bridge's buckets (the export is
-collective over the learners; learner rank 0 broadcasts each bucket as one flat buffer per dtype),
-so memory stays at one bucket. Every sample carries the version that sampled it; staleness = the
-learner's version at training time minus that. Samples staler than ``rollout.max_staleness`` are left
-out of the loss (counted). Rewards are computed on the engine ranks. The prompt order and the
-sampling seeds depend only on the step, so a run is reproducible with a fixed seed.
+``v_j`` = weights after step ``j``. Weights go as the bridge's buckets (the export is collective over
+the learners; learner rank 0 broadcasts each bucket as one flat buffer per dtype), so memory stays at
+one bucket. Every sample carries the version that sampled it. After the stage's last step the engines
+take the final weights and answer the parity probe. Rewards are computed on the engine ranks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import time
-from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
 from r1mega.platform.disaggregated import Role, TransferGroup
-from r1mega.rollout import SamplingSpec
+from r1mega.platform.distributed import broadcast_from_rank0
+from r1mega.train.grpo import GRPORun, Rollout
+from r1mega.train.weight_sync import RolloutFailure
 
 log = logging.getLogger(__name__)
 
 _END = "end-of-weights"
+_DONE = "no-more-stages"
 
 
 # ----------------------------------------------------------------------------- weights
@@ -79,139 +81,170 @@ def receive_weights(transfer: TransferGroup) -> Iterator[list[tuple[str, torch.T
         yield bucket
 
 
+def push_weights(tr, version: int) -> None:
+    """Learners (collective export): the current weights to every engine rank."""
+    from r1mega.bridge.export import export_hf_buckets
+
+    cfg = tr.cfg
+    send_weights(tr.role.transfer, export_hf_buckets(tr.tm.module, tr.tm.config, cfg.model,
+                                                     int(cfg.rollout.refit_bucket_mb * 2**20)), version)
+
+
 # ----------------------------------------------------------------------------- engine ranks
 
 
-def _step_prompts(prompts: list, order: list[int], step: int, per_step: int) -> list:
-    return [prompts[order[(step * per_step + i) % len(prompts)]] for i in range(per_step)]
-
-
-def _sampling(cfg, eos_id: int, step: int) -> SamplingSpec:
-    sampling = SamplingSpec.from_config(cfg.rollout, stop_token_ids=[eos_id])
-    if cfg.rollout.seed is not None:
-        sampling.seed = cfg.rollout.seed + step * 100_003
-    return sampling
-
-
-def engine_loop(cfg, role: Role, steps: int, engine_env: Optional[dict] = None) -> None:
-    """An engine rank: wait for the learners' set-up message, then generate / send / take weights."""
+def serve_engine(cfg, role: Role, engine_env: Optional[dict] = None) -> None:
+    """An engine rank: serve every GRPO stage the learners announce, until they say there are no more."""
     from r1mega.data.tokenizer import HFTokenizer
     from r1mega.rewards import RewardComputer
     from r1mega.rollout import build_engine
-    from r1mega.train.grpo import sample_and_score
+    from r1mega.train.schedules import sample_and_score, step_sampling
 
     transfer = role.transfer
-    setup = transfer.broadcast_object(None, src=0)
-    tokenizer = HFTokenizer(setup["tokenizer_dir"])
-    engine = build_engine(setup["hf_dir"], cfg.rollout, in_process=False, env=engine_env or {})
-    rewarder = RewardComputer(cfg.reward, cfg.rollout.max_new_tokens)
-    prompts, order, per_step = setup["prompts"], setup["order"], setup["prompts_per_step"]
-    R = len(role.engine_src)
-    version = 0
-    try:
-        for step in range(steps):
-            mine = _step_prompts(prompts, order, step, per_step)[role.engine_index::R]
-            gens, rewards, t_roll, t_rew, errors = sample_and_score(
-                engine, rewarder, mine, cfg.rollout.n, _sampling(cfg, tokenizer.eos_id, step), tokenizer, step + 1)
-            for g in gens:
-                g.policy_version = version
-            for src in role.engine_src:  # every engine's share, in engine order
-                transfer.broadcast_object((gens, rewards, t_roll, t_rew, errors) if src == transfer.rank else None, src)
-            if step >= 1:  # v_step arrives after batch `step` left (the learner trains it meanwhile)
-                engine.update_weights(receive_weights(transfer))
-                version = step
-        engine.update_weights(receive_weights(transfer))  # final weights (v_steps): the engine ends in sync
-        for src in role.engine_src:  # parity probe: the pushed weights are the learner's
-            transfer.broadcast_object(engine.prompt_logprobs(setup["probe"]) if src == transfer.rank else None, src)
-    finally:
-        engine.close()
-        rewarder.close()
+    while True:
+        setup = transfer.broadcast_object(None, src=0)
+        if setup == _DONE:
+            return
+        scfg = setup["cfg"]
+        tokenizer = HFTokenizer(setup["tokenizer_dir"])
+        engine = build_engine(setup["hf_dir"], scfg.rollout, in_process=False, env=engine_env or {})
+        rewarder = RewardComputer(scfg.reward, scfg.rollout.max_new_tokens)
+        prompts, order, per_step = setup["prompts"], setup["order"], setup["per_step"]
+        first, last, consumed = setup["first_step"], setup["last_step"], setup["consumed_samples"]
+        R = len(role.engine_src)
+        version = first - 1
+        try:
+            for step in range(first, last + 1):
+                start = consumed + (step - first) * per_step
+                mine = [prompts[order[(start + i) % len(prompts)]] for i in range(per_step)][role.engine_index::R]
+                try:
+                    gens, rewards, t_roll, t_rew, errors = sample_and_score(
+                        engine, rewarder, mine, scfg.rollout.n, step_sampling(scfg, tokenizer.eos_id, step),
+                        tokenizer, step)
+                    for g in gens:
+                        g.prompt_index = g.prompt_index * R + role.engine_index
+                        g.policy_version = version
+                    mine_out = ("ok", gens, rewards, t_roll, t_rew, errors)
+                except RolloutFailure as e:
+                    mine_out = ("error", str(e))
+                for src in role.engine_src:  # every engine's share, in engine order
+                    transfer.broadcast_object(mine_out if src == transfer.rank else None, src)
+                if mine_out[0] == "error":
+                    raise RolloutFailure(mine_out[1])
+                if step > first:  # v_{step-1} arrives after batch `step` left (the learners train it meanwhile)
+                    engine.update_weights(receive_weights(transfer))
+                    version = step - 1
+            engine.update_weights(receive_weights(transfer))  # the final weights: the engine ends in sync
+            for src in role.engine_src:  # parity probe: the pushed weights are the learner's
+                transfer.broadcast_object(engine.prompt_logprobs(setup["probe"]) if src == transfer.rank else None,
+                                          src)
+        finally:
+            engine.close()
+            rewarder.close()
 
 
 # ----------------------------------------------------------------------------- learner ranks
 
 
-def apply_staleness_bound(batch, staleness: list[int], max_staleness: int) -> list[int]:
+def apply_staleness_bound(rollout: Rollout, staleness: list[int], max_staleness: int) -> list[int]:
     """Leave samples staler than ``max_staleness`` out of the loss; returns their indices.
 
-    With this loop's schedule staleness is 0 (first batch) or 1; the bound guards the contract (TIS is
+    With this schedule staleness is 0 (a stage's first batch) or 1; the bound guards the contract (TIS is
     only a good correction for small policy lags) should a schedule or engine run further ahead.
     """
     dropped = [i for i, s in enumerate(staleness) if s > max_staleness]
-    for i in dropped:
-        batch.loss_mask[i] = 0.0
+    if dropped:
+        mask = list(rollout.train_mask or [True] * len(rollout.gens))
+        for i in dropped:
+            mask[i] = False
+        rollout.train_mask = mask
     return dropped
 
 
-def run_one_step_off(cfg, role: Role, tm, tokenizer, prompts: list, *, steps: int, prompts_per_step: int,
-                     out_dir: Path, hf_dir: Path, tokenizer_dir: Path) -> dict:
-    """Learner ranks: ``steps`` GRPO steps on one-step-stale rollouts; returns ``{"history": [...]}``."""
-    from r1mega.bridge.export import export_hf_buckets
-    from r1mega.platform.distributed import broadcast_from_rank0
-    from r1mega.rl.learner import LearnerBatch, LearnerSettings, compute_logprobs, learner_step, prepare_routing_replay
-    from r1mega.rollout import compare, probe_batch
-    from r1mega.train.grpo import build_batch
+class OneStepOff:
+    """The learners' side: batches arrive from the engine ranks; weights leave one step behind."""
 
-    from megatron.core import parallel_state
+    def __init__(self, tr):
+        self.tr = tr
+        self.pending = False  # the last update's weights, pushed after the next batch arrived
 
-    rl, n = cfg.rl, cfg.rollout.n
-    settings = LearnerSettings(micro_batch_size=cfg.parallel.micro_batch_size, valid_vocab=cfg.model.vocab_size,
-                               temperature=cfg.rollout.temperature)
-    transfer = role.transfer  # learner rank 0 only
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.data.seed)).tolist()
-    dp = parallel_state.get_data_parallel_world_size()
-    probe = probe_batch(cfg.model.vocab_size, batch=2 * dp, length=cfg.rollout.parity_probe_length, seed=1)
-    if transfer is not None:
-        transfer.broadcast_object({"hf_dir": str(hf_dir), "tokenizer_dir": str(tokenizer_dir), "prompts": prompts,
-                                   "order": order, "prompts_per_step": prompts_per_step, "probe": probe}, src=0)
-    bucket_bytes = int(cfg.rollout.refit_bucket_mb * 2**20)
-    metrics_path = Path(out_dir) / "metrics.jsonl"
-    history = []
-    for step in range(steps):
+    def start(self, run: GRPORun, first_step: int, last_step: int) -> None:
+        """Collective: export the stage's starting weights for the engines and announce the stage to them."""
+        from r1mega.bridge.hf_dir import save_hf
+        from r1mega.rollout import probe_batch
+
+        tr, cfg = self.tr, run.cfg
+        hf_dir = tr.out / run.stage_name / "engine_hf"
+        save_hf(tr.tm.module, tr.tm.config, cfg.model, hf_dir, tokenizer_dir=tr.tok_dir)
+        self.probe = probe_batch(cfg.model.vocab_size, batch=cfg.rollout.parity_probe_batch,
+                                 length=cfg.rollout.parity_probe_length, seed=1)
+        if tr.role.transfer is not None:
+            tr.role.transfer.broadcast_object(
+                {"cfg": cfg, "hf_dir": str(hf_dir), "tokenizer_dir": str(tr.tok_dir), "prompts": run.prompts,
+                 "order": run.order, "per_step": run.per_step, "consumed_samples": run.consumed_samples,
+                 "first_step": first_step, "last_step": last_step, "probe": self.probe}, src=0)
+
+    def rollout(self, run: GRPORun, step: int) -> Rollout:
+        import time
+
+        role = self.tr.role
         t0 = time.monotonic()
-        rollout = None
-        if transfer is not None:
-            parts = [transfer.broadcast_object(None, src) for src in role.engine_src]
-            rollout = ([g for p in parts for g in p[0]], [r for p in parts for r in p[1]],
-                       max(p[2] for p in parts), max(p[3] for p in parts), sum(p[4] for p in parts))
-        gens, rewards, t_rollout, t_reward, reward_errors = broadcast_from_rank0(rollout)
-        t_wait = time.monotonic() - t0
-        t_push = 0.0
-        if step >= 1:  # v_step to the engines, which generate batch step+1 with it while we train
+        got = None
+        if role.transfer is not None:
+            parts = [role.transfer.broadcast_object(None, src) for src in role.engine_src]
+            errors = [p[1] for p in parts if p[0] == "error"]
+            got = ("error", errors[0]) if errors else ("ok", (
+                [g for p in parts for g in p[1]], [r for p in parts for r in p[2]], max(p[3] for p in parts),
+                max(p[4] for p in parts), sum(p[5] for p in parts)))
+        status, value = broadcast_from_rank0(got)
+        if status != "ok":
+            raise RolloutFailure(f"{value} (reported by an engine rank)")
+        gens, rewards, t_roll, t_rew, errors = value
+        order = sorted(range(len(gens)), key=lambda i: (gens[i].prompt_index, gens[i].sample_index))
+        gens, rewards = [gens[i] for i in order], [rewards[i] for i in order]
+        run.consumed_samples += run.per_step
+        metrics = {"time/rollout": t_roll, "time/reward": t_rew, "reward/errors": errors,
+                   "time/wait_engines": time.monotonic() - t0}
+        if self.pending:  # v_{step-1}: the engines generate batch step+1 with it while we train
             t1 = time.monotonic()
-            send_weights(transfer, export_hf_buckets(tm.module, tm.config, cfg.model, bucket_bytes), step)
-            t_push = time.monotonic() - t1
-        staleness = [step - g.policy_version for g in gens]
-        batch = build_batch(gens, rewards, n, tokenizer.pad_id, rl, multiple=cfg.parallel.tp)
-        dropped = apply_staleness_bound(batch, staleness, cfg.rollout.max_staleness)
-        t1 = time.monotonic()
-        routing_metrics = prepare_routing_replay(tm, batch, settings, rl.routing_replay)
-        m = learner_step(tm, batch, settings, rl)
-        t_train = time.monotonic() - t1
-        v = m.values
-        record = {
-            "stage": "grpo_one_step_off", "step": step + 1, "reward/mean": sum(rewards) / len(rewards),
-            "reward/errors": reward_errors,
-            "loss": v.get("loss", 0.0), "grad_norm": m.grad_norm, "skipped": m.skipped,
-            "logprob_mismatch": v.get("mismatch_abs_mean", 0.0), "tis_clip_frac": v.get("tis_clip_frac", 0.0),
-            "staleness": staleness, "staleness/mean": sum(staleness) / len(staleness),
-            "staleness/max": max(staleness), "staleness/dropped": len(dropped),
-            "time/wait_rollout": t_wait, "time/push": t_push, "time/train": t_train,
-            "time/engine_rollout": t_rollout, "time/engine_reward": t_reward, "time/step": time.monotonic() - t0,
-            **routing_metrics,
-        }
-        history.append(record)
-        if role.world.rank == 0:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            log.info("one-step-off step %d reward %.3f staleness %s waited %.1fs trained %.1fs", step + 1,
-                     record["reward/mean"], sorted(set(staleness)), t_wait, t_train)
-    send_weights(transfer, export_hf_buckets(tm.module, tm.config, cfg.model, bucket_bytes), steps)
-    tokens = torch.tensor(probe)
-    trainer = compute_logprobs(tm.ddp, tm.module, LearnerBatch(tokens, torch.ones(tokens.size(0), tokens.size(1) - 1)),
-                               dataclasses.replace(settings, micro_batch_size=1, temperature=1.0))
-    parity = None
-    if transfer is not None:  # worst engine
-        reports = [compare(transfer.broadcast_object(None, src), trainer) for src in role.engine_src]
-        parity = max(r.max_abs for r in reports)
-    return {"history": history, "final_parity_max_abs": parity}
+            push_weights(self.tr, step - 1)
+            metrics["time/push"] = time.monotonic() - t1
+            self.pending = False
+        n = run.cfg.rollout.n
+        rollout = Rollout(gens, rewards, [i // n for i in range(len(gens))], metrics)
+        staleness = [step - 1 - g.policy_version for g in gens]
+        dropped = apply_staleness_bound(rollout, staleness, run.cfg.rollout.max_staleness)
+        metrics.update({"staleness/mean": sum(staleness) / len(staleness), "staleness/max": max(staleness),
+                        "staleness/dropped": len(dropped)})
+        return rollout
+
+    def after_update(self, run: GRPORun, step: int) -> dict:
+        self.pending = True
+        return {}
+
+    def finish(self, run: GRPORun, last_step: int) -> dict:
+        """After the stage's last step: the final weights to the engines, then the parity probe (collective)."""
+        from r1mega.rl.learner import LearnerBatch, compute_logprobs
+        from r1mega.rollout import compare
+
+        tr = self.tr
+        push_weights(tr, last_step)
+        tokens = torch.tensor(self.probe)
+        trainer = compute_logprobs(tr.tm.ddp, tr.tm.module, LearnerBatch(tokens, torch.ones(tokens.size(0),
+                                                                                          tokens.size(1) - 1)),
+                                   dataclasses.replace(run.settings, micro_batch_size=1, temperature=1.0))
+        report = None
+        if tr.role.transfer is not None:  # the worst engine
+            reports = [compare(tr.role.transfer.broadcast_object(None, src), trainer) for src in tr.role.engine_src]
+            report = {"parity/max_abs_logp": max(r.max_abs for r in reports),
+                      "parity/mean_abs_logp": max(r.mean_abs for r in reports)}
+        return broadcast_from_rank0(report)
+
+    def close(self) -> None:
+        pass
+
+
+def release_engines(role: Optional[Role]) -> None:
+    """Learner rank 0, at the end of a run: tell the engine ranks that no stage follows."""
+    if role is not None and role.transfer is not None:
+        role.transfer.broadcast_object(_DONE, src=0)

@@ -119,11 +119,23 @@ class Checkpointer:
             return None
         return resolve_checkpoint_dir(self.root)
 
+    @staticmethod
+    def loop_state(path: Path) -> dict:
+        """The loop state a training loop saved in checkpoint ``path`` (read from its meta; nothing loaded)."""
+        from r1mega.ckpt import read_meta
+
+        extra = read_meta(path).get("extra", {})
+        missing = [k for k in ("stage", "stage_step", "metrics_lines") if k not in extra]
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks the loop state {missing} (not written by an r1mega training "
+                             "loop?): resume from a checkpoint of this run, or set checkpoint.resume=none")
+        return extra
+
     def load(self, path: Path) -> dict:
         """Collective: restore model, optimizer, scheduler, RNG; returns the loop state saved in ``extra``.
 
-        The scheduler takes the checkpoint's learning rates (stages may have changed them). Rank 0
-        truncates ``metrics.jsonl`` to the lines written up to the checkpoint: the steps after it run again.
+        The scheduler takes the checkpoint's learning rates. The caller has cut ``metrics.jsonl`` back to
+        the checkpoint's ``metrics_lines`` (:func:`cut_metrics`): the steps after it run again.
         """
         from r1mega.ckpt import CheckpointError, committed_steps, load_checkpoint
 
@@ -143,19 +155,9 @@ class Checkpointer:
         finally:
             self.tm.scheduler.use_checkpoint_opt_param_scheduler = False
         extra = info["extra"]
-        missing = [k for k in ("stage", "stage_step", "metrics_lines") if k not in extra]
-        if missing:
-            raise ValueError(f"checkpoint {info['path']} lacks the loop state {missing} (not written by an r1mega "
-                             "training loop?): resume from a checkpoint of this run, or set checkpoint.resume=none")
         self.global_step = info["step"]
         self.last_saved = info["step"]
         self.run_state = dict(extra.get("run_state", {}))
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            lines = self.metrics_path.read_text().splitlines(keepends=True) if self.metrics_path.exists() else []
-            if len(lines) < extra["metrics_lines"]:
-                log.warning("%s has %d lines, the checkpoint expected at least %d: metrics of earlier steps are "
-                            "missing there", self.metrics_path, len(lines), extra["metrics_lines"])
-            self.metrics_path.write_text("".join(lines[: extra["metrics_lines"]]))
         log.info("resuming from %s: global step %d, stage %s step %d", info["path"], info["step"], extra["stage"],
                  extra["stage_step"])
         return extra
@@ -183,6 +185,18 @@ class Checkpointer:
             path = self.save(stage, stage_step, state)
             if stop:
                 raise TrainingPreempted(stop, self.global_step, path)
+
+
+def cut_metrics(path: Path, lines: int) -> None:
+    """Rank 0, before a resumed run logs anything: keep the first ``lines`` lines of ``metrics.jsonl``."""
+    path = Path(path)
+    have = path.read_text().splitlines(keepends=True) if path.exists() else []
+    if len(have) < lines:
+        log.warning("%s has %d lines, the checkpoint expected at least %d: metrics of earlier steps are missing "
+                    "there", path, len(have), lines)
+    if path.exists() or lines:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(have[:lines]))
 
 
 def check_skip(m, stage: str, step: int, skip_nonfinite: bool) -> int:

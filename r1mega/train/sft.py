@@ -125,18 +125,16 @@ def rows_from_ids(seqs, pad_id: int, seq_length: int, multiple: int = 1, names=N
     return SFTRows(tokens, mask, lengths, t_ids, t_logp)
 
 
-def run_sft(tm, rows: SFTRows, *, steps: int, global_batch_size: int, micro_batch_size: int,
-            valid_vocab: int, seed: int = 0, on_step=None, ckpt=None, resume: Optional[dict] = None,
-            skip_nonfinite: bool = True, settings: Optional[LearnerSettings] = None) -> list[float]:
+def run_sft(tm, rows: SFTRows, *, steps: int, global_batch_size: int, settings: LearnerSettings, seed: int = 0,
+            on_step=None, ckpt=None, stage: str = "sft", resume: Optional[dict] = None) -> list[float]:
     """Masked NLL on random global batches up to step ``steps``; returns the losses.
 
-    ``ckpt`` (a ``resilience.Checkpointer``) is told about every step (periodic / on-signal saves);
-    ``resume`` is the ``extra`` of an SFT-stage checkpoint: continue after its step with its sampler state.
-    ``settings`` (default: plain padded SFT) e.g. packs micro-batches or adds the distillation KL.
+    ``ckpt`` (a ``resilience.Checkpointer``) is told about every step (periodic / on-signal saves, recorded
+    under ``stage``); ``resume`` is the loop state of such a checkpoint: continue after its step with its
+    sampler state. ``settings`` e.g. pack micro-batches or add the distillation KL.
     """
     from r1mega.train.resilience import check_skip
 
-    settings = settings or LearnerSettings(micro_batch_size=micro_batch_size, valid_vocab=valid_vocab)
     gen = torch.Generator().manual_seed(seed)  # same draw on every rank
     start, skipped = 0, 0
     if resume is not None:
@@ -147,7 +145,7 @@ def run_sft(tm, rows: SFTRows, *, steps: int, global_batch_size: int, micro_batc
         t0 = time.monotonic()
         idx = torch.randint(0, rows.tokens.size(0), (global_batch_size,), generator=gen)
         m = learner_step(tm, rows.batch(idx), settings, None)
-        skipped += check_skip(m, "sft", step, skip_nonfinite)
+        skipped += check_skip(m, "sft", step, settings.skip_nonfinite)
         losses.append(m.values["loss"])
         record = {"stage": "sft", "step": step, "loss": m.values["loss"], "entropy": m.values.get("entropy", 0.0),
                   "grad_norm": m.grad_norm, "skipped": m.skipped, "skipped_steps": skipped,
@@ -156,7 +154,7 @@ def run_sft(tm, rows: SFTRows, *, steps: int, global_batch_size: int, micro_batc
         if on_step is not None:
             on_step(record)
         if ckpt is not None:
-            ckpt.end_of_step("sft", step, {"sft_generator": gen.get_state(), "skipped_steps": skipped})
+            ckpt.end_of_step(stage, step, {"sft_generator": gen.get_state(), "skipped_steps": skipped})
     return losses
 
 

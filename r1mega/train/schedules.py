@@ -1,0 +1,166 @@
+"""Where a GRPO step's samples come from and where its new weights go: the two schedules of one step.
+
+* :class:`Colocated` (``rollout.mode=colocated``): rank 0's engine samples the step's prompts with the
+  current weights, the rewards score them there, DAPO dynamic sampling keeps the informative groups
+  (generating more when it must), every rank receives the result; after the update the weights are
+  pushed into the engine (``WeightSync.refit``, with the parity probe).
+* ``OneStepOff`` (``rollout.mode=one_step_off``, ``train/offpolicy.py``): engine ranks sample batch
+  k+1 while the learners train batch k.
+
+Sampling seeds are a function of the step (``rollout.seed + step * 100003``, plus the refill round), so a
+resumed run samples the same responses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+import torch
+
+from r1mega.platform.distributed import broadcast_from_rank0
+from r1mega.rl.advantages import select_informative_groups
+from r1mega.rollout import SamplingSpec
+from r1mega.train.grpo import GRPORun, Rollout
+from r1mega.train.weight_sync import RolloutFailure
+
+log = logging.getLogger(__name__)
+
+
+def step_sampling(cfg, eos_id: int, step: int, round_: int = 0) -> SamplingSpec:
+    """The step's sampling: seeded by the step alone (and the refill round), so a resumed run samples the same."""
+    sampling = SamplingSpec.from_config(cfg.rollout, stop_token_ids=[eos_id])
+    if cfg.rollout.seed is not None:
+        sampling = replace(sampling, seed=cfg.rollout.seed + step * 100_003 + round_ * 1_009)
+    return sampling
+
+
+def sample_and_score(engine, rewarder, prompts: list, n: int, sampling: SamplingSpec, tokenizer,
+                     step: int = 0) -> tuple[list, list[float], float, float, int]:
+    """``(generations flattened prompt-major, rewards, t_rollout, t_reward, reward errors)`` on the engine's rank."""
+    t0 = time.monotonic()
+    try:
+        gens = [g for row in engine.generate([p.ids for p in prompts], n, sampling) for g in row]
+    except Exception as e:
+        raise RolloutFailure(f"grpo step {step}: the rollout engine failed in generate ({len(prompts)} prompts x "
+                             f"{n} samples): {type(e).__name__}: {e}") from e
+    t1 = time.monotonic()
+    eos = tokenizer.eos_id
+    samples = [prompts[g.prompt_index].reward_input(tokenizer.decode([t for t in g.token_ids if t != eos]),
+                                                    len(g.token_ids)) for g in gens]
+    try:
+        results = rewarder.compute(samples)
+    except Exception as e:
+        raise RolloutFailure(f"grpo step {step}: the reward computation failed ({len(samples)} samples): "
+                             f"{type(e).__name__}: {e}") from e
+    errors = sum(bool(r.errors) for r in results)
+    if errors:  # a failed term or a dead / timed-out reward worker scores 0: say so, with the step
+        first = next(r.errors for r in results if r.errors)
+        log.warning("grpo step %d: %d/%d samples have reward errors (scored 0), e.g. %s", step, errors,
+                    len(results), first)
+    return gens, [r.total for r in results], t1 - t0, time.monotonic() - t1, errors
+
+
+def from_rank0(compute, is_rank0: bool):
+    """Rank 0 runs ``compute()``; every rank gets its result, or raises its failure (never waits forever)."""
+    out = None
+    if is_rank0:
+        try:
+            out = ("ok", compute())
+        except Exception as e:
+            broadcast_from_rank0(("error", str(e) if isinstance(e, RolloutFailure) else f"{type(e).__name__}: {e}"))
+            raise
+    status, value = broadcast_from_rank0(out)
+    if status != "ok":
+        raise RolloutFailure(f"{value} (reported by rank 0)")
+    return value
+
+
+def dynamic_sampling(run: GRPORun, step: int, sample) -> Rollout:
+    """DAPO dynamic sampling on the engine's rank: keep groups whose rewards differ, up to ``per_step``.
+
+    ``sample(prompts, round)`` -> ``(gens, rewards, t_rollout, t_reward, errors)``. ``rl.refill_policy``:
+    ``resample`` generates another ``per_step`` prompts per round (at most ``rl.max_refill_rounds``),
+    ``duplicate`` repeats kept groups, ``none`` trains on fewer. A batch still short of ``per_step`` groups
+    is filled with copies that are left out of the loss, so its shape (DP and micro-batch split) holds.
+    """
+    rl, n = run.cfg.rl, run.cfg.rollout.n
+    gens, rewards, t_roll, t_rew, errors = sample(run.take(run.per_step), 0)
+    groups = [i // n for i in range(len(gens))]
+    metrics = {"time/rollout": t_roll, "time/reward": t_rew, "reward/errors": errors}
+    if not rl.drop_uniform_groups:
+        return Rollout(gens, rewards, groups, metrics)
+    first_round_groups, rounds = len(gens) // n, 0
+    while True:
+        sel = select_informative_groups(torch.tensor(rewards), torch.tensor(groups), run.per_step, rl.refill_policy)
+        if sel.stats.num_missing_groups == 0 or rl.refill_policy != "resample" or rounds >= rl.max_refill_rounds:
+            break
+        rounds += 1
+        g2, r2, t1, t2, e2 = sample(run.take(run.per_step), rounds)
+        base = len(gens) // n
+        gens, rewards = gens + g2, rewards + r2
+        groups += [base + i // n for i in range(len(g2))]
+        metrics["time/rollout"] += t1
+        metrics["time/reward"] += t2
+        metrics["reward/errors"] += e2
+    st = sel.stats
+    idx, new_groups = sel.indices.tolist(), st.group_ids.tolist()
+    if not idx:  # nothing informative anywhere: train on the first groups (their advantages are all 0)
+        idx, new_groups = list(range(run.per_step * n)), [i // n for i in range(run.per_step * n)]
+    mask, have = [True] * len(idx), len(set(new_groups))
+    for j in range(run.per_step - have):  # still short: copies of kept groups, left out of the loss
+        first = (j % have) * n
+        idx += idx[first: first + n]
+        new_groups += [have + j] * n
+        mask += [False] * n
+    from_refill = sum(1 for gid in {groups[i] for i in sel.indices.tolist()} if gid >= first_round_groups)
+    metrics.update({"dapo/groups_kept": st.num_kept_groups, "dapo/groups_dropped":
+                    st.num_candidate_groups - st.num_kept_groups, "dapo/groups_refilled":
+                    from_refill + st.num_duplicated_groups, "dapo/groups_padded": mask.count(False) // n,
+                    "dapo/rounds": rounds})
+    return Rollout([gens[i] for i in idx], [rewards[i] for i in idx], new_groups, metrics,
+                   train_mask=mask if not all(mask) else None)
+
+
+class Colocated:
+    """Rank 0's engine samples with the current weights; the update is pushed into it right after."""
+
+    def __init__(self, tr):
+        self.tr = tr
+        self.rewarder = None
+        if tr.rank == 0:
+            from r1mega.rewards import RewardComputer
+
+            self.rewarder = RewardComputer(tr.cfg.reward, tr.cfg.rollout.max_new_tokens)
+
+    def start(self, run: GRPORun, first_step: int, last_step: int) -> None:
+        self.tr.sync.ensure(self.tr.tm, f"{run.stage_name}: refit before step {first_step}")
+
+    def rollout(self, run: GRPORun, step: int) -> Rollout:
+        tr, cfg = self.tr, run.cfg
+
+        def sample(prompts, round_):
+            return sample_and_score(tr.sync.engine, self.rewarder, prompts, cfg.rollout.n,
+                                    step_sampling(cfg, tr.tokenizer.eos_id, step, round_), tr.tokenizer, step)
+
+        def compute():
+            rollout = dynamic_sampling(run, step, sample)
+            return rollout, run.consumed_samples
+
+        rollout, run.consumed_samples = from_rank0(compute, tr.rank == 0)
+        tr.sync.sleep()  # generate -> sleep (a GPU engine frees its KV cache) -> train -> wake -> sync
+        return rollout
+
+    def after_update(self, run: GRPORun, step: int) -> dict:
+        self.tr.sync.stale = True
+        interval = run.cfg.rollout.parity_check_interval
+        return self.tr.sync.refit(self.tr.tm, f"{run.stage_name} step {step}",
+                                  probe=bool(interval) and step % interval == 0)
+
+    def finish(self, run: GRPORun, last_step: int) -> dict:
+        return {}
+
+    def close(self) -> None:
+        if self.rewarder is not None:
+            self.rewarder.close()
