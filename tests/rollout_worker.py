@@ -31,7 +31,7 @@ def main(spec: dict) -> None:
     from r1mega.bridge.export import StreamingExporter
     from r1mega.models.sharding import init_layout_invariant
     from r1mega.rl.learner import LearnerBatch, LearnerSettings, compute_logprobs
-    from r1mega.rollout import ParityChecker, ParityError, compare, probe_batch
+    from r1mega.rollout import ParityError, check_parity, compare, probe_batch
 
     engine = None
     if rank == 0:
@@ -61,12 +61,11 @@ def main(spec: dict) -> None:
 
             report["expert_biases_drawn"] = draw_expert_biases(tm.module, spec["expert_bias_std"], seed=777)
     w1_trainer = trainer_logprobs(probe)
-    checker = ParityChecker(probe, interval=1, max_abs_logp=spec["threshold"])
     if engine is not None:
         report["engine_before_push_vs_trainer_w1"] = vars(compare(engine.prompt_logprobs(probe), w1_trainer))
         # the parity probe must fail loudly before the push
         try:
-            checker.check(engine, lambda _: w1_trainer)
+            check_parity(compare(engine.prompt_logprobs(probe), w1_trainer), spec["threshold"])
             report["stale_engine_detected"] = False
         except ParityError:
             report["stale_engine_detected"] = True
@@ -81,8 +80,8 @@ def main(spec: dict) -> None:
         for _ in exporter.buckets():  # collective: every rank walks the stream
             pass
     report_t = time.perf_counter() - t0
-    checker.note_refit()
-    after = checker.check(engine, trainer_logprobs)  # collective on every rank
+    after = check_parity(compare(engine.prompt_logprobs(probe), w1_trainer), spec["threshold"]) \
+        if engine is not None else None
     if engine is not None:
         report["refit"]["wall_s_rank0"] = report_t
         report["export_buckets"] = exporter.stats.buckets

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -140,7 +141,8 @@ def test_rejection_sampling_stage_writes_the_next_sft_stage_data(tmp_path):
     from r1mega.config import LoggingConfig, StageConfig
     from r1mega.rollout import Generation
     from r1mega.train.metrics import MetricsLogger
-    from r1mega.train.recipe import Recipe, _rejection, stage_examples
+    from r1mega.train.run_data import stage_examples
+    from r1mega.train.stages import rejection_stage
     from r1mega.train.sft import chat_pair, r1_completion, render
 
     examples = stage_examples("synthetic:addition:2", 0)[:3]
@@ -164,10 +166,17 @@ def test_rejection_sampling_stage_writes_the_next_sft_stage_data(tmp_path):
 
     cfg = load_config(TINY)
     metrics = MetricsLogger(tmp_path, LoggingConfig(tensorboard=False), progress=False)
-    r = Recipe(cfg, tmp_path, tok, tmp_path, metrics, engine=Engine(), engine_started=True)
+    class Sync:  # an engine that already holds the policy's weights
+        engine = Engine()
+
+        def ensure(self, tm, what):
+            pass
+
+    r = SimpleNamespace(sync=Sync(), tokenizer=tok, out=tmp_path, rank=0, metrics=metrics, rejection_output=None,
+                        tm=None)
     stage = StageConfig("rs", "rejection_sampling", samples_per_prompt=2, max_per_prompt=1, max_prompts=3,
                         min_language=0.0)
-    info = _rejection(r, stage, cfg, tm=None)
+    info = rejection_stage(r, stage, cfg, None)
     assert info["report"]["kept"] == 2 and info["report"]["prompts_without_kept"] == 1
     assert info["report"]["dropped"]["duplicate"] == 1 and info["report"]["dropped"]["incorrect"] == 3
     assert r.rejection_output == info["sft_data"] == str(tmp_path / "rs" / "sft.jsonl")
@@ -180,4 +189,4 @@ def test_rejection_sampling_stage_writes_the_next_sft_stage_data(tmp_path):
     assert logged[0]["kept"] == 2 and logged[0]["dropped/bad_format"] == 0
     replies[0] = replies[1] = ["wrong"] * 2
     with pytest.raises(RuntimeError, match="kept 0 of 6 generations"):
-        _rejection(r, StageConfig("rs2", "rejection_sampling", samples_per_prompt=2, max_prompts=3), cfg, None)
+        rejection_stage(r, StageConfig("rs2", "rejection_sampling", samples_per_prompt=2, max_prompts=3), cfg, None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from r1mega.config.schema import RolloutConfig
-from r1mega.rollout import ParityChecker, ParityError, SamplingSpec, compare, layer_complete_batches, probe_batch
+from r1mega.rollout import ParityError, check_parity, SamplingSpec, compare, layer_complete_batches, probe_batch
 from r1mega.rollout.refit import layer_of
 
 
@@ -49,23 +49,11 @@ def test_compare_and_checker_threshold():
     assert set(r.metrics()) == {"rollout/parity_mean_abs_logp", "rollout/parity_max_abs_logp",
                                 "rollout/parity_tokens"}
 
-    class Fake:
-        def __init__(self, rows):
-            self.rows = rows
-
-        def prompt_logprobs(self, seqs):
-            return self.rows
-
-    probe = [[1, 2, 3, 4], [5, 6, 7]]
-    checker = ParityChecker(probe, interval=2, max_abs_logp=0.05)
-    assert not checker.note_refit() and checker.note_refit()  # every 2nd refit
-    assert checker.check(Fake([[-1.0, -2.0, -3.0], [-0.5, -0.5]]), lambda s: trainer).max_abs == 0.0
-    with pytest.raises(ParityError, match="mismatch after refit 2"):
-        checker.check(Fake(engine), lambda s: trainer)
+    assert check_parity(compare([[-1.0, -2.0, -3.0], [-0.5, -0.5]], trainer), 0.05).max_abs == 0.0
+    with pytest.raises(ParityError, match="grpo step 7: engine vs trainer log-prob mismatch"):
+        check_parity(compare(engine, trainer), 0.05, "grpo step 7")
     with pytest.raises(ParityError):  # NaN is a failure, not a pass
-        checker.check(Fake([[float("nan")] * 3, [-0.5, -0.5]]), lambda s: trainer)
-    assert checker.check(None, lambda s: trainer) is None  # ranks without an engine
-    assert ParityChecker(probe, interval=0).note_refit() is False
+        check_parity(compare([[float("nan")] * 3, [-0.5, -0.5]], trainer), 0.05)
 
 
 def test_probe_batch_is_fixed():

@@ -3,13 +3,13 @@
 ``vllm_engine`` imports vLLM lazily (only when an engine is built), so this package imports without it.
 """
 
-from r1mega.rollout.parity import ParityChecker, ParityError, ParityReport, compare, probe_batch
+from r1mega.rollout.parity import ParityError, ParityReport, check_parity, compare, probe_batch
 from r1mega.rollout.protocol import Generation, RefitStats, RolloutEngine, SamplingSpec
 from r1mega.rollout.refit import layer_complete_batches
 
 __all__ = [
-    "Generation", "ParityChecker", "ParityError", "ParityReport", "RefitStats", "RolloutEngine", "SamplingSpec",
-    "compare", "layer_complete_batches", "probe_batch", "build_engine",
+    "Generation", "ParityError", "ParityReport", "RefitStats", "RolloutEngine", "SamplingSpec",
+    "check_parity", "compare", "layer_complete_batches", "probe_batch", "build_engine",
 ]
 
 

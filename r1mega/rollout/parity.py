@@ -2,15 +2,16 @@
 
 A silent refit bug (a dropped expert, a mis-ordered q/k/v, a stale repacked MoE buffer) does not crash
 anything; it just makes every rollout come from a different policy than the one being trained. After
-a refit (every ``interval`` refits) :class:`ParityChecker` scores a fixed probe batch with both sides
-and reports mean/max |Δ log p| as metrics; above ``max_abs_logp`` it raises :class:`ParityError`.
+a refit the trainer (``train/weight_sync.py``) scores a fixed probe batch with both sides and reports
+mean/max |Δ log p| as metrics; above ``rollout.parity_max_abs_logp`` :func:`check_parity` raises
+:class:`ParityError`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -60,41 +61,15 @@ def compare(engine: Sequence[Sequence[float]], trainer: torch.Tensor, refit: int
     return ParityReport(float(d.mean()), float(d.max()), d.numel(), refit)
 
 
-class ParityChecker:
-    """Run the probe after every ``interval``-th refit (0 = never); raise above ``max_abs_logp``.
-
-    ``trainer_logprobs(token_ids) -> [B, S-1] tensor`` is collective on a multi-rank learner: call
-    :meth:`due` on every rank and, when it is true, :meth:`check` on every rank (only the ranks that
-    own an engine pass one; the others pass ``engine=None`` and get ``None`` back).
-    """
-
-    def __init__(self, probe: Sequence[Sequence[int]], interval: int = 1, max_abs_logp: float = 1e-2):
-        self.probe = [list(map(int, p)) for p in probe]
-        self.interval = int(interval)
-        self.max_abs_logp = float(max_abs_logp)
-        self.refits = 0
-        self.last: Optional[ParityReport] = None
-
-    def note_refit(self) -> bool:
-        """Count a refit; returns whether the probe is due now."""
-        self.refits += 1
-        return self.due()
-
-    def due(self) -> bool:
-        return self.interval > 0 and self.refits > 0 and self.refits % self.interval == 0
-
-    def check(self, engine, trainer_logprobs: Callable[[list[list[int]]], torch.Tensor]) -> Optional[ParityReport]:
-        trainer = trainer_logprobs(self.probe)
-        if engine is None:
-            return None
-        report = compare(engine.prompt_logprobs(self.probe), trainer, refit=self.refits)
-        self.last = report
-        log.info("rollout parity after refit %d: mean |dlogp| %.3g, max %.3g over %d tokens",
-                 report.refit, report.mean_abs, report.max_abs, report.tokens)
-        if not report.max_abs <= self.max_abs_logp:
-            raise ParityError(
-                f"engine vs trainer log-prob mismatch after refit {report.refit}: max |dlogp| "
-                f"{report.max_abs:.3g} > {self.max_abs_logp:g} (mean {report.mean_abs:.3g}, {report.tokens} "
-                "tokens). The weights the engine samples with are not the trained ones: check the bridge "
-                "mapping and the refit path (fused MoE repack, whole-module pushes) before training on.")
-        return report
+def check_parity(report: ParityReport, max_abs_logp: float, what: str = "refit") -> ParityReport:
+    """``report`` if the engine agrees with the trainer within ``max_abs_logp``, else :class:`ParityError`
+    (NaN fails too). Call it on every rank with the same report, so every rank stops together."""
+    log.info("rollout parity after %s: mean |dlogp| %.3g, max %.3g over %d tokens", what, report.mean_abs,
+             report.max_abs, report.tokens)
+    if not report.max_abs <= max_abs_logp:
+        raise ParityError(
+            f"{what}: engine vs trainer log-prob mismatch: max |dlogp| {report.max_abs:.3g} > "
+            f"rollout.parity_max_abs_logp={max_abs_logp:g} (mean {report.mean_abs:.3g}, {report.tokens} tokens). The "
+            "engine samples with other weights than the trained ones: check the bridge mapping and the refit path "
+            "(fused MoE repack, whole-module pushes) before training on.")
+    return report

@@ -97,7 +97,7 @@ class WeightSync:
         import torch
 
         from r1mega.rl.learner import LearnerBatch, LearnerSettings, compute_logprobs
-        from r1mega.rollout import ParityError, compare, probe_batch
+        from r1mega.rollout import check_parity, compare, probe_batch
 
         rollout = self.cfg.rollout
         if self.probe is None:
@@ -109,16 +109,9 @@ class WeightSync:
                                                                                       tokens.size(1) - 1)), settings)
         report = None
         if self.engine is not None:
-            r = compare(self.engine.prompt_logprobs(self.probe), trainer, refit=self.refits)
-            report = {"parity/max_abs_logp": r.max_abs, "parity/mean_abs_logp": r.mean_abs}
-        report = broadcast_from_rank0(report)
-        if not report["parity/max_abs_logp"] <= rollout.parity_max_abs_logp:
-            raise ParityError(
-                f"{what}: engine vs trainer log-prob mismatch after refit {self.refits}: max |dlogp| "
-                f"{report['parity/max_abs_logp']:.3g} > rollout.parity_max_abs_logp={rollout.parity_max_abs_logp:g} "
-                f"(mean {report['parity/mean_abs_logp']:.3g}). The engine samples with other weights than the "
-                "trained ones: check the bridge mapping and the refit path before training on")
-        return report
+            report = compare(self.engine.prompt_logprobs(self.probe), trainer, refit=self.refits)
+        report = check_parity(broadcast_from_rank0(report), rollout.parity_max_abs_logp, what)
+        return {"parity/max_abs_logp": report.max_abs, "parity/mean_abs_logp": report.mean_abs}
 
     # ------------------------------------------------------------------ memory
 
