@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIGS = {"demo": REPO_ROOT / "configs" / "demo_cpu.yaml",
-                   "lm-demo": REPO_ROOT / "configs" / "lm_demo_cpu.yaml"}
+DEFAULT_CONFIGS = {"demo": REPO_ROOT / "configs" / "demo_cpu.yaml"}
 TIMEOUT_EXIT = 124
 
 

@@ -13,8 +13,9 @@ def main(out_dir: str) -> None:
     import torch.distributed as dist
 
     from r1mega.platform.distributed import init_process_group
-    from r1mega.train.grpo import RolloutFailure, _from_rank0
     from r1mega.train.resilience import StopSignal
+    from r1mega.train.schedules import from_rank0 as _from_rank0
+    from r1mega.train.weight_sync import RolloutFailure
 
     env = init_process_group(timeout_minutes=1)
     result = {}

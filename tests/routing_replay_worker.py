@@ -27,8 +27,8 @@ def main(spec: dict) -> None:
 
     tm, model_cfg, parallel, rank, root = learner_with_hf_start(spec, spec["micro_batch_size"], timeout_minutes=4)
 
-    from r1mega.config.schema import RLConfig
     from r1mega.platform.distributed import broadcast_from_rank0
+    from r1mega.rl.advantages import compute_advantages
     from r1mega.rl.learner import LearnerSettings, score_with_routing
     from r1mega.rl.mismatch import mismatch_metrics
     from r1mega.rl.routing import routing_mismatch_metrics
@@ -50,8 +50,9 @@ def main(spec: dict) -> None:
         rollout = [g for row in engine.generate(prompts, spec["n"], sampling) for g in row]
         engine.close()
     gens = broadcast_from_rank0(rollout)
-    rl = RLConfig(routing_replay="r3")
-    batch = build_batch(gens, [float(i % 2) for i in range(len(gens))], spec["n"], 0, rl)
+    batch = build_batch(gens, 0)
+    batch.advantages = compute_advantages("grpo", torch.tensor([float(i % 2) for i in range(len(gens))]),
+                                          torch.arange(len(gens)) // spec["n"])
     settings = LearnerSettings(micro_batch_size=spec["micro_batch_size"], valid_vocab=model_cfg.vocab_size)
     mask = batch.loss_mask
 

@@ -29,7 +29,6 @@ CONFIGS = REPO / "configs"
 # Every recipe in configs/ with a world size it is laid out for (see each file's header).
 CONFIG_WORLD_SIZES = {
     "demo_cpu.yaml": 1,
-    "lm_demo_cpu.yaml": 1,
     "parity_tiny.yaml": 1,
     "r1_zero_qwen3_30b_a3b.yaml": 32,
     "r1_deepseek_v3_671b.yaml": 1024,

@@ -41,7 +41,7 @@ def test_other_templates():
 
 
 def test_addition_keeps_its_behaviour():
-    # lm_demo depends on these exact values for a seed
+    # the synthetic splits depend on these exact values for a seed
     assert addition_problems(3, 2, 0) == addition_problems(3, 2, 0)
     problems = addition_problems(50, 2, 5)
     assert all(int(p.answer) == eval(p.prompt[:-1]) for p in problems)

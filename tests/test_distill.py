@@ -156,7 +156,7 @@ def test_the_teacher_must_share_the_students_tokenizer(tmp_path):
     from r1mega.data.tasks import synthetic_examples
     from r1mega.data.tokenizer import HFTokenizer
     from r1mega.train.distill import check_same_tokenizer
-    from r1mega.train.r1_demo import build_tokenizer
+    from r1mega.train.run_data import build_tokenizer
     from r1mega.train.sft import render
 
     examples = synthetic_examples("synthetic:addition:2", "train", 0)[:200]
@@ -232,8 +232,8 @@ def test_distill_stage_interrupted_and_rerun_trains_the_student(tmp_path, monkey
     from r1mega.data.tasks import synthetic_examples
     from r1mega.data.tokenizer import HFTokenizer
     from r1mega.platform.distributed import shutdown
-    from r1mega.train.r1_demo import build_tokenizer
     from r1mega.train.recipe import run_recipe
+    from r1mega.train.run_data import build_tokenizer
     from r1mega.train.teacher_gen import GenerationPaused
 
     teacher = build_tokenizer(tmp_path / "teacher", synthetic_examples("synthetic:addition:2", "train", 0), 512)

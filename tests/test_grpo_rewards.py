@@ -11,7 +11,8 @@ from r1mega.data.tokenizer_training import demo_corpus, train_hf_bpe
 from r1mega.rewards import RewardComputer
 from r1mega.rollout import Generation, SamplingSpec
 from r1mega.train.evaluate import make_problems
-from r1mega.train.grpo import Prompt, sample_and_score
+from r1mega.train.grpo import Prompt
+from r1mega.train.schedules import sample_and_score
 
 CODE = Example(prompt="Read two integers and print their sum.", tests=[{"input": "1 2", "output": "3"},
                                                                          {"input": "5 7", "output": "12"}],

@@ -16,6 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `launch` is a top-level directory next to r1mega/, not an installed package
     sys.path.insert(0, str(REPO))
+SFT_ONLY = ["--config", str(REPO / "configs" / "r1_tiny_cpu.yaml"), "data.eval_path=null",
+            "trainer.global_batch_size=8", "parallel.micro_batch_size=4"]
 
 from launch import local, slurm  # noqa: E402
 from launch.nodelist import NodelistError, expand_nodelist, first_host  # noqa: E402
@@ -201,25 +203,26 @@ def test_local_bad_layout_fails_fast():
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("entry", ["local", "slurm"])
 def test_local_mode_trains_two_steps_on_two_processes(tmp_path, entry):
-    # the supervised demo: 2 steps take seconds (the R1 demo is exercised by tests/test_grpo_loop.py)
+    # one SFT stage of the R1 recipe without evals (no engine): 2 steps take seconds
     out = tmp_path / "run"
-    args = ["lm-demo", "trainer.steps=2", f"trainer.output_dir={out}", "parallel.ep=2"]
+    args = ["sft", *SFT_ONLY, "trainer.steps=2", f"trainer.output_dir={out}", "parallel.ep=2"]
     if entry == "local":
         cmd = [sys.executable, "-m", "launch.local", "--nproc", "2", "--timeout", "150", "--", *args]
     else:
-        cmd = [sys.executable, "-m", "launch.slurm", str(REPO / "configs" / "lm_demo_cpu.yaml"), "--local",
-               "--nproc", "2", "--timeout", "150", "--command", "lm-demo", *args[1:]]
+        cmd = [sys.executable, "-m", "launch.slurm", str(REPO / "configs" / "r1_tiny_cpu.yaml"), "--local",
+               "--nproc", "2", "--timeout", "150", "--command", "sft", *args[3:]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [1, 2]
+    assert [x["step"] for x in lines if x["stage"] == "sft"] == [1, 2]
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
 
 
 def test_local_timeout_stops_the_whole_group(tmp_path):
     # A command that outlives the timeout: torchrun and its workers must all be gone afterwards.
     t0 = time.monotonic()
-    rc = local.run_local(2, ["lm-demo", "trainer.steps=100000", f"trainer.output_dir={tmp_path}", "parallel.ep=2"],
+    rc = local.run_local(2, ["sft", *SFT_ONLY, "trainer.steps=100000", f"trainer.output_dir={tmp_path}",
+                             "parallel.ep=2"],
                          timeout_s=3, grace_s=5)
     assert rc == local.TIMEOUT_EXIT
     assert time.monotonic() - t0 < 30

@@ -142,8 +142,8 @@ def test_rejection_sampling_stage_writes_the_next_sft_stage_data(tmp_path):
     from r1mega.rollout import Generation
     from r1mega.train.metrics import MetricsLogger
     from r1mega.train.run_data import stage_examples
-    from r1mega.train.stages import rejection_stage
     from r1mega.train.sft import chat_pair, r1_completion, render
+    from r1mega.train.stages import rejection_stage
 
     examples = stage_examples("synthetic:addition:2", 0)[:3]
     tok = _Tok()

@@ -83,7 +83,9 @@ class _FailingEngine:
 
 def test_rollout_failure_names_the_step_and_component():
     from r1mega.rollout import SamplingSpec
-    from r1mega.train.grpo import Prompt, RolloutFailure, sample_and_score
+    from r1mega.train.grpo import Prompt
+    from r1mega.train.schedules import sample_and_score
+    from r1mega.train.weight_sync import RolloutFailure
 
     with pytest.raises(RolloutFailure, match="grpo step 3: the rollout engine failed in generate.*engine exploded"):
         sample_and_score(_FailingEngine(), None, [Prompt([1, 2], "1+1", "2")], 2, SamplingSpec(), None, step=3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from r1mega.config.schema import RolloutConfig
-from r1mega.rollout import ParityError, check_parity, SamplingSpec, compare, layer_complete_batches, probe_batch
+from r1mega.rollout import ParityError, SamplingSpec, check_parity, compare, layer_complete_batches, probe_batch
 from r1mega.rollout.refit import layer_of
 
 

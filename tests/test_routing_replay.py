@@ -287,8 +287,9 @@ def test_grpo_demo_with_r3(tmp_path):
     import sys
 
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "r1mega.cli", "demo", "--nproc", "1", "--sft-steps", "2", "--eval-prompts", "4",
-            "--eval-k", "1", "trainer.steps=2", "trainer.eval_interval=0", "trainer.global_batch_size=8",
+    args = [sys.executable, "-m", "r1mega.cli", "demo", "--nproc", "1", "stages.cold_start_sft.steps=2",
+            "eval.max_prompts=4", "eval.k=1", "stages.grpo.steps=2", "trainer.eval_interval=0",
+            "trainer.global_batch_size=8",
             "rollout.n=4", "rollout.max_new_tokens=16", "parallel.micro_batch_size=4", f"trainer.output_dir={out}",
             "rl.routing_replay=r3", "rollout.return_routed_experts=true"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=190)

