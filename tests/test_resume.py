@@ -56,7 +56,9 @@ def _log(out: Path) -> str:
 
 
 def _metrics(out: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    """The run's metrics without timings; paths inside the run's directory (checkpoints) made relative."""
+    text = (out / "metrics.jsonl").read_text().replace(str(out), "<run>")
+    rows = [json.loads(x) for x in text.splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
 
 

@@ -90,23 +90,23 @@ def _tokenizer(cfg: R1Config, model_dir: Optional[Path]):
     return load_tokenizer(cfg.data.tokenizer), Path(cfg.data.tokenizer)
 
 
-def _export_checkpoint(cfg: R1Config, checkpoint: str, out_dir: Path, tokenizer_dir: Path) -> Path:
-    """Load an r1mega checkpoint into the policy (every rank) and write it as an HF directory."""
+def _checkpoint_engine(cfg: R1Config, checkpoint: str, out_dir: Path, tokenizer_dir: Path):
+    """Load an r1mega checkpoint into the policy (every rank, the config's layout) and start the engine on its
+    HF export through the trainer's ``WeightSync`` (rank 0 holds the engine; ``None`` elsewhere)."""
     from r1mega.models.policy import padded_vocab_size  # noqa: F401  (readies megatron)
     from r1mega.platform.distributed import init_model_parallel, init_process_group
 
     init_process_group(timeout_minutes=cfg.parallel.timeout_minutes)
     init_model_parallel(cfg.parallel, seed=cfg.model.seed)
-    from r1mega.bridge.hf_dir import save_hf
     from r1mega.train.model_setup import build_training_model
     from r1mega.train.stages import load_weights
+    from r1mega.train.weight_sync import WeightSync
 
     tm = build_training_model(cfg.model, cfg.parallel, cfg.optimizer, total_steps=1)
     load_weights(tm, checkpoint, cfg.model)
-    hf_dir = out_dir / "hf_eval"
-    tok = tokenizer_dir if tokenizer_dir.is_dir() else tokenizer_dir.parent
-    save_hf(tm.module, tm.config, cfg.model, hf_dir, tokenizer_dir=tok)
-    return hf_dir
+    sync = WeightSync(cfg, out_dir, tokenizer_dir if tokenizer_dir.is_dir() else tokenizer_dir.parent)
+    sync.start(tm)
+    return sync.engine
 
 
 def run_eval(cfg: R1Config, req: EvalRequest) -> Optional[dict]:
@@ -124,26 +124,28 @@ def run_eval(cfg: R1Config, req: EvalRequest) -> Optional[dict]:
     else:
         examples = load_eval_examples(req.data, seed=cfg.data.seed, max_prompts=cfg.eval.max_prompts)
         sources = {e.data_source for e in examples}
-    if req.hf is not None:
+    def render():  # prompts are rendered before the engine starts: a too-long one fails early
+        if req.suite:
+            render_problems(loaded, tokenizer, cfg.data.chat_template, cfg.data.max_prompt_length)
+            return loaded
+        return make_problems(examples, tokenizer, cfg.data.chat_template, cfg.data.max_prompt_length)
+
+    if req.hf is not None:  # straight into an in-process engine, no megatron
+        from r1mega.rollout import build_engine
+
         tokenizer, _ = _tokenizer(cfg, Path(req.hf))
-        model_dir, in_process = Path(req.hf), True
+        problems = render()
+        engine = build_engine(Path(req.hf), cfg.rollout, in_process=True)
     else:
         tokenizer, tok_dir = _tokenizer(cfg, None)
-        model_dir, in_process = _export_checkpoint(cfg, req.checkpoint, Path(req.out).parent, tok_dir), False
+        problems = render()
+        engine = _checkpoint_engine(cfg, req.checkpoint, Path(req.out).parent, tok_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
     report = None
     if rank == 0:
-        from r1mega.rollout import build_engine
-
-        if req.suite:  # prompts are rendered before the engine starts: a too-long one fails early
-            render_problems(loaded, tokenizer, cfg.data.chat_template, cfg.data.max_prompt_length)
-        else:
-            problems = make_problems(examples, tokenizer, cfg.data.chat_template, cfg.data.max_prompt_length)
-        engine = build_engine(model_dir, cfg.rollout, in_process=in_process,
-                              **({} if in_process else {"env": {"OMP_NUM_THREADS": "1"}}))
         try:
             run = _run_suite if req.suite else _run_set
-            report = run(cfg, req, engine, tokenizer, loaded if req.suite else problems, sources, t0)
+            report = run(cfg, req, engine, tokenizer, problems, sources, t0)
         finally:
             close = getattr(engine, "close", None)
             if close is not None:
