@@ -26,8 +26,9 @@ MAX_TOP_LOGPROBS = 20  # vLLM's max_logprobs as the engine is built
 class SamplingSpec:
     """Sampling settings of one ``generate`` call (from ``RolloutConfig`` via :meth:`from_config`).
 
-    ``seed``: a fixed seed makes a call reproducible (each prompt/sample gets ``seed + i`` so the
-    ``n`` samples of a prompt differ); ``None`` = engine randomness.
+    ``seed``: a fixed seed makes a call reproducible (the prompt at index ``i`` of the call gets
+    ``seed + i``); ``None`` = engine randomness. ``prompt_seeds``: one seed per prompt of the call instead
+    (a prompt's seed then does not depend on which call or engine samples it).
     ``logprobs_mode``: ``processed`` returns log-probs of the distribution actually sampled from
     (after temperature/top-p/top-k: the right ones for importance ratios); ``raw`` = log-softmax of
     the raw logits (what the trainer computes at temperature 1).
@@ -47,6 +48,13 @@ class SamplingSpec:
     seed: Optional[int] = None
     logprobs_mode: str = "processed"  # processed | raw
     top_logprobs: int = 0
+    prompt_seeds: Optional[tuple[int, ...]] = None
+
+    def seed_of(self, i: int) -> Optional[int]:
+        """The seed of the call's ``i``-th prompt (its ``n`` samples draw from it)."""
+        if self.prompt_seeds is not None:
+            return int(self.prompt_seeds[i])
+        return None if self.seed is None else self.seed + i
 
     def __post_init__(self):
         if self.logprobs_mode not in ("processed", "raw"):

@@ -164,10 +164,12 @@ class VLLMEngine:
             raise ValueError(f"sampling.logprobs_mode={sampling.logprobs_mode!r} but this engine was built with "
                              f"{self.logprobs_mode!r} (a vLLM engine-level option): rebuild the engine")
         self._check_awake()
-        if sampling.seed is None:
+        if sampling.seed is None and sampling.prompt_seeds is None:
             params = self._params(sampling, n, None)
         else:  # one seed per prompt: reproducible, and independent of batch composition
-            params = [self._params(sampling, n, sampling.seed + i) for i in range(len(prompts))]
+            if sampling.prompt_seeds is not None and len(sampling.prompt_seeds) != len(prompts):
+                raise ValueError(f"{len(sampling.prompt_seeds)} prompt_seeds for {len(prompts)} prompts")
+            params = [self._params(sampling, n, sampling.seed_of(i)) for i in range(len(prompts))]
         capture = self.return_routed_experts and not self.on_gpu
         if capture:
             self.llm.collective_rpc(routing_capture.worker_begin)

@@ -104,7 +104,7 @@ def _checkpoint_engine(cfg: R1Config, checkpoint: str, out_dir: Path, tokenizer_
 
     tm = build_training_model(cfg.model, cfg.parallel, cfg.optimizer, total_steps=1)
     load_weights(tm, checkpoint, cfg.model)
-    sync = WeightSync(cfg, out_dir, tokenizer_dir if tokenizer_dir.is_dir() else tokenizer_dir.parent)
+    sync = WeightSync(cfg, out_dir, tokenizer_dir if tokenizer_dir.is_dir() else tokenizer_dir.parent, one_engine=True)
     sync.start(tm)
     return sync.engine
 

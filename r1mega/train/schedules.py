@@ -1,14 +1,16 @@
 """Where a GRPO step's samples come from and where its new weights go: the two schedules of one step.
 
-* :class:`Colocated` (``rollout.mode=colocated``): rank 0's engine samples the step's prompts with the
-  current weights, the rewards score them there, DAPO dynamic sampling keeps the informative groups
-  (generating more when it must), every rank receives the result; after the update the weights are
-  pushed into the engine (``WeightSync.refit``, with the parity probe).
+* :class:`Colocated` (``rollout.mode=colocated``): every rollout-TP group's engine samples its share of
+  the step's prompts (round-robin, so a GRPO group stays on one engine) with the current weights, the
+  rewards score them on the engine's rank, every rank receives all samples, and DAPO dynamic sampling
+  keeps the informative groups (generating more when it must); after the update the weights are pushed
+  into every engine (``WeightSync.refit``, with the parity probe on every engine).
 * ``OneStepOff`` (``rollout.mode=one_step_off``, ``train/offpolicy.py``): engine ranks sample batch
   k+1 while the learners train batch k.
 
-Sampling seeds are a function of the step (``rollout.seed + step * 100003``, plus the refill round), so a
-resumed run samples the same responses as an uninterrupted one.
+Sampling seeds are a function of the step and the prompt's index in it (``rollout.seed + step * 100003 +
+1009 * refill round + index``), so a resumed run, and a run with another number of engines, samples the
+same responses.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from r1mega.platform.distributed import broadcast_from_rank0
 from r1mega.rl.advantages import select_informative_groups
 from r1mega.rollout import SamplingSpec
 from r1mega.train.grpo import GRPORun, Rollout
-from r1mega.train.weight_sync import RolloutFailure
+from r1mega.train.weight_sync import RolloutFailure, gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +38,8 @@ def step_sampling(cfg, eos_id: int, step: int, round_: int = 0) -> SamplingSpec:
     return sampling
 
 
-def sample_and_score(engine, rewarder, prompts: list, n: int, sampling: SamplingSpec, tokenizer,
-                     step: int = 0) -> tuple[list, list[float], float, float, int]:
-    """``(generations flattened prompt-major, rewards, t_rollout, t_reward, reward errors)`` on the engine's rank."""
-    t0 = time.monotonic()
-    try:
-        gens = [g for row in engine.generate([p.ids for p in prompts], n, sampling) for g in row]
-    except Exception as e:
-        raise RolloutFailure(f"grpo step {step}: the rollout engine failed in generate ({len(prompts)} prompts x "
-                             f"{n} samples): {type(e).__name__}: {e}") from e
-    t1 = time.monotonic()
+def score(prompts: list, gens: list, rewarder, tokenizer, step: int) -> tuple[list[float], int]:
+    """Rewards of ``gens`` (``g.prompt_index`` into ``prompts``) and how many samples had reward errors."""
     eos = tokenizer.eos_id
     samples = [prompts[g.prompt_index].reward_input(tokenizer.decode([t for t in g.token_ids if t != eos]),
                                                     len(g.token_ids)) for g in gens]
@@ -59,7 +53,21 @@ def sample_and_score(engine, rewarder, prompts: list, n: int, sampling: Sampling
         first = next(r.errors for r in results if r.errors)
         log.warning("grpo step %d: %d/%d samples have reward errors (scored 0), e.g. %s", step, errors,
                     len(results), first)
-    return gens, [r.total for r in results], t1 - t0, time.monotonic() - t1, errors
+    return [r.total for r in results], errors
+
+
+def sample_and_score(engine, rewarder, prompts: list, n: int, sampling: SamplingSpec, tokenizer,
+                     step: int = 0) -> tuple[list, list[float], float, float, int]:
+    """One engine: ``(generations flattened prompt-major, rewards, t_rollout, t_reward, reward errors)``."""
+    t0 = time.monotonic()
+    try:
+        gens = [g for row in engine.generate([p.ids for p in prompts], n, sampling) for g in row]
+    except Exception as e:
+        raise RolloutFailure(f"grpo step {step}: the rollout engine failed in generate ({len(prompts)} prompts x "
+                             f"{n} samples): {type(e).__name__}: {e}") from e
+    t1 = time.monotonic()
+    rewards, errors = score(prompts, gens, rewarder, tokenizer, step)
+    return gens, rewards, t1 - t0, time.monotonic() - t1, errors
 
 
 def from_rank0(compute, is_rank0: bool):
@@ -124,12 +132,13 @@ def dynamic_sampling(run: GRPORun, step: int, sample) -> Rollout:
 
 
 class Colocated:
-    """Rank 0's engine samples with the current weights; the update is pushed into it right after."""
+    """Every rollout-TP group's engine samples its share of the step's prompts with the current weights and
+    scores it; every rank gets all samples; the update is pushed into every engine right after."""
 
     def __init__(self, tr):
         self.tr = tr
         self.rewarder = None
-        if tr.rank == 0:
+        if tr.sync.engine_index is not None:
             from r1mega.rewards import RewardComputer
 
             self.rewarder = RewardComputer(tr.cfg.reward, tr.cfg.rollout.max_new_tokens)
@@ -137,19 +146,43 @@ class Colocated:
     def start(self, run: GRPORun, first_step: int, last_step: int) -> None:
         self.tr.sync.ensure(self.tr.tm, f"{run.stage_name}: refit before step {first_step}")
 
-    def rollout(self, run: GRPORun, step: int) -> Rollout:
+    def sample(self, run: GRPORun, prompts: list, step: int, round_: int) -> tuple[list, list, float, float, int]:
+        """Collective: the engines sample and score their shares; every rank returns all of it in prompt order."""
         tr, cfg = self.tr, run.cfg
+        n = cfg.rollout.n
+        rows, error, t_gen = tr.sync.generate([p.ids for p in prompts], n, step_sampling(cfg, tr.tokenizer.eos_id,
+                                                                                         step, round_),
+                                              f"grpo step {step}")
+        rewards, errors, t_reward = {}, 0, 0.0
+        if rows and error is None:
+            t1 = time.monotonic()
+            order = sorted(rows)
+            gens = [g for i in order for g in rows[i]]
+            for i in order:
+                for g in rows[i]:
+                    g.prompt_index = i
+            try:
+                flat, errors = score(prompts, gens, self.rewarder, tr.tokenizer, step)
+                rewards = {i: flat[k * n:(k + 1) * n] for k, i in enumerate(order)}
+            except RolloutFailure as e:
+                error = str(e)
+            t_reward = time.monotonic() - t1
+        parts = gather_objects((rows, rewards, error, t_gen, t_reward, errors))
+        failed = [(r, p[2]) for r, p in enumerate(parts) if p[2]]
+        if failed:
+            rank, message = failed[0]
+            raise RolloutFailure(message if rank == tr.rank else f"{message} (reported by rank {rank})")
+        by_prompt, scores = {}, {}
+        for p in parts:
+            by_prompt.update(p[0])
+            scores.update(p[1])
+        gens = [g for i in range(len(prompts)) for g in by_prompt[i]]
+        return (gens, [r for i in range(len(prompts)) for r in scores[i]], max(p[3] for p in parts),
+                max(p[4] for p in parts), sum(p[5] for p in parts))
 
-        def sample(prompts, round_):
-            return sample_and_score(tr.sync.engine, self.rewarder, prompts, cfg.rollout.n,
-                                    step_sampling(cfg, tr.tokenizer.eos_id, step, round_), tr.tokenizer, step)
-
-        def compute():
-            rollout = dynamic_sampling(run, step, sample)
-            return rollout, run.consumed_samples
-
-        rollout, run.consumed_samples = from_rank0(compute, tr.rank == 0)
-        tr.sync.sleep()  # generate -> sleep (a GPU engine frees its KV cache) -> train -> wake -> sync
+    def rollout(self, run: GRPORun, step: int) -> Rollout:
+        rollout = dynamic_sampling(run, step, lambda prompts, round_: self.sample(run, prompts, step, round_))
+        self.tr.sync.sleep()  # generate -> sleep (a GPU engine frees its KV cache) -> train -> wake -> sync
         return rollout
 
     def after_update(self, run: GRPORun, step: int) -> dict:

