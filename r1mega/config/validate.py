@@ -109,7 +109,7 @@ def validate_config(cfg: R1Config, world_size: Optional[int] = None) -> None:
     problems += _check_misc(cfg)
     problems += _check_stages(cfg)
     problems += _check_routing_replay(cfg, model)
-    problems += _check_rollout_mode(cfg)
+    problems += _check_rollout_mode(cfg, world_size)
     problems += _check_distill(cfg)
     if problems:
         raise ConfigError(problems)
@@ -520,9 +520,12 @@ def _check_routing_replay(cfg: R1Config, model: Optional[ModelConfig]) -> Proble
     return out
 
 
-def _check_rollout_mode(cfg: R1Config) -> Problems:
+def _check_rollout_mode(cfg: R1Config, world_size: Optional[int] = None) -> Problems:
     r = cfg.rollout
     out = _one_of("rollout.mode", r.mode, ROLLOUT_MODES)
+    if world_size and r.mode == "colocated" and world_size > r.tp and r.tp >= 1 and world_size % r.tp:
+        out.append(f"rollout.tp={r.tp} does not divide the world size {world_size}: every rollout-TP group of "
+                   f"learner ranks runs one engine; choose rollout.tp in {_divisors(world_size)}")
     if r.sleep_level not in (1, 2):
         out.append(f"rollout.sleep_level={r.sleep_level} is not supported: choose 1 (free the KV cache, keep the "
                    "weights in CPU memory) or 2 (also drop the weights; the next refit pushes them)")
