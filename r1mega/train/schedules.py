@@ -21,7 +21,6 @@ from dataclasses import replace
 
 import torch
 
-from r1mega.platform.distributed import broadcast_from_rank0
 from r1mega.rl.advantages import select_informative_groups
 from r1mega.rollout import SamplingSpec
 from r1mega.train.grpo import GRPORun, Rollout
@@ -68,21 +67,6 @@ def sample_and_score(engine, rewarder, prompts: list, n: int, sampling: Sampling
     t1 = time.monotonic()
     rewards, errors = score(prompts, gens, rewarder, tokenizer, step)
     return gens, rewards, t1 - t0, time.monotonic() - t1, errors
-
-
-def from_rank0(compute, is_rank0: bool):
-    """Rank 0 runs ``compute()``; every rank gets its result, or raises its failure (never waits forever)."""
-    out = None
-    if is_rank0:
-        try:
-            out = ("ok", compute())
-        except Exception as e:
-            broadcast_from_rank0(("error", str(e) if isinstance(e, RolloutFailure) else f"{type(e).__name__}: {e}"))
-            raise
-    status, value = broadcast_from_rank0(out)
-    if status != "ok":
-        raise RolloutFailure(f"{value} (reported by rank 0)")
-    return value
 
 
 def dynamic_sampling(run: GRPORun, step: int, sample) -> Rollout:

@@ -157,10 +157,3 @@ def run_sft(tm, rows: SFTRows, *, steps: int, global_batch_size: int, settings: 
             ckpt.end_of_step(stage, step, {"sft_generator": gen.get_state(), "skipped_steps": skipped})
     return losses
 
-
-@torch.no_grad()
-def eval_loss(tm, rows: SFTRows, micro_batch_size: int, valid_vocab: int) -> float:
-    """Masked NLL of ``rows`` (forward only)."""
-    settings = LearnerSettings(micro_batch_size=micro_batch_size, valid_vocab=valid_vocab)
-    batch = LearnerBatch(rows.tokens, rows.loss_mask, lengths=rows.lengths)
-    return learner_step(tm, batch, settings, None, forward_only=True).values["loss"]
