@@ -22,7 +22,6 @@ running ``sandbox_root.py``, a stdlib-only helper that does the mounts and ``piv
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -124,16 +123,18 @@ def unshare_command(view: View, program: str, newroot: str, tmp_bytes: int, netw
                     user_namespace: bool, uid: Optional[int], argv: list[str]) -> list[str]:
     """``unshare --mount`` + ``sandbox_root.py`` building the same view as ``bwrap_command``, then
     exec'ing ``argv`` (the interpreter's); ``newroot`` is an empty host directory to mount it on."""
-    spec = {
-        "newroot": newroot, "ro_binds": list(view.ro_binds), "symlinks": [list(s) for s in view.symlinks],
-        "devices": list(DEVICES), "tmp_bytes": tmp_bytes, "workdir": WORKDIR,
-        "program": [program, f"{WORKDIR}/{PROGRAM}"],
-        "exec": setpriv(uid) + argv,
-    }
+    opts = ["--newroot", newroot, "--tmp-bytes", str(tmp_bytes), "--workdir", WORKDIR,
+            "--program", program, f"{WORKDIR}/{PROGRAM}"]
+    for path in view.ro_binds:
+        opts += ["--ro", path]
+    for target, path in view.symlinks:
+        opts += ["--link", target, path]
+    for dev in DEVICES:
+        opts += ["--dev", dev]
     cmd = ["unshare", *(("--user", "--map-root-user") if user_namespace else ()), "--mount",
            "--propagation", "private", "--pid", "--ipc", "--uts", *(("--net",) if network else ()),
            "--fork", "--kill-child", "--"]
-    return cmd + [os.path.realpath(sys.executable), "-I", "-S", ROOT_HELPER, json.dumps(spec)]
+    return cmd + [os.path.realpath(sys.executable), "-I", "-S", ROOT_HELPER, *opts, "--", *setpriv(uid), *argv]
 
 
 def setpriv(uid: Optional[int]) -> list[str]:
