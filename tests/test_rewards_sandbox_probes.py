@@ -22,6 +22,7 @@ import uuid
 from dataclasses import replace
 
 import pytest
+from sandbox_probes import BLOCKED, LEAK_PROBES, LIMITS, Targets, run_probes, write_dataset
 
 from r1mega.config import ConfigError, R1Config, validate_config
 from r1mega.config.schema import CodeSandboxConfig, RewardConfig, RewardTermConfig
@@ -30,7 +31,6 @@ from r1mega.rewards import sandbox as sandbox_mod
 from r1mega.rewards.compute import check_reward_config
 from r1mega.rewards.sandbox import IsolationUnavailable
 from r1mega.rewards.sandbox_fs import FILESYSTEMS, interpreter_view, parents
-from sandbox_probes import BLOCKED, LEAK_PROBES, LIMITS, Targets, run_probes, write_dataset
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = os.geteuid() == 0
