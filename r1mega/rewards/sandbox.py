@@ -155,7 +155,7 @@ def _probe(iso: Isolation) -> tuple[bool, str]:
         cfg = CodeSandboxConfig(wall_timeout_s=20.0, require_isolation=False)
         result = _run(source, marker, cfg, iso)
     finally:
-        os.rmdir(marker)
+        shutil.rmtree(marker, ignore_errors=True)
     want = f"{sys.version} {sys.base_prefix} {not iso.filesystem}"
     if result.status == "ok" and result.stdout.strip() == want:
         return True, ""
@@ -208,10 +208,12 @@ def _isolation(python: str, want_network_isolation: bool, filesystem: str) -> Is
         chosen = Isolation(chosen.filesystem, chosen.namespaces, chosen.network, chosen.user_namespace,
                            chosen.drop_uid, missing="; ".join(why))
         log.warning("code sandbox: no private filesystem view (%s); candidate programs can read every host "
-                    "file their uid can, including datasets with the expected outputs. Install bubblewrap "
-                    "(apt-get install bubblewrap) or allow user namespaces", chosen.missing)
+                    "file their uid can, including datasets with the expected outputs%s", chosen.missing,
+                    "" if filesystem == "none" else ". Install bubblewrap (apt-get install bubblewrap) or allow "
+                    "user namespaces")
     elif why:
-        log.info("code sandbox: filesystem view by %s (%s)", chosen.filesystem, "; ".join(why))
+        log.warning("code sandbox: filesystem view built by %s, not %s (%s)", chosen.filesystem,
+                    " or ".join(f for f in FILESYSTEMS if f != chosen.filesystem), "; ".join(why))
     if want_network_isolation and not chosen.network:
         log.warning("code sandbox: cannot create a network namespace here (needs root or unprivileged user "
                     "namespaces, and util-linux 'unshare'); candidate programs run WITH network access")
