@@ -10,6 +10,7 @@ sees the leaks, so the probes can tell.
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -81,6 +82,27 @@ def test_probes_are_blocked(filesystem, targets):
     assert iso.drop_uid == ROOT and iso.user_namespace == (not ROOT)
     verdicts = run_probes(targets, _cfg(filesystem))
     assert verdicts == {name: BLOCKED for name in verdicts}, verdicts
+
+
+@pytest.mark.parametrize("filesystem", FILESYSTEMS)
+def test_the_interpreter_runs_unprivileged_without_capabilities(filesystem):
+    """The same interpreter, as the sandbox uid with no capability, even where its prefix sits under a
+    directory only root may enter (here: a pyenv under /root): the view's own directories above the
+    bind are world-searchable."""
+    _need(filesystem)
+    prefix = os.path.realpath(sys.base_prefix)
+    program = ("import os, sys\n"
+               "caps = [l.split()[1] for l in open('/proc/self/status')\n"
+               "        if l.startswith(('CapEff', 'CapPrm', 'CapBnd', 'CapInh', 'CapAmb'))]\n"
+               "print(os.getuid(), sys.version == %r, sys.base_prefix, set(caps))\n"
+               "print([oct(os.stat(p).st_mode & 0o777) for p in %r])" % (sys.version, parents((prefix,))))
+    result = run_python(program, "", _cfg(filesystem))
+    assert result.status == "ok", result
+    first, second = result.stdout.splitlines()
+    uid, same, base, caps = first.split(maxsplit=3)
+    assert same == "True" and base == sys.base_prefix and caps == "{'0000000000000000'}"
+    assert (int(uid) != 0) if ROOT else int(uid) in (0, os.getuid())  # in a user namespace: root of it, or the user
+    assert all(int(mode, 8) & 0o005 == 0o005 for mode in ast.literal_eval(second)), second
 
 
 def test_the_probes_see_leaks_without_the_filesystem_view(targets):
