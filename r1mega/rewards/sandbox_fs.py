@@ -64,8 +64,11 @@ def interpreter_view(site_packages: bool) -> View:
             links.append((os.readlink(top), top))
         elif os.path.isdir(top):
             binds.append(top)
-    python = os.path.abspath(sys.executable) if site_packages else os.path.realpath(sys.executable)
-    prefixes = [sys.base_prefix, sys.base_exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]
+    # The base interpreter (a venv's python, even a copied one, needs the venv around it).
+    base = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    python = os.path.abspath(sys.executable) if site_packages else base
+    prefixes = [sys.base_prefix, sys.base_exec_prefix, os.path.dirname(base),
+                os.path.dirname(os.path.realpath(python))]
     if site_packages:
         prefixes += [sys.prefix, sys.exec_prefix]
     for path in [os.path.realpath(p) for p in prefixes] + [p for p in ETC_FILES if os.path.exists(p)]:
