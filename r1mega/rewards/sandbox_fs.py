@@ -64,7 +64,7 @@ def interpreter_view(site_packages: bool) -> View:
             links.append((os.readlink(top), top))
         elif os.path.isdir(top):
             binds.append(top)
-    # The base interpreter (a venv's python, even a copied one, needs the venv around it).
+    # Stdlib only: the base interpreter itself (a venv's python, even a copied one, would need the venv).
     base = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
     python = os.path.abspath(sys.executable) if site_packages else base
     prefixes = [sys.base_prefix, sys.base_exec_prefix, os.path.dirname(base),
