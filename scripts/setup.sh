@@ -11,6 +11,12 @@
 #   R1MEGA_VERBOSE=1    show pip's full output (which wheels are collected/downloaded)
 #   R1MEGA_TORCH_INDEX  index URL for the torch install step only (e.g. https://download.pytorch.org/whl/cpu
 #                       on a CPU machine without a local torch wheel, to avoid the CUDA build)
+#   R1MEGA_APT=0        only check for bubblewrap, never apt-get install it
+#
+# The code reward runs candidate programs in a private filesystem view built by bubblewrap (`bwrap`,
+# Debian/Ubuntu package `bubblewrap`); as root with apt-get it is installed here, otherwise checked
+# for with a message (without it the sandbox falls back to `unshare --mount`, slower, or refuses to
+# score code when reward.sandbox.require_isolation is on and no view can be built).
 #
 # On Python 3.11 (the CPU path) torch==2.13.0 is installed first and alone, so a local CPU wheel
 # (pip find-links) or R1MEGA_TORCH_INDEX is used and the later resolve finds torch already satisfied.
@@ -50,6 +56,31 @@ want_stamp() {  # what a finished set-up of this checkout records
     printf 'pyproject=%s\nextras=%s\npython=%s\n' "$(sha "$ROOT/pyproject.toml")" "$EXTRAS" \
         "$("$VENV/bin/python" -c 'import sys; print(".".join(map(str, sys.version_info[:3])))')"
 }
+
+# --- 0. bubblewrap, the code sandbox's filesystem view (a system package) ---------------------------
+check_bwrap() {
+    if command -v bwrap >/dev/null 2>&1; then
+        say "bubblewrap: $(bwrap --version 2>/dev/null || echo bwrap) (code sandbox filesystem view)"
+        return
+    fi
+    if [[ "$(uname -s)" != Linux ]]; then
+        say "bubblewrap: not on Linux; the code sandbox has no filesystem view here (set reward.sandbox.require_isolation=false to score code)"
+        return
+    fi
+    if [[ "${R1MEGA_APT:-1}" != 0 && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        say "installing bubblewrap (apt-get) for the code sandbox's filesystem view"
+        if { apt-get install -y -q bubblewrap || { apt-get update -q && apt-get install -y -q bubblewrap; }; } >/dev/null 2>&1 \
+                && command -v bwrap >/dev/null 2>&1; then
+            say "bubblewrap: $(bwrap --version)"
+            return
+        fi
+        say "WARNING: apt-get could not install bubblewrap (offline?)"
+    fi
+    say "WARNING: bubblewrap (bwrap) is not installed: the code reward's sandbox falls back to 'unshare --mount'" \
+        "(needs root or unprivileged user namespaces, and is slower). Install it: sudo apt-get install bubblewrap" \
+        "(Debian/Ubuntu), dnf install bubblewrap (Fedora/RHEL) or your distribution's package"
+}
+check_bwrap
 
 # --- 1. the venv -------------------------------------------------------------------------------
 if [[ -x "$VENV/bin/python" ]] && py_ok "$VENV/bin/python"; then

@@ -1,7 +1,8 @@
 """Code reward sandbox: hostile programs get a reward of 0 and the test process (the trainer) lives on.
 
 Covers timeout (busy loop and sleep), memory bomb, fork bomb, network access, huge output, crashes,
-escape attempts and clean-up of the temporary working directory.
+escape attempts and clean-up of the temporary working directory. The filesystem view's probes (host
+files, other samples' files, as root and unprivileged) are in test_rewards_sandbox_probes.py.
 """
 
 from __future__ import annotations
@@ -9,14 +10,17 @@ from __future__ import annotations
 import os
 import socket
 import time
+from dataclasses import replace
 
 import pytest
 
 from r1mega.config.schema import CodeSandboxConfig, RewardConfig
 from r1mega.rewards import RewardInput, extract_code, get_reward, isolation, run_python, run_tests
 from r1mega.rewards.sandbox import SANDBOX_UID_BASE, SANDBOX_UID_SPAN, Isolation
+from r1mega.rewards.sandbox_fs import WORKDIR
 
 CFG = CodeSandboxConfig(wall_timeout_s=0.5, memory_mb=256, max_output_bytes=64 << 10, max_processes=16)
+HOST_VIEW = replace(CFG, require_isolation=False)  # runs without the filesystem view (controls, degraded path)
 ADD = "a, b = map(int, input().split())\nprint(a + b)\n"
 ADD_TESTS = [{"input": "1 2\n", "output": "3\n"}, {"input": "10 -4\n", "output": "6"}]
 
@@ -71,8 +75,9 @@ def test_timeout_skips_the_remaining_cases():
 
 
 def test_memory_bomb():
+    slow = replace(CFG, wall_timeout_s=10.0)  # filling 256 MB takes a while on a loaded machine
     for program in ("x = bytearray(10**10)", "x = []\nwhile True:\n    x.append(' ' * 10**6)"):
-        assert run_python(program, "", CFG).status == "memory"
+        assert run_python(program, "", slow).status == "memory"
     assert code_reward("x = bytearray(10**10)\n" + ADD) == 0.0
 
 
@@ -120,19 +125,20 @@ def test_network_is_unreachable():
         result = run_python(program, "", CFG)
         assert result.status == "ok" and result.stdout.startswith("blocked"), result
         # the same program outside the sandbox does connect: the test itself can tell the difference
-        unsandboxed = run_python(program, "", CFG, iso=Isolation())
+        unsandboxed = run_python(program, "", HOST_VIEW, iso=Isolation())
         assert unsandboxed.stdout.startswith("connected")
     finally:
         server.close()
 
 
 def test_huge_output_is_capped():
+    slow = replace(CFG, wall_timeout_s=5.0)  # the cap, not the clock, must stop it (even on a loaded machine)
     for program in ("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", "print('y' * 10**8)"):
         t0 = time.monotonic()
-        result = run_python(program, "", CFG)
-        assert result.status == "output_limit"
+        result = run_python(program, "", slow)
+        assert result.status == "output_limit", result
         assert len(result.stdout) <= CFG.max_output_bytes
-        assert time.monotonic() - t0 < CFG.wall_timeout_s + 3
+        assert time.monotonic() - t0 < slow.wall_timeout_s
     assert code_reward("print('y' * 10**8)") == 0.0
 
 
@@ -150,13 +156,16 @@ def test_workdir_is_removed_and_outside_is_protected(tmp_path):
     result = run_python(program, "", CFG)
     assert result.status == "ok", result
     workdir, outcome = result.stdout.split()
-    assert not os.path.exists(workdir)
-    if isolation().drop_uid:
+    if isolation().filesystem:  # a private tmpfs, gone with the mount namespace
+        assert workdir == WORKDIR
+    else:
+        assert not os.path.exists(workdir)
+    if isolation().drop_uid or isolation().filesystem:
         assert outcome == "denied" and not (tmp_path / "owned.txt").exists()
 
 
 def test_degraded_isolation_still_limits_time_and_output():
     plain = Isolation()
-    assert run_python(ADD, "2 3\n", CFG, iso=plain).stdout == "5\n"
-    assert run_python("while True:\n    pass", "", CFG, iso=plain).status == "timeout"
-    assert run_python("print('z' * 10**7)", "", CFG, iso=plain).status == "output_limit"
+    assert run_python(ADD, "2 3\n", HOST_VIEW, iso=plain).stdout == "5\n"
+    assert run_python("while True:\n    pass", "", HOST_VIEW, iso=plain).status == "timeout"
+    assert run_python("print('z' * 10**7)", "", HOST_VIEW, iso=plain).status == "output_limit"

@@ -6,6 +6,7 @@ Every field has a default so a recipe only states what it changes. Architecture 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -174,6 +175,11 @@ class CodeSandboxConfig:
     max_processes: int = 32  # RLIMIT_NPROC (enforced when the program runs as an unprivileged uid)
     network_isolation: bool = True  # a new network namespace when permitted, else a logged warning
     site_packages: bool = False  # False: stdlib only (python -I -S, faster start)
+    # Private filesystem view (the program sees no host file: datasets, expected outputs, other
+    # samples' files): auto (bubblewrap, else unshare --mount) | bwrap | unshare | none (host's view)
+    filesystem: str = "auto"
+    # Refuse to score code (error) when no filesystem view can be built, instead of a logged warning.
+    require_isolation: bool = sys.platform.startswith("linux")
 
 
 DEFAULT_JUDGE_RUBRIC = (

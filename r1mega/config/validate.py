@@ -15,6 +15,7 @@ from typing import Optional
 from r1mega.config.errors import ConfigError
 from r1mega.config.presets import is_dense_preset, resolve_model
 from r1mega.config.schema import (
+    CodeSandboxConfig,
     ModelConfig,
     OptimizerConfig,
     ParallelConfig,
@@ -45,6 +46,7 @@ BENCHMARK_KINDS = ("math", "choice", "code")  # r1mega.data.benchmarks layouts (
 STAGE_FIXED_SECTIONS = ("model", "parallel", "stages", "checkpoint")
 ROUTING_REPLAY_NAMES = ("none", "r2", "r3")
 ROLLOUT_MODES = ("colocated", "one_step_off")
+SANDBOX_FILESYSTEMS = ("auto", "bwrap", "unshare", "none")  # == ("auto", *rewards.sandbox_fs.FILESYSTEMS, "none")
 
 Problems = list[str]
 
@@ -113,6 +115,19 @@ def validate_config(cfg: R1Config, world_size: Optional[int] = None) -> None:
     problems += _check_distill(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+def check_sandbox(sb: CodeSandboxConfig) -> Problems:
+    """The code sandbox section (``reward.sandbox``): limits in range, a known filesystem builder, and no
+    required filesystem view switched off."""
+    out = _one_of("reward.sandbox.filesystem", sb.filesystem, SANDBOX_FILESYSTEMS)
+    if sb.wall_timeout_s <= 0 or sb.memory_mb < 32 or sb.max_output_bytes < 1:
+        out.append("reward.sandbox: wall_timeout_s must be > 0, memory_mb >= 32, max_output_bytes >= 1")
+    if sb.filesystem == "none" and sb.require_isolation:
+        out.append("reward.sandbox.filesystem=none turns off the private filesystem view that "
+                   "reward.sandbox.require_isolation=true requires: use filesystem=auto, or set "
+                   "require_isolation=false to let programs see the host's files")
+    return out
 
 
 def check_stage_list(cfg: R1Config) -> None:
@@ -554,6 +569,7 @@ def _check_misc(cfg: R1Config) -> Problems:
     out = _one_of("logging.level", cfg.logging.level, LOG_LEVELS)
     out += _at_least("data.max_prompt_length", cfg.data.max_prompt_length, 1)
     out += _at_least("reward.num_workers", cfg.reward.num_workers, 0)
+    out += check_sandbox(cfg.reward.sandbox)
     out += _at_least("checkpoint.save_interval", cfg.checkpoint.save_interval, 0,
                      "set 0 to disable periodic saves")
     out += _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0, "set 0 to keep every checkpoint")

@@ -1,9 +1,11 @@
 """Code reward: run the candidate program against the sample's test cases; reward = fraction passed.
 
 Test cases are ``{"input": stdin, "output": expected stdout}`` (compared line by line, trailing
-whitespace ignored) or ``{"assert": python}`` (appended to the program; passes when it exits 0).
-Every case is a fresh sandboxed process (``r1mega.rewards.sandbox``). After the first timeout the
-remaining cases count as failed, so one slow program costs at most one timeout, not one per case.
+whitespace ignored, here, outside the sandbox) or ``{"assert": python}`` (run after the program in its
+namespace; passes when it runs to the end). Every case is a fresh sandboxed process with a private
+filesystem view (``r1mega.rewards.sandbox``): neither the dataset nor an expected output is ever in
+it. After the first timeout the remaining cases count as failed, so one slow program costs at most
+one timeout, not one per case.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def run_tests(program: str, tests: list[dict], cfg: Optional[CodeSandboxConfig] 
     passed = 0
     for i, case in enumerate(tests):
         if "assert" in case:
-            result = run_python(program + "\n\n" + str(case["assert"]) + "\n", "", cfg, iso)
+            result = run_python(program, "", cfg, iso, check=str(case["assert"]))
             ok = result.status == "ok"
         else:
             result = run_python(program, str(case.get("input", "")), cfg, iso)

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional
 
 from r1mega.config.errors import ConfigError
 from r1mega.config.schema import RewardConfig, RewardTermConfig
+from r1mega.config.validate import check_sandbox
 from r1mega.rewards.formatting import ANSWER_FORMATS, FORMAT_MODES
 from r1mega.rewards.language import LANGUAGE_SCRIPTS
 from r1mega.rewards.model_rewards import DEFAULT_MODEL_SOURCES, ModelRewards, ModelTerm, check_model_rewards
@@ -115,8 +116,7 @@ def check_reward_config(cfg: RewardConfig) -> None:
     if cfg.overlong_buffer < 0 or (cfg.overlong_max_length is not None
                                    and cfg.overlong_buffer > cfg.overlong_max_length):
         problems.append(f"reward.overlong_buffer={cfg.overlong_buffer} must be in [0, overlong_max_length]")
-    if cfg.sandbox.wall_timeout_s <= 0 or cfg.sandbox.memory_mb < 32 or cfg.sandbox.max_output_bytes < 1:
-        problems.append("reward.sandbox: wall_timeout_s must be > 0, memory_mb >= 32, max_output_bytes >= 1")
+    problems += check_sandbox(cfg.sandbox)
     if problems:
         raise ConfigError(problems)
 
@@ -139,9 +139,9 @@ class RewardComputer:
         self.models = ModelRewards([_resolve_model_term(t, cfg) for t in cfg.terms if t.name in model_names],
                                    engines)
         if any(t.name == "code" for t in self.terms):
-            from r1mega.rewards.sandbox import isolation
+            from r1mega.rewards.sandbox import checked_isolation
 
-            isolation(cfg.sandbox.network_isolation)  # probe and log once, here in the parent
+            checked_isolation(cfg.sandbox)  # probe and log once, here in the parent; refuse a required layer
         self._pool: Optional[ProcessPoolExecutor] = None
 
     # ----------------------------------------------------------------------------- routing
