@@ -88,6 +88,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
+        # uneven split (megatron's names): first / last stage sizes, the middle stages share the rest
+        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp,
         sequence_parallel=sequence_parallel,
