@@ -46,7 +46,8 @@ class Layout:
         if text in ("1", "ref", "single"):
             return cls()
         parts = dict((k, int(v)) for k, v in _LAYOUT.findall(text))
-        if "".join(f"{k}{v}" for k, v in _LAYOUT.findall(text)) != text or not parts:
+        if "".join(f"{k}{v}" for k, v in _LAYOUT.findall(text)) != text or not parts or \
+                parts.get("first", 1) < 1 or parts.get("last", 1) < 1:
             raise ValueError(f"layout {text!r}: write it like tp2, ep2, pp2, tp2ep2, tp2ep2pp2 (optional dpN, etpN; "
                              f"firstN / lastN: layers on the first / last pipeline stage)")
         parts.setdefault("etp", parts.get("tp", 1))
