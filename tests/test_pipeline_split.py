@@ -146,3 +146,15 @@ def test_pp1_with_a_split_says_to_unset_it():
     with pytest.raises(ConfigError, match="unset parallel.num_layers_in_first_pipeline_stage and "
                                           "parallel.num_layers_in_last_pipeline_stage"):
         validate_config(cfg, world_size=1)
+
+
+def test_policy_config_hands_the_recipe_split_to_megatron():
+    """r1mega's TransformerConfig for the 671B recipe carries the split: megatron builds 3 + 14x4 + 2."""
+    _megatron()
+    from r1mega.models.policy import pipeline_stage_layers, transformer_config
+
+    cfg = load_config(CONFIGS / "r1_deepseek_v3_671b.yaml", world_size=1024)
+    config = transformer_config(cfg.model, cfg.parallel)
+    assert pipeline_stage_layers(config) == [3] + [4] * 14 + [2]
+    # the dense layers (moe_layer_freq 0) are the first stage's
+    assert list(config.moe_layer_freq[:4]) == [0, 0, 0, 1]
