@@ -167,9 +167,11 @@ def _check_pipeline_split(config: TransformerConfig, parallel: ParallelConfig) -
     expected = stage_layers(config.num_layers, parallel.pp, parallel.num_layers_in_first_pipeline_stage,
                             parallel.num_layers_in_last_pipeline_stage)
     if built != expected:
-        raise RuntimeError(f"megatron-core builds {built} layers on the pipeline stages but r1mega's validation "
-                           f"expects {expected}: r1mega/config/pipeline_split.py no longer matches this "
-                           f"megatron-core version; use megatron-core 0.16 or update it")
+        import megatron.core
+
+        raise RuntimeError(f"megatron-core {megatron.core.__version__} builds {built} layers on the pipeline "
+                           f"stages but r1mega's validation expects {expected}: update r1mega/config/"
+                           f"pipeline_split.py to this version's get_num_layers_to_build")
     if parallel_state.get_pipeline_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0 \
             and parallel_state.get_tensor_model_parallel_rank() == 0:
         log.info("pipeline split: %s layers on the %d stages", "+".join(map(str, built)), parallel.pp)
