@@ -67,20 +67,13 @@ def test_convert_cli_round_trip(tmp_path):
     assert r.returncode == 2 and "--force" in r.stderr
 
 
-def _tensors(hf_dir) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(hf_dir.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 @pytest.mark.timeout(400)
 def test_convert_cli_uneven_pipeline_split(tmp_path):
     """3 layers: ``--pp 2`` alone is refused before any process starts, naming the flags that work;
     ``--pp 2 --pp-first 1`` converts on 2 ranks (1 + 2 layers) and that checkpoint exports at pp1
     to exactly the source tensors."""
+    from bridge_worker import _tensors
+
     src, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "hf_out"
     _random_hf(src, layers=3)
     r = _cli("from-hf", "--hf", str(src), "--out", str(ckpt), "--pp", "2")
