@@ -24,8 +24,8 @@ def _random_hf(path, layers: int = 2):
     import transformers
 
     cfg = transformers.Qwen3MoeConfig(vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
                                       max_position_embeddings=512,
                                       rope_parameters={"rope_theta": 1e6, "rope_type": "default"})
     torch.manual_seed(0)
@@ -80,9 +80,9 @@ def test_convert_cli_uneven_pipeline_split(tmp_path):
     assert r.returncode == 2 and "3 layers do not divide evenly over 2 pipeline stages" in r.stderr, r.stderr[-2000:]
     assert "--pp-first 1 --pp-last 2" in r.stderr
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    launched = subprocess.run([sys.executable, "-m", "launch.local", "--nproc", "2", "--timeout", "240", "--no-validate",
-                               "--", "--log-level", "WARNING", "convert", "from-hf", "--hf", str(src), "--out",
-                               str(ckpt), "--pp", "2", "--pp-first", "1"],
+    convert = ["convert", "from-hf", "--hf", str(src), "--out", str(ckpt), "--pp", "2", "--pp-first", "1"]
+    launched = subprocess.run([sys.executable, "-m", "launch.local", "--nproc", "2", "--timeout", "240",
+                               "--no-validate", "--", "--log-level", "WARNING", *convert],
                               capture_output=True, text=True, timeout=300, env=env)
     assert launched.returncode == 0, launched.stderr[-3000:]
     from r1mega.ckpt import read_meta, resolve_checkpoint_dir

@@ -26,6 +26,7 @@ def _megatron():
 
     ensure_megatron()
     import torch
+
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
