@@ -164,11 +164,11 @@ def cmd_convert(args, rest: list[str]) -> int:
     try:
         if args.direction == "to-hf":
             result = to_hf(args.ckpt, args.out, tokenizer=args.tokenizer, force=args.force, tp=args.tp,
-                           pp=args.pp, ep=args.ep, bucket_mb=args.bucket_mb, dtype=args.dtype, fp8=args.fp8,
-                           progress=not args.no_progress)
+                           pp=args.pp, ep=args.ep, pp_first=args.pp_first, pp_last=args.pp_last,
+                           bucket_mb=args.bucket_mb, dtype=args.dtype, fp8=args.fp8, progress=not args.no_progress)
         else:
-            result = from_hf(args.hf, args.out, tp=args.tp, pp=args.pp, ep=args.ep, force=args.force,
-                             precision=args.precision)
+            result = from_hf(args.hf, args.out, tp=args.tp, pp=args.pp, ep=args.ep, pp_first=args.pp_first,
+                             pp_last=args.pp_last, force=args.force, precision=args.precision)
     except (ConvertError, BridgeError, FileNotFoundError) as e:
         print(f"r1mega convert: {e}", file=sys.stderr)
         return 2
@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tp", type=int, default=1)
         p.add_argument("--pp", type=int, default=1)
         p.add_argument("--ep", type=int, default=1)
+        p.add_argument("--pp-first", type=int, default=None, help="layers on the first pipeline stage (uneven split)")
+        p.add_argument("--pp-last", type=int, default=None, help="layers on the last pipeline stage (uneven split)")
         p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
     convert.set_defaults(func=cmd_convert)
     return parser

@@ -197,6 +197,31 @@ def test_round_trip_bit_identical(layout, reference_export, tmp_path):
     assert stats["buckets"] > 1
 
 
+# DeepSeek-V3 with 5 layers, the first 3 dense (MLA, shared experts, expert bias): split 2 + 3 the
+# dense/MoE boundary falls inside the second stage, split 3 + 2 at the stage boundary.
+UNEVEN = {"num_layers": 5, "first_k_dense_layers": 3}
+
+
+@pytest.mark.timeout(300)
+def test_uneven_pipeline_split_round_trip_bit_identical(tmp_path):
+    """Uneven PP (megatron's num_layers_in_first/last_pipeline_stage) exports the same HF tensors as one
+    process, bit for bit, and imports back bit-identically (checked in the worker)."""
+    outs = {}
+    for layout in ("1", "pp2first2", "pp2last2"):
+        outs[layout] = tmp_path / layout
+        _run({"mode": "roundtrip", "layout": layout, "preset": "deepseek_v3", "overrides": UNEVEN,
+              "out": str(outs[layout]), "bucket_bytes": 1 << 18}, 1 if layout == "1" else 2,
+             f"roundtrip-{layout}", 240)
+    ref = _tensors(outs["1"])
+    assert {k.split(".")[2] for k in ref if k.startswith("model.layers.")} == {"0", "1", "2", "3", "4"}
+    assert any(".mlp.experts." in k for k in ref) and "model.layers.2.mlp.gate_proj.weight" in ref
+    for layout in ("pp2first2", "pp2last2"):
+        got = _tensors(outs[layout])
+        assert ref.keys() == got.keys(), layout
+        differ = [k for k in ref if not torch.equal(ref[k], got[k])]
+        assert not differ, (layout, differ)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("preset,overrides,layout", [
     ("qwen2", {}, "tp2pp2"),

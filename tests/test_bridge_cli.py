@@ -20,12 +20,12 @@ def _cli(*args, timeout=150):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def _random_hf(path):
+def _random_hf(path, layers: int = 2):
     import transformers
 
     cfg = transformers.Qwen3MoeConfig(vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
                                       max_position_embeddings=512,
                                       rope_parameters={"rope_theta": 1e6, "rope_type": "default"})
     torch.manual_seed(0)
@@ -65,6 +65,35 @@ def test_convert_cli_round_trip(tmp_path):
 
     r = _cli("to-hf", "--ckpt", str(ckpt), "--out", str(out))  # non-empty output without --force
     assert r.returncode == 2 and "--force" in r.stderr
+
+
+@pytest.mark.timeout(400)
+def test_convert_cli_uneven_pipeline_split(tmp_path):
+    """3 layers: ``--pp 2`` alone is refused before any process starts, naming the flags that work;
+    ``--pp 2 --pp-first 1`` converts on 2 ranks (1 + 2 layers) and that checkpoint exports at pp1
+    to exactly the source tensors."""
+    from bridge_worker import _tensors
+
+    src, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "hf_out"
+    _random_hf(src, layers=3)
+    r = _cli("from-hf", "--hf", str(src), "--out", str(ckpt), "--pp", "2")
+    assert r.returncode == 2 and "3 layers do not divide evenly over 2 pipeline stages" in r.stderr, r.stderr[-2000:]
+    assert "--pp-first 1 --pp-last 2" in r.stderr
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    convert = ["convert", "from-hf", "--hf", str(src), "--out", str(ckpt), "--pp", "2", "--pp-first", "1"]
+    launched = subprocess.run([sys.executable, "-m", "launch.local", "--nproc", "2", "--timeout", "240",
+                               "--no-validate", "--", "--log-level", "WARNING", *convert],
+                              capture_output=True, text=True, timeout=300, env=env)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    from r1mega.ckpt import read_meta, resolve_checkpoint_dir
+
+    layout = read_meta(resolve_checkpoint_dir(ckpt))["layout"]
+    assert (layout["pp"], layout["num_layers_in_first_pipeline_stage"]) == (2, 1)
+    r = _cli("to-hf", "--ckpt", str(ckpt), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    original, exported = _tensors(src), _tensors(out)
+    assert original.keys() == exported.keys()
+    assert all(torch.equal(original[k], exported[k]) for k in original)
 
 
 @pytest.mark.timeout(60)

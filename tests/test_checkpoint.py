@@ -356,3 +356,44 @@ def test_prune_never_deletes_what_latest_names(tmp_path):
     assert atomic.remove_stale_tmp_dirs(tmp_path) == []
     stale = _fake_tmp(tmp_path, 4, "x")
     assert atomic.remove_stale_tmp_dirs(tmp_path) == [stale] and not stale.exists()
+
+
+# ----------------------------------------------------------------------------- uneven pipeline split
+
+# DeepSeek-V3 with 5 layers, the first 3 dense: over pp2 as 2 + 3 layers the dense/MoE boundary falls
+# inside the second stage.
+UNEVEN_MODEL = {"preset": "deepseek_v3", "size": "tiny", "num_layers": 5, "first_k_dense_layers": 3}
+
+
+@pytest.mark.slow  # three spawned jobs: ~45 s of CPU, 1-3 min on a busy machine
+@pytest.mark.timeout(600)
+def test_uneven_pipeline_checkpoint_loads_in_other_layouts(tmp_path):
+    """Saved over pp2 as 2 + 3 layers, a checkpoint loads into one process and into a 3 + 2 split with
+    model, Adam moments and fp32 master weights bit-identical, and the next step equals the saving run's.
+    The 'dp_reshardable' optimizer format keeps per-rank buffers: another split must be refused."""
+    from r1mega.ckpt import read_meta
+
+    full, dp_only = tmp_path / "full", tmp_path / "dp"
+    saver = run_job(Job("pp2first2", [_train(N), _gather("saved"), _save(full),
+                                      {"op": "save", "root": str(dp_only), "sharding": "dp_reshardable"},
+                                      _train(1), _gather("final")], model=UNEVEN_MODEL),
+                    TIMEOUT_S, "uneven pp2 (2+3) save")
+    meta = read_meta(full / f"step_{N:06d}")
+    assert (meta["layout"]["num_layers_in_first_pipeline_stage"],
+            meta["layout"]["num_layers_in_last_pipeline_stage"]) == (2, None)
+    loaders = {
+        "1": run_job(Job("1", [_load(full), _gather("loaded"), _train(1), _gather("final")], model=UNEVEN_MODEL),
+                     TIMEOUT_S, "uneven -> 1 load"),
+        "pp2last2": run_job(Job("pp2last2", [
+            {**_load(dp_only), "expect_error": "CheckpointMismatchError", "tag": "dp"},
+            _load(full), _gather("loaded"), _train(1), _gather("final")], model=UNEVEN_MODEL),
+            TIMEOUT_S, "uneven 2+3 -> 3+2 load"),
+    }
+    ref_final, ref_saved = saver["gathered"]["final"]["model"], saver["gathered"]["saved"]["model"]
+    for layout, run in loaders.items():
+        _assert_bit_identical(saver["gathered"]["saved"], run["gathered"]["loaded"], f"pp2first2 -> {layout}")
+        loss_err = _loss_rel(run["losses"][N], saver["losses"][N])
+        param_err = _param_err(run["gathered"]["final"]["model"], ref_final, ref_saved)
+        print(f"pp2first2 -> {layout}: next-step loss rel err {loss_err:.2e}, param err {param_err:.2e}")
+        assert loss_err < LOSS_RTOL and param_err < PARAM_TOL
+    assert "pipeline split" in loaders["pp2last2"]["errors"]["dp"]

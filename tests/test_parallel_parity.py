@@ -54,6 +54,22 @@ def test_check_catches_megatron_mla_rope_gradient_bug(monkeypatch):
     assert reports[1].grad_rel_err > 0.05
 
 
+# DeepSeek-V3 with 5 layers, the first 3 dense (DeepSeek's first_k_dense_replace): over pp2 as 2 + 3
+# layers the dense/MoE boundary falls inside the second stage. 5 layers cannot split evenly over 2
+# stages, so the run fails unless megatron gets the uneven split.
+UNEVEN_MODEL = ModelConfig(preset="deepseek_v3", num_layers=5, first_k_dense_layers=3)
+
+
+@pytest.mark.timeout(300)
+def test_uneven_pipeline_split_matches_single_process():
+    spec = CheckSpec(model=UNEVEN_MODEL, steps=2, global_batch=4, seq_length=32)
+    reports = check_layouts(spec, [Layout.parse("pp2first2")], TIMEOUT_S)
+    print(format_table("deepseek_v3 5 layers", reports))
+    assert reports[1].layout == "pp2first2"
+    assert reports[1].max_rel_err < TOL, reports[1]
+    assert reports[0].losses[0] != reports[0].losses[1]
+
+
 DENSE_LAYOUTS = ["tp2", "pp2", "tp2pp2"]
 
 
@@ -97,7 +113,11 @@ def test_layout_parse_and_world_size():
     assert Layout.parse("tp2ep2pp2").world_size == 8
     assert Layout.parse("ep4").world_size == 4
     assert Layout.parse("tp2ep2etp1") == Layout(tp=2, ep=2, etp=1, dp=1)
-    for bad in ["tp", "xx2", "tp2foo", ""]:
+    uneven = Layout.parse("pp2first2")
+    assert uneven == Layout(pp=2, etp=1, first=2) and uneven.name() == "pp2first2" and uneven.world_size == 2
+    assert Layout.parse("pp3first1last1").parallel_config(1).num_layers_in_last_pipeline_stage == 1
+    assert Layout.parse("pp2").parallel_config(1).num_layers_in_first_pipeline_stage is None
+    for bad in ["tp", "xx2", "tp2foo", "", "pp2first0"]:
         with pytest.raises(ValueError, match="write it like"):
             Layout.parse(bad)
 
@@ -108,6 +128,8 @@ def test_impossible_layout_fails_before_spawning():
         check_layouts(spec, [Layout.parse("pp4")], TIMEOUT_S, reference={"losses": []})
     with pytest.raises(ConfigError, match="num_attention_heads"):
         check_layouts(spec, [Layout.parse("tp8")], TIMEOUT_S, reference={"losses": []})
+    with pytest.raises(ConfigError, match="3 middle layers do not divide over 2 middle pipeline stages"):
+        check_layouts(_spec("deepseek_v3"), [Layout.parse("pp3first1")], TIMEOUT_S, reference={"losses": []})
 
 
 @pytest.mark.timeout(120)

@@ -200,6 +200,24 @@ def test_r3_step_matches_single_process_under_tp2ep2_and_pp2():
 
 
 @pytest.mark.timeout(600)
+def test_r3_step_matches_single_process_under_uneven_pp():
+    """R3 over an uneven pipeline split: DeepSeek-V3 with 5 layers (layer 1 dense) as 2 + 3 layers, so
+    the first stage holds MoE layer 2 (table column 0) and the second MoE layers 3-5 (columns 1-3)."""
+    from r1mega.train.parallel_check import CheckSpec, Layout, compare, run_layout
+
+    spec = CheckSpec(model=ModelConfig(preset="deepseek_v3", num_layers=5, first_k_dense_layers=1),
+                     objective="grpo", rl=RLConfig(routing_replay="r3", kl_coef=0.01, entropy_coef=0.01, tis_cap=2.0))
+    ref = run_layout(spec, Layout(), LAYOUT_TIMEOUT_S)
+    assert ref["metrics"][0]["approx_kl"] == 0.0
+    got = run_layout(spec, Layout.parse("pp2first2"), LAYOUT_TIMEOUT_S)
+    loss_err, grad_err, param_err = compare(ref, got)
+    print(f"r3 pp2first2: loss {loss_err:.2e} grads {grad_err:.2e} params {param_err:.2e}")
+    assert max(loss_err, grad_err) < 1e-4 and param_err < 1e-3, (loss_err, grad_err, param_err)
+    assert [m["routing/mismatch_layer_frac"] for m in ref["metrics"]] == \
+        [m["routing/mismatch_layer_frac"] for m in got["metrics"]]
+
+
+@pytest.mark.timeout(600)
 def test_r2_packed_step_matches_single_process_under_tp2ep2():
     """R2: the own routing recorded by the old-logprob pass (padded rows, gathered from every rank) is
     replayed in packed training micro-batches; TP2xEP2 equals one process."""

@@ -2,7 +2,8 @@
 
 * ``to_hf``: r1mega dist checkpoint -> HF directory (config.json, sharded safetensors + index,
   generation_config.json, tokenizer files when given);
-* ``from_hf``: HF directory -> r1mega dist checkpoint (step 0) in any ``tp``/``pp``/``ep`` layout.
+* ``from_hf``: HF directory -> r1mega dist checkpoint (step 0) in any ``tp``/``pp``/``ep`` layout
+  (``pp_first`` / ``pp_last``: an uneven pipeline split, e.g. DeepSeek-V3's 61 layers over pp16).
 
 Both run on one process or under ``torchrun`` (the layout's world size); the export streams in
 bounded buckets. The full r1mega ``ModelConfig`` is written next to a converted checkpoint
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from r1mega.bridge.hf_config import from_hf_config, to_hf_config
+from r1mega.config.pipeline_split import split_problem, suggest
 from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig
 
 log = logging.getLogger(__name__)
@@ -37,14 +39,27 @@ def check_output_dir(out: str | Path, force: bool) -> None:
         raise ConvertError(f"output directory {out} is not empty: choose another or pass --force")
 
 
-def _setup(tp: int, pp: int, ep: int):
+def check_pipeline_split(model_cfg: ModelConfig, pp: int, pp_first: int | None, pp_last: int | None) -> None:
+    """The layers must split over ``pp`` stages as megatron builds them (before any process group)."""
+    problem = split_problem(model_cfg.num_layers, pp, pp_first, pp_last)
+    if problem is None:
+        return
+    fixes = [" ".join(f"--{flag} {v}" for flag, v in (("pp-first", f), ("pp-last", lst)) if v is not None)
+             for f, lst in suggest(model_cfg.num_layers, pp, pp_first, pp_last)]
+    fix = " or ".join(fixes) if fixes else "another --pp"
+    raise ConvertError(f"{model_cfg.num_layers} layers over --pp {pp} (--pp-first {pp_first}, --pp-last {pp_last}): "
+                       f"{problem}; pass {fix}")
+
+
+def _setup(tp: int, pp: int, ep: int, pp_first: int | None, pp_last: int | None):
     import r1mega.models  # noqa: F401
     from r1mega.platform.distributed import init_model_parallel, init_process_group
 
     env = init_process_group()
     if env.world_size % (tp * pp):
         raise ConvertError(f"world size {env.world_size} is not a multiple of tp*pp={tp * pp}")
-    parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, etp=tp, dp=env.world_size // (tp * pp))
+    parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, etp=tp, dp=env.world_size // (tp * pp),
+                              num_layers_in_first_pipeline_stage=pp_first, num_layers_in_last_pipeline_stage=pp_last)
     init_model_parallel(parallel, seed=0)
     return parallel
 
@@ -79,8 +94,8 @@ def _training_model(model_cfg: ModelConfig, parallel: ParallelConfig):
 
 
 def to_hf(ckpt: str | Path, out: str | Path, *, tokenizer: str | Path | None = None, force: bool = False,
-          tp: int = 1, pp: int = 1, ep: int = 1, bucket_mb: float = 256.0, dtype: str | None = None,
-          fp8: bool = False, progress: bool = True) -> dict:
+          tp: int = 1, pp: int = 1, ep: int = 1, pp_first: int | None = None, pp_last: int | None = None,
+          bucket_mb: float = 256.0, dtype: str | None = None, fp8: bool = False, progress: bool = True) -> dict:
     from r1mega.ckpt import load_checkpoint, read_meta, resolve_checkpoint_dir
 
     check_output_dir(out, force)
@@ -88,7 +103,8 @@ def to_hf(ckpt: str | Path, out: str | Path, *, tokenizer: str | Path | None = N
     meta = read_meta(step_dir)
     model_cfg = _model_config_for(step_dir, meta)
     to_hf_config(model_cfg)  # unsupported architecture: fail before building anything
-    parallel = _setup(tp, pp, ep)
+    check_pipeline_split(model_cfg, pp, pp_first, pp_last)
+    parallel = _setup(tp, pp, ep, pp_first, pp_last)
     tm = _training_model(model_cfg, parallel)
     load_checkpoint(tm, step_dir, model_cfg=model_cfg, load_optimizer=False, load_rng=False)
     from r1mega.bridge.hf_dir import save_hf
@@ -102,8 +118,8 @@ def to_hf(ckpt: str | Path, out: str | Path, *, tokenizer: str | Path | None = N
             "buckets": exporter.stats.buckets, "peak_bucket_bytes": exporter.stats.peak_bucket_bytes}
 
 
-def from_hf(hf: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1, force: bool = False,
-            precision: str = "fp32") -> dict:
+def from_hf(hf: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1, pp_first: int | None = None,
+            pp_last: int | None = None, force: bool = False, precision: str = "fp32") -> dict:
     from r1mega.bridge.hf_dir import load_hf, read_hf_config
     from r1mega.ckpt import save_checkpoint
 
@@ -113,7 +129,8 @@ def from_hf(hf: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, ep: in
         raise ConvertError(f"--ep {ep} does not divide the {model_cfg.num_experts} experts")
     if model_cfg.num_attention_heads % tp:
         raise ConvertError(f"--tp {tp} does not divide the {model_cfg.num_attention_heads} attention heads")
-    parallel = _setup(tp, pp, ep)
+    check_pipeline_split(model_cfg, pp, pp_first, pp_last)
+    parallel = _setup(tp, pp, ep, pp_first, pp_last)
     tm = _training_model(model_cfg, parallel)
     result = load_hf(tm.module, tm.config, model_cfg, hf)
     path = save_checkpoint(tm, out, 0, model_cfg=model_cfg)

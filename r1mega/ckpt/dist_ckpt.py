@@ -55,6 +55,10 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+_PP_SPLIT = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage")
+_MODEL_SHARDING = ("tp", "pp", "ep", "etp", *_PP_SPLIT)  # what decides which tensors a rank holds
+
+
 def _layout(tm) -> dict:
     from megatron.core import parallel_state as ps
 
@@ -65,6 +69,8 @@ def _layout(tm) -> dict:
         "ep": ps.get_expert_model_parallel_world_size(),
         "etp": ps.get_expert_tensor_parallel_world_size(),
         "dp": ps.get_data_parallel_world_size(),
+        # uneven pipeline split (None: even); another split puts other layers on each stage
+        **{k: getattr(tm.config, k, None) for k in _PP_SPLIT},
         "use_distributed_optimizer": _uses_dist_opt(tm),
     }
 
@@ -502,10 +508,10 @@ def load_checkpoint(tm, root_or_dir: str | Path, strict: bool = True, *, model_c
             f"{saved_layout.get('use_distributed_optimizer')} but this run has {use_dist_opt}: set "
             "parallel.use_distributed_optimizer to match, or load with load_optimizer=False")
     if load_optimizer and sharding_type == "dp_reshardable" and not same_layout and \
-            any(saved_layout.get(k) != layout[k] for k in ("tp", "pp", "ep", "etp")):
+            any(saved_layout.get(k) != layout[k] for k in _MODEL_SHARDING):
         raise CheckpointMismatchError(
             f"checkpoint {step_dir} stores the distributed optimizer as 'dp_reshardable', which only "
-            f"loads with the same TP/PP/EP (saved {saved_layout}, here {layout}): load with "
+            f"loads with the same TP/PP/EP and pipeline split (saved {saved_layout}, here {layout}): load with "
             "load_optimizer=False or resume in the saved layout")
     if load_optimizer and not use_dist_opt:
         _check_plain_optimizer_structure(tm.optimizer, step_dir, int(saved_optim.get("num_optimizers", 1)))

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Optional
 
+from r1mega.config import pipeline_split
 from r1mega.config.errors import ConfigError
 from r1mega.config.presets import is_dense_preset, resolve_model
 from r1mega.config.schema import (
@@ -396,40 +397,25 @@ def _check_tp_split(m: ModelConfig, p: ParallelConfig) -> Problems:
 
 
 def _check_pipeline_split(m: ModelConfig, p: ParallelConfig) -> Problems:
-    """Even split needs pp | num_layers; otherwise first/last stage sizes must make it even."""
+    """The layers must split over the stages as megatron builds them (``config/pipeline_split``)."""
     first, last = p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage
     if m.num_layers is None or m.num_layers < 1:
         return []
+    problem = pipeline_split.split_problem(m.num_layers, p.pp, first, last)
+    if problem is None:
+        return []
+    keys = ("parallel.num_layers_in_first_pipeline_stage", "parallel.num_layers_in_last_pipeline_stage")
+    fixes = [" ".join(f"{k}={v}" for k, v in zip(keys, pair) if v is not None)
+             for pair in pipeline_split.suggest(m.num_layers, p.pp, first, last)]
+    fix = f"set {' or '.join(fixes)}" if fixes else "choose another parallel.pp"
     if first is None and last is None:
-        if m.num_layers % p.pp == 0:
-            return []
-        return [
-            f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}: choose pp "
-            f"from {_divisors(m.num_layers)}, or set parallel.num_layers_in_first_pipeline_stage/"
-            f"num_layers_in_last_pipeline_stage for an uneven split"
-        ]
-    return _check_uneven_split(m.num_layers, p.pp, first, last)
-
-
-def _check_uneven_split(num_layers: int, pp: int, first: Optional[int], last: Optional[int]) -> Problems:
-    edges = [v for v in (first, last) if v is not None]
-    if pp < 1 + len(edges):
-        return [
-            f"parallel.num_layers_in_first/last_pipeline_stage need parallel.pp >= {1 + len(edges)} "
-            f"(got pp={pp}): raise pp or unset them"
-        ]
-    if any(v < 1 for v in edges):
-        return ["parallel.num_layers_in_first/last_pipeline_stage must be >= 1: raise or unset them"]
-    middle_layers, middle_stages = num_layers - sum(edges), pp - len(edges)
-    if middle_layers < 0 or bool(middle_layers) != bool(middle_stages) or (
-        middle_stages and middle_layers % middle_stages
-    ):
-        return [
-            f"uneven pipeline split leaves {middle_layers} layers for {middle_stages} middle stages "
-            f"(model.num_layers={num_layers}, parallel.pp={pp}, first={first}, last={last}): pick "
-            f"first/last so that the remaining layers divide evenly over the middle stages"
-        ]
-    return []
+        return [f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}: choose pp "
+                f"from {_divisors(m.num_layers)}, or split unevenly: {fix}"]
+    if p.pp == 1:
+        fix = f"unset {' and '.join(k for k, v in zip(keys, (first, last)) if v is not None)} (pp=1 has one stage)"
+    edges = ", ".join(f"{name} stage {v}" for name, v in (("first", first), ("last", last)) if v is not None)
+    return [f"uneven pipeline split of model.num_layers={m.num_layers} over parallel.pp={p.pp} ({edges}): "
+            f"{problem}; {fix}"]
 
 
 def _check_experts_vs_ep(m: ModelConfig, p: ParallelConfig) -> Problems:

@@ -6,12 +6,14 @@ All model construction goes through :func:`build_policy`, so a switch of megatro
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from r1mega.config.pipeline_split import stage_layers
 from r1mega.config.schema import ModelConfig, ParallelConfig
 from r1mega.models import routing_replay
 from r1mega.models.layer_spec import build_block_spec, use_transformer_engine
@@ -20,10 +22,13 @@ from r1mega.platform.megatron_compat import supports_routing_replay
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.transformer.enums import AttnBackend  # noqa: E402
+from megatron.core.transformer.transformer_block import get_num_layers_to_build  # noqa: E402
 from megatron.core.transformer.transformer_config import (  # noqa: E402
     MLATransformerConfig,
     TransformerConfig,
 )
+
+log = logging.getLogger(__name__)
 
 VOCAB_PAD_MULTIPLE = 128
 
@@ -88,6 +93,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
+        # uneven split (megatron's names): first / last stage sizes, the middle stages share the rest
+        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp,
         sequence_parallel=sequence_parallel,
@@ -139,9 +147,34 @@ class PolicyStage:
 def build_policy(model: ModelConfig, parallel: ParallelConfig) -> PolicyStage:
     """This rank's pipeline stage of the policy (needs ``parallel_state`` initialised)."""
     config = transformer_config(model, parallel)
+    _check_pipeline_split(config, parallel)
     use_te = use_transformer_engine(model.precision, model.fp8_recipe)
     gpt = _gpt_model(config, use_te, model, parallel.tp)
     return PolicyStage(model=gpt, config=config, use_te=use_te, model_cfg=model, parallel=parallel)
+
+
+def pipeline_stage_layers(config: TransformerConfig) -> list[int]:
+    """Transformer layers on each pipeline rank, as megatron builds them (uneven splits included)."""
+    return [get_num_layers_to_build(config, pp_rank=r) for r in range(config.pipeline_model_parallel_size)]
+
+
+def _check_pipeline_split(config: TransformerConfig, parallel: ParallelConfig) -> None:
+    """Validation predicted the split from megatron's rules (``config/pipeline_split``); another
+    megatron-core version could split differently, and every layer-numbering would then be off."""
+    if parallel.pp == 1:
+        return
+    built = pipeline_stage_layers(config)
+    expected = stage_layers(config.num_layers, parallel.pp, parallel.num_layers_in_first_pipeline_stage,
+                            parallel.num_layers_in_last_pipeline_stage)
+    if built != expected:
+        import megatron.core
+
+        raise RuntimeError(f"megatron-core {megatron.core.__version__} builds {built} layers on the pipeline "
+                           f"stages but r1mega's validation expects {expected}: update r1mega/config/"
+                           f"pipeline_split.py to this version's get_num_layers_to_build")
+    if parallel_state.get_pipeline_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0 \
+            and parallel_state.get_tensor_model_parallel_rank() == 0:
+        log.info("pipeline split: %s layers on the %d stages", "+".join(map(str, built)), parallel.pp)
 
 
 def build_policy_like(stage: PolicyStage) -> GPTModel:

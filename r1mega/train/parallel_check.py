@@ -25,7 +25,7 @@ from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig, R
 from r1mega.config.validate import validate_config
 from r1mega.platform.spawn import spawn_ranks
 
-_LAYOUT = re.compile(r"(etp|tp|pp|ep|dp)(\d+)")
+_LAYOUT = re.compile(r"(etp|tp|pp|ep|dp|first|last)(\d+)")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class Layout:
     ep: int = 1
     dp: int = 1
     etp: int = 0  # 0 = tp (megatron's default)
+    # uneven pipeline split: layers on the first / last stage (0 = even split), e.g. ``pp2first2``
+    first: int = 0
+    last: int = 0
 
     @classmethod
     def parse(cls, text: str) -> "Layout":
@@ -43,8 +46,10 @@ class Layout:
         if text in ("1", "ref", "single"):
             return cls()
         parts = dict((k, int(v)) for k, v in _LAYOUT.findall(text))
-        if "".join(f"{k}{v}" for k, v in _LAYOUT.findall(text)) != text or not parts:
-            raise ValueError(f"layout {text!r}: write it like tp2, ep2, pp2, tp2ep2, tp2ep2pp2 (optional dpN, etpN)")
+        if "".join(f"{k}{v}" for k, v in _LAYOUT.findall(text)) != text or not parts or \
+                parts.get("first", 1) < 1 or parts.get("last", 1) < 1:
+            raise ValueError(f"layout {text!r}: write it like tp2, ep2, pp2, tp2ep2, tp2ep2pp2 (optional dpN, etpN; "
+                             f"firstN / lastN: layers on the first / last pipeline stage)")
         parts.setdefault("etp", parts.get("tp", 1))
         parts.setdefault("dp", max(1, parts.get("ep", 1) * parts["etp"] // parts.get("tp", 1)))
         return cls(**parts)
@@ -54,11 +59,14 @@ class Layout:
         return self.tp * self.pp * self.dp
 
     def name(self) -> str:
-        shown = {k: v for k, v in dataclasses.asdict(self).items() if v > 1 and not (k == "etp" and v == self.tp)}
+        shown = {k: v for k, v in dataclasses.asdict(self).items()
+                 if (v > 0 if k in ("first", "last") else v > 1) and not (k == "etp" and v == self.tp)}
         return "".join(f"{k}{v}" for k, v in shown.items()) or "1"
 
     def parallel_config(self, micro_batch_size: int) -> ParallelConfig:
         return ParallelConfig(tp=self.tp, pp=self.pp, ep=self.ep, etp=self.etp or self.tp, dp=self.dp,
+                              num_layers_in_first_pipeline_stage=self.first or None,
+                              num_layers_in_last_pipeline_stage=self.last or None,
                               use_distributed_optimizer=True, micro_batch_size=micro_batch_size)
 
 
