@@ -64,7 +64,7 @@ def compare(engine: Sequence[Sequence[float]], trainer: torch.Tensor, refit: int
 def check_parity(report: ParityReport, max_abs_logp: float, what: str = "refit") -> ParityReport:
     """``report`` if the engine agrees with the trainer within ``max_abs_logp``, else :class:`ParityError`
     (NaN fails too). Call it on every rank with the same report, so every rank stops together."""
-    log.info("rollout parity after %s: mean |dlogp| %.3g, max %.3g over %d tokens", what, report.mean_abs,
+    log.debug("rollout parity after %s: mean |dlogp| %.3g, max %.3g over %d tokens", what, report.mean_abs,
              report.max_abs, report.tokens)
     if not report.max_abs <= max_abs_logp:
         raise ParityError(
