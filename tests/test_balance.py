@@ -146,7 +146,8 @@ def test_balance_batch_moves_every_field_with_its_row():
     lengths = torch.tensor([12, 11, 10, 9, 3, 4, 5, 6])
     batch = LearnerBatch(torch.randint(0, 100, (b, s), generator=gen), torch.rand(b, s - 1, generator=gen),
                          advantages=torch.randn(b, generator=gen), old_logp=torch.randn(b, s - 1, generator=gen),
-                         rollout_logp=torch.randn(b, s - 1, generator=gen), ref_logp=torch.randn(b, s - 1, generator=gen),
+                         rollout_logp=torch.randn(b, s - 1, generator=gen),
+                         ref_logp=torch.randn(b, s - 1, generator=gen),
                          lengths=lengths, rollout_experts=torch.randint(0, 8, (b, s - 1, 2, 2), generator=gen))
     moved, plan = balance_batch(batch, 2)
     assert plan.order != list(range(b)) and sorted(plan.order) == list(range(b))

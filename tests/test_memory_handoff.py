@@ -14,6 +14,13 @@ import torch
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
+def on_gpu_in_both_precisions(test):
+    for mark in (pytest.mark.parametrize("precision", ["bf16", "fp32"]), pytest.mark.timeout(300), pytest.mark.gpu,
+                 pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")):
+        test = mark(test)
+    return test
+
+
 def _build(precision: str = "fp32"):
     from r1mega.config.presets import resolve_model
     from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig
@@ -64,10 +71,7 @@ def test_cpu_offload_and_onload_are_logged_no_ops(single_process_megatron, caplo
     assert lm_train_step(tm, _tokens(model, 1), 2).grad_norm > 0
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
-@pytest.mark.timeout(300)
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@on_gpu_in_both_precisions
 def test_offload_frees_the_grad_buffers_and_optimizer_state(single_process_megatron, precision):
     from r1mega.train.lm_step import lm_train_step
     from r1mega.train.memory import handoff_bytes, is_offloaded, offload, onload
@@ -100,10 +104,7 @@ def test_offload_frees_the_grad_buffers_and_optimizer_state(single_process_megat
     assert lm_train_step(tm, _tokens(model, 1), 2).grad_norm > 0
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
-@pytest.mark.timeout(300)
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@on_gpu_in_both_precisions
 def test_training_after_an_offload_cycle_is_bit_identical(single_process_megatron, precision):
     from r1mega.train.lm_step import lm_train_step
     from r1mega.train.memory import offload, onload, optimizer_tensors
