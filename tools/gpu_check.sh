@@ -2,10 +2,12 @@
 # The GPU checks in one script, for a CUDA machine (a cluster node, or the lent H100/H200 where
 # megatron-core and r1mega's pure-Python dependencies travel as wheels in .whl/):
 #   1. build the CUDA ops from csrc/        2. the `gpu`-marked tests (TE ones skip without TE)
-#   3. bench_mfu: SequentialMLP vs grouped-GEMM experts on an 8-layer, 64-expert MoE in bf16
-#   4. bench_logprob on CUDA: naive vs torch-chunked vs the CUDA op at vocab 152k
+#   3. memory: the learner memory handoff (offload frees >= 90% of grad + optimizer bytes; training
+#      after an offload/onload cycle is bit-identical), needs megatron-core and CUDA, not vLLM
+#   4. bench_mfu: SequentialMLP vs grouped-GEMM experts on an 8-layer, 64-expert MoE in bf16
+#   5. bench_logprob on CUDA: naive vs torch-chunked vs the CUDA op at vocab 152k
 # Each step's log goes to $OUT/<step>.log (default runs/gpu_check); a failing step does not stop
-# the others. Usage: bash tools/gpu_check.sh [steps...]   (default: build tests mfu logprob)
+# the others. Usage: bash tools/gpu_check.sh [steps...]   (default: build tests memory mfu logprob)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
@@ -34,7 +36,7 @@ MOE_2B=(--model qwen3_moe --set num_layers=8 --set hidden_size=2048 --set num_at
         --set num_query_groups=4 --set kv_channels=128 --set num_experts=64 --set moe_router_topk=8
         --set moe_ffn_hidden_size=768 --set vocab_size=32000 --set precision=bf16 --seq-len 4096 --batch 2)
 
-for s in "${@:-build tests mfu logprob}"; do
+for s in "${@:-build tests memory mfu logprob}"; do
     for one in $s; do
         case $one in
             build) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -44,10 +46,12 @@ for s in "${@:-build tests mfu logprob}"; do
                        tests/test_grouped_experts.py tests/test_gpu_training.py tests/test_accelerated_paths.py \
                        tests/test_refit_transport.py
                    step spec 120 $PY -m pytest -q -p no:cacheprovider tests/test_accelerated_paths.py -k local_spec ;;
+            memory) step memory 150 env CUBLAS_WORKSPACE_CONFIG=:4096:8 $PY -m pytest -q -s -p no:cacheprovider -rA \
+                        tests/test_memory_handoff.py ;;
             mfu) step mfu 180 $PY tools/bench_mfu.py "${MOE_2B[@]}" --steps 3 --warmup 1 --experts-compare --json ;;
             logprob) step logprob 90 $PY tools/bench_logprob.py --device cuda --dtype bfloat16 --vocab 152064 \
                          --tokens 16384 --hidden 4096 --chunk 4096 --repeat 3 ;;
-            *) echo "unknown step $one (build tests mfu logprob)"; exit 2 ;;
+            *) echo "unknown step $one (build tests memory mfu logprob)"; exit 2 ;;
         esac
     done
 done

@@ -64,7 +64,8 @@ class LearnerBatch:
     def size(self) -> int:
         return self.tokens.size(0)
 
-    def rows(self, idx: slice) -> "LearnerBatch":
+    def rows(self, idx: slice | torch.Tensor) -> "LearnerBatch":
+        """The rows ``idx`` selects: a slice (views), or a tensor of row indices (copies, in that order)."""
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return LearnerBatch(self.tokens[idx], self.loss_mask[idx], pick(self.advantages), pick(self.old_logp),
                             pick(self.rollout_logp), pick(self.ref_logp), pick(self.lengths),

@@ -81,6 +81,9 @@ class CheckSpec:
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-3, clip_grad=0.0))
     objective: str = "lm"  # lm (megatron's cross entropy) | grpo | sft (r1mega's learner step)
     pack: bool = False  # learner objectives: padding-free packed micro-batches
+    # learner objectives: reorder each global batch before the step so that contiguous slices are
+    # token-balanced over this many DP ranks (rl.balance); 0 keeps the order. Loss and grads must not change.
+    balance_parts: int = 0
     rl: RLConfig = field(default_factory=lambda: RLConfig(kl_coef=0.01, entropy_coef=0.01, tis_cap=None))
 
     @classmethod
@@ -147,6 +150,10 @@ def _train_step(spec: CheckSpec, tm, reference, vocab_size: int, tokens: torch.T
         # an engine's sampling log-probs differ slightly from the trainer's: exercises TIS + mismatch
         noise = torch.Generator().manual_seed(spec.data_seed + step)
         batch.rollout_logp = batch.old_logp + 0.3 * torch.randn(batch.old_logp.shape, generator=noise)
+    if spec.balance_parts:  # after every per-row field is filled: the rows move with all their fields
+        from r1mega.rl.balance import balance_batch
+
+        batch, _ = balance_batch(batch, spec.balance_parts)
     result = learner_step(tm, batch, settings, rl, force_all_reduce=last)
     if rl is not None and rl.routing_replay != "none":
         result.values.update(routing_metrics)

@@ -1,0 +1,38 @@
+"""tools/bench_rollout.py: the balance part and the last line's format (the engine part is pending)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_rollout.py"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("bench_rollout", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_last_line_reports_both_splits_and_no_made_up_wall_times(capsys):
+    assert _tool().main(["--dp", "4", "--prompts", "16", "--group", "8"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any("PENDING" in line for line in lines)
+    m = re.fullmatch(r"rollout_engines=\[1,2,4\] wall_s=pending dp_imbalance_contiguous=(\S+) "
+                     r"dp_imbalance_balanced=(\S+)", lines[-1])
+    assert m, lines[-1]
+    contiguous, balanced = float(m.group(1)), float(m.group(2))
+    assert 1.0 <= balanced <= 1.05 < contiguous
+
+
+@pytest.mark.parametrize("argv,phrase", [(["--engines", "1,x"], "give engine counts like 1,2,4"),
+                                         (["--engines", "0"], "give positive engine counts"),
+                                         (["--dp", "3"], "must split over --dp 3")])
+def test_bad_arguments_are_refused(argv, phrase, capsys):
+    with pytest.raises(SystemExit):
+        _tool().main(argv)
+    assert phrase in capsys.readouterr().err
