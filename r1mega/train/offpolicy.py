@@ -164,6 +164,8 @@ def apply_staleness_bound(rollout: Rollout, staleness: list[int], max_staleness:
 class OneStepOff:
     """The learners' side: batches arrive from the engine ranks; weights leave one step behind."""
 
+    colocated = False  # the engines have devices of their own
+
     def __init__(self, tr):
         self.tr = tr
         self.pending = False  # the last update's weights, pushed after the next batch arrived

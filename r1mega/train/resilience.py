@@ -167,6 +167,9 @@ class Checkpointer:
     def save(self, stage: str, stage_step: int, state: dict) -> Path:
         """Collective: an atomic checkpoint of the current global step."""
         from r1mega.ckpt import save_checkpoint
+        from r1mega.train.memory import onload
+
+        onload(self.tm)  # the optimizer state must be on the device (or this is a no-op) to be saved
 
         lines = broadcast_from_rank0(_count_lines(self.metrics_path) if not dist.is_initialized()
                                      or dist.get_rank() == 0 else None)

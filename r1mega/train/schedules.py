@@ -119,6 +119,8 @@ class Colocated:
     """Every rollout-TP group's engine samples its share of the step's prompts with the current weights and
     scores it; every rank gets all samples; the update is pushed into every engine right after."""
 
+    colocated = True  # the engine shares the learner's devices: memory handoff around training
+
     def __init__(self, tr):
         self.tr = tr
         self.rewarder = None

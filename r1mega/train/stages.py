@@ -85,6 +85,7 @@ def grpo_stage(tr, stage, scfg, resume: Optional[dict]) -> dict:
     from r1mega.rl.learner import ReferencePolicy
     from r1mega.train.evaluate import make_problems
     from r1mega.train.grpo import GRPORun, Prompt, grpo_step, learner_settings
+    from r1mega.train.memory import onload
     from r1mega.train.offpolicy import OneStepOff
     from r1mega.train.run_data import stage_examples
     from r1mega.train.schedules import Colocated
@@ -109,6 +110,7 @@ def grpo_stage(tr, stage, scfg, resume: Optional[dict]) -> dict:
         schedule.start(run, first, scfg.trainer.steps)
         for step in range(first, scfg.trainer.steps + 1):
             grpo_step(tr, run, step)
+        onload(tr.tm)  # the stage's final checkpoint and the next stage see the whole training state
         final = schedule.finish(run, scfg.trainer.steps)
     finally:
         schedule.close()

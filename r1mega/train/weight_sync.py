@@ -121,7 +121,7 @@ class WeightSync:
         from r1mega.bridge.export import export_hf_buckets
 
         t0 = time.monotonic()
-        self.wake()
+        self.wake(("weights",))  # the weights first, so the KV cache does not sit beside the export
         rollout = self.cfg.rollout
         buckets = export_hf_buckets(tm.module, tm.config, self.cfg.model, int(rollout.refit_bucket_mb * 2**20))
         error = None
@@ -135,6 +135,7 @@ class WeightSync:
         for _ in buckets:  # after a failure, and on ranks without an engine: the gathers are collectives
             pass
         raise_any(error)
+        self.wake(("kv_cache",))
         self.stale = False
         self.refits += 1
         out = {"time/refit": time.monotonic() - t0}
@@ -200,9 +201,10 @@ class WeightSync:
             self.slept = True
             self.engine.sleep(self.cfg.rollout.sleep_level)
 
-    def wake(self) -> None:
+    def wake(self, tags=None) -> None:
+        """``("weights",)`` before a refit, ``("kv_cache",)`` after it; ``None``: everything."""
         if self.engine is not None:
-            self.engine.wake()
+            self.engine.wake(tags)
 
     def close(self) -> None:
         if self.engine is not None:
