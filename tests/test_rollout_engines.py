@@ -39,7 +39,8 @@ def test_rollout_tp_must_divide_the_world():
 STAGES = "stages=[{name: sft, kind: sft, steps: 12, lr: 0.002}, {name: rl, kind: grpo, steps: 3}]"
 # the MoE aux loss is computed per micro-batch, and the token-balanced split regroups rows at dp > 1: off here,
 # so every term of the loss is independent of the layout
-SMALL = ["model.moe_aux_loss_coeff=0", "data.eval_path=null", "trainer.global_batch_size=16", "rollout.n=4", "rollout.max_new_tokens=16",
+SMALL = ["model.moe_aux_loss_coeff=0", "data.eval_path=null",
+         "trainer.global_batch_size=16", "rollout.n=4", "rollout.max_new_tokens=16",
          "parallel.micro_batch_size=4", "reward.format_mode=partial", "checkpoint.save_interval=0"]
 
 

@@ -3,9 +3,11 @@
 Why: a GRPO step generates on world_size / rollout.tp engines and then trains on the learner's
 data-parallel ranks; each rank waits for the one with the most tokens. Two measurements:
 
-- engines: the same batch on 1, 2 and 4 engines (on CPU with the same total number of threads), the
-  per-engine token share and the wall time per engine count. PENDING: this part needs the rollout
-  over several engines; until then the script says so and reports no wall times.
+- engines: the same batch (``--engine-prompts`` prompts x ``--group`` samples of ``--engine-new-tokens``
+  tokens, a tiny random Qwen3-MoE) on 1, 2 and 4 vLLM engine processes (on CPU with the same total
+  number of threads, ``--threads``), prompts round-robin with per-prompt seeds as in the trainer: the
+  per-engine token share, the wall time per engine count, and whether every count returned the same
+  samples. ``--no-engines`` skips this part (no vLLM needed).
 - balance: a batch of ``--prompts`` x ``--group`` samples (prompt lengths uniform in
   [``--prompt-min``, ``--prompt-max``], one per group; response lengths lognormal with median
   ``--median`` tokens and sigma ``--sigma``, truncated at ``--max-new-tokens``) split over ``--dp``
@@ -15,7 +17,7 @@ data-parallel ranks; each rank waits for the one with the most tokens. Two measu
     PYTHONPATH=. python tools/bench_rollout.py [--engines 1,2,4] [--dp 8] [--prompts 32 --group 8]
 
 Last line: ``rollout_engines=<list> wall_s=<list> dp_imbalance_contiguous=<x> dp_imbalance_balanced=<y>``
-(``wall_s=pending`` while the engine part is pending).
+(``wall_s=skipped`` with ``--no-engines``).
 """
 
 from __future__ import annotations
@@ -61,12 +63,80 @@ def measure_balance(args) -> dict[str, float]:
     return result
 
 
-def measure_engines(engine_counts: list[int], args) -> list[float] | None:
-    """Wall time of the same batch on each engine count. Pending: needs the rollout over several
-    engines (one engine per rollout-TP group); returns None until then."""
-    print(f"engines={engine_counts}: PENDING, the rollout over several engines is not wired yet; "
-          "no wall times are reported")
-    return None
+def tiny_model_dir(root: Path, seed: int) -> Path:
+    """A tiny Qwen3-MoE (head_dim 64, as vLLM-CPU needs) with random weights and the demo's tokenizer."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from r1mega.data.tasks import synthetic_examples
+    from r1mega.train.run_data import build_tokenizer
+
+    out = root / "model"
+    build_tokenizer(out, synthetic_examples("synthetic:addition:2", "train", seed)[:400], 512)
+    torch.manual_seed(seed)
+    cfg = Qwen3MoeConfig(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=64,
+                         num_experts=8, num_experts_per_tok=2, max_position_embeddings=512, tie_word_embeddings=False)
+    Qwen3MoeForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+def _generate(engine, prompts: list, indices: list[int], args) -> tuple[list, float]:
+    """One engine's share (the prompts at ``indices`` of the batch), seeded per prompt; (rows, seconds)."""
+    from r1mega.rollout import SamplingSpec
+
+    sampling = SamplingSpec(max_new_tokens=args.engine_new_tokens, ignore_eos=True,
+                            prompt_seeds=tuple(1000 + i for i in indices))
+    t0 = time.perf_counter()
+    rows = engine.generate(prompts, args.group, sampling)
+    return rows, time.perf_counter() - t0
+
+
+def measure_engines(engine_counts: list[int], args) -> list[float]:
+    """Wall time of the same batch on each engine count, with the same total number of threads (each
+    engine a child process on ``threads / engines`` cores); prompts go round-robin to the engines with
+    per-prompt seeds, as in the trainer, so every count must return the same samples."""
+    import os
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from r1mega.rollout.vllm_engine import EngineProcess
+    from r1mega.train.engine_plan import EnginePlan
+
+    root = Path(tempfile.mkdtemp(prefix="r1mega-bench-rollout-"))
+    model = tiny_model_dir(root, args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    prompts = [torch.randint(10, 500, (int(n),), generator=gen).tolist()
+               for n in torch.randint(8, 32, (args.engine_prompts,), generator=gen)]
+    cores = sorted(os.sched_getaffinity(0))
+    threads = max(max(engine_counts), args.threads)
+    walls, reference = [], None
+    for count in engine_counts:
+        plan = EnginePlan(count, 1)
+        engines = []
+        for e in range(count):
+            mine = [cores[(e * (threads // count) + i) % len(cores)] for i in range(threads // count)]
+            env = {"OMP_NUM_THREADS": str(len(mine)), "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, mine)),
+                   "VLLM_CACHE_ROOT": str(root / "vllm-cache")}
+            engines.append(EngineProcess(model, seed=0, env=env))
+        shares = [plan.prompts_of(e, len(prompts)) for e in range(count)]
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(count) as pool:
+            results = list(pool.map(_generate, engines, [[prompts[i] for i in share] for share in shares], shares,
+                                    [args] * count))
+        wall = time.perf_counter() - t0
+        for engine in engines:
+            engine.close()
+        by_prompt = {i: [g.token_ids for g in row] for (rows, _), share in zip(results, shares)
+                     for i, row in zip(share, rows)}
+        samples = [by_prompt[i] for i in range(len(prompts))]
+        reference = samples if reference is None else reference
+        tokens = [sum(len(ids) for row in rows for g in row for ids in [g.token_ids]) for rows, _ in results]
+        print(f"engines={count} threads_per_engine={threads // count} wall_s={wall:.2f} "
+              f"engine_s={[round(t, 2) for _, t in results]} token_share={[round(t / sum(tokens), 3) for t in tokens]} "
+              f"same_samples_as_{engine_counts[0]}={samples == reference}")
+        walls.append(wall)
+    return walls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sigma", type=float, default=1.0, help="lognormal sigma of the response lengths")
     parser.add_argument("--max-new-tokens", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine-prompts", type=int, default=32, help="prompts of the engine batch")
+    parser.add_argument("--engine-new-tokens", type=int, default=48, help="tokens per sample of the engine batch")
+    parser.add_argument("--threads", type=int, default=4, help="total engine threads, split over the engines")
+    parser.add_argument("--no-engines", action="store_true", help="the balance part only (no vLLM needed)")
     args = parser.parse_args(argv)
     try:
         engines = [int(x) for x in args.engines.split(",") if x.strip()]
@@ -92,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--prompts {args.prompts} x --group {args.group} must split over --dp {args.dp} "
                      "(whole prompts per rank as well): choose --prompts as a multiple of --dp")
     balance = measure_balance(args)
-    wall = measure_engines(engines, args)
-    wall_s = "pending" if wall is None else "[" + ",".join(f"{w:.2f}" for w in wall) + "]"
+    wall = None if args.no_engines else measure_engines(engines, args)
+    wall_s = "skipped" if wall is None else "[" + ",".join(f"{w:.2f}" for w in wall) + "]"
     print(f"rollout_engines=[{','.join(map(str, engines))}] wall_s={wall_s} "
           f"dp_imbalance_contiguous={balance['contiguous']:.4f} dp_imbalance_balanced={balance['balanced']:.4f}")
     return 0
