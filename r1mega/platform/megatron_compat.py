@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import warnings
 from importlib import metadata
 
@@ -65,7 +64,6 @@ def ensure_megatron() -> None:
         _patch_megatron_for_cpu()
     if not have_transformer_engine():
         _patch_megatron_without_te()
-    _patch_megatron_bugs()
     _READY = True
 
 
@@ -123,14 +121,6 @@ def _patch_megatron_without_te() -> None:
     # multi_latent_attention.py believes TE is present when megatron's TE extension module imports
     # (it does, with placeholders), then calls isinstance(x, None).
     mla.HAVE_TE = False
-
-
-def _patch_megatron_bugs() -> None:
-    """Fixes for megatron-core bugs that are not CPU specific (see docs/architecture.md)."""
-    from r1mega.models import mla_fix
-
-    if not os.environ.get("R1MEGA_SKIP_MLA_FIX"):  # only to demonstrate the bug in tests
-        mla_fix.install()
 
 
 def local_expert_spec() -> tuple[type, object]:

@@ -29,6 +29,7 @@ from r1mega.rl.routing import routing_table
 from r1mega.rollout import SamplingSpec
 from r1mega.train.metrics import MetricsLogger
 from r1mega.train.resilience import check_skip
+from r1mega.train.rewarders import TrainingRewarder
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def run_grpo(cfg, tm, engine, tokenizer, prompts: list[Prompt], *, steps: int, p
     reference = ReferencePolicy(tm) if rl.kl_coef > 0 else None
     own_rewarder = rewarder is None and engine is not None
     if own_rewarder:
-        rewarder = RewardComputer(cfg.reward, cfg.rollout.max_new_tokens)
+        rewarder = TrainingRewarder(cfg.reward, cfg.rollout.max_new_tokens)
     bucket_bytes = int(cfg.rollout.refit_bucket_mb * 2**20)
     tp = cfg.parallel.tp
     own_metrics = metrics is None

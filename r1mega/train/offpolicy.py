@@ -96,15 +96,15 @@ def _sampling(cfg, eos_id: int, step: int) -> SamplingSpec:
 def engine_loop(cfg, role: Role, steps: int, engine_env: Optional[dict] = None) -> None:
     """An engine rank: wait for the learners' set-up message, then generate / send / take weights."""
     from r1mega.data.tokenizer import HFTokenizer
-    from r1mega.rewards import RewardComputer
     from r1mega.rollout import build_engine
     from r1mega.train.grpo import sample_and_score
+    from r1mega.train.rewarders import TrainingRewarder
 
     transfer = role.transfer
     setup = transfer.broadcast_object(None, src=0)
     tokenizer = HFTokenizer(setup["tokenizer_dir"])
     engine = build_engine(setup["hf_dir"], cfg.rollout, in_process=False, env=engine_env or {})
-    rewarder = RewardComputer(cfg.reward, cfg.rollout.max_new_tokens)
+    rewarder = TrainingRewarder(cfg.reward, cfg.rollout.max_new_tokens)
     prompts, order, per_step = setup["prompts"], setup["order"], setup["prompts_per_step"]
     R = len(role.engine_src)
     version = 0

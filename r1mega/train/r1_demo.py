@@ -114,6 +114,7 @@ def _run_stages(cfg: R1Config, env, stop, sft_steps: int, sft_lr: float, eval_pr
     from r1mega.train.metrics import MetricsLogger, run_summary
     from r1mega.train.model_setup import build_training_model
     from r1mega.train.resilience import Checkpointer
+    from r1mega.train.rewarders import TrainingRewarder
     from r1mega.train.sft import build_rows, eval_loss, run_sft
 
     t_start = time.monotonic()
@@ -150,7 +151,7 @@ def _run_stages(cfg: R1Config, env, stop, sft_steps: int, sft_lr: float, eval_pr
 
         engine = build_engine(out / "hf_init", cfg.rollout, in_process=False,
                               env={"VLLM_CACHE_ROOT": str(out / "vllm-cache"), "OMP_NUM_THREADS": "1"})
-        rewarder = RewardComputer(cfg.reward, cfg.rollout.max_new_tokens)
+        rewarder = TrainingRewarder(cfg.reward, cfg.rollout.max_new_tokens)
         judge = RewardComputer(judge_config(cfg.reward, ["arithmetic"]))
 
     eval_set = eval_problems(held_out[:eval_prompts], tokenizer)

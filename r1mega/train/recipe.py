@@ -162,16 +162,16 @@ def _sft(r: Recipe, stage: StageConfig, scfg: R1Config, tm) -> dict:
 
 
 def _grpo(r: Recipe, stage: StageConfig, scfg: R1Config, tm) -> dict:
-    from r1mega.rewards import RewardComputer
     from r1mega.train.evaluate import make_problems
     from r1mega.train.grpo import Prompt, run_grpo
+    from r1mega.train.rewarders import TrainingRewarder
 
     spec = stage.data or scfg.data.train_path
     problems = make_problems(stage_examples(spec, scfg.data.seed), r.tokenizer, scfg.data.chat_template,
                              scfg.data.max_prompt_length)
     prompts = [Prompt.of(p.example, p.text, p.ids) for p in problems]
     r.sync_engine(tm)
-    rewarder = RewardComputer(scfg.reward, scfg.rollout.max_new_tokens) if _rank() == 0 else None
+    rewarder = TrainingRewarder(scfg.reward, scfg.rollout.max_new_tokens) if _rank() == 0 else None
     try:
         run_grpo(scfg, tm, r.engine, r.tokenizer, prompts, steps=scfg.trainer.steps,
                  prompts_per_step=max(1, scfg.trainer.global_batch_size // scfg.rollout.n), out_dir=r.out,
