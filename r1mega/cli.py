@@ -13,9 +13,11 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from r1mega.config import ConfigError, load_config
+from r1mega.config.paths import check_paths
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml"
 LM_DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "lm_demo_cpu.yaml"
@@ -52,6 +54,16 @@ def _relaunch(nproc: int, argv: list[str], timeout_s: float | None) -> int:
             signal.signal(s, handler)
 
 
+def _checked_config(args, overrides: list[str], training: bool = False, stages=None):
+    """The validated config with every path it names checked, in this process before any rank starts
+    (a re-launching parent checks it for the ``--nproc`` world it is about to start)."""
+    world = args.nproc if args.nproc > 1 and not _launched() else _world_size()
+    cfg = load_config(args.config, overrides, world_size=world)
+    run_stages = stages(cfg) if stages else None
+    check_paths(replace(cfg, stages=run_stages) if run_stages else cfg, training=training)
+    return cfg
+
+
 def _demo_overrides(nproc: int, overrides: list[str]) -> list[str]:
     """A 2-process demo defaults to expert parallelism, unless the user chose a layout."""
     if nproc > 1 and not any(o.startswith(("parallel.tp=", "parallel.pp=", "parallel.ep=")) for o in overrides):
@@ -62,12 +74,12 @@ def _demo_overrides(nproc: int, overrides: list[str]) -> list[str]:
 def cmd_demo(args, rest: list[str]) -> int:
     """The R1 demo: eval -> cold-start SFT -> eval -> GRPO -> eval (``r1mega.train.r1_demo``)."""
     overrides = _demo_overrides(args.nproc, args.overrides)
+    cfg = _checked_config(args, overrides)
     if args.nproc > 1 and not _launched():
         argv = ["demo", "--config", str(args.config), "--sft-steps", str(args.sft_steps), "--sft-lr", str(args.sft_lr),
                 "--eval-prompts",
                 str(args.eval_prompts), "--eval-k", str(args.eval_k), *overrides]
         return _relaunch(args.nproc, argv, args.timeout)
-    cfg = load_config(args.config, overrides, world_size=_world_size())
     from r1mega.train.r1_demo import run_r1_demo
     from r1mega.train.resilience import EXIT_PREEMPTED, TrainingPreempted
 
@@ -111,23 +123,26 @@ def cmd_lm_demo(args, rest: list[str]) -> int:
 def cmd_train(args, rest: list[str]) -> int:
     """Run the recipe's stages in order (``r1mega.train.recipe``); ``sft`` runs one SFT stage; ``distill`` runs
     the recipe's stages (which must include a distill stage), or one distill stage when it has none."""
+    from r1mega.config import StageConfig
+
+    def stages(cfg):  # what `sft` / a stage-less `distill` run instead of the recipe's stages
+        if args.command == "sft":
+            return [StageConfig(name="sft", kind="sft")]
+        return [StageConfig(name="distill", kind="distill")] if args.command == "distill" and not cfg.stages else None
+
+    cfg = _checked_config(args, args.overrides, training=True, stages=stages)
     if args.nproc > 1 and not _launched():
         return _relaunch(args.nproc, [args.command, "--config", str(args.config), *args.overrides], args.timeout)
-    cfg = load_config(args.config, args.overrides, world_size=_world_size())
-    from r1mega.config import StageConfig
     from r1mega.data.jsonl import DataError
     from r1mega.train.recipe import run_recipe
     from r1mega.train.teacher_gen import GenerationPaused
 
-    only = [StageConfig(name="sft", kind="sft")] if args.command == "sft" else None
+    only = stages(cfg)
     if args.command == "distill":
         if cfg.stages and not any(st.kind == "distill" for st in cfg.stages):
             raise ConfigError("`r1mega distill` needs a stage with kind: distill in `stages:` (or no stages at all "
                               "for a single distill stage); use `r1mega train` for other recipes")
-        only = None if cfg.stages else [StageConfig(name="distill", kind="distill")]
         if only:  # the single stage must pass the distill checks too
-            from dataclasses import replace
-
             from r1mega.config import validate_config
 
             validate_config(replace(cfg, stages=only), _world_size())
@@ -152,11 +167,11 @@ def cmd_train(args, rest: list[str]) -> int:
 def cmd_eval(args, rest: list[str]) -> int:
     """pass@1 (mean over k samples), cons@k, format rate and response length -> a JSON report
     (several benchmarks: plus a markdown table, printed)."""
+    cfg = _checked_config(args, args.overrides)
     if args.nproc > 1 and not _launched():
         argv = ["eval", "--config", str(args.config),
                 *_flags(args, ("data", "benchmarks", "k", "checkpoint", "hf", "out")), *args.overrides]
         return _relaunch(args.nproc, argv, args.timeout)
-    cfg = load_config(args.config, args.overrides, world_size=_world_size())
     from r1mega.data.jsonl import DataError
     from r1mega.train.eval_run import EvalRequest, run_eval
 
@@ -304,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, rest)
     except ConfigError as e:
-        print(f"r1mega: invalid configuration:\n{e}", file=sys.stderr)
+        print(f"r1mega {args.command}: {e}", file=sys.stderr)  # e says "invalid configuration: ..."
         return 2
 
 

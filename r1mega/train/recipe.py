@@ -109,6 +109,7 @@ def stage_examples(spec: str, seed: int, need_reference: bool = True):
 
 def recipe_tokenizer(cfg: R1Config, out: Path):
     """``data.tokenizer``; for all-synthetic CPU recipes without one, the demo's BPE trained on the task."""
+    from r1mega.config.paths import tokenizer_problems
     from r1mega.data.tokenizer import HFTokenizer, load_tokenizer
 
     teacher_hf = cfg.distill.teacher_hf if any(s.kind == "distill" for s in cfg.stages) else None
@@ -116,9 +117,8 @@ def recipe_tokenizer(cfg: R1Config, out: Path):
         tok_path = Path(cfg.data.tokenizer or teacher_hf)
         return load_tokenizer(tok_path), (tok_path if tok_path.is_dir() else tok_path.parent)
     specs = [s.data for s in cfg.stages if s.data] + [p for p in (cfg.data.train_path, cfg.data.eval_path) if p]
-    if not specs or not all(is_synthetic(s) for s in specs):
-        raise ConfigError("data.tokenizer is not set: point it at the model's tokenizer (tokenizer.json or its "
-                          "directory); only all-synthetic CPU recipes may leave it unset")
+    if problems := tokenizer_problems(cfg):
+        raise ConfigError(problems)
     tok_dir = out / "tokenizer"
     if _rank() == 0:
         from r1mega.train.r1_demo import build_tokenizer
