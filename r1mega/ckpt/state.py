@@ -91,9 +91,6 @@ def restore_rng(state: dict, include_device: bool = True) -> None:
 def r1mega_version() -> str:
     import r1mega
 
-    version = getattr(r1mega, "__version__", None)
-    if version:
-        return str(version)
     try:
         return metadata.version("r1mega")
     except metadata.PackageNotFoundError:

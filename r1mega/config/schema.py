@@ -196,7 +196,7 @@ class ModelRewardConfig:
 
     ``kind``: ``reward_model`` scores with an HF ``*ForSequenceClassification`` model at ``path``
     (batched; the raw logit ``label_index``); ``judge`` sends ``rubric`` to an LLM served by a rollout
-    engine (passed to ``RewardComputer(engines={name: engine})``, or started from ``path``) and parses
+    engine (the trainer starts one from ``path`` and passes it to ``RewardComputer(engines=...)``) and parses
     its ``Score: <n>`` verdict, normalised to [0, 1]. ``scope``: ``answer`` = the final answer only, the
     chain of thought removed (R1's helpfulness); ``response`` = the whole response (R1's harmlessness).
     """
@@ -204,7 +204,7 @@ class ModelRewardConfig:
     name: str = "helpfulness"
     kind: str = "reward_model"  # reward_model | judge
     scope: str = "answer"  # answer | response
-    path: Optional[str] = None  # HF model directory (reward model; judge without an engine passed in)
+    path: Optional[str] = None  # HF model directory (the reward model; the LLM the judge's engine serves)
     batch_size: int = 8  # texts per reward-model forward / per judge generate call
     max_length: int = 2048  # reward model: tokens per text (truncated from the left, keeping the end)
     label_index: int = 0  # reward model: which output logit is the score

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Union
 
+from r1mega.config.paths import SYNTHETIC_PREFIX, is_synthetic  # noqa: F401  (is_synthetic: re-exported)
 from r1mega.data.dataset import Example
 from r1mega.data.jsonl import PathLike, write_jsonl
 from r1mega.data.synthetic import (
@@ -46,13 +47,6 @@ def task_splits(task: str, count: int, seed: int = 0, eval_fraction: float = 0.1
     train, held_out = split_train_eval(problems, eval_fraction)
     return ([to_example(p, i, task) for i, p in enumerate(train)],
             [to_example(p, i, task) for i, p in enumerate(held_out)])
-
-
-SYNTHETIC_PREFIX = "synthetic:"
-
-
-def is_synthetic(spec: str) -> bool:
-    return str(spec).startswith(SYNTHETIC_PREFIX)
 
 
 def synthetic_examples(spec: str, split: str = "train", seed: int = 0, count: int = 4000) -> list[Example]:

@@ -17,7 +17,6 @@ from r1mega.config.pipeline_split import stage_layers
 from r1mega.config.schema import ModelConfig, ParallelConfig
 from r1mega.models import routing_replay
 from r1mega.models.layer_spec import build_block_spec, use_transformer_engine
-from r1mega.platform.megatron_compat import supports_routing_replay
 
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
@@ -66,7 +65,7 @@ def _moe_kwargs(model: ModelConfig) -> dict:
         moe_grouped_gemm=False,
         moe_layer_freq=[0] * first_dense + [1] * (model.num_layers - first_dense),
         # router replay hooks (R2/R3, models/routing_replay.py); inactive unless a pass sets an action
-        moe_enable_routing_replay=supports_routing_replay(),
+        moe_enable_routing_replay=True,
     )
 
 

@@ -8,7 +8,7 @@ Only the *indices* are forced; the routing weights are still the learner's softm
 own logits at the chosen experts, so the router keeps its gradient.
 
 Mechanism: megatron-core's ``RouterReplay`` (``transformer/moe/router_replay.py``, switched on by
-``TransformerConfig.moe_enable_routing_replay``; see ``megatron_compat.supports_routing_replay``).
+``TransformerConfig.moe_enable_routing_replay``).
 r1mega does not use megatron's process-global instance list (a policy and its frozen reference live
 in one process, so a list-position API would mix them up); :class:`RoutingReplay` finds the routers
 of one model and lays a *global* table of choices ``[B, S-1, L_moe, k]`` (rows as fed to the model,
@@ -31,30 +31,25 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from r1mega.platform.megatron_compat import supports_routing_replay
-
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
+from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-if supports_routing_replay():
-    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction  # noqa: E402
 
-    class KeepOwnRouterReplay(RouterReplay):
-        """megatron's ``RouterReplay`` that also records the router's own top-k while replaying.
+class KeepOwnRouterReplay(RouterReplay):
+    """megatron's ``RouterReplay`` that also records the router's own top-k while replaying.
 
-        Why: the mismatch metric compares the learner's own choice with the engine's; recording it
-        in the replayed pass avoids a second forward. The extra top-k runs without gradient.
-        """
+    Why: the mismatch metric compares the learner's own choice with the engine's; recording it
+    in the replayed pass avoids a second forward. The extra top-k runs without gradient.
+    """
 
-        def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
-            if self.router_replay_action == RouterReplayAction.REPLAY_FORWARD:
-                with torch.no_grad():
-                    self.record_indices(default_compute_topk(scores.detach(), topk, num_groups, group_topk)[1])
-            return super().get_replay_topk(scores, topk, num_groups, group_topk, default_compute_topk)
-else:  # pragma: no cover - megatron-core < 0.16 has no router replay
-    RouterReplay = RouterReplayAction = KeepOwnRouterReplay = None
+    def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
+        if self.router_replay_action == RouterReplayAction.REPLAY_FORWARD:
+            with torch.no_grad():
+                self.record_indices(default_compute_topk(scores.detach(), topk, num_groups, group_topk)[1])
+        return super().get_replay_topk(scores, topk, num_groups, group_topk, default_compute_topk)
 
 
 def moe_layer_numbers(config) -> list[int]:
@@ -88,9 +83,6 @@ class RoutingReplay:
     """Replay / record handle over the routers of one model chunk (this rank's stage)."""
 
     def __init__(self, model: torch.nn.Module, config):
-        if not supports_routing_replay():
-            raise RuntimeError("routing replay needs megatron-core >= 0.16 (transformer/moe/router_replay.py): "
-                               "upgrade megatron-core or set rl.routing_replay=none")
         if getattr(config, "recompute_granularity", None):
             raise ValueError("routing replay with activation recompute is not supported (the recomputed forward "
                              "would see a later micro-batch's choices): unset recompute or set rl.routing_replay=none")

@@ -7,9 +7,7 @@ the few megatron functions that hard-code CUDA tensors (each patch names the fil
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import warnings
 from importlib import metadata
 
@@ -20,24 +18,13 @@ from r1mega.platform.optional import have_transformer_engine
 
 log = logging.getLogger(__name__)
 
-MIN_MEGATRON = (0, 16, 0)
+MIN_MEGATRON = (0, 16, 1)
 _READY = False
 
 
 def megatron_version() -> tuple[int, ...]:
     raw = metadata.version("megatron-core")
     return tuple(int(p) for p in raw.split(".")[:3] if p.isdigit())
-
-
-def supports_routing_replay() -> bool:
-    """megatron-core's router replay (``transformer/moe/router_replay.py``, from 0.16) is present.
-
-    r1mega's routing replay (``models/routing_replay.py``) builds on it; older releases lack both the
-    module and ``TransformerConfig.moe_enable_routing_replay``.
-    """
-    import importlib.util
-
-    return importlib.util.find_spec("megatron.core.transformer.moe.router_replay") is not None
 
 
 def ensure_megatron() -> None:
@@ -65,7 +52,6 @@ def ensure_megatron() -> None:
         _patch_megatron_for_cpu()
     if not have_transformer_engine():
         _patch_megatron_without_te()
-    _patch_megatron_bugs()
     _READY = True
 
 
@@ -123,41 +109,3 @@ def _patch_megatron_without_te() -> None:
     # multi_latent_attention.py believes TE is present when megatron's TE extension module imports
     # (it does, with placeholders), then calls isinstance(x, None).
     mla.HAVE_TE = False
-
-
-def _patch_megatron_bugs() -> None:
-    """Fixes for megatron-core bugs that are not CPU specific (see docs/architecture.md)."""
-    from r1mega.models import mla_fix
-
-    if not os.environ.get("R1MEGA_SKIP_MLA_FIX"):  # only to demonstrate the bug in tests
-        mla_fix.install()
-
-
-def local_expert_spec() -> tuple[type, object]:
-    """``(SequentialMLP class, MLPSubmodules)`` of megatron's local spec, on every supported version.
-
-    0.16 returns the pair from ``LocalSpecProvider.grouped_mlp_modules(grouped_gemm, fp8)``; 0.19
-    takes one argument and returns ``functools.partial(SequentialMLP, submodules=...)``.
-    """
-    import inspect
-
-    from megatron.core.models.backends import LocalSpecProvider
-
-    provider = LocalSpecProvider()
-    n_args = len(inspect.signature(provider.grouped_mlp_modules).parameters)
-    built = provider.grouped_mlp_modules(*([False] * n_args))
-    if isinstance(built, functools.partial):
-        return built.func, built.keywords["submodules"]
-    return built
-
-
-@functools.cache
-def gpt_accepts_padding_mask() -> bool:
-    """``GPTModel.forward(padding_mask=...)`` (True = padding) keeps padding tokens out of the MoE aux
-    loss, z-loss and expert-bias counts (megatron-core >= 0.16); older releases lack the argument.
-    Cached: asked on every packed micro-batch."""
-    import inspect
-
-    from megatron.core.models.gpt.gpt_model import GPTModel
-
-    return "padding_mask" in inspect.signature(GPTModel.forward).parameters

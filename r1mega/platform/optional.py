@@ -30,12 +30,6 @@ def have_transformer_engine() -> bool:
     return True
 
 
-@functools.cache
-def have_fp8_gpu() -> bool:
-    """FP8 tensor cores: Ada (sm89), Hopper (sm90) or newer."""
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
-
-
 # What each megatron ``fp8_recipe`` needs: (min compute capability, min TE version, what it is).
 FP8_RECIPES = {
     "delayed": ((8, 9), (1, 0), "per-tensor scales from an amax history (TE's DelayedScaling)"),

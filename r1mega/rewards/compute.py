@@ -129,7 +129,8 @@ class RewardComputer:
 
     def __init__(self, cfg: RewardConfig, max_response_length: Optional[int] = None,
                  engines: Optional[Mapping[str, Any]] = None):
-        """``engines``: rollout engines for judges, by model-reward name (others start from their path)."""
+        """``engines``: the rollout engine of each judge, by model-reward name; they belong to the caller
+        (``r1mega.rollout.judges`` starts them), ``close()`` leaves them running."""
         check_reward_config(cfg)
         if cfg.overlong_max_length is None and max_response_length is not None:
             cfg = replace(cfg, overlong_max_length=max_response_length)

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Protocol, Sequence
 
+from r1mega.config.errors import ConfigError
 from r1mega.config.schema import ModelRewardConfig
 from r1mega.rewards.extract import ANSWER_CLOSE, ANSWER_OPEN, split_think, with_prefill
 from r1mega.rewards.sample import RewardInput, RewardResult
@@ -59,22 +60,13 @@ def request_of(sample: RewardInput) -> str:
 
 
 def build_scorer(cfg: ModelRewardConfig, engine: Any = None) -> ModelScorer:
-    """A loaded scorer for ``cfg`` (the judge uses ``engine``, or starts one from ``cfg.path``)."""
+    """A loaded scorer for ``cfg``: the reward model from ``cfg.path``; the judge over ``engine``."""
     if cfg.kind == "reward_model":
         from r1mega.rewards.reward_model import RewardModelScorer
 
         return RewardModelScorer(cfg)
     from r1mega.rewards.judge import JudgeScorer
 
-    if engine is None:
-        if not cfg.path:
-            raise ValueError(f"judge {cfg.name!r} needs a rollout engine: pass RewardComputer(..., "
-                             f"engines={{{cfg.name!r}: engine}}) or set reward.models[].path to an HF model "
-                             f"directory to start a vLLM engine")
-        from r1mega.rollout.vllm_engine import EngineProcess
-
-        log.info("starting a vLLM engine for judge %r from %s", cfg.name, cfg.path)
-        engine = EngineProcess(cfg.path, seed=0, max_model_len=None, logprobs_mode="processed")
     return JudgeScorer(cfg, engine)
 
 
@@ -82,8 +74,15 @@ class ModelRewards:
     """The model terms of a ``RewardComputer``: lazily loaded scorers, batched scoring, contained failures."""
 
     def __init__(self, terms: Sequence[ModelTerm], engines: Optional[Mapping[str, Any]] = None):
+        """``engines``: the rollout engine of each judge, by name (rewards never start one; the trainer
+        does, ``r1mega.rollout.judges``). A judge without one is refused here, not scored 0 later."""
         self.terms = tuple(terms)
         self.engines = dict(engines or {})
+        missing = [t.name for t in self.terms if t.cfg.kind == "judge" and t.name not in self.engines]
+        if missing:
+            raise ConfigError([f"judge {name!r} has no rollout engine: pass RewardComputer(..., engines={{{name!r}: "
+                               f"engine}}) (r1mega's trainer starts one from reward.models[].path)"
+                               for name in missing])
         self._scorers: dict[str, ModelScorer] = {}
 
     def scorer(self, term: ModelTerm) -> ModelScorer:
@@ -114,11 +113,7 @@ class ModelRewards:
                     results[i].errors[term.name] = error
 
     def close(self) -> None:
-        """Stop engines this object started (engines passed in belong to the caller)."""
-        for name, scorer in self._scorers.items():
-            engine = getattr(scorer, "engine", None)
-            if engine is not None and name not in self.engines and hasattr(engine, "close"):
-                engine.close()
+        """Drop the loaded scorers (the engines belong to the caller, who stops them)."""
         self._scorers.clear()
 
 

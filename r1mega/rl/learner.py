@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 from r1mega.config.schema import RLConfig
-from r1mega.platform.megatron_compat import gpt_accepts_padding_mask
 from r1mega.rl.aggregation import aggregate, split_scale, token_weights
 from r1mega.rl.distill_loss import topk_forward_kl
 from r1mega.rl.kl import kl_penalty
@@ -142,7 +141,7 @@ def _padding_mask_kwargs(gpt_model, seq_ids: torch.Tensor) -> dict:
     megatron scatters the mask over sequence-parallel ranks only on the first pipeline stage; later
     stages get this rank's chunk here."""
     pad = seq_ids == -1
-    if not pad.any() or not gpt_model.config.num_moe_experts or not gpt_accepts_padding_mask():
+    if not pad.any() or not gpt_model.config.num_moe_experts:
         return {}
     if not parallel_state.is_pipeline_first_stage() and gpt_model.config.sequence_parallel:
         tp = parallel_state.get_tensor_model_parallel_world_size()

@@ -117,10 +117,6 @@ class RefitStats:
         self.tensors += len(batch)
         self.bytes += sum(t.numel() * t.element_size() for _, t in batch)
 
-    @property
-    def gb_per_s(self) -> float:
-        return self.bytes / max(self.seconds, 1e-9) / 1e9
-
 
 @runtime_checkable
 class RolloutEngine(Protocol):

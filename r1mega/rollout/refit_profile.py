@@ -23,7 +23,7 @@ import contextlib
 import functools
 import time
 from collections import defaultdict
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 
 class Sections:
@@ -127,34 +127,6 @@ def instrument_vllm_reload(model, sections: Sections, prefix: str = "reload.") -
                 setattr(owner, attr, saved)
             else:  # it was inherited (class) or a bound method (instance): let that show through again
                 delattr(owner, attr)
-
-
-def timed_batches(buckets: Iterable, sections: Sections, on_batch: Callable | None = None) -> Iterator[list]:
-    """``layer_complete_batches(buckets)`` with the time spent producing the buckets (``export``: the
-    bridge's gather and rules run inside its generator) and re-chunking them (``regroup``) recorded;
-    ``on_batch(batch)`` is called for each batch before it is handed out."""
-    from r1mega.rollout.refit import layer_complete_batches
-
-    it = iter(buckets)
-    end = object()
-
-    def exported():
-        while True:
-            with sections.section("export"):
-                bucket = next(it, end)
-            if bucket is end:
-                return
-            yield bucket
-
-    batches = layer_complete_batches(exported())
-    while True:
-        with sections.section("regroup"):
-            batch = next(batches, end)
-        if batch is end:
-            return
-        if on_batch is not None:
-            on_batch(batch)
-        yield batch
 
 
 def format_breakdown(parts: dict[str, float], wall_s: float, min_share: float = 0.0) -> list[str]:

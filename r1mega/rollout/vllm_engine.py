@@ -28,11 +28,12 @@ from r1mega.rollout.protocol import MAX_TOP_LOGPROBS, Bucket, Generation, Prompt
 from r1mega.rollout.refit import (
     WorkerBatch,
     release_pending,
+    timed_batches,
     worker_param_checksum,
     worker_quiet_reload_warnings,
     worker_reload,
 )
-from r1mega.rollout.refit_profile import Sections, timed_batches
+from r1mega.rollout.refit_profile import Sections
 from r1mega.rollout.transport import (
     SlotBuffers,
     StreamReceiver,

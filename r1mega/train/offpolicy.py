@@ -96,8 +96,8 @@ def push_weights(tr, version: int) -> None:
 def serve_engine(cfg, role: Role, engine_env: Optional[dict] = None) -> None:
     """An engine rank: serve every GRPO stage the learners announce, until they say there are no more."""
     from r1mega.data.tokenizer import HFTokenizer
-    from r1mega.rewards import RewardComputer
     from r1mega.rollout import build_engine
+    from r1mega.train.rewarders import TrainingRewarder
     from r1mega.train.schedules import sample_and_score, step_sampling
 
     transfer = role.transfer
@@ -108,7 +108,7 @@ def serve_engine(cfg, role: Role, engine_env: Optional[dict] = None) -> None:
         scfg = setup["cfg"]
         tokenizer = HFTokenizer(setup["tokenizer_dir"])
         engine = build_engine(setup["hf_dir"], scfg.rollout, in_process=False, env=engine_env or {})
-        rewarder = RewardComputer(scfg.reward, scfg.rollout.max_new_tokens)
+        rewarder = TrainingRewarder(scfg.reward, scfg.rollout.max_new_tokens)
         prompts, order, per_step = setup["prompts"], setup["order"], setup["per_step"]
         first, last, consumed = setup["first_step"], setup["last_step"], setup["consumed_samples"]
         R = len(role.engine_src)

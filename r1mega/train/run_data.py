@@ -49,16 +49,16 @@ def run_tokenizer(cfg: R1Config, out: Path):
     """``(tokenizer, its directory)``: ``data.tokenizer`` (a distilled student: its teacher's); for an
     all-synthetic CPU recipe without one, a BPE trained on the task (kept in ``<out>/tokenizer``, so a
     resumed run reuses it)."""
+    from r1mega.config.paths import tokenizer_problems
     from r1mega.data.tokenizer import HFTokenizer, load_tokenizer
 
     teacher_hf = cfg.distill.teacher_hf if any(s.kind == "distill" for s in cfg.stages) else None
     if cfg.data.tokenizer or teacher_hf:
         tok_path = Path(cfg.data.tokenizer or teacher_hf)
         return load_tokenizer(tok_path), (tok_path if tok_path.is_dir() else tok_path.parent)
+    if problems := tokenizer_problems(cfg):
+        raise ConfigError(problems)
     specs = [s.data for s in cfg.stages if s.data] + [p for p in (cfg.data.train_path, cfg.data.eval_path) if p]
-    if not specs or not all(is_synthetic(s) for s in specs):
-        raise ConfigError("data.tokenizer is not set: point it at the model's tokenizer (tokenizer.json or its "
-                          "directory); only all-synthetic CPU recipes may leave it unset")
     tok_dir = out / "tokenizer"
     if _rank() == 0 and not (tok_dir / "tokenizer.json").is_file():
         build_tokenizer(tok_dir, stage_examples(specs[0], cfg.data.seed), cfg.model.vocab_size)

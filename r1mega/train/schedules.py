@@ -121,13 +121,14 @@ class Colocated:
 
     colocated = True  # the engine shares the learner's devices: memory handoff around training
 
-    def __init__(self, tr):
+    def __init__(self, tr, cfg):
+        """``cfg``: the stage's config (its reward and rollout sections)."""
         self.tr = tr
         self.rewarder = None
-        if tr.sync.engine_index is not None:
-            from r1mega.rewards import RewardComputer
+        if tr.sync.engine_index is not None:  # rewards are scored where the samples were generated
+            from r1mega.train.rewarders import TrainingRewarder
 
-            self.rewarder = RewardComputer(tr.cfg.reward, tr.cfg.rollout.max_new_tokens)
+            self.rewarder = TrainingRewarder(cfg.reward, cfg.rollout.max_new_tokens)
 
     def start(self, run: GRPORun, first_step: int, last_step: int) -> None:
         self.tr.sync.ensure(self.tr.tm, f"{run.stage_name}: refit before step {first_step}")

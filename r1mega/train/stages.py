@@ -95,7 +95,7 @@ def grpo_stage(tr, stage, scfg, resume: Optional[dict]) -> dict:
                              scfg.data.max_prompt_length)
     prompts = [Prompt.of(p.example, p.text, p.ids) for p in problems]
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(scfg.data.seed)).tolist()
-    schedule = OneStepOff(tr) if scfg.rollout.mode == "one_step_off" else Colocated(tr)
+    schedule = OneStepOff(tr) if scfg.rollout.mode == "one_step_off" else Colocated(tr, scfg)
     run = GRPORun(scfg, prompts, order, max(1, scfg.trainer.global_batch_size // scfg.rollout.n),
                   learner_settings(scfg), schedule, stage_name=stage.name)
     # the reference is the stage's starting policy; a resumed stage rebuilds it from the stage's first weights
