@@ -117,7 +117,7 @@ def measure_engines(engine_counts: list[int], args) -> list[float]:
             mine = [cores[(e * (threads // count) + i) % len(cores)] for i in range(threads // count)]
             env = {"OMP_NUM_THREADS": str(len(mine)), "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, mine)),
                    "VLLM_CACHE_ROOT": str(root / "vllm-cache")}
-            engines.append(EngineProcess(model, seed=0, env=env))
+            engines.append(EngineProcess(model, seed=0, max_model_len=256, env=env))
         shares = [plan.prompts_of(e, len(prompts)) for e in range(count)]
 
         t0 = time.perf_counter()
