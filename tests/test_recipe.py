@@ -166,8 +166,8 @@ def test_rejection_sampling_stage_writes_the_next_sft_stage_data(tmp_path):
 
     cfg = load_config(TINY)
     metrics = MetricsLogger(tmp_path, LoggingConfig(tensorboard=False), progress=False)
-    class Sync:  # an engine that already holds the policy's weights
-        engine = Engine()
+    class Sync:  # an engine that already holds the policy's weights (rank 0's: the first)
+        first = Engine()
 
         def ensure(self, tm, what):
             pass
