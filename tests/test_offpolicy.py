@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from r1mega.config import ConfigError, load_config
