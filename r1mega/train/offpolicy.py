@@ -227,7 +227,7 @@ class OneStepOff:
                 {"cfg": cfg, "hf_dir": str(hf_dir), "tokenizer_dir": str(tr.tok_dir), "prompts": run.prompts,
                  "order": run.order, "per_step": run.per_step, "consumed_samples": run.consumed_samples,
                  "first_step": first_step, "last_step": last_step, "probe": self.probe}, src=0)
-            self.state = _BATCH
+            self.state = _BATCH if first_step <= last_step else _WEIGHTS  # resumed after its last step: the push
 
     def _receive(self, step: int):
         """Learner rank 0: every engine's share of batch ``step``; raises what an engine reported."""
