@@ -160,7 +160,8 @@ def _steps(rows: list[dict]) -> list[dict]:
 
 
 def _untimed(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+    """The records without timings and without the checkpoint path (each run has its own directory)."""
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING) and k != "checkpoint"} for r in rows]
 
 
 @pytest.fixture(scope="module")
