@@ -90,7 +90,6 @@ def cmd_train(args, rest: list[str]) -> int:
 
     cfg = _checked_config(args, args.overrides, training=True, stages=stages)
     if args.nproc > 1 and not _launched():
-        load_config(args.config, args.overrides, world_size=args.nproc)  # a bad config fails here, not N times
         return _relaunch(args.nproc, [args.command, "--config", str(args.config), *args.overrides], args.timeout)
     from r1mega.data.jsonl import DataError
     from r1mega.train.recipe import run_recipe

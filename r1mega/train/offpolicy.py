@@ -19,8 +19,8 @@ this order on both sides::
 the learners; learner rank 0 broadcasts each bucket as one flat buffer per dtype), so memory stays at
 one bucket. Every sample carries the version that sampled it. After the stage's last step the engines
 take the final weights and answer the parity probe. Rewards are computed on the engine ranks. Engine
-``j`` of ``R`` samples a contiguous share of the step's prompts, each with the seed it has on one engine,
-so the samples do not depend on the engine count.
+``j`` of ``R`` samples the step's prompts ``j, j + R, ...`` (round-robin, as colocated engines do), the
+prompt at index ``i`` with the seed ``seed + i``, so the samples do not depend on the engine count.
 
 A stage that ends early on the learners (a stop signal's checkpoint, a learner error) first brings the
 exchange to a message boundary: learner rank 0 takes the batch the engines are sending, if any, then
@@ -41,7 +41,7 @@ import torch
 from r1mega.platform.disaggregated import Role, TransferGroup
 from r1mega.platform.distributed import broadcast_from_rank0
 from r1mega.train.grpo import GRPORun, Rollout
-from r1mega.train.weight_sync import RolloutFailure
+from r1mega.train.weight_sync import RolloutFailure, raise_any
 
 log = logging.getLogger(__name__)
 
@@ -138,21 +138,20 @@ def serve_engine(cfg, role: Role, engine_env: Optional[dict] = None) -> None:
         rewarder = TrainingRewarder(scfg.reward, scfg.rollout.max_new_tokens)
         prompts, order, per_step = setup["prompts"], setup["order"], setup["per_step"]
         first, last, consumed = setup["first_step"], setup["last_step"], setup["consumed_samples"]
-        R = len(role.engine_src)
-        lo, hi = role.engine_index * per_step // R, (role.engine_index + 1) * per_step // R  # my share
+        share = list(range(role.engine_index, per_step, len(role.engine_src)))  # indices into a step's prompts
         version = first - 1
         try:
             for step in range(first, last + 1):
                 start = consumed + (step - first) * per_step
-                mine = [prompts[order[(start + i) % len(prompts)]] for i in range(lo, hi)]
+                mine = [prompts[order[(start + i) % len(prompts)]] for i in share]
                 sampling = step_sampling(scfg, tokenizer.eos_id, step)
-                if sampling.seed is not None:  # prompt i of the step gets seed + i, as on a single engine
-                    sampling = replace(sampling, seed=sampling.seed + lo)
+                if sampling.seed is not None:  # the step's prompt i gets seed + i, as on a single engine
+                    sampling = replace(sampling, prompt_seeds=tuple(sampling.seed + i for i in share))
                 try:
                     gens, rewards, t_roll, t_rew, errors = sample_and_score(
                         engine, rewarder, mine, scfg.rollout.n, sampling, tokenizer, step)
                     for g in gens:
-                        g.prompt_index += lo
+                        g.prompt_index = share[g.prompt_index]
                         g.policy_version = version
                     mine_out = ("ok", gens, rewards, t_roll, t_rew, errors)
                 except RolloutFailure as e:
@@ -245,11 +244,18 @@ class OneStepOff:
     def rollout(self, run: GRPORun, step: int) -> Rollout:
         import time
 
-        from r1mega.train.schedules import dynamic_sampling, from_rank0
+        from r1mega.train.schedules import dynamic_sampling
 
         tr = self.tr
         t0 = time.monotonic()
-        gens, rewards, t_roll, t_rew, errors = from_rank0(lambda: self._receive(step), tr.rank == 0)
+        got, error = None, None
+        if tr.rank == 0:
+            try:
+                got = self._receive(step)
+            except Exception as e:  # noqa: BLE001 - reported to every learner rank below
+                error = str(e) if isinstance(e, RolloutFailure) else f"{type(e).__name__}: {e}"
+        raise_any(error)
+        gens, rewards, t_roll, t_rew, errors = broadcast_from_rank0(got)
         order = sorted(range(len(gens)), key=lambda i: (gens[i].prompt_index, gens[i].sample_index))
         batch = ([gens[i] for i in order], [rewards[i] for i in order], t_roll, t_rew, errors)
         # DAPO's filter on the batch as sampled (refill_policy=resample, which samples more, is refused in this mode)
