@@ -534,6 +534,11 @@ def _check_rollout_mode(cfg: R1Config, world_size: Optional[int] = None) -> Prob
         return out
     out += _at_least("rollout.engine_ranks", r.engine_ranks, 1, "one_step_off runs engines on their own ranks")
     out += _at_least("rollout.max_staleness", r.max_staleness, 1, "one_step_off samples are one step stale")
+    prompts = max(1, cfg.trainer.global_batch_size // max(r.n, 1))  # a GRPO step's prompts (train/stages.py)
+    if r.engine_ranks > prompts:
+        out.append(f"rollout.engine_ranks={r.engine_ranks} is more than the {prompts} prompt(s) of a step "
+                   f"(trainer.global_batch_size / rollout.n): every engine samples a share of the step's prompts; "
+                   f"lower rollout.engine_ranks or raise trainer.global_batch_size")
     if cfg.rl.tis_cap is None:
         out.append("rollout.mode=one_step_off trains on samples from the previous policy, corrected with "
                    "truncated IS: set rl.tis_cap (e.g. 2.0)")

@@ -57,6 +57,9 @@ class Role:
     learners: int  # learner ranks (the default group's size on learners)
     engine_index: int = -1  # 0..R-1 on engine ranks
     transfer: Optional[TransferGroup] = None  # learner rank 0 and engine ranks only
+    # learner rank 0: False once an exchange with the engines broke off mid-message (an engine failed, a
+    # transfer raised); nothing more is sent to them then (they stop when the learners' processes exit)
+    engines_reachable: bool = True
 
     @property
     def is_learner(self) -> bool:

@@ -127,7 +127,7 @@ def _run(cfg: R1Config, stop, role) -> dict:
                 if rank == 0:
                     log.info("stage %s already done (%s): skipped", stage.name, _done_path(out, stage))
                 continue
-            scfg = stage_config(cfg, stage, world)
+            scfg = stage_config(cfg, stage, role.world.world_size if role is not None else world)  # the launcher's
             steps = scfg.trainer.steps if stage.kind != "rejection_sampling" else 0
             mine = resume if resume is not None and resume["stage"] == stage.name else None
             if mine is None and (stage.kind != "rejection_sampling" or tr.tm is None or tr.tm_checkpoint != checkpoint):
