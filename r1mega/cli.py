@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "check-parallel":
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
-    logging.basicConfig(level=(args.log_level or "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=(args.log_level or "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args, rest)
     except ConfigError as e:
