@@ -196,7 +196,9 @@ def cmd_check_parallel(args, rest: list[str]) -> int:
 def cmd_convert(args, rest: list[str]) -> int:
     """``convert to-hf`` / ``convert from-hf`` (one process, or the layout's world under torchrun)."""
     from r1mega.bridge.convert import ConvertError, from_hf, to_hf
+    from r1mega.bridge.hf_source import HFFormatError
     from r1mega.bridge.rules import BridgeError
+    from r1mega.bridge.safetensors_io import SafetensorsError
 
     try:
         if args.direction == "to-hf":
@@ -206,7 +208,7 @@ def cmd_convert(args, rest: list[str]) -> int:
         else:
             result = from_hf(args.hf, args.out, tp=args.tp, pp=args.pp, ep=args.ep, force=args.force,
                              precision=args.precision)
-    except (ConvertError, BridgeError, FileNotFoundError) as e:
+    except (ConvertError, BridgeError, HFFormatError, SafetensorsError, FileNotFoundError) as e:
         print(f"r1mega convert: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", 0)) == 0:

@@ -104,18 +104,22 @@ def to_hf(ckpt: str | Path, out: str | Path, *, tokenizer: str | Path | None = N
 
 def from_hf(hf: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1, force: bool = False,
             precision: str = "fp32") -> dict:
-    from r1mega.bridge.hf_dir import load_hf, read_hf_config
+    from r1mega.bridge.hf_source import HFSource, read_hf_config
     from r1mega.ckpt import save_checkpoint
 
     check_output_dir(out, force)
-    model_cfg = from_hf_config(read_hf_config(hf), precision=precision)
+    hf_cfg = read_hf_config(hf)
+    model_cfg = from_hf_config(hf_cfg, precision=precision)
+    source = HFSource(hf, hf_cfg)  # FP8 pairs and shard files are checked before anything is built
     if model_cfg.num_experts and model_cfg.num_experts % ep:
         raise ConvertError(f"--ep {ep} does not divide the {model_cfg.num_experts} experts")
     if model_cfg.num_attention_heads % tp:
         raise ConvertError(f"--tp {tp} does not divide the {model_cfg.num_attention_heads} attention heads")
     parallel = _setup(tp, pp, ep)
     tm = _training_model(model_cfg, parallel)
-    result = load_hf(tm.module, tm.config, model_cfg, hf)
+    from r1mega.bridge.importer import import_hf
+
+    result = import_hf(tm.module, tm.config, model_cfg, source)
     path = save_checkpoint(tm, out, 0, model_cfg=model_cfg)
     import torch.distributed as dist
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from r1mega.bridge.export import DEFAULT_BUCKET_BYTES, StreamingExporter, _buckets
 from r1mega.bridge.hf_config import to_hf_config
+from r1mega.bridge.hf_source import read_hf_config  # noqa: F401  (re-exported)
 from r1mega.bridge.importer import import_hf
 from r1mega.bridge.safetensors_io import ShardedWriter
 
@@ -94,9 +95,3 @@ def load_hf(model, config, model_cfg, hf_dir: str | Path) -> dict:
     """Load an HF directory's weights into this rank's chunk (see ``importer.import_hf``)."""
     return import_hf(model, config, model_cfg, hf_dir)
 
-
-def read_hf_config(hf_dir: str | Path) -> dict:
-    path = Path(hf_dir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{hf_dir}: no config.json (is this a Hugging Face model directory?)")
-    return json.loads(path.read_text())
