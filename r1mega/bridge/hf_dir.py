@@ -36,14 +36,15 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def save_hf(model, config, model_cfg, out_dir: str | Path, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
             dtype: torch.dtype | None = None, tokenizer_dir: str | Path | None = None,
-            progress: bool = False, fp8: bool = False) -> StreamingExporter:
+            progress: bool = False, fp8: bool = False, read=None) -> StreamingExporter:
     """Write config.json, generation_config.json, safetensors shards + index (rank 0). Collective.
 
     ``fp8``: linear weights as float8_e4m3fn with blockwise 128x128 ``weight_scale_inv`` tensors and a
-    DeepSeek-V3 ``quantization_config`` (see ``bridge.fp8``).
+    DeepSeek-V3 ``quantization_config`` (see ``bridge.fp8``). ``read``: full tensors come from it, not
+    from the model (see ``StreamingExporter``).
     """
     out = Path(out_dir)
-    exporter = StreamingExporter(model, config, model_cfg, bucket_bytes=bucket_bytes, dtype=dtype)
+    exporter = StreamingExporter(model, config, model_cfg, bucket_bytes=bucket_bytes, dtype=dtype, read=read)
     writer = None
     bar = None
     if _rank() == 0:

@@ -24,6 +24,9 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 CODES = {v: k for k, v in DTYPES.items()}
 _PAGE = mmap.PAGESIZE
+# A read fault may map a whole large folio of the page cache (up to one PMD, 2 MiB), pages of the
+# neighbouring tensors included; release() drops that much around a tensor so nothing piles up.
+_FOLIO = 2 << 20
 
 
 class SafetensorsError(ValueError):
@@ -87,12 +90,15 @@ class SafetensorsFile:
         return flat.view(dtype).view(shape)
 
     def release(self, name: str) -> None:
-        """Drop the pages of ``name`` from the resident set (views stay valid: they re-read the file)."""
+        """Drop the pages of ``name`` (and any its reads mapped around it) from the resident set.
+
+        Views stay valid: a later access re-reads the file.
+        """
         if self._map is None:
             return
         begin, end = self.entries[name]["data_offsets"]
-        start = (self.data_start + begin) // _PAGE * _PAGE
-        stop = min(len(self._map), self.data_start + end)
+        start = max(0, self.data_start + begin - _FOLIO) // _PAGE * _PAGE
+        stop = min(len(self._map), self.data_start + end + _FOLIO)
         if stop > start:
             self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
 

@@ -4,12 +4,14 @@
     save_checkpoint(tm, "runs/x/ckpt", step, extra={"consumed_samples": n}, keep_last=2)
     info = load_checkpoint(tm, "runs/x/ckpt")        # follows <root>/latest
     step, extra = info["step"], info["extra"]
+    save_weights(module, config, "runs/x/converted", resolve=...)  # model tensors only (conversion)
 
 Importing this package does not import megatron; the functions call ``ensure_megatron()`` first.
 """
 
 from r1mega.ckpt.atomic import committed_steps, read_latest, resolve_checkpoint_dir
 from r1mega.ckpt.dist_ckpt import DEFAULT_OPTIM_SHARDING, load_checkpoint, read_meta, save_checkpoint
+from r1mega.ckpt.weights import WeightsReader, save_weights
 from r1mega.ckpt.errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -31,4 +33,6 @@ __all__ = [
     "read_meta",
     "resolve_checkpoint_dir",
     "save_checkpoint",
+    "save_weights",
+    "WeightsReader",
 ]

@@ -136,11 +136,22 @@ class PolicyStage:
     parallel: ParallelConfig
 
 
-def build_policy(model: ModelConfig, parallel: ParallelConfig) -> PolicyStage:
-    """This rank's pipeline stage of the policy (needs ``parallel_state`` initialised)."""
+def build_policy(model: ModelConfig, parallel: ParallelConfig, *, meta: bool = False) -> PolicyStage:
+    """This rank's pipeline stage of the policy (needs ``parallel_state`` initialised).
+
+    ``meta=True`` builds it on the meta device: names, shapes, sharding and the sharded state dict,
+    no storage and no initialisation. Checkpoint conversion streams tensors through such a model.
+    """
     config = transformer_config(model, parallel)
     use_te = use_transformer_engine(model.precision, model.fp8_recipe)
-    gpt = _gpt_model(config, use_te, model, parallel.tp)
+    if not meta:
+        gpt = _gpt_model(config, use_te, model, parallel.tp)
+    else:
+        # megatron allocates on CUDA unless told to initialise on the CPU, where a device context applies
+        config.use_cpu_initialization = True
+        config.perform_initialization = False
+        with torch.device("meta"):
+            gpt = _gpt_model(config, use_te, model, parallel.tp)
     return PolicyStage(model=gpt, config=config, use_te=use_te, model_cfg=model, parallel=parallel)
 
 
