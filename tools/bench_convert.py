@@ -8,7 +8,8 @@ set (``ru_maxrss`` of that child, from ``wait4``) is measured:
   bf16 for a bf16 source);
 * ``to-hf``: that checkpoint -> HF directory (``--bucket-mb`` per shard);
 * ``io``: the baseline, plain ``safetensors`` ``load_file`` of every source shard and ``save_file`` of
-  the same tensors into a new directory (the same bytes read and written).
+  the same tensors into a new directory, fsynced (the same bytes read and written durably, as a
+  checkpoint and an exported model are).
 
 Times are measured inside each child after its imports (interpreter and megatron start-up are not
 conversion); every child runs one thread (``OMP_NUM_THREADS=1``). Ratios: ``rss_over_weights`` = peak RSS / bytes of weights; ``vs_io`` = baseline time /
@@ -81,6 +82,8 @@ def _child(task: str, args: list[str]) -> dict:
             tensors = load_file(str(f))
             save_file(tensors, str(dst / f.name), metadata={"format": "pt"})
             del tensors
+            with open(dst / f.name, "rb") as written:  # durable, as the conversions' outputs are
+                os.fsync(written.fileno())
         return {"seconds": time.perf_counter() - t0}
     # everything conversion imports is imported before the clock starts (start-up is not conversion)
     import r1mega.bridge.hf_dir  # noqa: F401

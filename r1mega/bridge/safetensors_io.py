@@ -5,13 +5,14 @@ range of every tensor) and the raw bytes. Reading maps the file and hands out ze
 :meth:`SafetensorsFile.release` drops a tensor's pages from this process's resident set once its
 bytes have been used, so reading a whole checkpoint never holds more than the tensors in use.
 Writing streams each tensor's bytes to the file without a copy (views of one parameter, such as the
-q/k/v of a fused projection, need none either).
+q/k/v of a fused projection, need none either) and makes the file durable (fsync), as checkpoints are.
 """
 
 from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 def write_safetensors(path: str | Path, tensors: list[tuple[str, torch.Tensor]],
                       metadata: dict[str, str] | None = None) -> int:
-    """Write ``tensors`` (in order) as one safetensors file; returns the bytes of tensor data."""
+    """Write ``tensors`` (in order) as one safetensors file, durably (fsync); returns the bytes of tensor data."""
     header: dict[str, dict] = {}
     offset = 0
     for name, t in tensors:
@@ -131,6 +132,8 @@ def write_safetensors(path: str | Path, tensors: list[tuple[str, torch.Tensor]],
         f.write(raw)
         for _, t in tensors:
             f.write(_tensor_bytes(t))
+        f.flush()
+        os.fsync(f.fileno())
     return offset
 
 
@@ -158,7 +161,10 @@ class ShardedWriter:
         if self._written != self.num_files:
             raise RuntimeError(f"wrote {self._written} of {self.num_files} safetensors files")
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        with open(self.out / INDEX, "w") as f:
+            f.write(json.dumps(index, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 class HFReader:
