@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from r1mega.config.presets import YARN_FIXED
 from r1mega.config.schema import ModelConfig, ParallelConfig
 from r1mega.models import routing_replay
 from r1mega.models.layer_spec import build_block_spec, use_transformer_engine
@@ -121,7 +122,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
     )
     if model.rope_type == "yarn":
         mla.update(rotary_scaling_factor=model.rotary_scaling_factor,
-                   original_max_position_embeddings=model.original_max_position_embeddings)
+                   original_max_position_embeddings=model.original_max_position_embeddings, **YARN_FIXED)
     return MLATransformerConfig(**kwargs, **mla)
 
 
