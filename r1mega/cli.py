@@ -176,17 +176,18 @@ def cmd_check_parallel(args, rest: list[str]) -> int:
 def cmd_convert(args, rest: list[str]) -> int:
     """``convert to-hf`` / ``convert from-hf`` (one process, or the layout's world under torchrun)."""
     from r1mega.bridge.convert import ConvertError, from_hf, to_hf
+    from r1mega.bridge.hf_source import HFFormatError
     from r1mega.bridge.rules import BridgeError
+    from r1mega.bridge.safetensors_io import SafetensorsError
 
     try:
         if args.direction == "to-hf":
-            result = to_hf(args.ckpt, args.out, tokenizer=args.tokenizer, force=args.force, tp=args.tp,
-                           pp=args.pp, ep=args.ep, pp_first=args.pp_first, pp_last=args.pp_last,
+            result = to_hf(args.ckpt, args.out, tokenizer=args.tokenizer, force=args.force,
                            bucket_mb=args.bucket_mb, dtype=args.dtype, fp8=args.fp8, progress=not args.no_progress)
         else:
             result = from_hf(args.hf, args.out, tp=args.tp, pp=args.pp, ep=args.ep, pp_first=args.pp_first,
                              pp_last=args.pp_last, force=args.force, precision=args.precision)
-    except (ConvertError, BridgeError, FileNotFoundError) as e:
+    except (ConvertError, BridgeError, HFFormatError, SafetensorsError, FileNotFoundError) as e:
         print(f"r1mega convert: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", 0)) == 0:
@@ -244,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="convert checkpoints to / from Hugging Face format")
     conv = convert.add_subparsers(dest="direction", required=True)
-    to_hf = conv.add_parser("to-hf", help="r1mega dist checkpoint -> HF directory (safetensors)")
+    to_hf = conv.add_parser("to-hf", help="r1mega dist checkpoint of any layout -> HF directory (safetensors), "
+                                          "on one process")
     to_hf.add_argument("--ckpt", required=True, help="checkpoint root (follows latest) or step_* directory")
     to_hf.add_argument("--out", required=True, help="HF output directory (must be empty unless --force)")
     to_hf.add_argument("--tokenizer", default=None, help="directory with tokenizer files to copy")
@@ -253,16 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--fp8", action="store_true", help="FP8 linear weights with 128x128 block scales")
     to_hf.add_argument("--bucket-mb", type=float, default=256.0, help="export bucket size (bounds memory)")
     to_hf.add_argument("--no-progress", action="store_true")
-    from_hf = conv.add_parser("from-hf", help="HF directory -> r1mega dist checkpoint")
+    from_hf = conv.add_parser("from-hf", help="HF directory (FP8 dequantised) -> weights-only r1mega dist checkpoint")
     from_hf.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     from_hf.add_argument("--out", required=True, help="checkpoint root to write (must be empty unless --force)")
-    from_hf.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    from_hf.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                         help="model precision (default: bf16 for bfloat16 / FP8 sources, else fp32)")
+    for flag in ("--tp", "--pp", "--ep"):
+        from_hf.add_argument(flag, type=int, default=1, help="layout of the written shards (torchrun with "
+                                                              "tp*pp*dp processes); any layout loads it")
+    from_hf.add_argument("--pp-first", type=int, default=None, help="layers on the first pipeline stage (uneven)")
+    from_hf.add_argument("--pp-last", type=int, default=None, help="layers on the last pipeline stage (uneven)")
     for p in (to_hf, from_hf):
-        p.add_argument("--tp", type=int, default=1)
-        p.add_argument("--pp", type=int, default=1)
-        p.add_argument("--ep", type=int, default=1)
-        p.add_argument("--pp-first", type=int, default=None, help="layers on the first pipeline stage (uneven split)")
-        p.add_argument("--pp-last", type=int, default=None, help="layers on the last pipeline stage (uneven split)")
         p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
     convert.set_defaults(func=cmd_convert)
     return parser

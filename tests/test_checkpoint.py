@@ -1,6 +1,6 @@
 """Distributed checkpoints: reshard round trip, resume == uninterrupted training, atomic commit, errors.
 
-Every megatron run is a fresh set of gloo processes with a timeout (``r1mega.ckpt.selftest``).
+Every megatron run is a fresh set of gloo processes with a timeout (``tests/ckpt_worker.py``).
 Scenario (N = 2 steps, then M = 2 more; cosine LR with warmup, so the scheduler matters too):
 
 * A   tp2ep2 (4 procs): N + M steps uninterrupted, state gathered after N.
@@ -18,6 +18,7 @@ import shutil
 
 import pytest
 import torch
+from ckpt_worker import Job, run_job
 
 from r1mega.ckpt import (
     CheckpointMismatchError,
@@ -25,7 +26,6 @@ from r1mega.ckpt import (
     IncompleteCheckpointError,
     load_checkpoint,
 )
-from r1mega.ckpt.selftest import Job, run_job
 
 N, M = 2, 2
 TIMEOUT_S = 240

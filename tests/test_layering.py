@@ -41,16 +41,6 @@ ALLOWED: dict[str, frozenset[str]] = {
 # accelerator exists (`r1mega train` validates a recipe in a second), so it stays torch- and megatron-free.
 FORBIDDEN_THIRD_PARTY = {"config": frozenset({"torch", "megatron", "transformer_engine", "vllm", "transformers"})}
 
-# Violations being removed right now, each by its own change; empty this list as they land (a listed
-# violation that no longer exists fails the test, so the list cannot go stale). Nothing else goes here.
-KNOWN_EDGES: frozenset[tuple[str, str]] = frozenset({
-    # bridge/convert.py builds its model through the trainer's set-up
-    ("r1mega.bridge.convert", "r1mega.train.model_setup"),
-    # ckpt/selftest.py runs a training step through train/
-    ("r1mega.ckpt.selftest", "r1mega.train.parallel_check"),
-    ("r1mega.ckpt.selftest", "r1mega.train.lm_step"),
-    ("r1mega.ckpt.selftest", "r1mega.train.model_setup"),
-})
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -174,12 +164,9 @@ def test_every_part_has_a_rule():
 
 
 def test_imports_follow_the_dependency_direction():
-    bad = layering_violations(graph())
-    new = sorted(bad - KNOWN_EDGES)
-    assert not new, "imports against docs/architecture.md's dependency direction:\n" + "\n".join(
-        f"  {a} imports {b} ({part_of(a)} may import {sorted(ALLOWED[part_of(a)])})" for a, b in new)
-    fixed = sorted(KNOWN_EDGES - bad)
-    assert not fixed, f"no longer violated, remove from KNOWN_EDGES: {fixed}"
+    bad = sorted(layering_violations(graph()))
+    assert not bad, "imports against docs/architecture.md's dependency direction:\n" + "\n".join(
+        f"  {a} imports {b} ({part_of(a)} may import {sorted(ALLOWED[part_of(a)])})" for a, b in bad)
 
 
 def test_no_import_cycles():

@@ -1,13 +1,18 @@
-"""Checkpoint conversion (``r1mega convert`` and ``tools/convert_checkpoint.py``).
+"""Checkpoint conversion (``r1mega convert`` and ``tools/convert_checkpoint.py``), in bounded memory.
 
-* ``to_hf``: r1mega dist checkpoint -> HF directory (config.json, sharded safetensors + index,
-  generation_config.json, tokenizer files when given);
-* ``from_hf``: HF directory -> r1mega dist checkpoint (step 0) in any ``tp``/``pp``/``ep`` layout
-  (``pp_first`` / ``pp_last``: an uneven pipeline split, e.g. DeepSeek-V3's 61 layers over pp16).
+* ``from_hf``: HF directory -> weights-only r1mega dist checkpoint (step 0) in any ``tp``/``pp``/``ep``
+  layout (one process, or the layout's world under ``torchrun``). The model is built on the meta
+  device; each of its tensors is read from the memory-mapped safetensors (FP8 dequantised), converted
+  and written when the checkpoint writer reaches it (``ckpt.weights.save_weights``). No optimizer,
+  no DDP, no initialisation. The trainer loads the result as initial weights in any layout.
+* ``to_hf``: r1mega dist checkpoint saved in any layout (training or weights-only) -> HF directory
+  (config.json, sharded safetensors + index, generation_config.json, tokenizer files when given), on
+  one process: full tensors are read from the checkpoint one bucket at a time and written as one
+  safetensors shard each.
 
-Both run on one process or under ``torchrun`` (the layout's world size); the export streams in
-bounded buckets. The full r1mega ``ModelConfig`` is written next to a converted checkpoint
-(``model_config.json``) so sizes that are not a preset survive ``from-hf`` -> ``to-hf``.
+Peak memory is about one bucket (``to_hf``) or a few tensors (``from_hf``) above the interpreter's.
+The full r1mega ``ModelConfig`` is written next to a converted checkpoint (``model_config.json``) so
+sizes that are not a preset survive ``from-hf`` -> ``to-hf``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 
 from r1mega.bridge.hf_config import from_hf_config, to_hf_config
 from r1mega.config.pipeline_split import split_problem, suggest
-from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig
+from r1mega.config.schema import ModelConfig, ParallelConfig
 
 log = logging.getLogger(__name__)
 MODEL_CONFIG_FILE = "model_config.json"
@@ -51,7 +56,7 @@ def check_pipeline_split(model_cfg: ModelConfig, pp: int, pp_first: int | None, 
                        f"{problem}; pass {fix}")
 
 
-def _setup(tp: int, pp: int, ep: int, pp_first: int | None, pp_last: int | None):
+def _setup(tp: int, pp: int, ep: int, pp_first: int | None = None, pp_last: int | None = None) -> ParallelConfig:
     import r1mega.models  # noqa: F401
     from r1mega.platform.distributed import init_model_parallel, init_process_group
 
@@ -87,57 +92,92 @@ def checkpoint_model_config(ckpt: str | Path) -> ModelConfig:
     return _model_config_for(step_dir, read_meta(step_dir))
 
 
-def _training_model(model_cfg: ModelConfig, parallel: ParallelConfig):
-    from r1mega.train.model_setup import build_training_model
+def _check_shapes(stage, meta: dict, step_dir: Path) -> None:
+    """The checkpoint holds this architecture: every tensor with its full shape (before any read)."""
+    from r1mega.models.sharding import shard_infos
 
-    return build_training_model(model_cfg, parallel, OptimizerConfig(), total_steps=1)
+    saved = meta.get("model", {}).get("param_shapes", {})
+    here = {i.canonical_name: list(i.full_shape) for i in shard_infos(stage.model, stage.config)}
+    problems = [f"{n}: checkpoint {saved.get(n)}, model {shape}" for n, shape in sorted(here.items())
+                if saved.get(n) != shape]
+    if problems:
+        raise ConvertError(f"{step_dir} does not hold the model its {MODEL_CONFIG_FILE}/meta.json describe: "
+                           f"{problems[:5]}{' ...' if len(problems) > 5 else ''}")
 
 
 def to_hf(ckpt: str | Path, out: str | Path, *, tokenizer: str | Path | None = None, force: bool = False,
-          tp: int = 1, pp: int = 1, ep: int = 1, pp_first: int | None = None, pp_last: int | None = None,
           bucket_mb: float = 256.0, dtype: str | None = None, fp8: bool = False, progress: bool = True) -> dict:
-    from r1mega.ckpt import load_checkpoint, read_meta, resolve_checkpoint_dir
+    """Export a checkpoint of any layout on one process; memory: about one bucket of full tensors."""
+    from r1mega.ckpt import read_meta, resolve_checkpoint_dir
 
     check_output_dir(out, force)
     step_dir = resolve_checkpoint_dir(ckpt)
     meta = read_meta(step_dir)
     model_cfg = _model_config_for(step_dir, meta)
     to_hf_config(model_cfg)  # unsupported architecture: fail before building anything
-    check_pipeline_split(model_cfg, pp, pp_first, pp_last)
-    parallel = _setup(tp, pp, ep, pp_first, pp_last)
-    tm = _training_model(model_cfg, parallel)
-    load_checkpoint(tm, step_dir, model_cfg=model_cfg, load_optimizer=False, load_rng=False)
+    parallel = _setup(1, 1, 1)
+    if parallel.dp != 1:
+        raise ConvertError(f"to-hf runs on one process (it reads a checkpoint of any layout); it was started "
+                           f"with {parallel.dp} processes: run it without torchrun")
     from r1mega.bridge.hf_dir import save_hf
+    from r1mega.ckpt.weights import WeightsReader
+    from r1mega.models.policy import build_policy
 
-    exporter = save_hf(tm.module, tm.config, model_cfg, out, bucket_bytes=int(bucket_mb * (1 << 20)),
+    stage = build_policy(model_cfg, parallel, meta=True)
+    _check_shapes(stage, meta, step_dir)
+    reader = WeightsReader(step_dir, stage.model)
+    exporter = save_hf(stage.model, stage.config, model_cfg, out, bucket_bytes=int(bucket_mb * (1 << 20)),
                        dtype=getattr(torch, dtype) if dtype else None, tokenizer_dir=tokenizer,
-                       progress=progress, fp8=fp8)
+                       progress=progress, fp8=fp8, read=reader.read)
     if tokenizer is None:
         log.warning("no --tokenizer given: %s has no tokenizer files", out)
     return {"out": str(out), "tensors": exporter.stats.tensors, "bytes": exporter.stats.bytes,
             "buckets": exporter.stats.buckets, "peak_bucket_bytes": exporter.stats.peak_bucket_bytes}
 
 
+def source_precision(hf_cfg: dict) -> str:
+    """``bf16`` for a bfloat16 source (and an FP8 one that states no dtype: DeepSeek's FP8 releases
+    keep their other tensors in bfloat16), else fp32."""
+    dtype = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype")
+    if dtype is None and hf_cfg.get("quantization_config"):
+        dtype = "bfloat16"
+    return "bf16" if dtype == "bfloat16" else "fp32"
+
+
 def from_hf(hf: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1, pp_first: int | None = None,
-            pp_last: int | None = None, force: bool = False, precision: str = "fp32") -> dict:
-    from r1mega.bridge.hf_dir import load_hf, read_hf_config
-    from r1mega.ckpt import save_checkpoint
+            pp_last: int | None = None, force: bool = False, precision: str | None = None) -> dict:
+    """Write a weights-only checkpoint of ``hf`` in the layout ``tp``/``pp``/``ep`` (``pp_first``/``pp_last``:
+    an uneven pipeline split, e.g. DeepSeek-V3's 61 layers over pp16) (collective)."""
+    from r1mega.bridge.hf_source import HFSource, read_hf_config
+    from r1mega.bridge.importer import HFImporter
 
     check_output_dir(out, force)
-    model_cfg = from_hf_config(read_hf_config(hf), precision=precision)
+    hf_cfg = read_hf_config(hf)
+    if precision is None:
+        precision = source_precision(hf_cfg)
+        log.info("from-hf: precision %s (the source's dtype is %s; --precision overrides)", precision,
+                 hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "unstated")
+    model_cfg = from_hf_config(hf_cfg, precision=precision)
+    source = HFSource(hf, hf_cfg)  # FP8 pairs and shard files are checked before anything is built
     if model_cfg.num_experts and model_cfg.num_experts % ep:
         raise ConvertError(f"--ep {ep} does not divide the {model_cfg.num_experts} experts")
     if model_cfg.num_attention_heads % tp:
         raise ConvertError(f"--tp {tp} does not divide the {model_cfg.num_attention_heads} attention heads")
     check_pipeline_split(model_cfg, pp, pp_first, pp_last)
     parallel = _setup(tp, pp, ep, pp_first, pp_last)
-    tm = _training_model(model_cfg, parallel)
-    result = load_hf(tm.module, tm.config, model_cfg, hf)
-    path = save_checkpoint(tm, out, 0, model_cfg=model_cfg)
+    from r1mega.ckpt.weights import save_weights
+    from r1mega.models.policy import build_policy
+
+    stage = build_policy(model_cfg, parallel, meta=True)
+    importer = HFImporter(stage.model, stage.config, model_cfg, source)
+    path = save_weights(stage.model, stage.config, out, model_cfg=model_cfg, resolve=importer.tensor)
+    unused = importer.unused()
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
+        if unused:
+            log.warning("%d HF tensors were not used (e.g. %s)", len(unused), unused[:5])
         Path(out, MODEL_CONFIG_FILE).write_text(json.dumps(asdict(model_cfg), indent=1) + "\n")
     if dist.is_initialized():
         dist.barrier()
-    return {"out": str(path), "unused_hf_tensors": result["unused"]}
+    return {"out": str(path), "unused_hf_tensors": unused}

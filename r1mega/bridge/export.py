@@ -11,14 +11,16 @@ received buffers plus the merged full tensors) is alive at a time, on every rank
 holds the whole model.
 
 With one process nothing is copied: full tensors are the parameters themselves, and the HF tensors
-yielded are views of them (valid until the next bucket; do not modify them).
+yielded are views of them (valid until the next bucket; do not modify them). With ``read`` (one process,
+a meta-device model of layout 1) the full tensors of each bucket come from ``read(names)`` instead,
+e.g. straight from a checkpoint (``ckpt.weights.WeightsReader``), so nothing but one bucket is ever held.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -121,7 +123,8 @@ class StreamingExporter:
     """Iterate ``buckets()`` -> lists of (HF name, tensor); collective over the world."""
 
     def __init__(self, model: torch.nn.Module, config, model_cfg, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 dtype: torch.dtype | None = None, arch: Architecture | None = None):
+                 dtype: torch.dtype | None = None, arch: Architecture | None = None,
+                 read: Callable[[list[str]], dict[str, torch.Tensor]] | None = None):
         from r1mega.bridge.hf_config import dims_of
 
         self.arch = arch or architecture(model_cfg.preset)
@@ -137,6 +140,9 @@ class StreamingExporter:
         self.stats = ExportStats()
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        if read is not None and self.world != 1:
+            raise ValueError("reading full tensors (read=...) is a single-process export")
+        self.read = read
 
     def hf_names(self) -> list[str]:
         return [n for e in self.entries for n in self.arch.hf_names(e.name)]
@@ -146,6 +152,10 @@ class StreamingExporter:
 
     def _gather_bucket(self, bucket: list[_Entry]) -> dict[str, torch.Tensor]:
         """Full megatron tensors of one bucket, on every rank."""
+        if self.read is not None:
+            full = self.read([e.name for e in bucket])
+            self.stats.peak_bucket_bytes = max(self.stats.peak_bucket_bytes, sum(e.nbytes for e in bucket))
+            return full
         if self.world == 1:
             return {e.name: self.local[e.name][1].detach() for e in bucket}
         # (source rank, dtype) -> [(entry, shard index)] in bucket order

@@ -1,14 +1,18 @@
 """r1mega ``ModelConfig`` <-> Hugging Face ``config.json``, one converter pair per architecture.
 
 The r1mega ``ModelConfig`` is what builds the megatron ``TransformerConfig`` (``models.policy``), so
-converting to and from it covers HF config <-> TransformerConfig.
+converting to and from it covers HF config <-> TransformerConfig. Reading refuses, by the field's
+name, every config.json value the r1mega model cannot represent (another activation, biases, sliding
+windows, other YaRN constants, ...), so a checkpoint is never loaded into a model that computes
+something else. A config that equals a preset size field for field is given that size's name.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 
 from r1mega.bridge.rules import BridgeError, Dims, architecture, architecture_for_model_type
+from r1mega.config.presets import PRESETS, YARN_FIXED, resolve_model
 from r1mega.config.schema import ModelConfig
 
 
@@ -30,8 +34,7 @@ def _rope_parameters(model: ModelConfig) -> dict:
                 "original_max_position_embeddings": model.original_max_position_embeddings}
     if model.rope_type == "yarn":
         return {"rope_type": "yarn", "rope_theta": float(model.rotary_base), "factor": model.rotary_scaling_factor,
-                "original_max_position_embeddings": model.original_max_position_embeddings,
-                "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+                "original_max_position_embeddings": model.original_max_position_embeddings, **YARN_FIXED}
     return {"rope_type": "default", "rope_theta": float(model.rotary_base)}
 
 
@@ -41,6 +44,11 @@ def _rope_from(hf: dict) -> dict:
     out = {"rotary_base": int(theta), "rope_type": "rope"}
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "yarn":
+        differs = {k: rope.get(k) for k, v in YARN_FIXED.items() if rope.get(k) is None or float(rope[k]) != v}
+        if differs:
+            named = ", ".join(f"rope_scaling.{k}={v}" for k, v in differs.items())
+            raise BridgeError(f"yarn rope scaling with {named} "
+                              f"is not supported: r1mega's MLA uses YaRN with {YARN_FIXED} (DeepSeek-V3's)")
         out.update(rope_type="yarn", rotary_scaling_factor=float(rope["factor"]),
                    original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
     elif kind == "llama3":
@@ -69,7 +77,31 @@ def _common_to_hf(model: ModelConfig) -> dict:
     return dict(_base_to_hf(model), num_experts_per_tok=model.moe_router_topk)
 
 
+# config.json fields with an effect on the computation, and the only values the r1mega model has
+# (absent counts as allowed: transformers' defaults are these)
+_REQUIRED_VALUES = {
+    "hidden_act": ("silu",),
+    "attention_dropout": (0, 0.0),
+    "pretraining_tp": (1,),
+    "use_sliding_window": (False,),
+    "use_mrope": (False,),
+    "mlp_bias": (False,),
+    "moe_layer_freq": (1,),
+}
+
+
+def _check_representable(hf: dict, allow_attention_bias: bool = False) -> None:
+    for key, allowed in _REQUIRED_VALUES.items():
+        if key in hf and hf[key] is not None and hf[key] not in allowed:
+            raise BridgeError(f"config.json {key}={hf[key]!r} is not supported by the r1mega model "
+                              f"(supported: {allowed[0]!r})")
+    if hf.get("attention_bias") and not allow_attention_bias:
+        raise BridgeError(f"config.json attention_bias=true is not supported for {hf.get('model_type')} "
+                          "(the r1mega model has no attention biases)")
+
+
 def _base_from_hf(hf: dict) -> dict:
+    _check_representable(hf, allow_attention_bias=hf.get("model_type") == "qwen2")
     return dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
         num_attention_heads=hf["num_attention_heads"], norm_epsilon=hf["rms_norm_eps"],
@@ -251,11 +283,32 @@ def to_hf_config(model: ModelConfig) -> dict:
     return {"architectures": [arch.hf_class], "model_type": arch.model_type, **body}
 
 
+# ModelConfig fields that are not architecture (a preset size does not fix them)
+_NOT_ARCHITECTURE = ("preset", "size", "precision", "fp8_recipe", "seq_length", "seed", "moe_grouped_experts")
+
+
+def matching_size(model: ModelConfig) -> str | None:
+    """The preset size whose architecture equals ``model`` field for field, if there is one."""
+    for size in PRESETS[model.preset]:
+        ref = resolve_model(ModelConfig(preset=model.preset, size=size))
+        if all(getattr(ref, f.name) == getattr(model, f.name) for f in fields(ModelConfig)
+               if f.name not in _NOT_ARCHITECTURE):
+            return size
+    return None
+
+
 def from_hf_config(hf: dict, precision: str = "fp32") -> ModelConfig:
-    """A resolved r1mega ``ModelConfig`` for an HF ``config.json`` dict (every shape field explicit)."""
+    """A resolved r1mega ``ModelConfig`` for an HF ``config.json`` dict (every shape field explicit).
+
+    Named after the preset size it equals (e.g. ``qwen3_moe`` / ``30b_a3b``), else ``tiny`` with every
+    architecture field set from the config.
+    """
     arch = architecture_for_model_type(hf.get("model_type", "?"))
     fields_ = CONVERTERS[arch.preset][1](hf)
-    from r1mega.config.presets import resolve_model
-
     base = ModelConfig(preset=arch.preset, size="tiny", precision=precision)
-    return resolve_model(replace(base, **fields_))
+    model = resolve_model(replace(base, **fields_))
+    return replace(model, size=matching_size(model) or model.size)
+
+
+def model_config_dict(model: ModelConfig) -> dict:
+    return asdict(model)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from r1mega.bridge.export import DEFAULT_BUCKET_BYTES, StreamingExporter, _buckets
 from r1mega.bridge.hf_config import to_hf_config
+from r1mega.bridge.hf_source import read_hf_config  # noqa: F401  (re-exported)
 from r1mega.bridge.importer import import_hf
 from r1mega.bridge.safetensors_io import ShardedWriter
 
@@ -35,14 +36,15 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def save_hf(model, config, model_cfg, out_dir: str | Path, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
             dtype: torch.dtype | None = None, tokenizer_dir: str | Path | None = None,
-            progress: bool = False, fp8: bool = False) -> StreamingExporter:
+            progress: bool = False, fp8: bool = False, read=None) -> StreamingExporter:
     """Write config.json, generation_config.json, safetensors shards + index (rank 0). Collective.
 
     ``fp8``: linear weights as float8_e4m3fn with blockwise 128x128 ``weight_scale_inv`` tensors and a
-    DeepSeek-V3 ``quantization_config`` (see ``bridge.fp8``).
+    DeepSeek-V3 ``quantization_config`` (see ``bridge.fp8``). ``read``: full tensors come from it, not
+    from the model (see ``StreamingExporter``).
     """
     out = Path(out_dir)
-    exporter = StreamingExporter(model, config, model_cfg, bucket_bytes=bucket_bytes, dtype=dtype)
+    exporter = StreamingExporter(model, config, model_cfg, bucket_bytes=bucket_bytes, dtype=dtype, read=read)
     writer = None
     bar = None
     if _rank() == 0:
@@ -94,9 +96,3 @@ def load_hf(model, config, model_cfg, hf_dir: str | Path) -> dict:
     """Load an HF directory's weights into this rank's chunk (see ``importer.import_hf``)."""
     return import_hf(model, config, model_cfg, hf_dir)
 
-
-def read_hf_config(hf_dir: str | Path) -> dict:
-    path = Path(hf_dir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{hf_dir}: no config.json (is this a Hugging Face model directory?)")
-    return json.loads(path.read_text())

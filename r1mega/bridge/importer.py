@@ -1,9 +1,11 @@
 """Import: HF safetensors -> this rank's megatron shards, for any layout.
 
 Each rank reads only the HF tensors its own parameters are made of (safetensors are memory-mapped;
-one full tensor at a time), rebuilds the canonical megatron tensor with the architecture's rules
-and copies its TP slice into the parameter. No communication except a final check of which HF
-tensors no rank used.
+one full tensor at a time, blockwise-FP8 weights dequantised to the parameter's dtype, see
+``hf_source``), rebuilds the canonical megatron tensor with the architecture's rules and takes its TP
+slice. :class:`HFImporter` hands out one local tensor at a time (a weights-only checkpoint is written
+from a meta-device model that way); :func:`import_hf` copies all of them into a live model. No
+communication except a final check of which HF tensors no rank used.
 """
 
 from __future__ import annotations
@@ -16,48 +18,87 @@ import torch.distributed as dist
 
 from r1mega.bridge.export import local_tensors
 from r1mega.bridge.hf_config import dims_of
+from r1mega.bridge.hf_source import HFSource
 from r1mega.bridge.rules import BridgeError, architecture
-from r1mega.bridge.safetensors_io import HFReader
-from r1mega.models.sharding import shard_of
+from r1mega.models.sharding import ShardInfo, shard_of
 
 log = logging.getLogger(__name__)
 
 
+class HFImporter:
+    """This rank's shard of each model tensor, built from an HF directory on request."""
+
+    def __init__(self, model: torch.nn.Module, config, model_cfg, source: HFSource):
+        self.arch = architecture(model_cfg.preset)
+        self.dims = dims_of(model_cfg)
+        self.source = source
+        self.tie = bool(model_cfg.tie_word_embeddings)
+        self.local = {info.local_name: (info, t) for info, t in local_tensors(model, config)}
+        self.used: set[str] = set()
+        for info, _ in self.local.values():  # every HF tensor this rank needs exists: fail before any work
+            names = self.hf_names(info)
+            missing = [n for n in names if n not in source]
+            if missing:
+                raise BridgeError(f"{source.dir}: missing HF tensor(s) {missing} needed for megatron "
+                                  f"{info.canonical_name}")
+
+    def hf_names(self, info: ShardInfo) -> list[str]:
+        return self.arch.hf_names(self._canonical(info))
+
+    def _canonical(self, info: ShardInfo) -> str:
+        name = info.canonical_name
+        return "embedding.word_embeddings.weight" if self.tie and name == "output_layer.weight" else name
+
+    def _load(self, local_name: str, out: torch.Tensor) -> torch.Tensor:
+        info, _ = self.local[local_name]
+        names = self.hf_names(info)
+        hf = [self.source.get(n, out.dtype) for n in names]
+        full = self.arch.to_megatron(self._canonical(info), hf, self.dims, info.full_shape)
+        piece = shard_of(full, info)
+        if tuple(piece.shape) != tuple(out.shape):
+            raise BridgeError(f"{info.canonical_name}: shard shape {tuple(piece.shape)} != parameter "
+                              f"{tuple(out.shape)}")
+        out.copy_(piece)
+        del hf, full, piece
+        for n in names:
+            self.source.release(n)
+        self.used.update(names)
+        return out
+
+    @torch.no_grad()
+    def tensor(self, local_name: str) -> torch.Tensor:
+        """A new tensor: this rank's shard of ``local_name`` in the model's dtype."""
+        _, shell = self.local[local_name]
+        return self._load(local_name, torch.empty(shell.shape, dtype=shell.dtype))
+
+    @torch.no_grad()
+    def load_into_model(self) -> int:
+        for local_name, (_, target) in self.local.items():
+            self._load(local_name, target)
+        return len(self.local)
+
+    def unused(self) -> list[str]:
+        """HF tensors no rank read (collective)."""
+        used = self.used
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, sorted(used))
+            used = set().union(*map(set, parts))
+        return sorted(set(self.source.names()) - used)
+
+
 @torch.no_grad()
-def import_hf(model: torch.nn.Module, config, model_cfg, hf_dir: str | Path | HFReader) -> dict:
+def import_hf(model: torch.nn.Module, config, model_cfg, hf_dir: str | Path | HFSource) -> dict:
     """Load an HF checkpoint into this rank's model chunk. Collective (for the unused-tensor report).
 
     Returns ``{"loaded": n_local_tensors, "unused": [HF names no rank read]}``. Missing tensors and
     shape mismatches raise :class:`BridgeError` naming the tensor.
     """
-    arch = architecture(model_cfg.preset)
-    dims = dims_of(model_cfg)
-    reader = hf_dir if isinstance(hf_dir, HFReader) else HFReader(hf_dir)
-    tie = bool(model_cfg.tie_word_embeddings)
-    used: set[str] = set()
-    loaded = 0
-    for info, target in local_tensors(model, config):
-        name = info.canonical_name
-        if tie and name == "output_layer.weight":
-            name = "embedding.word_embeddings.weight"
-        hf_names = arch.hf_names(name)
-        missing = [n for n in hf_names if n not in reader]
-        if missing:
-            raise BridgeError(f"{reader.dir}: missing HF tensor(s) {missing} needed for megatron {name}")
-        hf = [reader.get(n) for n in hf_names]
-        full = arch.to_megatron(name, [t.to(target.dtype) for t in hf], dims, info.full_shape)
-        piece = shard_of(full, info)
-        if tuple(piece.shape) != tuple(target.shape):
-            raise BridgeError(f"{name}: shard shape {tuple(piece.shape)} != parameter {tuple(target.shape)}")
-        target.copy_(piece)
-        used.update(hf_names)
-        loaded += 1
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, sorted(used))
-        used = set().union(*map(set, parts))
-    unused = sorted(set(reader.names()) - used)
+    source = hf_dir if isinstance(hf_dir, HFSource) else HFSource(hf_dir)
+    importer = HFImporter(model, config, model_cfg, source)
+    loaded = importer.load_into_model()
+    unused = importer.unused()
     if unused:
         log.warning("%d HF tensors were not used (e.g. %s)", len(unused), unused[:5])
     return {"loaded": loaded, "unused": unused}

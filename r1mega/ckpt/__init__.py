@@ -4,6 +4,7 @@
     save_checkpoint(tm, "runs/x/ckpt", step, extra={"consumed_samples": n}, keep_last=2)
     info = load_checkpoint(tm, "runs/x/ckpt")        # follows <root>/latest
     step, extra = info["step"], info["extra"]
+    save_weights(module, config, "runs/x/converted", resolve=...)  # model tensors only (conversion)
 
 Importing this package does not import megatron; the functions call ``ensure_megatron()`` first.
 """
@@ -17,6 +18,7 @@ from r1mega.ckpt.errors import (
     IncompleteCheckpointError,
     SimulatedCrash,
 )
+from r1mega.ckpt.weights import WeightsReader, save_weights
 
 __all__ = [
     "DEFAULT_OPTIM_SHARDING",
@@ -31,4 +33,6 @@ __all__ = [
     "read_meta",
     "resolve_checkpoint_dir",
     "save_checkpoint",
+    "save_weights",
+    "WeightsReader",
 ]

@@ -42,6 +42,9 @@ DEFAULT_OPTIM_SHARDING = "fully_reshardable"
 _SHARDING_TYPES = ("fully_reshardable", "dp_reshardable")
 
 _RNG_KEY = "rng_state"
+# meta.json "contents": a training checkpoint (model, optimizer, scheduler, RNG) or model weights only
+CONTENTS_TRAINING = "training"
+CONTENTS_WEIGHTS = "weights"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -59,7 +62,7 @@ _PP_SPLIT = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_
 _MODEL_SHARDING = ("tp", "pp", "ep", "etp", *_PP_SPLIT)  # what decides which tensors a rank holds
 
 
-def _layout(tm) -> dict:
+def _layout(use_distributed_optimizer: bool | None, config=None) -> dict:
     from megatron.core import parallel_state as ps
 
     return {
@@ -70,24 +73,24 @@ def _layout(tm) -> dict:
         "etp": ps.get_expert_tensor_parallel_world_size(),
         "dp": ps.get_data_parallel_world_size(),
         # uneven pipeline split (None: even); another split puts other layers on each stage
-        **{k: getattr(tm.config, k, None) for k in _PP_SPLIT},
-        "use_distributed_optimizer": _uses_dist_opt(tm),
+        **{k: getattr(config, k, None) for k in _PP_SPLIT},
+        "use_distributed_optimizer": use_distributed_optimizer,
     }
 
 
 def _model_names(tm, model_cfg) -> dict:
-    cfg = model_cfg if model_cfg is not None else getattr(tm, "model_config", None)
+    cfg = model_cfg if model_cfg is not None else getattr(tm, "model_config", None) if tm is not None else None
     if cfg is None:
         return {"preset": None, "size": None}
     return {"preset": getattr(cfg, "preset", None), "size": getattr(cfg, "size", None),
             "precision": getattr(cfg, "precision", None)}
 
 
-def _param_shapes(tm) -> dict[str, list[int]]:
+def _param_shapes(module, config) -> dict[str, list[int]]:
     """Full (TP1/PP1/EP1) shape of every parameter of the whole model, on every rank. Collective."""
     from r1mega.models.sharding import shard_infos
 
-    local = {i.canonical_name: list(i.full_shape) for i in shard_infos(tm.module, tm.config)}
+    local = {i.canonical_name: list(i.full_shape) for i in shard_infos(module, config)}
     if _world() == 1:
         return dict(sorted(local.items()))
     parts = [None] * _world()
@@ -339,43 +342,54 @@ def save_checkpoint(tm, root: str | Path, step: int, extra: dict | None = None, 
 
     if optim_sharding_type not in _SHARDING_TYPES:
         raise ValueError(f"optim_sharding_type {optim_sharding_type!r}: use one of {_SHARDING_TYPES}")
-    t0 = time.perf_counter()
-    root = Path(root)
-    rank, world = _rank(), _world()
     extra = dict(extra or {})
     check_loadable(extra)  # same on every rank: raises everywhere or nowhere
 
+    def write(tmp: Path) -> dict | None:
+        metadata = _sharded_metadata(optim_sharding_type)
+        _ensure_optimizer_state(tm.optimizer)
+        model_sd = tm.module.sharded_state_dict(metadata=metadata)
+        state = {
+            "model": model_sd,
+            "optimizer": tm.optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=metadata),
+            "scheduler": tm.scheduler.state_dict(),
+            _RNG_KEY: _rng_object(_world(), _rank(), capture_rng()),
+            "r1mega": {"step": int(step), "extra": extra},
+        }
+        if _uses_dist_opt(tm):
+            # Rank 0's common state is what dist_checkpointing keeps; pool every rank's param groups so a
+            # layout whose stages have other groups than rank 0's still finds its own on load.
+            state["r1mega"]["optimizer_param_groups"] = _all_param_groups(tm.optimizer)
+        layout = _layout(_uses_dist_opt(tm), tm.config)
+        shapes = _param_shapes(tm.module, tm.config)
+        dist_checkpointing.save(state, str(tmp))
+        if _rank() != 0:
+            return None
+        optim_info = {"sharding_type": optim_sharding_type if layout["use_distributed_optimizer"] else None,
+                      "num_optimizers": len(_leaf_optimizers(tm.optimizer))}
+        return make_meta(step, layout, architecture(tm.config), shapes, _model_names(tm, model_cfg),
+                         optim_info, extra, contents=CONTENTS_TRAINING)
+
+    return atomic_save(root, step, write, keep_last=keep_last)
+
+
+def atomic_save(root: str | Path, step: int, write, *, keep_last: int | None = None) -> Path:
+    """The atomic commit around a distributed save (collective; see :mod:`r1mega.ckpt.atomic`).
+
+    ``write(tmp_dir)`` saves the shards on every rank and returns ``meta.json``'s contents on rank 0.
+    """
+    t0 = time.perf_counter()
+    root = Path(root)
+    rank = _rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         atomic.remove_stale_tmp_dirs(root)
         tmp = root / atomic.tmp_dir_name(step)
         tmp.mkdir()
     tmp = Path(broadcast_from_rank0(str(tmp) if rank == 0 else None))
-
-    metadata = _sharded_metadata(optim_sharding_type)
-    _ensure_optimizer_state(tm.optimizer)
-    model_sd = tm.module.sharded_state_dict(metadata=metadata)
-    state = {
-        "model": model_sd,
-        "optimizer": tm.optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=metadata),
-        "scheduler": tm.scheduler.state_dict(),
-        _RNG_KEY: _rng_object(world, rank, capture_rng()),
-        "r1mega": {"step": int(step), "extra": extra},
-    }
-    if _uses_dist_opt(tm):
-        # Rank 0's common state is what dist_checkpointing keeps; pool every rank's param groups so a
-        # layout whose stages have other groups than rank 0's still finds its own on load.
-        state["r1mega"]["optimizer_param_groups"] = _all_param_groups(tm.optimizer)
-    layout = _layout(tm)
-    shapes = _param_shapes(tm)
-    dist_checkpointing.save(state, str(tmp))
+    meta = write(tmp)
     atomic.fault_point("after_shards")
-
     if rank == 0:
-        optim_info = {"sharding_type": optim_sharding_type if layout["use_distributed_optimizer"] else None,
-                      "num_optimizers": len(_leaf_optimizers(tm.optimizer))}
-        meta = make_meta(step, layout, architecture(tm.config), shapes, _model_names(tm, model_cfg),
-                         optim_info, extra)
         (tmp / atomic.META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     barrier()
 
@@ -431,7 +445,7 @@ def check_compatible(meta: dict, tm, step_dir: Path, model_cfg=None, strict: boo
         if name in saved_arch and saved_arch[name] != here:
             problems.append(f"{name} is {saved_arch[name]} in the checkpoint but {here} in this model")
     saved_shapes = saved_model.get("param_shapes", {})
-    here_shapes = _param_shapes(tm)
+    here_shapes = _param_shapes(tm.module, tm.config)
     tied = bool(getattr(tm.module, "share_embeddings_and_output_weights", False))
     skip = {"output_layer.weight"} if tied else set()
     for name in sorted(set(saved_shapes) | set(here_shapes)):
@@ -494,12 +508,18 @@ def load_checkpoint(tm, root_or_dir: str | Path, strict: bool = True, *, model_c
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    weights_only = meta.get("contents") == CONTENTS_WEIGHTS
+    if weights_only and (load_optimizer or load_rng):
+        raise CheckpointError(
+            f"checkpoint {step_dir} holds model weights only (a converted checkpoint, e.g. from `r1mega convert "
+            "from-hf`): it is a starting point, not a resume point. Load it as initial weights "
+            "(checkpoint.load_dir, or load_optimizer=False, load_rng=False), not with checkpoint.resume")
     problems = check_compatible(meta, tm, step_dir, model_cfg=model_cfg, strict=strict)
-    layout = _layout(tm)
+    layout = _layout(_uses_dist_opt(tm), tm.config)
     saved_layout = meta.get("layout", {})
     same_layout = all(saved_layout.get(k) == v for k, v in layout.items())
 
-    saved_optim = meta.get("optimizer", {})
+    saved_optim = meta.get("optimizer") or {}
     use_dist_opt = layout["use_distributed_optimizer"]
     sharding_type = saved_optim.get("sharding_type") or DEFAULT_OPTIM_SHARDING
     if load_optimizer and saved_layout.get("use_distributed_optimizer") != use_dist_opt:
@@ -551,9 +571,10 @@ def load_checkpoint(tm, root_or_dir: str | Path, strict: bool = True, *, model_c
                                               loaded.get("r1mega", {}).get("optimizer_param_groups", []))
         else:
             _load_plain_optimizer_state(tm.optimizer, loaded["optimizer"])
-    # OptimizerParamScheduler.load_state_dict *adds* the saved step count to the current one.
-    tm.scheduler.num_steps = 0
-    tm.scheduler.load_state_dict(loaded["scheduler"])
+    if not weights_only:
+        # OptimizerParamScheduler.load_state_dict *adds* the saved step count to the current one.
+        tm.scheduler.num_steps = 0
+        tm.scheduler.load_state_dict(loaded["scheduler"])
     if load_rng:
         restore_rng(loaded[_RNG_KEY]["use"], include_device=same_layout)
     common = loaded.get("r1mega", {})

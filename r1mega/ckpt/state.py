@@ -118,7 +118,7 @@ def architecture(config) -> dict:
 
 
 def make_meta(step: int, layout: dict, arch: dict, param_shapes: dict[str, list[int]],
-              model_names: dict, optimizer_info: dict, extra: dict | None) -> dict:
+              model_names: dict, optimizer_info: dict | None, extra: dict | None, contents: str) -> dict:
     now = time.time()
     import megatron.core
 
@@ -129,6 +129,7 @@ def make_meta(step: int, layout: dict, arch: dict, param_shapes: dict[str, list[
         "megatron_core_version": getattr(megatron.core, "__version__", "unknown"),
         "torch_version": torch.__version__,
         "step": int(step),
+        "contents": contents,
         "time": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="seconds"),
         "unix_time": now,
         "layout": layout,

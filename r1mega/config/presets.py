@@ -12,6 +12,11 @@ from dataclasses import fields, replace
 
 from r1mega.config.schema import ModelConfig
 
+# YaRN settings the MLA models are built with (megatron's MLATransformerConfig; its default
+# mscale_all_dim=0 would scale only the rope part of q.k, unlike DeepSeek-V3). These are DeepSeek-V3's
+# published values; the bridge writes them and refuses a config.json with others.
+YARN_FIXED = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
 _QWEN3_MOE_BASE = dict(
     norm_epsilon=1e-6,
     rotary_base=1_000_000,
@@ -81,6 +86,10 @@ DENSE_PRESETS: dict[str, dict[str, dict]] = {
         # Qwen2-7B / Qwen2.5-7B
         "7b": dict(_QWEN2_BASE, num_layers=28, hidden_size=3584, num_attention_heads=28, num_query_groups=4,
                    kv_channels=128, ffn_hidden_size=18944, vocab_size=152064, max_position_embeddings=32768),
+        # DeepSeek-R1-Distill-Qwen-7B (Qwen2.5-Math-7B: rope base 10000, 131072 positions)
+        "r1_distill_7b": dict(_QWEN2_BASE, num_layers=28, hidden_size=3584, num_attention_heads=28,
+                              num_query_groups=4, kv_channels=128, ffn_hidden_size=18944, vocab_size=152064,
+                              max_position_embeddings=131072, rotary_base=10000),
     },
     "qwen3": {
         "tiny": dict(_QWEN3_BASE, **_TINY_DENSE),
@@ -136,7 +145,8 @@ MOE_PRESETS: dict[str, dict[str, dict]] = {
                      moe_router_topk_scaling_factor=2.5, first_k_dense_layers=3,
                      q_lora_rank=1536, kv_lora_rank=512, qk_head_dim=128, qk_pos_emb_head_dim=64,
                      v_head_dim=128, kv_channels=128, rope_type="yarn",
-                     rotary_scaling_factor=40.0, original_max_position_embeddings=4096),
+                     rotary_scaling_factor=40.0, original_max_position_embeddings=4096,
+                     init_method_std=0.02),  # config.json's initializer_range (the paper trained with 0.006)
     },
     "mixtral": {
         "tiny": dict(_MIXTRAL_BASE, num_layers=2, hidden_size=64, num_attention_heads=4,

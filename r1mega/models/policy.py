@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from r1mega.config.pipeline_split import stage_layers
+from r1mega.config.presets import YARN_FIXED
 from r1mega.config.schema import ModelConfig, ParallelConfig
 from r1mega.models import routing_replay
 from r1mega.models.layer_spec import build_block_spec, use_transformer_engine
@@ -128,7 +129,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
     )
     if model.rope_type == "yarn":
         mla.update(rotary_scaling_factor=model.rotary_scaling_factor,
-                   original_max_position_embeddings=model.original_max_position_embeddings)
+                   original_max_position_embeddings=model.original_max_position_embeddings, **YARN_FIXED)
     return MLATransformerConfig(**kwargs, **mla)
 
 
@@ -143,12 +144,23 @@ class PolicyStage:
     parallel: ParallelConfig
 
 
-def build_policy(model: ModelConfig, parallel: ParallelConfig) -> PolicyStage:
-    """This rank's pipeline stage of the policy (needs ``parallel_state`` initialised)."""
+def build_policy(model: ModelConfig, parallel: ParallelConfig, *, meta: bool = False) -> PolicyStage:
+    """This rank's pipeline stage of the policy (needs ``parallel_state`` initialised).
+
+    ``meta=True`` builds it on the meta device: names, shapes, sharding and the sharded state dict,
+    no storage and no initialisation. Checkpoint conversion streams tensors through such a model.
+    """
     config = transformer_config(model, parallel)
     _check_pipeline_split(config, parallel)
     use_te = use_transformer_engine(model.precision, model.fp8_recipe)
-    gpt = _gpt_model(config, use_te, model, parallel.tp)
+    if not meta:
+        gpt = _gpt_model(config, use_te, model, parallel.tp)
+    else:
+        # megatron allocates on CUDA unless told to initialise on the CPU, where a device context applies
+        config.use_cpu_initialization = True
+        config.perform_initialization = False
+        with torch.device("meta"):
+            gpt = _gpt_model(config, use_te, model, parallel.tp)
     return PolicyStage(model=gpt, config=config, use_te=use_te, model_cfg=model, parallel=parallel)
 
 

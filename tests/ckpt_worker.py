@@ -1,4 +1,4 @@
-"""Scripted checkpoint scenarios in fresh gloo processes (the checkpoint tests drive this).
+"""Scripted checkpoint scenarios in fresh gloo processes (``tests/test_checkpoint.py`` drives this).
 
 A *job* is a layout, a model, an optimizer and a list of actions run in order on every rank:
 
@@ -54,7 +54,7 @@ def run_job(job: Job, timeout_s: float = 180.0, name: str | None = None) -> dict
     with tempfile.TemporaryDirectory(prefix="r1mega-ckpt-job-") as tmp:
         job_path, out_path = Path(tmp, "job.json"), Path(tmp, "out.pt")
         job_path.write_text(json.dumps(dataclasses.asdict(job)))
-        spawn_ranks(["-m", "r1mega.ckpt.selftest", "--worker", str(job_path), str(out_path)],
+        spawn_ranks([str(Path(__file__).resolve()), "--worker", str(job_path), str(out_path)],
                     layout.world_size, timeout_s, name=name or f"ckpt job {layout.name()}", log_dir=tmp)
         return torch.load(out_path, weights_only=True)
 
@@ -227,4 +227,4 @@ if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
     _payload = json.loads(Path(sys.argv[2]).read_text())
     _worker(Job(**_payload), sys.argv[3])
 elif __name__ == "__main__":
-    raise SystemExit("internal worker entry of the checkpoint tests (see tests/test_checkpoint.py)")
+    raise SystemExit("worker of the checkpoint tests (see tests/test_checkpoint.py)")

@@ -1,0 +1,193 @@
+"""Weights-only distributed checkpoints, written and read a tensor at a time (checkpoint conversion).
+
+A converted model has no optimizer, scheduler or RNG state to keep: :func:`save_weights` writes only
+the model's tensors, in megatron's ``torch_dist`` format, so the trainer loads it in any layout as
+initial weights (``meta.json`` says ``"contents": "weights"``; resuming from it is refused).
+
+Memory stays bounded on both sides:
+
+* **Writing.** The model may be built on the meta device (shapes, names and sharding only). Every
+  tensor is produced by ``resolve(name)`` at the moment torch's ``FileSystemWriter`` writes it and is
+  dropped right after, so a rank never holds more than a few of its tensors. (megatron's own writer
+  stages every tensor of the rank first and copies views such as the SwiGLU gate/up halves.)
+* **Reading.** :class:`WeightsReader` loads a few full (TP1/PP1/EP1) tensors at a time from a
+  checkpoint saved in any layout (training or weights-only), through megatron's loader and the
+  sharded state dict of a meta-device model of layout 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from r1mega.ckpt.dist_ckpt import (
+    CONTENTS_WEIGHTS,
+    _layout,
+    _model_names,
+    _param_shapes,
+    _rank,
+    atomic_save,
+)
+from r1mega.ckpt.errors import CheckpointError
+from r1mega.ckpt.state import architecture, make_meta
+from r1mega.platform.megatron_compat import ensure_megatron
+
+log = logging.getLogger(__name__)
+
+Resolve = Callable[[str], torch.Tensor]
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+class _Materializer:
+    """Real tensors for the meta views that megatron's sharded state dict holds.
+
+    A view (a SwiGLU half, a reshaped expert weight) shares the storage of the parameter or buffer it
+    came from; the owner is produced by ``resolve(name)`` and the view's geometry applied to it. The
+    last owner is kept so the two halves of one SwiGLU weight cost one ``resolve``.
+    """
+
+    def __init__(self, module: torch.nn.Module, resolve: Resolve):
+        self.resolve = resolve
+        self.owners: dict[int, tuple[str, torch.Tensor]] = {}
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            self.owners.setdefault(_storage_key(t), (name, t))
+        self._last: tuple[str, torch.Tensor] | None = None
+        self.resolved = 0
+
+    def owns(self, t: torch.Tensor) -> bool:
+        return _storage_key(t) in self.owners
+
+    def __call__(self, view: torch.Tensor) -> torch.Tensor:
+        owner = self.owners.get(_storage_key(view))
+        if owner is None:
+            raise CheckpointError(f"a {tuple(view.shape)} tensor of the model's sharded state dict belongs to "
+                                  "no parameter or buffer, so it cannot be produced for a weights-only save")
+        name, meta = owner
+        if self._last is None or self._last[0] != name:
+            real = self.resolve(name)
+            if tuple(real.shape) != tuple(meta.shape) or real.dtype != meta.dtype:
+                raise CheckpointError(f"{name}: produced {tuple(real.shape)} {real.dtype}, the model has "
+                                      f"{tuple(meta.shape)} {meta.dtype}")
+            self._last = (name, real.contiguous())
+            self.resolved += 1
+        real = self._last[1]
+        offset = view.storage_offset() - meta.storage_offset()
+        return real.as_strided(view.size(), view.stride(), real.storage_offset() + offset)
+
+
+def _streaming_strategy(materialize: _Materializer | None):
+    """megatron's torch_dist save strategy, written item by item by torch's ``FileSystemWriter``."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+
+    class LazyPlanner(MCoreSavePlanner):
+        def resolve_data(self, write_item):
+            obj = self.lookup_object(write_item.index)
+            if isinstance(obj, torch.Tensor) and materialize is not None and (obj.is_meta or materialize.owns(obj)):
+                # every parameter and buffer comes from resolve (a meta model's few real buffers too)
+                obj = materialize(obj)
+            elif isinstance(obj, torch.Tensor) and obj.is_meta:
+                raise CheckpointError("the model is on the meta device and no tensors were given to save")
+            return self.transform_object(write_item, obj)
+
+    class StreamingSave(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
+            state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+            pyt_state = mcore_to_pyt_state_dict(state, False)
+            planner = LazyPlanner(dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False)
+            dcp_save(pyt_state, storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                     planner=planner)
+
+    return StreamingSave("torch_dist", 1, thread_count=1)
+
+
+def save_weights(module: torch.nn.Module, config, root: str | Path, *, step: int = 0, model_cfg=None,
+                 resolve: Resolve | None = None, keep_last: int | None = None) -> Path:
+    """Write ``<root>/step_<step>`` with the model's tensors only, atomically (collective).
+
+    ``module`` is this rank's model chunk; on the meta device ``resolve(name)`` must return each
+    parameter / buffer (this rank's shard, the module's shape and dtype) when it is written.
+    """
+    ensure_megatron()
+    from megatron.core import dist_checkpointing
+
+    materialize = _Materializer(module, resolve) if resolve is not None else None
+
+    def write(tmp: Path) -> dict | None:
+        state = {"model": module.sharded_state_dict(), "r1mega": {"step": int(step), "extra": {}}}
+        layout = _layout(None, config)
+        shapes = _param_shapes(module, config)
+        dist_checkpointing.save(state, str(tmp), sharded_strategy=_streaming_strategy(materialize))
+        if materialize is not None:
+            log.debug("weights-only save: %d tensors produced on demand", materialize.resolved)
+        if _rank() != 0:
+            return None
+        return make_meta(step, layout, architecture(config), shapes, _model_names(None, model_cfg), None, {},
+                         contents=CONTENTS_WEIGHTS)
+
+    return atomic_save(root, step, write, keep_last=keep_last)
+
+
+class WeightsReader:
+    """Full (single-process) model tensors from a checkpoint of any layout, a few at a time.
+
+    ``module`` is a layout-1 model on the meta device: its sharded state dict says where each
+    tensor lives in the checkpoint. :meth:`read` allocates only the tensors asked for.
+    """
+
+    def __init__(self, step_dir: str | Path, module: torch.nn.Module):
+        ensure_megatron()
+        self.step_dir = Path(step_dir)
+        self.template = module.sharded_state_dict()
+        self.meta = dict(module.named_parameters())
+        self.meta.update(module.named_buffers())
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+        from megatron.core.dist_checkpointing.validation import StrictHandling
+
+        out, request = {}, {}
+        for name in names:
+            if name not in self.template:
+                raise CheckpointError(f"{name} is not a tensor of the model's sharded state dict")
+            shell = self.meta[name]
+            out[name] = torch.empty(shell.shape, dtype=shell.dtype)
+            request[name] = dataclasses.replace(self.template[name], data=out[name])
+        # The loader fills the tensors in place (factories such as the SwiGLU halves are views of them).
+        # Some experts of a stacked expert tensor are a partial request, which megatron's pre-0.14 layout
+        # of expert tensors (prepended axes) cannot express on one process: give them the plain layout.
+        apply_factories(request)
+        for key, value in list(request.items()):
+            request[key] = _without_prepended_axes(value, ShardedTensor)
+        assert all(not isinstance(v, ShardedTensor) or v.prepend_axis_num == 0 for v in nested_values(request))
+        # a subset of the checkpoint: the full-coverage check does not apply
+        dist_checkpointing.load({"model": request}, str(self.step_dir), validate_access_integrity=False,
+                                strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+        return out
+
+
+def _without_prepended_axes(value, sharded_tensor_cls):
+    """The same chunk of the same global tensor, its prepended axes made part of the local shape."""
+    if isinstance(value, list):
+        return [_without_prepended_axes(v, sharded_tensor_cls) for v in value]
+    if not isinstance(value, sharded_tensor_cls) or not value.prepend_axis_num:
+        return value
+    ones = (1,) * value.prepend_axis_num
+    return dataclasses.replace(value, data=value.data.view(ones + tuple(value.local_shape)),
+                               local_shape=ones + tuple(value.local_shape), prepend_axis_num=0)
