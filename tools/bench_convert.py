@@ -13,7 +13,8 @@ set (``ru_maxrss`` of that child, from ``wait4``) is measured:
 
 Times are measured inside each child after its imports (interpreter and megatron start-up are not
 conversion); every child runs one thread (``OMP_NUM_THREADS=1``). Ratios: ``rss_over_weights`` = peak
-RSS / bytes of weights; ``vs_io`` = baseline time / conversion time (1.0 = as fast as reading and writing the bytes with safetensors).
+RSS / bytes of weights; ``vs_io`` = baseline time / conversion time (1.0 = as fast as reading and
+writing the bytes with safetensors).
 
     python tools/bench_convert.py [--gb 0.5 1.0] [--bucket-mb 64] [--keep DIR]
 
