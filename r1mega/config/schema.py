@@ -83,6 +83,11 @@ class ParallelConfig:
     sequence_parallel: Optional[bool] = None  # None = on whenever tp > 1 (required for MoE)
     use_distributed_optimizer: bool = True
     micro_batch_size: int = 1
+    # Learner micro-batches cut by tokens instead of micro_batch_size sequences (packed, padding-free): each
+    # rank's sequences go into micro-batches of at most this many tokens per rank by first-fit decreasing;
+    # every DP rank runs the same number (empty ones pad). slime --max-tokens-per-gpu, verl
+    # ppo_max_token_len_per_gpu. Must hold the longest prompt + response (/ cp). None = micro_batch_size.
+    max_tokens_per_micro_batch: Optional[int] = None
     timeout_minutes: int = 10
 
 

@@ -181,6 +181,8 @@ def _check_parallel(p: ParallelConfig, world_size: Optional[int]) -> Problems:
         out += _at_least(f"parallel.{name}", getattr(p, name), 1, f"set 1 to disable {hint} parallelism")
     out += _at_least("parallel.dp", p.dp, 0, "set 0 to derive it from the world size")
     out += _at_least("parallel.micro_batch_size", p.micro_batch_size, 1)
+    out += _at_least("parallel.max_tokens_per_micro_batch", p.max_tokens_per_micro_batch, 1,
+                     "or null to cut micro-batches by parallel.micro_batch_size sequences")
     out += _at_least("parallel.timeout_minutes", p.timeout_minutes, 1)
     if world_size is not None and min(p.tp, p.pp) >= 1 and p.dp >= 0:
         out += _check_world_size(p, world_size)
@@ -477,6 +479,11 @@ def _check_trainer(t: TrainerConfig, p: ParallelConfig, dp: Optional[int]) -> Pr
     out += _at_least("trainer.log_interval", t.log_interval, 1)
     out += _at_least("trainer.eval_interval", t.eval_interval, 0, "set 0 to disable evaluation")
     if dp is None or p.micro_batch_size < 1 or t.global_batch_size < 1:
+        return out
+    if p.max_tokens_per_micro_batch is not None:  # micro-batches by tokens: only the DP split must be even
+        if t.global_batch_size % dp:
+            out.append(f"trainer.global_batch_size={t.global_batch_size} is not divisible by dp={dp}: use a "
+                       f"multiple of {dp}")
         return out
     per_step = dp * p.micro_batch_size
     if t.global_batch_size % per_step:

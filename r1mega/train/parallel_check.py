@@ -18,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -73,6 +74,8 @@ class CheckSpec:
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-3, clip_grad=0.0))
     objective: str = "lm"  # lm (megatron's cross entropy) | grpo | sft (r1mega's learner step)
     pack: bool = False  # learner objectives: padding-free packed micro-batches
+    max_tokens_per_micro_batch: Optional[int] = None  # learner objectives: token-budget micro-batches (packed)
+    row_lengths: list[int] = field(default_factory=list)  # learner objectives: tokens per row (empty: random)
     rl: RLConfig = field(default_factory=lambda: RLConfig(kl_coef=0.01, entropy_coef=0.01, tis_cap=None))
 
     @classmethod
@@ -98,7 +101,8 @@ class LayoutReport:
 
 def learner_batch(spec: CheckSpec, tokens: torch.Tensor, step: int):
     """A deterministic RL/SFT batch over ``tokens``: random prompt/response split per row (one row has
-    an empty response) and random advantages."""
+    an empty response) and random advantages. ``spec.row_lengths`` fixes each row's prompt + response
+    length (a long-tailed batch for token-budget tests)."""
     from r1mega.rl.learner import LearnerBatch
 
     gen = torch.Generator().manual_seed(spec.data_seed * 1000 + step)
@@ -106,6 +110,13 @@ def learner_batch(spec: CheckSpec, tokens: torch.Tensor, step: int):
     mask = torch.zeros(rows, positions)
     lengths = torch.zeros(rows, dtype=torch.long)
     for row in range(rows):
+        if spec.row_lengths:
+            total = spec.row_lengths[row]
+            prompt = int(torch.randint(1, max(min(positions // 2, total - 1), 2), (1,), generator=gen))
+            length = max(total - prompt, 0)
+            mask[row, prompt - 1: prompt - 1 + length] = 1.0
+            lengths[row] = prompt + length
+            continue
         prompt = int(torch.randint(1, positions // 2, (1,), generator=gen))
         length = 0 if row == 1 else int(torch.randint(1, positions - prompt + 1, (1,), generator=gen))
         mask[row, prompt - 1: prompt - 1 + length] = 1.0
@@ -123,7 +134,7 @@ def _train_step(spec: CheckSpec, tm, reference, vocab_size: int, tokens: torch.T
 
     settings = LearnerSettings(micro_batch_size=spec.micro_batch_size, valid_vocab=vocab_size,
                                temperature=0.9, chunk_size=16, constant_norm=float(spec.seq_length),
-                               pack=spec.pack)
+                               pack=spec.pack, max_tokens_per_micro_batch=spec.max_tokens_per_micro_batch)
     batch = learner_batch(spec, tokens, step)
     rl = None
     if spec.objective == "grpo":
