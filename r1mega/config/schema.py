@@ -322,6 +322,12 @@ class RLConfig:
     # MoE routing replay (r1mega.rl.routing): none | r2 (replay the old-logprob pass's own routing) |
     # r3 (replay the engine's routing; needs rollout.return_routed_experts)
     routing_replay: str = "none"
+    # Optimizer steps per rollout batch (r1mega.rl.updates.learner_update): the batch is cut into
+    # `mini_batches` consecutive mini-batches, one optimizer step each, and passed over `epochs` times.
+    # Old log-probs are computed once before the first update; each update normalises its loss over its
+    # own mini-batch (verl ppo_mini_batch_size / ppo_epochs, slime num_steps_per_rollout).
+    mini_batches: int = 1
+    epochs: int = 1
 
 
 @dataclass

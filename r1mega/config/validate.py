@@ -104,7 +104,7 @@ def validate_config(cfg: R1Config, world_size: Optional[int] = None) -> None:
     problems += _check_model(model)
     problems += _check_model_vs_parallel(model, parallel)
     problems += _check_optimizer(cfg.optimizer)
-    problems += _check_trainer(cfg.trainer, parallel, dp)
+    problems += _check_trainer(cfg.trainer, parallel, dp, cfg.rl.mini_batches)
     problems += _check_rollout(cfg.rollout)
     problems += _check_misc(cfg)
     problems += _check_stages(cfg)
@@ -473,25 +473,27 @@ def _check_optimizer(o: OptimizerConfig) -> Problems:
     return out
 
 
-def _check_trainer(t: TrainerConfig, p: ParallelConfig, dp: Optional[int]) -> Problems:
+def _check_trainer(t: TrainerConfig, p: ParallelConfig, dp: Optional[int], mini_batches: int = 1) -> Problems:
+    """Sizes, and that the global batch (the rollout batch of an RL step) cuts into ``rl.mini_batches``
+    mini-batches that split over the DP ranks (and into micro-batches of ``micro_batch_size`` sequences
+    unless micro-batches are cut by tokens)."""
     out = _at_least("trainer.steps", t.steps, 0)
     out += _at_least("trainer.global_batch_size", t.global_batch_size, 1)
     out += _at_least("trainer.log_interval", t.log_interval, 1)
     out += _at_least("trainer.eval_interval", t.eval_interval, 0, "set 0 to disable evaluation")
-    if dp is None or p.micro_batch_size < 1 or t.global_batch_size < 1:
+    if dp is None or p.micro_batch_size < 1 or t.global_batch_size < 1 or mini_batches < 1:
         return out
-    if p.max_tokens_per_micro_batch is not None:  # micro-batches by tokens: only the DP split must be even
-        if t.global_batch_size % dp:
-            out.append(f"trainer.global_batch_size={t.global_batch_size} is not divisible by dp={dp}: use a "
-                       f"multiple of {dp}")
-        return out
-    per_step = dp * p.micro_batch_size
+    by_tokens = p.max_tokens_per_micro_batch is not None  # micro-batches by tokens: only the DP split must be even
+    per_step = mini_batches * dp * (1 if by_tokens else p.micro_batch_size)
     if t.global_batch_size % per_step:
         lower = max(per_step, t.global_batch_size // per_step * per_step)
+        parts = ["rl.mini_batches"] * (mini_batches > 1) + ["dp"] + ["micro_batch_size"] * (not by_tokens)
+        sizes = [mini_batches] * (mini_batches > 1) + [dp] + [p.micro_batch_size] * (not by_tokens)
         out.append(
             f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
-            f"dp*micro_batch_size = {dp}*{p.micro_batch_size} = {per_step}: use a multiple of "
-            f"{per_step} (e.g. {lower} or {lower + per_step}) or change parallel.micro_batch_size"
+            f"{'*'.join(parts)} = {'*'.join(map(str, sizes))} = {per_step}: use a multiple of "
+            f"{per_step} (e.g. {lower} or {lower + per_step})"
+            + ("" if by_tokens else " or change parallel.micro_batch_size")
         )
     return out
 
@@ -665,6 +667,8 @@ def _check_rl(rl) -> Problems:
     out += _at_least("rl.eps_clip_high", rl.eps_clip_high, 0.0)
     if rl.tis_cap is not None and rl.tis_cap <= 0:
         out.append(f"rl.tis_cap={rl.tis_cap} must be > 0 (e.g. 2.0), or null to disable truncated IS")
+    out += _at_least("rl.mini_batches", rl.mini_batches, 1, "set 1 for one optimizer step per rollout batch")
+    out += _at_least("rl.epochs", rl.epochs, 1, "set 1 for one pass over each rollout batch")
     if rl.dual_clip_c is not None and rl.dual_clip_c <= 1:
         out.append(f"rl.dual_clip_c={rl.dual_clip_c} must be > 1 (dual-clip PPO uses c = 3), or null")
     return out

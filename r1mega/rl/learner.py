@@ -78,6 +78,11 @@ class StepMetrics:
     values: dict[str, float] = field(default_factory=dict)
     grad_norm: float = 0.0
     skipped: bool = False
+    # which optimizer step of a rollout batch (rl.updates.learner_update): 0-based over all its updates,
+    # the pass over the batch and the mini-batch within the pass
+    update: int = 0
+    epoch: int = 0
+    mini_batch: int = 0
 
 
 def _dp_slice(n: int) -> slice:

@@ -150,7 +150,12 @@ def _train_step(spec: CheckSpec, tm, reference, vocab_size: int, tokens: torch.T
         # an engine's sampling log-probs differ slightly from the trainer's: exercises TIS + mismatch
         noise = torch.Generator().manual_seed(spec.data_seed + step)
         batch.rollout_logp = batch.old_logp + 0.3 * torch.randn(batch.old_logp.shape, generator=noise)
-    result = learner_step(tm, batch, settings, rl, force_all_reduce=last)
+    if rl is not None and rl.mini_batches * rl.epochs > 1:  # k updates: the last one's loss, grads, metrics
+        from r1mega.rl.updates import learner_update
+
+        result = learner_update(tm, batch, settings, rl, force_all_reduce=last)[-1]
+    else:
+        result = learner_step(tm, batch, settings, rl, force_all_reduce=last)
     if rl is not None and rl.routing_replay != "none":
         result.values.update(routing_metrics)
     return result.values["loss"], result.values
