@@ -88,6 +88,20 @@ class ParallelConfig:
     # every DP rank runs the same number (empty ones pad). slime --max-tokens-per-gpu, verl
     # ppo_max_token_len_per_gpu. Must hold the longest prompt + response (/ cp). None = micro_batch_size.
     max_tokens_per_micro_batch: Optional[int] = None
+    # Activation recompute, passed to megatron's TransformerConfig (memory for compute):
+    # - selective: keep every activation except the core attention's (softmax(QK^T)V is recomputed in the
+    #   backward pass); costs one more core-attention forward, saves the [b, h, s, s] attention
+    #   intermediates of non-flash attention (the local SDPA path on CPU); negligible with flash kernels.
+    # - full: keep only the input of each checkpointed chunk of layers and rerun the chunk's forward in the
+    #   backward pass: about one more forward of those layers (+~33% step compute at every layer), memory
+    #   per layer down to its input [s, b, h]. recompute_method picks the layers:
+    #   uniform: chunks of recompute_num_layers layers, all layers recomputed (fewer checkpoints with larger
+    #   chunks, but a whole chunk's activations live at once during its recompute);
+    #   block: only the first recompute_num_layers layers of each pipeline stage, the rest keep their
+    #   activations (spend spare memory to skip recompute).
+    recompute_granularity: Optional[str] = None  # None | selective | full
+    recompute_method: Optional[str] = None  # full: uniform | block
+    recompute_num_layers: Optional[int] = None  # full: layers per chunk (uniform) / per stage (block)
     timeout_minutes: int = 10
 
 

@@ -45,6 +45,8 @@ BENCHMARK_KINDS = ("math", "choice", "code")  # r1mega.data.benchmarks layouts (
 STAGE_FIXED_SECTIONS = ("model", "parallel", "stages", "checkpoint")
 ROUTING_REPLAY_NAMES = ("none", "r2", "r3")
 ROLLOUT_MODES = ("colocated", "one_step_off")
+RECOMPUTE_GRANULARITIES = ("selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 Problems = list[str]
 
@@ -109,6 +111,7 @@ def validate_config(cfg: R1Config, world_size: Optional[int] = None) -> None:
     problems += _check_misc(cfg)
     problems += _check_stages(cfg)
     problems += _check_routing_replay(cfg, model)
+    problems += _check_recompute(parallel, model, cfg.rl.routing_replay)
     problems += _check_rollout_mode(cfg)
     problems += _check_distill(cfg)
     if problems:
@@ -514,6 +517,52 @@ def _check_rollout(r: RolloutConfig) -> Problems:
     if r.engine_call_timeout_s is not None and not r.engine_call_timeout_s > 0:
         out.append(f"rollout.engine_call_timeout_s={r.engine_call_timeout_s} must be > 0 seconds, "
                    "or null for no limit")
+    return out
+
+
+def _stage_layers(m: ModelConfig, p: ParallelConfig) -> Optional[list[int]]:
+    """Transformer layers per pipeline stage, or None when the split is invalid (reported elsewhere)."""
+    if m.num_layers is None or p.pp < 1:
+        return None
+    first, last = p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage
+    edges = [v for v in (first, last) if v is not None]
+    middle_stages, middle = p.pp - len(edges), m.num_layers - sum(edges)
+    if middle_stages < 0 or middle < 0 or (middle_stages == 0 and middle) or (middle_stages and middle % middle_stages):
+        return None
+    mid = [middle // middle_stages] * middle_stages if middle_stages else []
+    return [first] * (first is not None) + mid + [last] * (last is not None)
+
+
+def _check_recompute(p: ParallelConfig, m: ModelConfig, routing_replay: str) -> Problems:
+    """megatron's rules for activation recompute (TransformerConfig.__post_init__), stated up front."""
+    gran, method, n = p.recompute_granularity, p.recompute_method, p.recompute_num_layers
+    out = _one_of("parallel.recompute_granularity", gran, RECOMPUTE_GRANULARITIES)
+    out += _one_of("parallel.recompute_method", method, RECOMPUTE_METHODS)
+    if out:
+        return out
+    if gran != "full":
+        for key, value in (("recompute_method", method), ("recompute_num_layers", n)):
+            if value is not None:
+                out.append(f"parallel.{key}={value!r} only applies to parallel.recompute_granularity=full (got "
+                           f"{gran!r}): unset it, or set recompute_granularity=full")
+    else:
+        stages = _stage_layers(m, p)
+        if method is None:
+            out.append("parallel.recompute_granularity=full needs parallel.recompute_method: uniform (every layer, "
+                       "in chunks of recompute_num_layers) or block (the first recompute_num_layers of each stage)")
+        if n is None or n < 1:
+            out.append(f"parallel.recompute_granularity=full needs parallel.recompute_num_layers >= 1 (got {n}): "
+                       f"e.g. 1")
+        elif stages and n > max(stages):
+            out.append(f"parallel.recompute_num_layers={n} exceeds the {max(stages)} layers of a pipeline stage: "
+                       f"choose 1..{max(stages)}")
+        elif stages and method == "uniform" and any(s % n for s in stages):
+            out.append(f"parallel.recompute_num_layers={n} with recompute_method=uniform must divide the layers of "
+                       f"every pipeline stage {stages}: choose one of "
+                       f"{[d for d in _divisors(min(stages)) if all(s % d == 0 for s in stages)]}")
+    if gran is not None and routing_replay != "none":
+        out.append(f"parallel.recompute_granularity={gran!r} with rl.routing_replay={routing_replay!r}: a recomputed "
+                   f"forward would replay a later micro-batch's routing; unset recompute or set rl.routing_replay=none")
     return out
 
 

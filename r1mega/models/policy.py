@@ -104,6 +104,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         persist_layer_norm=False,
         attention_backend=AttnBackend.auto if use_te else AttnBackend.local,
         variable_seq_lengths=True,
+        # activation recompute (parallel.recompute_*; validated in config/validate.py)
+        recompute_granularity=parallel.recompute_granularity,
+        recompute_method=parallel.recompute_method,
+        recompute_num_layers=parallel.recompute_num_layers,
         moe_token_dispatcher_type="alltoall",  # megatron checks it even for dense models (variable lengths)
         **_moe_kwargs(model),
     )
