@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import r1mega.models  # noqa: F401  (readies megatron on CPU)
-from r1mega.models.local_layers import SDPAttention, _packed_causal_mask
+from r1mega.models.local_layers import Piece, SDPAttention, causal_pieces
 from r1mega.models.sharding import ShardInfo, merge_shards, shard_of
 
 
@@ -33,13 +33,14 @@ def test_gated_fc1_splits_gate_and_up_halves_separately():
     assert torch.equal(merge_shards([rank0, rank1], _info(0, 2, gated=True, shape=(8, 1))), full)
 
 
-def test_packed_mask_is_block_diagonal_and_causal():
-    mask = _packed_causal_mask(torch.tensor([0, 2, 5]), 6, "cpu")
-    expected = torch.zeros(6, 6, dtype=torch.bool)
-    expected[:2, :2] = torch.ones(2, 2).tril().bool()
-    expected[2:5, 2:5] = torch.ones(3, 3).tril().bool()
-    expected[5, 5] = True  # trailing padding only sees itself
-    assert torch.equal(mask, expected)
+def test_causal_pieces_per_segment_and_per_context_parallel_chunk():
+    # packed: one piece per non-empty segment (the trailing padding is a segment too)
+    assert causal_pieces(torch.tensor([0, 2, 2, 5, 6])) == [
+        Piece(slice(0, 2), 0, 2, 0), Piece(slice(2, 5), 2, 5, 2), Piece(slice(5, 6), 5, 6, 5)]
+    # cp2 rank 1: chunks 1 and 2 of 4 of every segment, in local order
+    assert causal_pieces([0, 8, 12], cp=2, cp_rank=1) == [
+        Piece(slice(0, 2), 2, 4, 0), Piece(slice(2, 4), 4, 6, 0), Piece(slice(4, 5), 9, 10, 8),
+        Piece(slice(5, 6), 10, 11, 8)]
 
 
 class _Cfg:
