@@ -69,13 +69,17 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """Megatron layout. World size = tp * pp * dp; ep and etp are carved out of tp * dp."""
+    """Megatron layout. World size = tp * cp * pp * dp; ep and etp are carved out of tp * cp * dp."""
 
     tp: int = 1
     pp: int = 1
+    # context parallelism: every sequence is split over cp ranks (megatron's load-balanced 2*cp chunks);
+    # attention all-gathers K/V over them (TE's CP attention, or r1mega's local SDPAttention). Sequences
+    # are padded to a multiple of 2*cp (x tp with sequence parallelism).
+    cp: int = 1
     ep: int = 1
     etp: Optional[int] = None  # expert tensor parallel size; None = tp (megatron's default)
-    dp: int = 0  # 0 = world_size // (tp * pp)
+    dp: int = 0  # 0 = world_size // (tp * cp * pp)
     # Uneven pipeline split (megatron-core names): layers on the first / last stage, the rest spread
     # evenly over the middle stages. Needed when num_layers % pp != 0 (DeepSeek-V3: 61 layers).
     num_layers_in_first_pipeline_stage: Optional[int] = None

@@ -8,6 +8,7 @@ run on a login node.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Optional
@@ -54,8 +55,15 @@ Problems = list[str]
 # --------------------------------------------------------------------------- public helpers
 
 
+def _model_parallel(p: ParallelConfig) -> tuple[int, str, str]:
+    """Ranks per data-parallel replica, with its factors' names and values for messages ("tp*pp", "2*1";
+    cp appears when it is used)."""
+    sizes = [("tp", p.tp)] + [("cp", p.cp)] * (p.cp != 1) + [("pp", p.pp)]
+    return (p.tp * p.cp * p.pp, "*".join(n for n, _ in sizes), "*".join(str(v) for _, v in sizes))
+
+
 def derived_dp(parallel: ParallelConfig, world_size: Optional[int] = None) -> int:
-    """Data-parallel size: ``parallel.dp`` if set, else ``world_size // (tp * pp)`` as megatron does."""
+    """Data-parallel size: ``parallel.dp`` if set, else ``world_size // (tp * cp * pp)`` as megatron does."""
     if parallel.dp:
         return parallel.dp
     if world_size is None:
@@ -63,11 +71,11 @@ def derived_dp(parallel: ParallelConfig, world_size: Optional[int] = None) -> in
             "parallel.dp=0 means 'derive from the world size' but no world size is known: "
             "pass world_size or set parallel.dp explicitly"
         )
-    model_parallel = parallel.tp * parallel.pp
+    model_parallel, names, _ = _model_parallel(parallel)
     if model_parallel < 1 or world_size % model_parallel:
         raise ConfigError(
-            f"world size {world_size} is not a multiple of tp*pp={model_parallel}: "
-            f"choose tp*pp from {_divisors(world_size)}"
+            f"world size {world_size} is not a multiple of {names}={model_parallel}: "
+            f"choose {names} from {_divisors(world_size)}"
         )
     return world_size // model_parallel
 
@@ -169,7 +177,7 @@ def _known_dp(parallel: ParallelConfig, world_size: Optional[int]) -> Optional[i
     """dp when it can be known without guessing; None when the layout is already inconsistent."""
     if parallel.dp > 0:
         return parallel.dp
-    model_parallel = parallel.tp * parallel.pp
+    model_parallel = _model_parallel(parallel)[0]
     if world_size is None or model_parallel < 1 or world_size % model_parallel:
         return None
     return world_size // model_parallel or None
@@ -180,32 +188,34 @@ def _known_dp(parallel: ParallelConfig, world_size: Optional[int]) -> Optional[i
 
 def _check_parallel(p: ParallelConfig, world_size: Optional[int]) -> Problems:
     out: Problems = []
-    for name, hint in (("tp", "tensor"), ("pp", "pipeline"), ("ep", "expert"), ("etp", "expert tensor")):
+    for name, hint in (("tp", "tensor"), ("pp", "pipeline"), ("cp", "context"), ("ep", "expert"),
+                       ("etp", "expert tensor")):
         out += _at_least(f"parallel.{name}", getattr(p, name), 1, f"set 1 to disable {hint} parallelism")
     out += _at_least("parallel.dp", p.dp, 0, "set 0 to derive it from the world size")
     out += _at_least("parallel.micro_batch_size", p.micro_batch_size, 1)
     out += _at_least("parallel.max_tokens_per_micro_batch", p.max_tokens_per_micro_batch, 1,
                      "or null to cut micro-batches by parallel.micro_batch_size sequences")
     out += _at_least("parallel.timeout_minutes", p.timeout_minutes, 1)
-    if world_size is not None and min(p.tp, p.pp) >= 1 and p.dp >= 0:
+    if world_size is not None and min(p.tp, p.pp, p.cp) >= 1 and p.dp >= 0:
         out += _check_world_size(p, world_size)
     return out
 
 
 def _check_world_size(p: ParallelConfig, world_size: int) -> Problems:
-    """megatron: world = tp * pp * dp exactly (context parallel is not used here)."""
+    """megatron: world = tp * cp * pp * dp exactly."""
     if world_size < 1:
         return [f"world size {world_size} must be >= 1: launch at least one rank"]
-    model_parallel = p.tp * p.pp
+    model_parallel, names, values = _model_parallel(p)
     if world_size % model_parallel:
+        fields = " and ".join(f"parallel.{n}" for n in names.split("*"))
         return [
-            f"world size {world_size} is not a multiple of tp*pp={p.tp}*{p.pp}={model_parallel}: "
-            f"choose parallel.tp and parallel.pp whose product is in {_divisors(world_size)}, "
+            f"world size {world_size} is not a multiple of {names}={values}={model_parallel}: "
+            f"choose {fields} whose product is in {_divisors(world_size)}, "
             f"or launch a multiple of {model_parallel} ranks"
         ]
     if p.dp and model_parallel * p.dp != world_size:
         return [
-            f"parallel.tp*pp*dp = {p.tp}*{p.pp}*{p.dp} = {model_parallel * p.dp} but world size is "
+            f"parallel.{names}*dp = {values}*{p.dp} = {model_parallel * p.dp} but world size is "
             f"{world_size}: set parallel.dp=0 to derive it, or parallel.dp="
             f"{world_size // model_parallel}"
         ]
@@ -218,7 +228,7 @@ def resolve_parallel(p: ParallelConfig) -> ParallelConfig:
 
 
 def _check_expert_layout(p: ParallelConfig, dp: Optional[int], m: ModelConfig) -> Problems:
-    """megatron carves the expert grid (etp * ep * expert-dp) out of the tp * dp ranks of a stage."""
+    """megatron carves the expert grid (etp * ep * expert-dp) out of the tp * cp * dp ranks of a stage."""
     if min(p.tp, p.ep, p.etp) >= 1 and m.num_experts and p.ep == 1 and p.etp != p.tp:
         # megatron-core marks expert weights as dense (reduced over the dense DP group only) when
         # ep == 1, so expert-data-parallel copies across TP ranks would never be summed.
@@ -227,16 +237,17 @@ def _check_expert_layout(p: ParallelConfig, dp: Optional[int], m: ModelConfig) -
                 f"unset), or use parallel.ep>1"]
     if dp is None or min(p.tp, p.ep, p.etp) < 1:
         return []
-    dense_ranks, expert_ranks = p.tp * dp, p.etp * p.ep
+    dense_ranks, expert_ranks = p.tp * max(p.cp, 1) * dp, p.etp * p.ep
     if dense_ranks % expert_ranks == 0:
         return []
     if dense_ranks % p.etp:
         fix = f"choose parallel.etp from {_divisors(dense_ranks)}"
     else:
         fix = f"choose parallel.ep from {_divisors(dense_ranks // p.etp)}"
+    names, values = ("tp*cp*dp", f"{p.tp}*{p.cp}*{dp}") if p.cp != 1 else ("tp*dp", f"{p.tp}*{dp}")
     return [
-        f"parallel.etp*ep = {p.etp}*{p.ep} = {expert_ranks} does not divide tp*dp = {p.tp}*{dp} = "
-        f"{dense_ranks} (experts are sharded over the tp*dp ranks of each pipeline stage): {fix}"
+        f"parallel.etp*ep = {p.etp}*{p.ep} = {expert_ranks} does not divide {names} = {values} = "
+        f"{dense_ranks} (experts are sharded over the {names} ranks of each pipeline stage): {fix}"
     ]
 
 
@@ -352,13 +363,14 @@ def _check_rope(m: ModelConfig) -> Problems:
 
 
 def _check_model_vs_parallel(m: ModelConfig, p: ParallelConfig) -> Problems:
-    if min(p.tp, p.pp, p.ep, p.etp) < 1:
+    if min(p.tp, p.pp, p.cp, p.ep, p.etp) < 1:
         return []  # already reported; divisibility by a non-positive size is meaningless
     return _check_all([
         lambda: _check_tp_split(m, p),
         lambda: _check_pipeline_split(m, p),
         lambda: _check_experts_vs_ep(m, p),
         lambda: _check_sequence_parallel(m, p),
+        lambda: _check_context_parallel(m, p),
     ])
 
 
@@ -447,12 +459,25 @@ def _check_sequence_parallel(m: ModelConfig, p: ParallelConfig) -> Problems:
             f"MoE needs sequence parallelism when tp > 1; set parallel.sequence_parallel=true "
             f"(or null to follow tp)"
         )
-    if effective_sequence_parallel(p) and p.tp > 1 and m.seq_length % p.tp:
+    if effective_sequence_parallel(p) and p.tp > 1 and p.cp == 1 and m.seq_length % p.tp:
         out.append(
             f"model.seq_length={m.seq_length} is not divisible by parallel.tp={p.tp} (sequence "
             f"parallelism splits the sequence over tp ranks): use a multiple of {p.tp}"
         )
     return out
+
+
+def _check_context_parallel(m: ModelConfig, p: ParallelConfig) -> Problems:
+    """megatron's CP layout cuts every sequence into 2*cp equal chunks; with sequence parallelism each
+    rank's share is split again over tp."""
+    if p.cp == 1:
+        return []
+    multiple = math.lcm(2 * p.cp, p.cp * p.tp) if effective_sequence_parallel(p) and p.tp > 1 else 2 * p.cp
+    if m.seq_length % multiple:
+        why = "2*cp" if multiple == 2 * p.cp else "2*cp, and its 1/cp share by tp (sequence parallelism)"
+        return [f"model.seq_length={m.seq_length} is not divisible by {multiple} (parallel.cp={p.cp} splits every "
+                f"sequence into {why}): use a multiple of {multiple}, e.g. {-(-m.seq_length // multiple) * multiple}"]
+    return []
 
 
 # --------------------------------------------------------------------------- training sections

@@ -88,6 +88,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.cp,
+        # TE's CP attention exchanges K/V blocks in a ring; the local SDPAttention all-gathers them itself
+        cp_comm_type="p2p" if use_te and parallel.cp > 1 else None,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp,
         sequence_parallel=sequence_parallel,

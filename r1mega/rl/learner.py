@@ -201,8 +201,10 @@ def _rl_loss(rl: RLConfig, s: LearnerSettings, scale: float, gpt_model, fed: _Fe
     eps_low, eps_high = clip_range(rl)
     adv = mb.token_advantages if mb.token_advantages is not None else mb.advantages[:, None]
     adv = adv.expand_as(logp).float()
+    seq_group = context_parallel.cp_group() if context_parallel.cp_size() > 1 else None
     per_token, pmetrics = policy_loss(rl.policy_loss, logp, old, adv, mask, eps_low=eps_low, eps_high=eps_high,
-                                      dual_clip_c=rl.dual_clip_c, seq_ids=mb.seq_ids, tis_weights=tis)
+                                      dual_clip_c=rl.dual_clip_c, seq_ids=mb.seq_ids, tis_weights=tis,
+                                      seq_group=seq_group)
     kl = None
     if mb.ref_logp is not None:
         kl = kl_penalty(logp, mb.ref_logp, rl.kl_estimator)

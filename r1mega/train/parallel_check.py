@@ -26,7 +26,7 @@ from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig, R
 from r1mega.config.validate import validate_config
 from r1mega.platform.spawn import spawn_ranks
 
-_LAYOUT = re.compile(r"(etp|tp|pp|ep|dp)(\d+)")
+_LAYOUT = re.compile(r"(etp|tp|pp|cp|ep|dp)(\d+)")
 
 
 @dataclass(frozen=True)
@@ -36,30 +36,33 @@ class Layout:
     ep: int = 1
     dp: int = 1
     etp: int = 0  # 0 = tp (megatron's default)
+    cp: int = 1
 
     @classmethod
     def parse(cls, text: str) -> "Layout":
-        """``tp2ep2pp2`` -> Layout; dp defaults to ep so expert parallelism has ranks to use."""
+        """``tp2ep2pp2`` -> Layout; dp defaults to what the expert grid (etp * ep, carved out of tp * cp * dp)
+        needs, so expert parallelism has ranks to use."""
         text = text.strip().lower()
         if text in ("1", "ref", "single"):
             return cls()
         parts = dict((k, int(v)) for k, v in _LAYOUT.findall(text))
         if "".join(f"{k}{v}" for k, v in _LAYOUT.findall(text)) != text or not parts:
-            raise ValueError(f"layout {text!r}: write it like tp2, ep2, pp2, tp2ep2, tp2ep2pp2 (optional dpN, etpN)")
+            raise ValueError(f"layout {text!r}: write it like tp2, ep2, pp2, cp2, tp2ep2, tp2ep2pp2 (optional dpN, "
+                             "etpN)")
         parts.setdefault("etp", parts.get("tp", 1))
-        parts.setdefault("dp", max(1, parts.get("ep", 1) * parts["etp"] // parts.get("tp", 1)))
+        parts.setdefault("dp", max(1, parts.get("ep", 1) * parts["etp"] // (parts.get("tp", 1) * parts.get("cp", 1))))
         return cls(**parts)
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
 
     def name(self) -> str:
         shown = {k: v for k, v in dataclasses.asdict(self).items() if v > 1 and not (k == "etp" and v == self.tp)}
         return "".join(f"{k}{v}" for k, v in shown.items()) or "1"
 
     def parallel_config(self, micro_batch_size: int) -> ParallelConfig:
-        return ParallelConfig(tp=self.tp, pp=self.pp, ep=self.ep, etp=self.etp or self.tp, dp=self.dp,
+        return ParallelConfig(tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep, etp=self.etp or self.tp, dp=self.dp,
                               use_distributed_optimizer=True, micro_batch_size=micro_batch_size)
 
 
