@@ -52,3 +52,72 @@ def test_unreduced_kv_gradient_is_caught(tmp_path):
     for case, errs in _attention_errors(tmp_path, break_reduce=True).items():
         assert errs["out"] < 1e-5 and errs["dq"] < 1e-5, (case, errs)
         assert errs["dk"] > 0.05 * errs["scale"] and errs["dv"] > 0.05 * errs["scale"], (case, errs)
+
+
+# ----------------------------------------------------------------------------- training steps under CP layouts
+
+from r1mega.config.schema import ModelConfig, RLConfig  # noqa: E402
+from r1mega.train.parallel_check import CheckSpec, Layout, check_layouts, compare, format_table, run_layout  # noqa: E402
+
+TIMEOUT_S = 400
+TOL = 1e-3
+ACCEPTANCE_LAYOUTS = ["cp2", "cp2tp2", "cp2ep2", "cp2pp2", "cp2tp2ep2"]
+
+
+def _grpo_spec(preset: str = "qwen3_moe", **kw) -> CheckSpec:
+    rl = kw.pop("rl", RLConfig(kl_coef=0.01, entropy_coef=0.01, tis_cap=2.0))
+    return CheckSpec(model=ModelConfig(preset=preset), objective="grpo", pack=True, rl=rl, **kw)
+
+
+def _assert_matches(spec: CheckSpec, layout: str, reference: dict | None = None) -> dict:
+    ref = reference or run_layout(spec, Layout(), TIMEOUT_S)
+    got = run_layout(spec, Layout.parse(layout), TIMEOUT_S)
+    loss_err, grad_err, param_err = compare(ref, got)
+    assert max(loss_err, grad_err, param_err) < TOL, (layout, loss_err, grad_err, param_err)
+    return ref
+
+
+@pytest.mark.timeout(900)
+def test_packed_grpo_step_under_cp2_equals_one_process():
+    """Two packed GRPO steps (old log-probs recomputed, frozen reference for the KL, TIS, entropy bonus, MoE
+    aux loss): every sequence is padded to a multiple of 2*cp and split over the two ranks."""
+    ref = _assert_matches(_grpo_spec(), "cp2")
+    assert ref["losses"][0] != ref["losses"][1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("preset", ["qwen3_moe", "deepseek_v3"])
+def test_acceptance_layouts_match_single_process(preset):
+    """tools/check_parallel.py --layouts cp2,cp2tp2,cp2ep2,cp2pp2,cp2tp2ep2 (megatron's LM loss)."""
+    spec = CheckSpec(model=ModelConfig(preset=preset), steps=2, global_batch=4, seq_length=32)
+    reports = check_layouts(spec, [Layout.parse(x) for x in ACCEPTANCE_LAYOUTS], TIMEOUT_S)
+    print(format_table(preset, reports))
+    for r in reports[1:]:
+        assert r.max_rel_err < TOL, f"{preset} {r.layout}: {r}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_packed_grpo_mla_under_cp2tp2_equals_one_process():
+    """DeepSeek-V3 (MLA: the shared rope key is gathered with K) packed under CP x TP with sequence parallelism."""
+    _assert_matches(_grpo_spec("deepseek_v3"), "cp2tp2")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_gspo_and_routing_replay_under_cp2_equal_one_process():
+    """GSPO's sequence-level ratio sums over the CP ranks; R3 replays each rank's share of the engine table."""
+    _assert_matches(_grpo_spec(rl=RLConfig(policy_loss="gspo", loss_agg_mode="seq-mean-token-mean", tis_cap=2.0)),
+                    "cp2")
+    _assert_matches(_grpo_spec(rl=RLConfig(routing_replay="r3", kl_coef=0.01, tis_cap=2.0)), "cp2ep2")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_token_budget_and_mini_batches_under_cp2_equal_one_process():
+    """Token-budget micro-batches (budget per rank: a micro-batch holds budget * cp tokens) and two updates
+    per rollout batch, under cp2 x dp2."""
+    spec = _grpo_spec(global_batch=8, max_tokens_per_micro_batch=24,
+                      rl=RLConfig(mini_batches=2, kl_coef=0.01, tis_cap=2.0))
+    _assert_matches(spec, "cp2dp2")

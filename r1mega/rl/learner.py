@@ -144,11 +144,13 @@ def _feed(gpt_model, mb: LearnerBatch, weights: torch.Tensor, pack: bool) -> _Fe
         rows = torch.where(pos < width, torch.arange(wide.size).unsqueeze(1), -1)
         fed = _Fed(wide.tokens[:, :-1].contiguous(), pos, {}, wide, weights, rows, pos)
         bounds = [0, s]
+    # decided on the whole row: every CP rank must route with a mask, or none (the aux loss's token count)
+    any_padding = bool((fed.batch.seq_ids == -1).any()) if pack else False
     if cp > 1:
         idx = context_parallel.token_index(bounds, cp, rank)
         fed = _Fed(fed.inputs[:, idx].contiguous(), fed.positions[:, idx], fed.kwargs, fed.batch.at_positions(idx),
                    fed.weights[:, idx], fed.src_row[:, idx], fed.src_pos[:, idx])
-    if pack:
+    if any_padding:
         fed.kwargs.update(_padding_mask_kwargs(gpt_model, fed.batch.seq_ids))
     return fed
 
@@ -175,9 +177,11 @@ def _padding_mask_kwargs(gpt_model, seq_ids: torch.Tensor) -> dict:
     """The packed row's padding (to a multiple of tp) as megatron's MoE ``padding_mask``, so it stays out
     of the aux loss: a layout-dependent amount of padding otherwise changes the loss with the layout.
     megatron scatters the mask over sequence-parallel ranks only on the first pipeline stage; later
-    stages get this rank's chunk here."""
+    stages get this rank's chunk here. Under context parallelism a rank's share may hold no padding while
+    another's does: it still passes its (all-False) mask, because megatron counts the aux loss's tokens
+    differently with and without one."""
     pad = seq_ids == -1
-    if not pad.any() or not gpt_model.config.num_moe_experts or not gpt_accepts_padding_mask():
+    if not gpt_model.config.num_moe_experts or not gpt_accepts_padding_mask():
         return {}
     if not parallel_state.is_pipeline_first_stage() and gpt_model.config.sequence_parallel:
         tp = parallel_state.get_tensor_model_parallel_world_size()
