@@ -10,15 +10,16 @@ import json
 import os
 import sys
 
-import r1mega.models  # noqa: F401  (readies megatron for this machine)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+import r1mega.models  # noqa: F401  (readies megatron for this machine)
+from r1mega.models import context_parallel  # noqa: E402
+from r1mega.models.local_layers import SDPAttention  # noqa: E402
+
 from megatron.core.packed_seq_params import PackedSeqParams  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
-
-from r1mega.models import context_parallel  # noqa: E402
-from r1mega.models.local_layers import SDPAttention  # noqa: E402
 
 spec = json.loads(sys.argv[1])
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",

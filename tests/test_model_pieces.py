@@ -109,3 +109,21 @@ def test_sdpa_packed_equals_separate_sequences():
         sl = slice(start, start + n)
         torch.testing.assert_close(packed[sl], attn(q[sl], k[sl], v[sl], None))
         start += n
+
+
+@pytest.mark.parametrize("tokens", [3, 4])  # 4 tokens = 4 experts: megatron's broadcast was silently wrong
+def test_expert_bias_counts_skip_padding_tokens(tokens):
+    """megatron 0.16.1 masked the [tokens, experts] routing map with the [tokens] padding mask along the
+    expert axis; r1mega's fix (megatron_compat) masks each padding token's row."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    router = SimpleNamespace(enable_expert_bias=True, local_tokens_per_expert=torch.zeros(4))
+    routing_map = torch.zeros(tokens, 4, dtype=torch.bool)
+    routing_map[torch.arange(tokens), (torch.arange(tokens) + 1) % 4] = True  # token i -> expert i + 1
+    padding = torch.zeros(tokens, dtype=torch.bool)
+    padding[1] = True
+    TopKRouter._apply_expert_bias(router, routing_map, padding_mask=padding)
+    expected = torch.tensor([1.0 if tokens == 4 else 0.0, 1.0, 0.0, 1.0])  # the padding token's expert 2 not counted
+    assert torch.equal(router.local_tokens_per_expert, expected)

@@ -8,6 +8,7 @@ the few megatron functions that hard-code CUDA tensors (each patch names the fil
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import warnings
@@ -131,6 +132,29 @@ def _patch_megatron_bugs() -> None:
 
     if not os.environ.get("R1MEGA_SKIP_MLA_FIX"):  # only to demonstrate the bug in tests
         mla_fix.install()
+    _fix_expert_bias_padding_mask()
+
+
+def _fix_expert_bias_padding_mask() -> None:
+    """``transformer/moe/router.py`` ``TopKRouter._apply_expert_bias`` masks the [tokens, experts] routing
+    map with the flattened [tokens] padding mask, which broadcasts along the *expert* axis: an error when
+    tokens != experts (any packed DeepSeek-V3 micro-batch with padding: TP, CP), silently wrong counts
+    when they are equal. The mask must cover each token's row."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    original = TopKRouter._apply_expert_bias
+    if getattr(original, "_r1mega_fixed", False) or "padding_mask" not in inspect.signature(original).parameters:
+        return
+
+    def _apply_expert_bias(self, routing_map: torch.Tensor, padding_mask=None):
+        if self.enable_expert_bias and torch.is_grad_enabled():
+            with torch.no_grad():
+                if padding_mask is not None:
+                    routing_map = routing_map & ~padding_mask.reshape(-1, 1)
+                self.local_tokens_per_expert += routing_map.sum(dim=0)
+
+    _apply_expert_bias._r1mega_fixed = True
+    TopKRouter._apply_expert_bias = _apply_expert_bias
 
 
 def local_expert_spec() -> tuple[type, object]:
@@ -139,8 +163,6 @@ def local_expert_spec() -> tuple[type, object]:
     0.16 returns the pair from ``LocalSpecProvider.grouped_mlp_modules(grouped_gemm, fp8)``; 0.19
     takes one argument and returns ``functools.partial(SequentialMLP, submodules=...)``.
     """
-    import inspect
-
     from megatron.core.models.backends import LocalSpecProvider
 
     provider = LocalSpecProvider()
@@ -156,8 +178,6 @@ def gpt_accepts_padding_mask() -> bool:
     """``GPTModel.forward(padding_mask=...)`` (True = padding) keeps padding tokens out of the MoE aux
     loss, z-loss and expert-bias counts (megatron-core >= 0.16); older releases lack the argument.
     Cached: asked on every packed micro-batch."""
-    import inspect
-
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     return "padding_mask" in inspect.signature(GPTModel.forward).parameters
