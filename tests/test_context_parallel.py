@@ -69,11 +69,11 @@ def _grpo_spec(preset: str = "qwen3_moe", **kw) -> CheckSpec:
     return CheckSpec(model=ModelConfig(preset=preset), objective="grpo", pack=True, rl=rl, **kw)
 
 
-def _assert_matches(spec: CheckSpec, layout: str, reference: dict | None = None) -> dict:
+def _assert_matches(spec: CheckSpec, layout: str, reference: dict | None = None, param_tol: float = TOL) -> dict:
     ref = reference or run_layout(spec, Layout(), TIMEOUT_S)
     got = run_layout(spec, Layout.parse(layout), TIMEOUT_S)
     loss_err, grad_err, param_err = compare(ref, got)
-    assert max(loss_err, grad_err, param_err) < TOL, (layout, loss_err, grad_err, param_err)
+    assert max(loss_err, grad_err) < TOL and param_err < param_tol, (layout, loss_err, grad_err, param_err)
     return ref
 
 
@@ -110,7 +110,11 @@ def test_gspo_and_routing_replay_under_cp2_equal_one_process():
     """GSPO's sequence-level ratio sums over the CP ranks; R3 replays each rank's share of the engine table."""
     _assert_matches(_grpo_spec(rl=RLConfig(policy_loss="gspo", loss_agg_mode="seq-mean-token-mean", tis_cap=2.0)),
                     "cp2")
-    _assert_matches(_grpo_spec(rl=RLConfig(routing_replay="r3", kl_coef=0.01, tis_cap=2.0)), "cp2ep2")
+    # R3's random "engine" routing leaves an expert with few tokens: its fc2 gradient agrees to 3.5e-6, but
+    # Adam's first steps normalise near-zero gradient elements to full-size updates (update error 1.3e-3
+    # there; 3e-4 at ep2 without CP)
+    _assert_matches(_grpo_spec(rl=RLConfig(routing_replay="r3", kl_coef=0.01, tis_cap=2.0)), "cp2ep2",
+                    param_tol=2e-3)
 
 
 @pytest.mark.slow
@@ -121,3 +125,21 @@ def test_token_budget_and_mini_batches_under_cp2_equal_one_process():
     spec = _grpo_spec(global_batch=8, max_tokens_per_micro_batch=24,
                       rl=RLConfig(mini_batches=2, kl_coef=0.01, tis_cap=2.0))
     _assert_matches(spec, "cp2dp2")
+
+
+def _two_gpus_with_te() -> bool:
+    from r1mega.platform.optional import have_transformer_engine
+
+    return torch.cuda.device_count() >= 2 and have_transformer_engine()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _two_gpus_with_te(), reason="needs 2 CUDA GPUs and Transformer Engine")
+@pytest.mark.timeout(900)
+def test_te_context_parallel_matches_one_process():
+    """With Transformer Engine the layer spec is TE's and megatron's CP runs inside TE's attention
+    (cp_comm_type p2p); the learner feeds it the same load-balanced chunks."""
+    spec = CheckSpec(model=ModelConfig(preset="qwen3_moe"), steps=2, global_batch=4, seq_length=32)
+    reports = check_layouts(spec, [Layout.parse("cp2")], TIMEOUT_S)
+    assert reports[1].max_rel_err < TOL, reports[1]
+    _assert_matches(_grpo_spec(), "cp2")
