@@ -44,25 +44,29 @@ class _PG:
     cp = group
 
 
-def attention(cp_size: int) -> SDPAttention:
+def attention(cp_size: int, keep_gathered: bool = False) -> SDPAttention:
+    """``keep_gathered``: megatron's recompute is on, so the CP core keeps its gathered K/V (no checkpoint)."""
     config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2, kv_channels=8,
-                               attention_dropout=0.0, context_parallel_size=cp_size)
+                               attention_dropout=0.0, context_parallel_size=cp_size,
+                               recompute_granularity="selective" if keep_gathered else None)
     return SDPAttention(config, 1, AttnMaskType.causal, "self", pg_collection=_PG)
 
 
 results = {}
-for case, bounds in (("padded", [0, 16]), ("packed", [0, 8, 12, 20, 24])):
+for case, bounds, keep in (("padded", [0, 16], False), ("packed", [0, 8, 12, 20, 24], False),
+                           ("packed, K/V kept", [0, 8, 12, 20, 24], True)):
     total = bounds[-1]
     gen = torch.Generator().manual_seed(3)
     b = 2 if case == "padded" else 1
+    case_packed = case != "padded"
     q, k, v = torch.randn(total, b, 4, 8, generator=gen), torch.randn(total, b, 2, 8, generator=gen), \
         torch.randn(total, b, 2, 8, generator=gen)
     g = torch.randn(total, b, 32, generator=gen)
-    if case == "packed":  # thd: [t, h, d]
+    if case_packed:  # thd: [t, h, d]
         q, k, v, g = q[:, 0], k[:, 0], v[:, 0], g[:, 0]
     cu = torch.tensor(bounds, dtype=torch.int32)
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=8, max_seqlen_kv=8) \
-        if case == "packed" else None
+        if case_packed else None
     # one process: the full sequences
     ref = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
     ref_out = attention(1)(*ref, None, packed_seq_params=params)
@@ -70,7 +74,7 @@ for case, bounds in (("padded", [0, 16]), ("packed", [0, 8, 12, 20, 24])):
     # cp ranks: this rank's positions, fed the same upstream gradient as the reference on them
     idx = context_parallel.token_index(bounds, cp, rank)
     mine = [x[idx].detach().clone().requires_grad_(True) for x in (q, k, v)]
-    out = attention(cp)(*mine, None, packed_seq_params=params)
+    out = attention(cp, keep)(*mine, None, packed_seq_params=params)
     out.backward(g[idx])
     results[case] = {
         "out": float((out - ref_out[idx]).abs().max()),

@@ -39,7 +39,8 @@ def _attention_errors(tmp_path, break_reduce: bool) -> dict:
 @pytest.mark.timeout(180)
 def test_cp_attention_equals_one_process_padded_and_packed(tmp_path):
     """cp2: outputs and dQ/dK/dV on each rank's positions equal full-sequence attention (GQA; a padded
-    batch of 2 rows, and a packed row of 4 segments)."""
+    batch of 2 rows, and a packed row of 4 segments, with the gathered K/V recomputed in the backward pass
+    or kept when megatron's recompute is on)."""
     for case, errs in _attention_errors(tmp_path, break_reduce=False).items():
         for name in ("out", "dq", "dk", "dv"):
             assert errs[name] < 1e-5, (case, name, errs)

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from r1mega.platform.megatron_compat import ensure_megatron
 
@@ -75,6 +76,9 @@ class SDPAttention(MegatronModule):
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         tp_size = pg_collection.tp.size()
         self.cp_group = getattr(pg_collection, "cp", None) if config.context_parallel_size > 1 else None
+        # CP: the gathered K/V are recomputed in the backward pass unless megatron's activation recompute
+        # (parallel.recompute_granularity) already reruns this forward
+        self.recompute_cp_core = config.recompute_granularity is None
         self.attn_mask_type = attn_mask_type
         self.k_channels = k_channels or config.kv_channels
         self.v_channels = v_channels or config.kv_channels
@@ -94,27 +98,41 @@ class SDPAttention(MegatronModule):
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         cp = 1 if self.cp_group is None else self.cp_group.size()
         bounds = packed_seq_params.cu_seqlens_q if packed else [0, query.size(0) * cp]
+        dropout = self.dropout_p if self.training else 0.0
         if cp > 1:
             if not causal:
                 raise ValueError("context parallelism supports causal self-attention only")
-            key, value = self._gather_global(key, bounds), self._gather_global(value, bounds)
-        # [s, b, h, d] -> [b, h, s, d]
-        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-        if self.heads_per_partition != k.size(1):
-            repeat = self.heads_per_partition // k.size(1)
-            k = k.repeat_interleave(repeat, dim=1)
-            v = v.repeat_interleave(repeat, dim=1)
-        dropout = self.dropout_p if self.training else 0.0
-        if attention_mask is not None and not causal and not packed:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask.bool(),
-                                                 dropout_p=dropout, scale=self.softmax_scale)
+            if self.recompute_cp_core:
+                # recomputed in the backward pass, so no layer keeps all ranks' K/V (or its padded query
+                # blocks) alive until then: per-rank memory stays this rank's share of the sequence
+                out = checkpoint(self._context_parallel, query, key, value, bounds, dropout, use_reentrant=False)
+            else:  # megatron's activation recompute reruns this forward already
+                out = self._context_parallel(query, key, value, bounds, dropout)
+        elif attention_mask is not None and not causal and not packed:
+            q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask.bool(), dropout_p=dropout,
+                                                 scale=self.softmax_scale, enable_gqa=self._gqa(k))
         else:
-            pieces = causal_pieces(bounds, cp, 0 if cp == 1 else self.cp_group.rank())
-            out = torch.cat([self._causal_piece(q, k, v, piece, dropout) for piece in pieces], dim=2)
+            out = self._causal(query, key, value, causal_pieces(bounds), dropout)
         # [b, h, s, dv] -> [s, b, h * dv]
         out = out.permute(2, 0, 1, 3).contiguous()
         out = out.view(out.size(0), out.size(1), -1)
         return out.squeeze(1) if thd else out
+
+    def _gqa(self, k: torch.Tensor) -> bool:
+        """Grouped K/V heads ([b, h, s, d]): SDPA shares them itself (enable_gqa), without copies."""
+        return self.heads_per_partition != k.size(1)
+
+    def _causal(self, query, key, value, pieces: list["Piece"], dropout: float) -> torch.Tensor:
+        """[s, b, h, d] inputs (keys in global order) -> [b, h, s_q, dv], one causal SDPA per piece."""
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        gqa = self._gqa(k)
+        return torch.cat([self._causal_piece(q, k, v, piece, dropout, gqa) for piece in pieces], dim=2)
+
+    def _context_parallel(self, query, key, value, bounds, dropout: float) -> torch.Tensor:
+        key, value = self._gather_global(key, bounds), self._gather_global(value, bounds)
+        return self._causal(query, key, value, causal_pieces(bounds, self.cp_group.size(), self.cp_group.rank()),
+                            dropout)
 
     def _gather_global(self, x: torch.Tensor, bounds) -> torch.Tensor:
         """All CP ranks' rows of ``x`` [s_local, ...] in global sequence order [s, ...]."""
@@ -125,7 +143,7 @@ class SDPAttention(MegatronModule):
         order = torch.argsort(context_parallel.gathered_index(bounds, cp)).to(x.device)
         return gathered.index_select(0, order)
 
-    def _causal_piece(self, q, k, v, piece: "Piece", dropout: float) -> torch.Tensor:
+    def _causal_piece(self, q, k, v, piece: "Piece", dropout: float, gqa: bool) -> torch.Tensor:
         """Queries ``q[..., piece.rows, :]`` at global positions ``[piece.start, piece.end)`` against the keys
         of their sequence up to ``piece.end``: bottom-right-aligned causal attention, computed as a top-left
         causal SDPA with the queries padded in front (flash-style kernels, no mask tensor)."""
@@ -135,7 +153,7 @@ class SDPAttention(MegatronModule):
             query = torch.cat([query.new_zeros(*query.shape[:2], lead, query.size(3)), query], dim=2)
         keys = slice(piece.segment_start, piece.end)
         out = F.scaled_dot_product_attention(query, k[:, :, keys], v[:, :, keys], is_causal=True, dropout_p=dropout,
-                                             scale=self.softmax_scale)
+                                             scale=self.softmax_scale, enable_gqa=gqa)
         return out[:, :, lead:]
 
 
