@@ -27,6 +27,27 @@ def test_load_balanced_layout_per_segment():
         token_index([0, 6], 2, 0)
 
 
+@pytest.mark.parametrize("overrides,world,phrase", [
+    (["parallel.cp=2", "parallel.tp=2"], 6, "world size 6 is not a multiple of tp*cp*pp=2*2*1=4"),
+    (["parallel.cp=2", "parallel.dp=2"], 2, "parallel.tp*cp*pp*dp = 1*2*1*2 = 4 but world size is 2"),
+    (["parallel.cp=4", "model.seq_length=36"], 4, "model.seq_length=36 is not divisible by 8 (parallel.cp=4"),
+    (["parallel.cp=2", "parallel.ep=4"], 2, "parallel.etp*ep = 1*4 = 4 does not divide tp*cp*dp = 1*2*1 = 2"),
+    (["parallel.cp=0"], None, "parallel.cp=0 must be >= 1"),
+])
+def test_bad_context_parallel_layout_is_refused(overrides, world, phrase):
+    from r1mega.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=phrase.replace("*", r"\*").replace("(", r"\(")):
+        load_config(None, overrides, world_size=world)
+
+
+def test_context_parallel_layout_is_accepted():
+    from r1mega.config import load_config
+
+    cfg = load_config(None, ["parallel.cp=2", "parallel.tp=2", "parallel.ep=2", "model.seq_length=64"], world_size=4)
+    assert cfg.parallel.cp == 2
+
+
 def _attention_errors(tmp_path, break_reduce: bool) -> dict:
     out = tmp_path / "result.json"
     spec = json.dumps({"out": str(out), "break_reduce": break_reduce})

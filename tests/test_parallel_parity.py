@@ -97,6 +97,9 @@ def test_layout_parse_and_world_size():
     assert Layout.parse("tp2ep2pp2").world_size == 8
     assert Layout.parse("ep4").world_size == 4
     assert Layout.parse("tp2ep2etp1") == Layout(tp=2, ep=2, etp=1, dp=1)
+    # context parallelism: the expert grid is carved out of tp*cp*dp, so cp2ep2 needs no data parallelism
+    assert Layout.parse("cp2ep2") == Layout(ep=2, etp=1, dp=1, cp=2) and Layout.parse("cp2ep2").world_size == 2
+    assert Layout.parse("cp2tp2ep2").world_size == 4 and Layout.parse("cp2pp2").world_size == 4
     for bad in ["tp", "xx2", "tp2foo", ""]:
         with pytest.raises(ValueError, match="write it like"):
             Layout.parse(bad)
