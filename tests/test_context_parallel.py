@@ -129,13 +129,16 @@ def test_packed_grpo_mla_under_cp2tp2_equals_one_process():
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_gspo_and_routing_replay_under_cp2_equal_one_process():
-    """GSPO's sequence-level ratio sums over the CP ranks; R3 replays each rank's share of the engine table."""
+    """GSPO's sequence-level ratio sums over the CP ranks; R3 replays each rank's share of the engine table;
+    R2 gathers each rank's recorded share of the own routing into the global table and replays it."""
     _assert_matches(_grpo_spec(rl=RLConfig(policy_loss="gspo", loss_agg_mode="seq-mean-token-mean", tis_cap=2.0)),
                     "cp2")
     # R3's random "engine" routing leaves an expert with few tokens: its fc2 gradient agrees to 3.5e-6, but
     # Adam's first steps normalise near-zero gradient elements to full-size updates (update error 1.3e-3
     # there; 3e-4 at ep2 without CP)
     _assert_matches(_grpo_spec(rl=RLConfig(routing_replay="r3", kl_coef=0.01, tis_cap=2.0)), "cp2ep2",
+                    param_tol=2e-3)
+    _assert_matches(_grpo_spec(rl=RLConfig(routing_replay="r2", kl_coef=0.01, tis_cap=2.0)), "cp2",
                     param_tol=2e-3)
 
 
