@@ -18,7 +18,7 @@ from r1mega.config.schema import ModelConfig
 from r1mega.platform.spawn import spawn_ranks
 
 WORKER = str(Path(__file__).with_name("bridge_worker.py"))
-LAYOUT_WORLD = {"1": 1, "tp2": 2, "ep2": 2, "pp2": 2, "tp2ep2pp2": 8}
+LAYOUT_WORLD = {"1": 1, "tp2": 2, "ep2": 2, "pp2": 2, "tp2ep2pp2": 8, "cp2ep2": 2}
 
 
 # ----------------------------------------------------------------------------- rules (no processes)
@@ -181,10 +181,11 @@ def reference_export(tmp_path_factory):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("layout", ["tp2", "ep2", "pp2", "tp2ep2pp2"])
+@pytest.mark.parametrize("layout", ["tp2", "ep2", "pp2", "tp2ep2pp2", "cp2ep2"])
 def test_round_trip_bit_identical(layout, reference_export, tmp_path):
     """Every layout exports the same HF tensors as one process (bit for bit), and importing them
-    back gives every rank bit-identical shards (checked in the worker); export memory stays bounded."""
+    back gives every rank bit-identical shards (checked in the worker); export memory stays bounded.
+    cp2ep2: the context-parallel ranks hold replicas of the dense weights and the experts split over them."""
     bucket = 1 << 18
     out = tmp_path / layout
     _run({"mode": "roundtrip", "layout": layout, "preset": "qwen3_moe", "out": str(out), "bucket_bytes": bucket},

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import r1mega.models  # noqa: F401  (readies megatron on CPU)
-from r1mega.models.local_layers import SDPAttention, _packed_causal_mask
+from r1mega.models.local_layers import Piece, SDPAttention, causal_pieces
 from r1mega.models.sharding import ShardInfo, merge_shards, shard_of
 
 
@@ -33,13 +33,14 @@ def test_gated_fc1_splits_gate_and_up_halves_separately():
     assert torch.equal(merge_shards([rank0, rank1], _info(0, 2, gated=True, shape=(8, 1))), full)
 
 
-def test_packed_mask_is_block_diagonal_and_causal():
-    mask = _packed_causal_mask(torch.tensor([0, 2, 5]), 6, "cpu")
-    expected = torch.zeros(6, 6, dtype=torch.bool)
-    expected[:2, :2] = torch.ones(2, 2).tril().bool()
-    expected[2:5, 2:5] = torch.ones(3, 3).tril().bool()
-    expected[5, 5] = True  # trailing padding only sees itself
-    assert torch.equal(mask, expected)
+def test_causal_pieces_per_segment_and_per_context_parallel_chunk():
+    # packed: one piece per non-empty segment (the trailing padding is a segment too)
+    assert causal_pieces(torch.tensor([0, 2, 2, 5, 6])) == [
+        Piece(slice(0, 2), 0, 2, 0), Piece(slice(2, 5), 2, 5, 2), Piece(slice(5, 6), 5, 6, 5)]
+    # cp2 rank 1: chunks 1 and 2 of 4 of every segment, in local order
+    assert causal_pieces([0, 8, 12], cp=2, cp_rank=1) == [
+        Piece(slice(0, 2), 2, 4, 0), Piece(slice(2, 4), 4, 6, 0), Piece(slice(4, 5), 9, 10, 8),
+        Piece(slice(5, 6), 10, 11, 8)]
 
 
 def _attention():
@@ -98,3 +99,21 @@ def test_sdpa_packed_equals_separate_sequences():
         sl = slice(start, start + n)
         torch.testing.assert_close(packed[sl], attn(q[sl], k[sl], v[sl], None))
         start += n
+
+
+@pytest.mark.parametrize("tokens", [3, 4])  # 4 tokens = 4 experts: megatron's broadcast was silently wrong
+def test_expert_bias_counts_skip_padding_tokens(tokens):
+    """megatron 0.16.1 masked the [tokens, experts] routing map with the [tokens] padding mask along the
+    expert axis; r1mega's fix (megatron_compat) masks each padding token's row."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    router = SimpleNamespace(enable_expert_bias=True, local_tokens_per_expert=torch.zeros(4))
+    routing_map = torch.zeros(tokens, 4, dtype=torch.bool)
+    routing_map[torch.arange(tokens), (torch.arange(tokens) + 1) % 4] = True  # token i -> expert i + 1
+    padding = torch.zeros(tokens, dtype=torch.bool)
+    padding[1] = True
+    TopKRouter._apply_expert_bias(router, routing_map, padding_mask=padding)
+    expected = torch.tensor([1.0 if tokens == 4 else 0.0, 1.0, 0.0, 1.0])  # the padding token's expert 2 not counted
+    assert torch.equal(router.local_tokens_per_expert, expected)

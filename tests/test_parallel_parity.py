@@ -117,6 +117,10 @@ def test_layout_parse_and_world_size():
     assert uneven == Layout(pp=2, etp=1, first=2) and uneven.name() == "pp2first2" and uneven.world_size == 2
     assert Layout.parse("pp3first1last1").parallel_config(1).num_layers_in_last_pipeline_stage == 1
     assert Layout.parse("pp2").parallel_config(1).num_layers_in_first_pipeline_stage is None
+
+    # context parallelism: the expert grid is carved out of tp*cp*dp, so cp2ep2 needs no data parallelism
+    assert Layout.parse("cp2ep2") == Layout(ep=2, etp=1, dp=1, cp=2) and Layout.parse("cp2ep2").world_size == 2
+    assert Layout.parse("cp2tp2ep2").world_size == 4 and Layout.parse("cp2pp2").world_size == 4
     for bad in ["tp", "xx2", "tp2foo", "", "pp2first0"]:
         with pytest.raises(ValueError, match="write it like"):
             Layout.parse(bad)

@@ -70,13 +70,17 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """Megatron layout. World size = tp * pp * dp; ep and etp are carved out of tp * dp."""
+    """Megatron layout. World size = tp * cp * pp * dp; ep and etp are carved out of tp * cp * dp."""
 
     tp: int = 1
     pp: int = 1
+    # context parallelism: every sequence is split over cp ranks (megatron's load-balanced 2*cp chunks);
+    # attention all-gathers K/V over them (TE's CP attention, or r1mega's local SDPAttention). Sequences
+    # are padded to a multiple of 2*cp (x tp with sequence parallelism).
+    cp: int = 1
     ep: int = 1
     etp: Optional[int] = None  # expert tensor parallel size; None = tp (megatron's default)
-    dp: int = 0  # 0 = world_size // (tp * pp)
+    dp: int = 0  # 0 = world_size // (tp * cp * pp)
     # Uneven pipeline split (megatron-core names): layers on the first / last stage, the rest spread
     # evenly over the middle stages. Needed when num_layers % pp != 0 (DeepSeek-V3: 61 layers).
     num_layers_in_first_pipeline_stage: Optional[int] = None
@@ -84,6 +88,25 @@ class ParallelConfig:
     sequence_parallel: Optional[bool] = None  # None = on whenever tp > 1 (required for MoE)
     use_distributed_optimizer: bool = True
     micro_batch_size: int = 1
+    # Learner micro-batches cut by tokens instead of micro_batch_size sequences (packed, padding-free): each
+    # rank's sequences go into micro-batches of at most this many tokens per rank by first-fit decreasing;
+    # every DP rank runs the same number (empty ones pad). slime --max-tokens-per-gpu, verl
+    # ppo_max_token_len_per_gpu. Must hold the longest prompt + response (/ cp). None = micro_batch_size.
+    max_tokens_per_micro_batch: Optional[int] = None
+    # Activation recompute, passed to megatron's TransformerConfig (memory for compute):
+    # - selective: keep every activation except the core attention's (softmax(QK^T)V is recomputed in the
+    #   backward pass); costs one more core-attention forward, saves the [b, h, s, s] attention
+    #   intermediates of non-flash attention (the local SDPA path on CPU); negligible with flash kernels.
+    # - full: keep only the input of each checkpointed chunk of layers and rerun the chunk's forward in the
+    #   backward pass: about one more forward of those layers (+~33% step compute at every layer), memory
+    #   per layer down to its input [s, b, h]. recompute_method picks the layers:
+    #   uniform: chunks of recompute_num_layers layers, all layers recomputed (fewer checkpoints with larger
+    #   chunks, but a whole chunk's activations live at once during its recompute);
+    #   block: only the first recompute_num_layers layers of each pipeline stage, the rest keep their
+    #   activations (spend spare memory to skip recompute).
+    recompute_granularity: Optional[str] = None  # None | selective | full
+    recompute_method: Optional[str] = None  # full: uniform | block
+    recompute_num_layers: Optional[int] = None  # full: layers per chunk (uniform) / per stage (block)
     timeout_minutes: int = 10
 
 
@@ -326,6 +349,12 @@ class RLConfig:
     # MoE routing replay (r1mega.rl.routing): none | r2 (replay the old-logprob pass's own routing) |
     # r3 (replay the engine's routing; needs rollout.return_routed_experts)
     routing_replay: str = "none"
+    # Optimizer steps per rollout batch (r1mega.rl.updates.learner_update): the batch is cut into
+    # `mini_batches` consecutive mini-batches, one optimizer step each, and passed over `epochs` times.
+    # Old log-probs are computed once before the first update; each update normalises its loss over its
+    # own mini-batch (verl ppo_mini_batch_size / ppo_epochs, slime num_steps_per_rollout).
+    mini_batches: int = 1
+    epochs: int = 1
 
 
 @dataclass

@@ -8,6 +8,7 @@ run on a login node.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Optional
@@ -48,6 +49,8 @@ STAGE_FIXED_SECTIONS = ("model", "parallel", "stages", "checkpoint")
 ROUTING_REPLAY_NAMES = ("none", "r2", "r3")
 ROLLOUT_MODES = ("colocated", "one_step_off")
 SANDBOX_FILESYSTEMS = ("auto", "bwrap", "unshare", "none")  # == ("auto", *rewards.sandbox_fs.FILESYSTEMS, "none")
+RECOMPUTE_GRANULARITIES = ("selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 Problems = list[str]
 
@@ -55,8 +58,15 @@ Problems = list[str]
 # --------------------------------------------------------------------------- public helpers
 
 
+def _model_parallel(p: ParallelConfig) -> tuple[int, str, str]:
+    """Ranks per data-parallel replica, with its factors' names and values for messages ("tp*pp", "2*1";
+    cp appears when it is used)."""
+    sizes = [("tp", p.tp)] + [("cp", p.cp)] * (p.cp != 1) + [("pp", p.pp)]
+    return (p.tp * p.cp * p.pp, "*".join(n for n, _ in sizes), "*".join(str(v) for _, v in sizes))
+
+
 def derived_dp(parallel: ParallelConfig, world_size: Optional[int] = None) -> int:
-    """Data-parallel size: ``parallel.dp`` if set, else ``world_size // (tp * pp)`` as megatron does."""
+    """Data-parallel size: ``parallel.dp`` if set, else ``world_size // (tp * cp * pp)`` as megatron does."""
     if parallel.dp:
         return parallel.dp
     if world_size is None:
@@ -64,11 +74,11 @@ def derived_dp(parallel: ParallelConfig, world_size: Optional[int] = None) -> in
             "parallel.dp=0 means 'derive from the world size' but no world size is known: "
             "pass world_size or set parallel.dp explicitly"
         )
-    model_parallel = parallel.tp * parallel.pp
+    model_parallel, names, _ = _model_parallel(parallel)
     if model_parallel < 1 or world_size % model_parallel:
         raise ConfigError(
-            f"world size {world_size} is not a multiple of tp*pp={model_parallel}: "
-            f"choose tp*pp from {_divisors(world_size)}"
+            f"world size {world_size} is not a multiple of {names}={model_parallel}: "
+            f"choose {names} from {_divisors(world_size)}"
         )
     return world_size // model_parallel
 
@@ -107,11 +117,12 @@ def validate_config(cfg: R1Config, world_size: Optional[int] = None) -> None:
     problems += _check_model(model)
     problems += _check_model_vs_parallel(model, parallel)
     problems += _check_optimizer(cfg.optimizer)
-    problems += _check_trainer(cfg.trainer, parallel, dp)
+    problems += _check_trainer(cfg.trainer, parallel, dp, cfg.rl.mini_batches)
     problems += _check_rollout(cfg.rollout)
     problems += _check_misc(cfg)
     problems += _check_stages(cfg)
     problems += _check_routing_replay(cfg, model)
+    problems += _check_recompute(parallel, model, cfg.rl.routing_replay)
     problems += _check_rollout_mode(cfg, world_size)
     problems += _check_distill(cfg)
     if problems:
@@ -182,7 +193,7 @@ def _known_dp(parallel: ParallelConfig, world_size: Optional[int]) -> Optional[i
     """dp when it can be known without guessing; None when the layout is already inconsistent."""
     if parallel.dp > 0:
         return parallel.dp
-    model_parallel = parallel.tp * parallel.pp
+    model_parallel = _model_parallel(parallel)[0]
     if world_size is None or model_parallel < 1 or world_size % model_parallel:
         return None
     return world_size // model_parallel or None
@@ -193,30 +204,34 @@ def _known_dp(parallel: ParallelConfig, world_size: Optional[int]) -> Optional[i
 
 def _check_parallel(p: ParallelConfig, world_size: Optional[int]) -> Problems:
     out: Problems = []
-    for name, hint in (("tp", "tensor"), ("pp", "pipeline"), ("ep", "expert"), ("etp", "expert tensor")):
+    for name, hint in (("tp", "tensor"), ("pp", "pipeline"), ("cp", "context"), ("ep", "expert"),
+                       ("etp", "expert tensor")):
         out += _at_least(f"parallel.{name}", getattr(p, name), 1, f"set 1 to disable {hint} parallelism")
     out += _at_least("parallel.dp", p.dp, 0, "set 0 to derive it from the world size")
     out += _at_least("parallel.micro_batch_size", p.micro_batch_size, 1)
+    out += _at_least("parallel.max_tokens_per_micro_batch", p.max_tokens_per_micro_batch, 1,
+                     "or null to cut micro-batches by parallel.micro_batch_size sequences")
     out += _at_least("parallel.timeout_minutes", p.timeout_minutes, 1)
-    if world_size is not None and min(p.tp, p.pp) >= 1 and p.dp >= 0:
+    if world_size is not None and min(p.tp, p.pp, p.cp) >= 1 and p.dp >= 0:
         out += _check_world_size(p, world_size)
     return out
 
 
 def _check_world_size(p: ParallelConfig, world_size: int) -> Problems:
-    """megatron: world = tp * pp * dp exactly (context parallel is not used here)."""
+    """megatron: world = tp * cp * pp * dp exactly."""
     if world_size < 1:
         return [f"world size {world_size} must be >= 1: launch at least one rank"]
-    model_parallel = p.tp * p.pp
+    model_parallel, names, values = _model_parallel(p)
     if world_size % model_parallel:
+        fields = " and ".join(f"parallel.{n}" for n in names.split("*"))
         return [
-            f"world size {world_size} is not a multiple of tp*pp={p.tp}*{p.pp}={model_parallel}: "
-            f"choose parallel.tp and parallel.pp whose product is in {_divisors(world_size)}, "
+            f"world size {world_size} is not a multiple of {names}={values}={model_parallel}: "
+            f"choose {fields} whose product is in {_divisors(world_size)}, "
             f"or launch a multiple of {model_parallel} ranks"
         ]
     if p.dp and model_parallel * p.dp != world_size:
         return [
-            f"parallel.tp*pp*dp = {p.tp}*{p.pp}*{p.dp} = {model_parallel * p.dp} but world size is "
+            f"parallel.{names}*dp = {values}*{p.dp} = {model_parallel * p.dp} but world size is "
             f"{world_size}: set parallel.dp=0 to derive it, or parallel.dp="
             f"{world_size // model_parallel}"
         ]
@@ -229,7 +244,7 @@ def resolve_parallel(p: ParallelConfig) -> ParallelConfig:
 
 
 def _check_expert_layout(p: ParallelConfig, dp: Optional[int], m: ModelConfig) -> Problems:
-    """megatron carves the expert grid (etp * ep * expert-dp) out of the tp * dp ranks of a stage."""
+    """megatron carves the expert grid (etp * ep * expert-dp) out of the tp * cp * dp ranks of a stage."""
     if min(p.tp, p.ep, p.etp) >= 1 and m.num_experts and p.ep == 1 and p.etp != p.tp:
         # megatron-core marks expert weights as dense (reduced over the dense DP group only) when
         # ep == 1, so expert-data-parallel copies across TP ranks would never be summed.
@@ -238,16 +253,17 @@ def _check_expert_layout(p: ParallelConfig, dp: Optional[int], m: ModelConfig) -
                 f"unset), or use parallel.ep>1"]
     if dp is None or min(p.tp, p.ep, p.etp) < 1:
         return []
-    dense_ranks, expert_ranks = p.tp * dp, p.etp * p.ep
+    dense_ranks, expert_ranks = p.tp * max(p.cp, 1) * dp, p.etp * p.ep
     if dense_ranks % expert_ranks == 0:
         return []
     if dense_ranks % p.etp:
         fix = f"choose parallel.etp from {_divisors(dense_ranks)}"
     else:
         fix = f"choose parallel.ep from {_divisors(dense_ranks // p.etp)}"
+    names, values = ("tp*cp*dp", f"{p.tp}*{p.cp}*{dp}") if p.cp != 1 else ("tp*dp", f"{p.tp}*{dp}")
     return [
-        f"parallel.etp*ep = {p.etp}*{p.ep} = {expert_ranks} does not divide tp*dp = {p.tp}*{dp} = "
-        f"{dense_ranks} (experts are sharded over the tp*dp ranks of each pipeline stage): {fix}"
+        f"parallel.etp*ep = {p.etp}*{p.ep} = {expert_ranks} does not divide {names} = {values} = "
+        f"{dense_ranks} (experts are sharded over the {names} ranks of each pipeline stage): {fix}"
     ]
 
 
@@ -363,13 +379,14 @@ def _check_rope(m: ModelConfig) -> Problems:
 
 
 def _check_model_vs_parallel(m: ModelConfig, p: ParallelConfig) -> Problems:
-    if min(p.tp, p.pp, p.ep, p.etp) < 1:
+    if min(p.tp, p.pp, p.cp, p.ep, p.etp) < 1:
         return []  # already reported; divisibility by a non-positive size is meaningless
     return _check_all([
         lambda: _check_tp_split(m, p),
         lambda: _check_pipeline_split(m, p),
         lambda: _check_experts_vs_ep(m, p),
         lambda: _check_sequence_parallel(m, p),
+        lambda: _check_context_parallel(m, p),
     ])
 
 
@@ -443,12 +460,25 @@ def _check_sequence_parallel(m: ModelConfig, p: ParallelConfig) -> Problems:
             f"MoE needs sequence parallelism when tp > 1; set parallel.sequence_parallel=true "
             f"(or null to follow tp)"
         )
-    if effective_sequence_parallel(p) and p.tp > 1 and m.seq_length % p.tp:
+    if effective_sequence_parallel(p) and p.tp > 1 and p.cp == 1 and m.seq_length % p.tp:
         out.append(
             f"model.seq_length={m.seq_length} is not divisible by parallel.tp={p.tp} (sequence "
             f"parallelism splits the sequence over tp ranks): use a multiple of {p.tp}"
         )
     return out
+
+
+def _check_context_parallel(m: ModelConfig, p: ParallelConfig) -> Problems:
+    """megatron's CP layout cuts every sequence into 2*cp equal chunks; with sequence parallelism each
+    rank's share is split again over tp."""
+    if p.cp == 1:
+        return []
+    multiple = math.lcm(2 * p.cp, p.cp * p.tp) if effective_sequence_parallel(p) and p.tp > 1 else 2 * p.cp
+    if m.seq_length % multiple:
+        why = "2*cp" if multiple == 2 * p.cp else "2*cp, and its 1/cp share by tp (sequence parallelism)"
+        return [f"model.seq_length={m.seq_length} is not divisible by {multiple} (parallel.cp={p.cp} splits every "
+                f"sequence into {why}): use a multiple of {multiple}, e.g. {-(-m.seq_length // multiple) * multiple}"]
+    return []
 
 
 # --------------------------------------------------------------------------- training sections
@@ -472,20 +502,27 @@ def _check_optimizer(o: OptimizerConfig) -> Problems:
     return out
 
 
-def _check_trainer(t: TrainerConfig, p: ParallelConfig, dp: Optional[int]) -> Problems:
+def _check_trainer(t: TrainerConfig, p: ParallelConfig, dp: Optional[int], mini_batches: int = 1) -> Problems:
+    """Sizes, and that the global batch (the rollout batch of an RL step) cuts into ``rl.mini_batches``
+    mini-batches that split over the DP ranks (and into micro-batches of ``micro_batch_size`` sequences
+    unless micro-batches are cut by tokens)."""
     out = _at_least("trainer.steps", t.steps, 0)
     out += _at_least("trainer.global_batch_size", t.global_batch_size, 1)
     out += _at_least("trainer.log_interval", t.log_interval, 1)
     out += _at_least("trainer.eval_interval", t.eval_interval, 0, "set 0 to disable evaluation")
-    if dp is None or p.micro_batch_size < 1 or t.global_batch_size < 1:
+    if dp is None or p.micro_batch_size < 1 or t.global_batch_size < 1 or mini_batches < 1:
         return out
-    per_step = dp * p.micro_batch_size
+    by_tokens = p.max_tokens_per_micro_batch is not None  # micro-batches by tokens: only the DP split must be even
+    per_step = mini_batches * dp * (1 if by_tokens else p.micro_batch_size)
     if t.global_batch_size % per_step:
         lower = max(per_step, t.global_batch_size // per_step * per_step)
+        parts = ["rl.mini_batches"] * (mini_batches > 1) + ["dp"] + ["micro_batch_size"] * (not by_tokens)
+        sizes = [mini_batches] * (mini_batches > 1) + [dp] + [p.micro_batch_size] * (not by_tokens)
         out.append(
             f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
-            f"dp*micro_batch_size = {dp}*{p.micro_batch_size} = {per_step}: use a multiple of "
-            f"{per_step} (e.g. {lower} or {lower + per_step}) or change parallel.micro_batch_size"
+            f"{'*'.join(parts)} = {'*'.join(map(str, sizes))} = {per_step}: use a multiple of "
+            f"{per_step} (e.g. {lower} or {lower + per_step})"
+            + ("" if by_tokens else " or change parallel.micro_batch_size")
         )
     return out
 
@@ -506,6 +543,52 @@ def _check_rollout(r: RolloutConfig) -> Problems:
     if r.engine_call_timeout_s is not None and not r.engine_call_timeout_s > 0:
         out.append(f"rollout.engine_call_timeout_s={r.engine_call_timeout_s} must be > 0 seconds, "
                    "or null for no limit")
+    return out
+
+
+def _stage_layers(m: ModelConfig, p: ParallelConfig) -> Optional[list[int]]:
+    """Transformer layers per pipeline stage, or None when the split is invalid (reported elsewhere)."""
+    if m.num_layers is None or p.pp < 1:
+        return None
+    first, last = p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage
+    edges = [v for v in (first, last) if v is not None]
+    middle_stages, middle = p.pp - len(edges), m.num_layers - sum(edges)
+    if middle_stages < 0 or middle < 0 or (middle_stages == 0 and middle) or (middle_stages and middle % middle_stages):
+        return None
+    mid = [middle // middle_stages] * middle_stages if middle_stages else []
+    return [first] * (first is not None) + mid + [last] * (last is not None)
+
+
+def _check_recompute(p: ParallelConfig, m: ModelConfig, routing_replay: str) -> Problems:
+    """megatron's rules for activation recompute (TransformerConfig.__post_init__), stated up front."""
+    gran, method, n = p.recompute_granularity, p.recompute_method, p.recompute_num_layers
+    out = _one_of("parallel.recompute_granularity", gran, RECOMPUTE_GRANULARITIES)
+    out += _one_of("parallel.recompute_method", method, RECOMPUTE_METHODS)
+    if out:
+        return out
+    if gran != "full":
+        for key, value in (("recompute_method", method), ("recompute_num_layers", n)):
+            if value is not None:
+                out.append(f"parallel.{key}={value!r} only applies to parallel.recompute_granularity=full (got "
+                           f"{gran!r}): unset it, or set recompute_granularity=full")
+    else:
+        stages = _stage_layers(m, p)
+        if method is None:
+            out.append("parallel.recompute_granularity=full needs parallel.recompute_method: uniform (every layer, "
+                       "in chunks of recompute_num_layers) or block (the first recompute_num_layers of each stage)")
+        if n is None or n < 1:
+            out.append(f"parallel.recompute_granularity=full needs parallel.recompute_num_layers >= 1 (got {n}): "
+                       f"e.g. 1")
+        elif stages and n > max(stages):
+            out.append(f"parallel.recompute_num_layers={n} exceeds the {max(stages)} layers of a pipeline stage: "
+                       f"choose 1..{max(stages)}")
+        elif stages and method == "uniform" and any(s % n for s in stages):
+            out.append(f"parallel.recompute_num_layers={n} with recompute_method=uniform must divide the layers of "
+                       f"every pipeline stage {stages}: choose one of "
+                       f"{[d for d in _divisors(min(stages)) if all(s % d == 0 for s in stages)]}")
+    if gran is not None and routing_replay != "none":
+        out.append(f"parallel.recompute_granularity={gran!r} with rl.routing_replay={routing_replay!r}: a recomputed "
+                   f"forward would replay a later micro-batch's routing; unset recompute or set rl.routing_replay=none")
     return out
 
 
@@ -682,6 +765,8 @@ def _check_rl(rl) -> Problems:
     out += _at_least("rl.eps_clip_high", rl.eps_clip_high, 0.0)
     if rl.tis_cap is not None and rl.tis_cap <= 0:
         out.append(f"rl.tis_cap={rl.tis_cap} must be > 0 (e.g. 2.0), or null to disable truncated IS")
+    out += _at_least("rl.mini_batches", rl.mini_batches, 1, "set 1 for one optimizer step per rollout batch")
+    out += _at_least("rl.epochs", rl.epochs, 1, "set 1 for one pass over each rollout batch")
     if rl.dual_clip_c is not None and rl.dual_clip_c <= 1:
         out.append(f"rl.dual_clip_c={rl.dual_clip_c} must be > 1 (dual-clip PPO uses c = 3), or null")
     return out

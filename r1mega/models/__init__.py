@@ -1,5 +1,5 @@
 """Policy models on megatron-core. Importing this package readies megatron for this machine and applies
-r1mega's fixes for megatron model bugs (``mla_fix``), so every model built through it has them."""
+r1mega's fixes for megatron model bugs (``mla_fix``, ``moe_fix``), so every model built through it has them."""
 
 import logging
 import os
@@ -8,7 +8,9 @@ from r1mega.platform.megatron_compat import ensure_megatron
 
 ensure_megatron()
 
-from r1mega.models import mla_fix  # noqa: E402  (needs megatron ready)
+from r1mega.models import mla_fix, moe_fix  # noqa: E402  (need megatron ready)
+
+moe_fix.install()
 
 if os.environ.get("R1MEGA_SKIP_MLA_FIX"):  # only to demonstrate the bug in tests
     logging.getLogger(__name__).warning("R1MEGA_SKIP_MLA_FIX is set: megatron's MLA rope-key gradient bug is "

@@ -3,15 +3,18 @@
 megatron-core's own local modules fall short for r1mega in two places: ``WrappedTorchNorm`` refuses
 sequence parallelism (mandatory for MoE with TP > 1), and ``DotProductAttention`` rejects the
 separate q/k and v head sizes that multi-latent attention passes, materialises [b, h, s, s] scores
-and cannot do packed (padding-free) sequences. These replacements fix all three.
+and can do neither packed (padding-free) sequences nor context parallelism. These replacements fix
+all of that.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from r1mega.platform.megatron_compat import ensure_megatron
 
@@ -45,9 +48,11 @@ class SequenceParallelNorm:
 class SDPAttention(MegatronModule):
     """Core attention on ``torch.nn.functional.scaled_dot_product_attention``.
 
-    Accepts MLA's ``k_channels``/``v_channels``, GQA (grouped key/value heads) and packed sequences
-    (``packed_seq_params`` with ``cu_seqlens``: a block-diagonal causal mask, so packed samples never
-    attend to each other).
+    Accepts MLA's ``k_channels``/``v_channels``, GQA (grouped key/value heads), packed sequences
+    (``packed_seq_params`` with ``cu_seqlens``: one causal attention per sequence, so packed samples
+    never attend to each other and no [T, T] mask is built) and context parallelism (this rank's
+    queries against K/V all-gathered over the CP group, masked by global position; see
+    ``models.context_parallel``).
     """
 
     def __init__(
@@ -65,13 +70,15 @@ class SDPAttention(MegatronModule):
         **unused,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("context parallelism needs Transformer Engine attention (TE spec)")
         if pg_collection is None:
             from megatron.core.process_groups_config import ProcessGroupCollection
 
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         tp_size = pg_collection.tp.size()
+        self.cp_group = getattr(pg_collection, "cp", None) if config.context_parallel_size > 1 else None
+        # CP: the gathered K/V are recomputed in the backward pass unless megatron's activation recompute
+        # (parallel.recompute_granularity) already reruns this forward
+        self.recompute_cp_core = config.recompute_granularity is None
         self.attn_mask_type = attn_mask_type
         self.k_channels = k_channels or config.kv_channels
         self.v_channels = v_channels or config.kv_channels
@@ -85,39 +92,98 @@ class SDPAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by SDPAttention")
         packed = packed_seq_params is not None
+        causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
         thd = query.dim() == 3  # packed tokens without a batch dim: [t, h, d]
         if thd:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-        # [s, b, h, d] -> [b, h, s, d]
-        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-        if self.heads_per_partition != k.size(1):
-            repeat = self.heads_per_partition // k.size(1)
-            k = k.repeat_interleave(repeat, dim=1)
-            v = v.repeat_interleave(repeat, dim=1)
+        cp = 1 if self.cp_group is None else self.cp_group.size()
+        bounds = packed_seq_params.cu_seqlens_q if packed else [0, query.size(0) * cp]
         dropout = self.dropout_p if self.training else 0.0
-        if packed:
-            mask = _packed_causal_mask(packed_seq_params.cu_seqlens_q, q.size(2), q.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                 scale=self.softmax_scale)
-        elif attention_mask is not None and (attn_mask_type or self.attn_mask_type) != AttnMaskType.causal:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask.bool(),
-                                                 dropout_p=dropout, scale=self.softmax_scale)
+        if cp > 1:
+            if not causal:
+                raise ValueError("context parallelism supports causal self-attention only")
+            if self.recompute_cp_core:
+                # recomputed in the backward pass, so no layer keeps all ranks' K/V (or its padded query
+                # blocks) alive until then: per-rank memory stays this rank's share of the sequence
+                out = checkpoint(self._context_parallel, query, key, value, bounds, dropout, use_reentrant=False)
+            else:  # megatron's activation recompute reruns this forward already
+                out = self._context_parallel(query, key, value, bounds, dropout)
+        elif attention_mask is not None and not causal and not packed:
+            q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask.bool(), dropout_p=dropout,
+                                                 scale=self.softmax_scale, enable_gqa=self._gqa(k))
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
-                                                 scale=self.softmax_scale)
+            out = self._causal(query, key, value, causal_pieces(bounds), dropout)
         # [b, h, s, dv] -> [s, b, h * dv]
         out = out.permute(2, 0, 1, 3).contiguous()
         out = out.view(out.size(0), out.size(1), -1)
         return out.squeeze(1) if thd else out
 
+    def _gqa(self, k: torch.Tensor) -> bool:
+        """Grouped K/V heads ([b, h, s, d]): SDPA shares them itself (enable_gqa), without copies."""
+        return self.heads_per_partition != k.size(1)
 
-def _packed_causal_mask(cu_seqlens: torch.Tensor, total: int, device) -> torch.Tensor:
-    """Boolean [total, total] mask: True where query i may attend key j (same sample, j <= i)."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device)
-    sample_id = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
-    if sample_id.numel() < total:  # trailing padding forms its own segment
-        pad = torch.full((total - sample_id.numel(),), -1, device=device, dtype=sample_id.dtype)
-        sample_id = torch.cat([sample_id, pad])
-    same = sample_id[:, None] == sample_id[None, :]
-    causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
-    return same & causal
+    def _causal(self, query, key, value, pieces: list["Piece"], dropout: float) -> torch.Tensor:
+        """[s, b, h, d] inputs (keys in global order) -> [b, h, s_q, dv], one causal SDPA per piece."""
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        gqa = self._gqa(k)
+        return torch.cat([self._causal_piece(q, k, v, piece, dropout, gqa) for piece in pieces], dim=2)
+
+    def _context_parallel(self, query, key, value, bounds, dropout: float) -> torch.Tensor:
+        key, value = self._gather_global(key, bounds), self._gather_global(value, bounds)
+        return self._causal(query, key, value, causal_pieces(bounds, self.cp_group.size(), self.cp_group.rank()),
+                            dropout)
+
+    def _gather_global(self, x: torch.Tensor, bounds) -> torch.Tensor:
+        """All CP ranks' rows of ``x`` [s_local, ...] in global sequence order [s, ...]."""
+        from r1mega.models import context_parallel
+
+        cp = self.cp_group.size()
+        gathered = context_parallel.gather_from_context_parallel(x, self.cp_group)
+        order = torch.argsort(context_parallel.gathered_index(bounds, cp)).to(x.device)
+        return gathered.index_select(0, order)
+
+    def _causal_piece(self, q, k, v, piece: "Piece", dropout: float, gqa: bool) -> torch.Tensor:
+        """Queries ``q[..., piece.rows, :]`` at global positions ``[piece.start, piece.end)`` against the keys
+        of their sequence up to ``piece.end``: bottom-right-aligned causal attention, computed as a top-left
+        causal SDPA with the queries padded in front (flash-style kernels, no mask tensor)."""
+        lead = piece.start - piece.segment_start
+        query = q[:, :, piece.rows]
+        if lead:
+            query = torch.cat([query.new_zeros(*query.shape[:2], lead, query.size(3)), query], dim=2)
+        keys = slice(piece.segment_start, piece.end)
+        out = F.scaled_dot_product_attention(query, k[:, :, keys], v[:, :, keys], is_causal=True, dropout_p=dropout,
+                                             scale=self.softmax_scale, enable_gqa=gqa)
+        return out[:, :, lead:]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of consecutive local query rows: global positions ``[start, end)`` of the sequence segment that
+    begins at ``segment_start``."""
+
+    rows: slice
+    start: int
+    end: int
+    segment_start: int
+
+
+def causal_pieces(bounds, cp: int = 1, cp_rank: int = 0) -> list[Piece]:
+    """This rank's query rows as :class:`Piece` s, in local order: one per sequence segment of ``bounds``
+    (cu_seqlens), or under context parallelism two per segment (its chunks ``cp_rank`` and
+    ``2*cp-1-cp_rank``, megatron's load-balanced layout). Empty segments give nothing."""
+    edges = [int(x) for x in (bounds.tolist() if isinstance(bounds, torch.Tensor) else bounds)]
+    pieces, row = [], 0
+    for seg_start, seg_end in zip(edges[:-1], edges[1:]):
+        length = seg_end - seg_start
+        if length == 0:
+            continue
+        if cp == 1:
+            spans = [(seg_start, seg_end)]
+        else:
+            chunk = length // (2 * cp)
+            spans = [(seg_start + c * chunk, seg_start + (c + 1) * chunk) for c in (cp_rank, 2 * cp - 1 - cp_rank)]
+        for a, b in spans:
+            pieces.append(Piece(slice(row, row + b - a), a, b, seg_start))
+            row += b - a
+    return pieces

@@ -96,6 +96,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         # uneven split (megatron's names): first / last stage sizes, the middle stages share the rest
         num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
         num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
+        context_parallel_size=parallel.cp,
+        # TE's CP attention exchanges K/V blocks in a ring; the local SDPAttention all-gathers them itself
+        cp_comm_type="p2p" if use_te and parallel.cp > 1 else None,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp,
         sequence_parallel=sequence_parallel,
@@ -112,6 +115,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         persist_layer_norm=False,
         attention_backend=AttnBackend.auto if use_te else AttnBackend.local,
         variable_seq_lengths=True,
+        # activation recompute (parallel.recompute_*; validated in config/validate.py)
+        recompute_granularity=parallel.recompute_granularity,
+        recompute_method=parallel.recompute_method,
+        recompute_num_layers=parallel.recompute_num_layers,
         moe_token_dispatcher_type="alltoall",  # megatron checks it even for dense models (variable lengths)
         **_moe_kwargs(model),
     )

@@ -85,6 +85,7 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.cp,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp,
         distributed_timeout_minutes=parallel.timeout_minutes,
@@ -92,8 +93,8 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     log.info(
-        "model parallel ready: world=%d tp=%d pp=%d ep=%d etp=%d dp=%d",
-        dist.get_world_size(), parallel.tp, parallel.pp, parallel.ep, parallel.etp,
+        "model parallel ready: world=%d tp=%d cp=%d pp=%d ep=%d etp=%d dp=%d",
+        dist.get_world_size(), parallel.tp, parallel.cp, parallel.pp, parallel.ep, parallel.etp,
         parallel_state.get_data_parallel_world_size(),
     )
 

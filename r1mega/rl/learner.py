@@ -24,7 +24,9 @@ import torch
 import torch.distributed as dist
 
 from r1mega.config.schema import RLConfig
+from r1mega.models import context_parallel
 from r1mega.rl.aggregation import aggregate, split_scale, token_weights
+from r1mega.rl.batching import LearnerBatch, PackedMicroBatch, micro_batch_plan, pack_micro_batch, round_up
 from r1mega.rl.distill_loss import topk_forward_kl
 from r1mega.rl.kl import kl_penalty
 from r1mega.rl.logprob_head import hidden_state_output, token_logprobs
@@ -37,39 +39,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class LearnerBatch:
-    """A global batch, identical on every rank. Per-token fields are [B, S-1] (label positions)."""
-
-    tokens: torch.Tensor  # [B, S] prompt + response, right-padded
-    loss_mask: torch.Tensor  # [B, S-1] 1 where the predicted token is a response token
-    advantages: Optional[torch.Tensor] = None  # [B] sequence-level (None for SFT)
-    old_logp: Optional[torch.Tensor] = None  # trainer logprobs before the update (None: on-policy)
-    rollout_logp: Optional[torch.Tensor] = None  # the engine's sampling logprobs (TIS, mismatch)
-    ref_logp: Optional[torch.Tensor] = None  # reference policy (KL)
-    lengths: Optional[torch.Tensor] = None  # [B] real tokens per row (prompt + response); None = S
-    token_advantages: Optional[torch.Tensor] = None  # [B, S-1] (packed rows); overrides ``advantages``
-    seq_ids: Optional[torch.Tensor] = None  # [B, S-1] sequence of each token (packed rows; -1 = padding)
-    # MoE routing tables [B, S-1, L_moe, k] at input positions (rl.routing): the engine's choices, and the
-    # choices every forward of this batch replays (R3: the engine's; R2: the old-logprob pass's; None: none)
-    rollout_experts: Optional[torch.Tensor] = None
-    replay_experts: Optional[torch.Tensor] = None
-    # logit distillation (SFT with LearnerSettings.distill_coef > 0): the teacher's top-k ids and log-probs
-    teacher_ids: Optional[torch.Tensor] = None  # [B, S-1, k] long
-    teacher_logp: Optional[torch.Tensor] = None  # [B, S-1, k]; -inf pads positions with fewer entries
-
-    @property
-    def size(self) -> int:
-        return self.tokens.size(0)
-
-    def rows(self, idx: slice | torch.Tensor) -> "LearnerBatch":
-        """The rows ``idx`` selects: a slice (views), or a tensor of row indices (copies, in that order)."""
-        pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return LearnerBatch(self.tokens[idx], self.loss_mask[idx], pick(self.advantages), pick(self.old_logp),
-                            pick(self.rollout_logp), pick(self.ref_logp), pick(self.lengths),
-                            pick(self.token_advantages), pick(self.seq_ids), pick(self.rollout_experts),
-                            pick(self.replay_experts), pick(self.teacher_ids), pick(self.teacher_logp))
+__all__ = ["LearnerBatch", "LearnerSettings", "PackedMicroBatch", "ReferencePolicy", "StepMetrics", "compute_logprobs",
+           "learner_step", "pack_micro_batch", "prepare_routing_replay", "score_with_routing"]
 
 
 @dataclass
@@ -78,6 +49,9 @@ class LearnerSettings:
 
     micro_batch_size: int
     valid_vocab: int  # logits of padded vocabulary ids are excluded from the softmax
+    # token budget per rank and micro-batch (packed only): first-fit decreasing instead of micro_batch_size
+    # sequences per micro-batch (parallel.max_tokens_per_micro_batch; see rl/batching.py)
+    max_tokens_per_micro_batch: Optional[int] = None
     temperature: float = 1.0  # the rollout's sampling temperature: logprobs of the sampling distribution
     chunk_size: int = 1024
     constant_norm: Optional[float] = None  # Dr.GRPO's constant normaliser (seq-mean-token-sum-norm)
@@ -85,12 +59,29 @@ class LearnerSettings:
     skip_nonfinite: bool = True  # a NaN/Inf loss skips the optimizer step (reported, never applied)
     distill_coef: float = 0.0  # SFT: + coef * forward KL to the teacher's top-k (rl/distill_loss.py)
 
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "LearnerSettings":
+        """An RL stage's settings from its (preset-resolved) ``R1Config``: micro-batches by
+        ``parallel.micro_batch_size``, or packed by ``parallel.max_tokens_per_micro_batch``; log-probs of
+        the rollout's sampling temperature."""
+        budget = cfg.parallel.max_tokens_per_micro_batch
+        values = dict(micro_batch_size=cfg.parallel.micro_batch_size, valid_vocab=cfg.model.vocab_size,
+                      temperature=cfg.rollout.temperature, max_tokens_per_micro_batch=budget,
+                      pack=budget is not None, skip_nonfinite=cfg.trainer.skip_nonfinite_loss)
+        values.update(overrides)
+        return cls(**values)
+
 
 @dataclass
 class StepMetrics:
     values: dict[str, float] = field(default_factory=dict)
     grad_norm: float = 0.0
     skipped: bool = False
+    # which optimizer step of a rollout batch (rl.updates.learner_update): 0-based over all its updates,
+    # the pass over the batch and the mini-batch within the pass
+    update: int = 0
+    epoch: int = 0
+    mini_batch: int = 0
 
 
 def _dp_slice(n: int) -> slice:
@@ -102,46 +93,94 @@ def _dp_slice(n: int) -> slice:
     return slice(rank * per, (rank + 1) * per)
 
 
-def _micro_batches(batch: LearnerBatch, weights: torch.Tensor, mbs: int):
-    if batch.size % mbs:
-        raise ValueError(f"local batch of {batch.size} sequences is not divisible by micro_batch_size={mbs}")
-    for start in range(0, batch.size, mbs):
-        sl = slice(start, start + mbs)
-        yield batch.rows(sl), weights[sl]
+def _plan(batch: LearnerBatch, settings: LearnerSettings, pack: bool) -> list[torch.Tensor]:
+    """This DP rank's micro-batches (row indices into its slice of ``batch``)."""
+    budget = settings.max_tokens_per_micro_batch
+    if budget is not None and not pack:
+        raise ValueError("max_tokens_per_micro_batch cuts packed micro-batches: set LearnerSettings.pack=True "
+                         "(padded rows are cut by micro_batch_size)")
+    return micro_batch_plan(batch, parallel_state.get_data_parallel_world_size(),
+                            parallel_state.get_data_parallel_rank(), settings.micro_batch_size,
+                            budget if pack else None)
+
+
+def _micro_batches(batch: LearnerBatch, weights: torch.Tensor, plan: list[torch.Tensor]):
+    for idx in plan:
+        yield batch.rows(idx), weights[idx]
+
+
+@dataclass
+class _Fed:
+    """What one micro-batch's forward feeds this rank, and where every fed position came from."""
+
+    inputs: torch.Tensor  # [b, s] token ids (under CP: this rank's share of the positions)
+    positions: torch.Tensor  # [b, s]
+    kwargs: dict  # packed_seq_params, padding_mask
+    batch: LearnerBatch  # per-token fields at the fed positions; tokens[:, 1:] are the targets
+    weights: torch.Tensor  # [b, s] loss weights
+    src_row: torch.Tensor  # [b, s] row of the micro-batch each position belongs to (-1: padding)
+    src_pos: torch.Tensor  # [b, s] label position in that row
+
+
+def _feed(gpt_model, mb: LearnerBatch, weights: torch.Tensor, pack: bool) -> _Fed:
+    """Packed (one thd row) or padded rows; under context parallelism this rank's 2 chunks of every
+    sequence (``models.context_parallel``), with each sequence (packed) or the row width (padded) padded
+    to a multiple of 2*cp and this rank's share to a multiple of tp (sequence parallelism)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    cp, rank = context_parallel.cp_size(), context_parallel.cp_rank()
+    seq_multiple = 2 * cp if cp > 1 else 1
+    if pack:
+        packed = pack_micro_batch(mb, weights, multiple=tp * cp, seq_multiple=seq_multiple)
+        fed = _Fed(packed.inputs, packed.positions, {"packed_seq_params": packed.params}, packed.batch,
+                   packed.weights, packed.src_row, packed.src_pos)
+        bounds = packed.params.cu_seqlens_q
+    else:
+        width = mb.loss_mask.size(1)
+        wide = mb.widened(round_up(width, math.lcm(seq_multiple, tp * cp)))
+        s = wide.loss_mask.size(1)
+        weights = torch.cat([weights, weights.new_zeros(weights.size(0), s - width)], dim=1)
+        pos = torch.arange(s).unsqueeze(0).expand(wide.size, s)
+        rows = torch.where(pos < width, torch.arange(wide.size).unsqueeze(1), -1)
+        fed = _Fed(wide.tokens[:, :-1].contiguous(), pos, {}, wide, weights, rows, pos)
+        bounds = [0, s]
+    # decided on the whole row: every CP rank must route with a mask, or none (the aux loss's token count)
+    any_padding = bool((fed.batch.seq_ids == -1).any()) if pack else False
+    if cp > 1:
+        idx = context_parallel.token_index(bounds, cp, rank)
+        fed = _Fed(fed.inputs[:, idx].contiguous(), fed.positions[:, idx], fed.kwargs, fed.batch.at_positions(idx),
+                   fed.weights[:, idx], fed.src_row[:, idx], fed.src_pos[:, idx])
+    if any_padding:
+        fed.kwargs.update(_padding_mask_kwargs(gpt_model, fed.batch.seq_ids))
+    return fed
 
 
 def _forward(gpt_model, pack: bool, data_iterator, model, loss_fn, routing=None, recorded=None):
     """One micro-batch forward. ``routing`` (a ``models.routing_replay.RoutingReplay``): replay the
     micro-batch's ``replay_experts`` if it has them; ``recorded`` (a list): collect this rank's own
-    choices after the forward (every pipeline stage runs this function, so each records its layers)."""
+    choices after the forward with the positions they belong to (every pipeline stage runs this
+    function, so each records its layers)."""
     mb, weights = next(data_iterator)
-    if pack:
-        packed = pack_micro_batch(mb, weights, parallel_state.get_tensor_model_parallel_world_size())
-        inputs, positions, kw, fed = packed.inputs, packed.positions, {"packed_seq_params": packed.params}, packed.batch
-        kw.update(_padding_mask_kwargs(gpt_model, packed.batch.seq_ids))
-    else:
-        inputs = mb.tokens[:, :-1].contiguous()
-        positions, kw, fed = torch.arange(inputs.size(1)).unsqueeze(0).expand_as(inputs), {}, mb
+    fed = _feed(gpt_model, mb, weights, pack)
     if routing is not None:
-        if fed.replay_experts is not None:
-            routing.set_replay(fed.replay_experts)
+        if fed.batch.replay_experts is not None:
+            routing.set_replay(fed.batch.replay_experts)
         elif recorded is not None:
             routing.set_record()
-    hidden = model(inputs, positions, None, **kw)
+    hidden = model(fed.inputs, fed.positions, None, **fed.kwargs)
     if recorded is not None:
-        recorded.append(routing.recorded(*inputs.shape))
-    if pack:
-        return hidden, partial(loss_fn, gpt_model, packed.batch, packed.weights)
-    return hidden, partial(loss_fn, gpt_model, mb, weights)
+        recorded.append((*routing.recorded(*fed.inputs.shape), fed.src_row, fed.src_pos))
+    return hidden, partial(loss_fn, gpt_model, fed)
 
 
 def _padding_mask_kwargs(gpt_model, seq_ids: torch.Tensor) -> dict:
     """The packed row's padding (to a multiple of tp) as megatron's MoE ``padding_mask``, so it stays out
     of the aux loss: a layout-dependent amount of padding otherwise changes the loss with the layout.
     megatron scatters the mask over sequence-parallel ranks only on the first pipeline stage; later
-    stages get this rank's chunk here."""
+    stages get this rank's chunk here. Under context parallelism a rank's share may hold no padding while
+    another's does: it still passes its (all-False) mask, because megatron counts the aux loss's tokens
+    differently with and without one."""
     pad = seq_ids == -1
-    if not pad.any() or not gpt_model.config.num_moe_experts:
+    if not gpt_model.config.num_moe_experts:
         return {}
     if not parallel_state.is_pipeline_first_stage() and gpt_model.config.sequence_parallel:
         tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -149,76 +188,12 @@ def _padding_mask_kwargs(gpt_model, seq_ids: torch.Tensor) -> dict:
     return {"padding_mask": pad}
 
 
-@dataclass
-class PackedMicroBatch:
-    inputs: torch.Tensor  # [1, T] input ids of all sequences back to back (+ padding to a multiple of tp)
-    positions: torch.Tensor  # [1, T] restart at 0 for every sequence
-    params: object  # megatron PackedSeqParams (thd, cu_seqlens)
-    batch: LearnerBatch  # the same data as one packed row: tokens [1, T+1], per-token fields [1, T]
-    weights: torch.Tensor  # [1, T]
-
-
-def pack_micro_batch(mb: LearnerBatch, weights: torch.Tensor, multiple: int = 1) -> PackedMicroBatch:
-    """Concatenate the rows' real tokens (no padding between sequences) for megatron's thd format."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    lengths = mb.lengths if mb.lengths is not None else torch.full((mb.size,), mb.tokens.size(1))
-    spans = [max(int(n) - 1, 0) for n in lengths]  # predicted positions per sequence
-    per_token = {"loss_mask": mb.loss_mask, "old_logp": mb.old_logp, "rollout_logp": mb.rollout_logp,
-                 "ref_logp": mb.ref_logp, "teacher_ids": mb.teacher_ids, "teacher_logp": mb.teacher_logp}
-    total = sum(spans)
-    padded = -(-max(total, 1) // multiple) * multiple
-    inputs = torch.zeros(padded, dtype=mb.tokens.dtype)
-    labels = torch.zeros(padded, dtype=mb.tokens.dtype)
-    positions = torch.zeros(padded, dtype=torch.long)
-    fields = {k: None if v is None else torch.zeros((padded, *v.shape[2:]), dtype=v.dtype)
-              for k, v in per_token.items()}
-    packed_w = torch.zeros(padded, dtype=weights.dtype)
-    adv = torch.zeros(padded) if mb.advantages is not None else None
-    seq_ids = torch.full((padded,), -1, dtype=torch.long)
-    replay = None
-    if mb.replay_experts is not None:  # padding keeps valid, distinct ids (rl.routing.padding_choice)
-        k = mb.replay_experts.size(-1)
-        replay = padding_choice(k).expand(padded, mb.replay_experts.size(2), k).clone()
-    cu, start = [0], 0
-    for row, n in enumerate(spans):
-        sl = slice(start, start + n)
-        inputs[sl], labels[sl] = mb.tokens[row, :n], mb.tokens[row, 1: n + 1]
-        if replay is not None:
-            replay[sl] = mb.replay_experts[row, :n]
-        positions[sl] = torch.arange(n)
-        for k, v in per_token.items():
-            if v is not None:
-                fields[k][sl] = v[row, :n]
-        packed_w[sl] = weights[row, :n]
-        if adv is not None:
-            adv[sl] = mb.advantages[row]
-        seq_ids[sl] = row
-        start += n
-        cu.append(start)
-    if padded > total:  # the padding forms its own segment, masked out of the loss
-        cu.append(padded)
-    cu_seqlens = torch.tensor(cu, dtype=torch.int32)
-    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                             max_seqlen_q=max_len, max_seqlen_kv=max_len)
-    tokens = torch.cat([inputs, labels[-1:]])  # tokens[1:] must equal labels: shift by one
-    tokens[1:] = labels
-    row = lambda t: None if t is None else t.unsqueeze(0)  # noqa: E731
-    batch = LearnerBatch(tokens.unsqueeze(0), fields["loss_mask"].unsqueeze(0),
-                         advantages=None if adv is None else torch.zeros(1), token_advantages=row(adv),
-                         old_logp=row(fields["old_logp"]), rollout_logp=row(fields["rollout_logp"]),
-                         ref_logp=row(fields["ref_logp"]), seq_ids=seq_ids.unsqueeze(0), replay_experts=row(replay),
-                         teacher_ids=row(fields["teacher_ids"]), teacher_logp=row(fields["teacher_logp"]))
-    return PackedMicroBatch(inputs.unsqueeze(0), positions.unsqueeze(0), params, batch, packed_w.unsqueeze(0))
-
-
-
 def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x.detach().float() * mask).sum()
 
 
-def _rl_loss(rl: RLConfig, s: LearnerSettings, scale: float, gpt_model, mb: LearnerBatch, weights, hidden):
+def _rl_loss(rl: RLConfig, s: LearnerSettings, scale: float, gpt_model, fed: _Fed, hidden):
+    mb, weights = fed.batch, fed.weights
     targets = mb.tokens[:, 1:]
     logp, entropy = token_logprobs(gpt_model, hidden, targets, s.valid_vocab, s.temperature, s.chunk_size)
     mask = mb.loss_mask.float()
@@ -229,8 +204,10 @@ def _rl_loss(rl: RLConfig, s: LearnerSettings, scale: float, gpt_model, mb: Lear
     eps_low, eps_high = clip_range(rl)
     adv = mb.token_advantages if mb.token_advantages is not None else mb.advantages[:, None]
     adv = adv.expand_as(logp).float()
+    seq_group = context_parallel.cp_group() if context_parallel.cp_size() > 1 else None
     per_token, pmetrics = policy_loss(rl.policy_loss, logp, old, adv, mask, eps_low=eps_low, eps_high=eps_high,
-                                      dual_clip_c=rl.dual_clip_c, seq_ids=mb.seq_ids, tis_weights=tis)
+                                      dual_clip_c=rl.dual_clip_c, seq_ids=mb.seq_ids, tis_weights=tis,
+                                      seq_group=seq_group)
     kl = None
     if mb.ref_logp is not None:
         kl = kl_penalty(logp, mb.ref_logp, rl.kl_estimator)
@@ -250,7 +227,8 @@ def _rl_loss(rl: RLConfig, s: LearnerSettings, scale: float, gpt_model, mb: Lear
     return loss * scale, _as_reduced(sums)
 
 
-def _sft_loss(s: LearnerSettings, scale: float, gpt_model, mb: LearnerBatch, weights, hidden):
+def _sft_loss(s: LearnerSettings, scale: float, gpt_model, fed: _Fed, hidden):
+    mb, weights = fed.batch, fed.weights
     targets = mb.tokens[:, 1:]
     logp, entropy = token_logprobs(gpt_model, hidden, targets, s.valid_vocab, 1.0, s.chunk_size)
     mask = mb.loss_mask.float()
@@ -307,9 +285,9 @@ def _reduce_metrics(per_micro: list[dict]) -> dict[str, float]:
     return out
 
 
-def _logprob_loss(s: LearnerSettings, gpt_model, mb: LearnerBatch, weights, hidden):
-    logp, _ = token_logprobs(gpt_model, hidden, mb.tokens[:, 1:], s.valid_vocab, s.temperature, s.chunk_size)
-    return logp.sum() * 0.0, {"logp": logp.detach().clone()}
+def _logprob_loss(s: LearnerSettings, gpt_model, fed: _Fed, hidden):
+    logp, _ = token_logprobs(gpt_model, hidden, fed.batch.tokens[:, 1:], s.valid_vocab, s.temperature, s.chunk_size)
+    return logp.sum() * 0.0, {"logp": logp.detach().clone(), "row": fed.src_row, "pos": fed.src_pos}
 
 
 @torch.no_grad()
@@ -321,7 +299,7 @@ def compute_logprobs(model_chunk, gpt_model, batch: LearnerBatch, settings: Lear
     last pipeline stage's results are shared with all ranks. The model routes itself (no replay):
     see :func:`score_with_routing`.
     """
-    return _score(model_chunk, gpt_model, batch, settings)
+    return _score(model_chunk, gpt_model, batch, settings)[0]
 
 
 @dataclass
@@ -347,60 +325,71 @@ def score_with_routing(model_chunk, gpt_model, batch: LearnerBatch, settings: Le
     routing = routing_replay.for_model(gpt_model, gpt_model.config)
     recorded: list = []
     with routing.session():
-        logp = _score(model_chunk, gpt_model, batch, settings, routing=routing, recorded=recorded)
-    rows = _dp_slice(batch.size)
-    s = batch.tokens.size(1) - 1
-    own = torch.cat([t for t, _ in recorded]) if recorded else torch.zeros(0, s, routing.num_moe_layers,
-                                                                           routing.topk, dtype=torch.long)
-    filled = torch.cat([f for _, f in recorded]) if recorded else torch.zeros(own.shape[:3], dtype=torch.bool)
+        logp, placed = _score(model_chunk, gpt_model, batch, settings, routing=routing, recorded=recorded)
+    s, L, k = batch.tokens.size(1) - 1, routing.num_moe_layers, routing.topk
+    own = torch.zeros(batch.size, s, L, k, dtype=torch.long)
+    filled = torch.zeros(batch.size, s, L, dtype=torch.bool)
+    for (table, got, _, _), (row, pos, valid) in zip(recorded, placed):
+        own[row[valid], pos[valid]] = table[valid]
+        filled[row[valid], pos[valid]] = got[valid]
     if not routing.config.sequence_parallel and parallel_state.get_tensor_model_parallel_rank() > 0:
         filled.zero_()  # TP replicas without SP saw the same tokens: count them once
-    record = RoutingRecord(num_layers=routing.num_moe_layers)
+    record = RoutingRecord(num_layers=L)
     if compare_to is not None:
-        differs = torch.zeros(batch.size, s, dtype=torch.long)
-        differs[rows] = (differing_layers(own, compare_to[rows]) & filled).sum(-1)
-        record.differs = routing_replay.sum_over_ranks(differs)
+        record.differs = routing_replay.sum_over_ranks((differing_layers(own, compare_to) & filled).sum(-1))
     if gather_own:
-        table = torch.zeros(batch.size, s, routing.num_moe_layers, routing.topk, dtype=torch.long)
-        table[rows] = torch.where(filled[..., None], own + 1, 0)
-        table = routing_replay.sum_over_ranks(table) - 1
-        if (table < 0).any():
+        table = routing_replay.sum_over_ranks(torch.where(filled[..., None], own + 1, 0)) - 1
+        fed = torch.arange(s).unsqueeze(0) < (batch.row_lengths() - 1).unsqueeze(1)  # positions every layout feeds
+        if (table[fed] < 0).any():
             raise RuntimeError("routing record incomplete: some (position, layer) was routed on no rank")
+        table = torch.where(table < 0, padding_choice(k).to(table.dtype), table)  # never fed (packed padding)
         record.own = table.to(torch.int16)
     return logp, record
 
 
+def _placement(plan: list[torch.Tensor], start: int, m: int, src_row: torch.Tensor, src_pos: torch.Tensor):
+    """Global (row, label position) of micro-batch ``m``'s fed positions, and which of them are real."""
+    valid = src_row >= 0
+    if plan[m].numel() == 0:  # an empty (padding-only) micro-batch
+        return torch.zeros_like(src_row), src_pos, torch.zeros_like(valid)
+    return plan[m][src_row.clamp(min=0)] + start, src_pos, valid
+
+
 def _score(model_chunk, gpt_model, batch: LearnerBatch, settings: LearnerSettings, routing=None,
-           recorded=None) -> torch.Tensor:
+           recorded=None) -> tuple[torch.Tensor, list]:
+    """Log-probs [B, S-1] on every rank, and the global placement of each micro-batch's fed positions on
+    this rank (``(row, pos, valid)``, in micro-batch order) for the caller's routing records."""
     rows = _dp_slice(batch.size)
     local = batch.rows(rows)
     dummy_w = torch.zeros_like(local.loss_mask, dtype=torch.float32)
-    mbs = settings.micro_batch_size
-    step = partial(_forward, gpt_model, False, loss_fn=partial(_logprob_loss, settings), routing=routing,
+    plan = _plan(batch, settings, settings.pack)
+    step = partial(_forward, gpt_model, settings.pack, loss_fn=partial(_logprob_loss, settings), routing=routing,
                    recorded=recorded)
     with hidden_state_output(gpt_model):
         outputs = get_forward_backward_func()(
-            # padded rows (not packed): the result must come back as [rows, S-1]
             forward_step_func=step,
-            data_iterator=_micro_batches(local, dummy_w, mbs),
+            data_iterator=_micro_batches(local, dummy_w, plan),
             model=[model_chunk],
-            num_microbatches=local.size // mbs,
+            num_microbatches=len(plan),
             seq_length=batch.tokens.size(1) - 1,
-            micro_batch_size=mbs,
+            micro_batch_size=settings.micro_batch_size,
             forward_only=True,
         )
+    placed = [_placement(plan, rows.start, m, fed_row, fed_pos) for m, (*_, fed_row, fed_pos) in
+              enumerate(recorded or [])]
     mine = None
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
-        mine = (rows.start, torch.cat([o["logp"] for o in outputs]))
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return mine[1]
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    full = torch.empty(batch.size, batch.tokens.size(1) - 1)
+        parts = [(*_placement(plan, rows.start, m, o["row"], o["pos"]), o["logp"]) for m, o in enumerate(outputs)]
+        mine = tuple(torch.cat([p[i][p[2]] for p in parts]) for i in (0, 1, 3))
+    everyone = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    full = torch.zeros(batch.size, batch.tokens.size(1) - 1)
     for item in everyone:
         if item is not None:
-            full[item[0]: item[0] + item[1].size(0)] = item[1]
-    return full
+            full[item[0], item[1]] = item[2]
+    return full, placed
 
 
 _LOGGED_MODES: set[str] = set()
@@ -477,8 +466,8 @@ def learner_step(tm, batch: LearnerBatch, settings: LearnerSettings, rl: Optiona
     weights = token_weights(batch.loss_mask.float(), mode, settings.constant_norm)
     dp_rows = _dp_slice(batch.size)
     local, local_w = batch.rows(dp_rows), weights[dp_rows]
-    mbs = settings.micro_batch_size
-    num_micro = local.size // mbs
+    plan = _plan(batch, settings, settings.pack)
+    num_micro = len(plan)
     scale = split_scale(num_micro, parallel_state.get_data_parallel_world_size())
     if rl is None:
         loss_fn = partial(_sft_loss, settings, scale)
@@ -498,11 +487,11 @@ def learner_step(tm, batch: LearnerBatch, settings: LearnerSettings, rl: Optiona
     with hidden_state_output(gpt_model), (routing.session() if routing is not None else nullcontext()):
         outputs = get_forward_backward_func()(
             forward_step_func=partial(_forward, gpt_model, settings.pack, loss_fn=loss_fn, routing=routing),
-            data_iterator=_micro_batches(local, local_w, mbs),
+            data_iterator=_micro_batches(local, local_w, plan),
             model=[tm.ddp],
             num_microbatches=num_micro,
             seq_length=batch.tokens.size(1) - 1,
-            micro_batch_size=mbs,
+            micro_batch_size=settings.micro_batch_size,
             forward_only=forward_only,
             force_all_reduce=force_all_reduce,
         )

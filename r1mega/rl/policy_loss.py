@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from r1mega.config.schema import RLConfig
@@ -26,13 +27,16 @@ LOG_RATIO_CLAMP = 20.0
 
 def register_policy_loss(*names: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
     """``@register_policy_loss("name")``: fn(logp, old_logp, advantages, mask: bool, *, eps_low, eps_high,
-    dual_clip_c, seq_ids) -> (per_token_loss, metrics); inputs are already float32 and 0 on masked tokens."""
+    dual_clip_c, seq_ids, seq_group) -> (per_token_loss, metrics); inputs are already float32 and 0 on
+    masked tokens. ``seq_group``: the process group whose ranks hold the other parts of each sequence
+    (context parallelism), for sequence-level statistics; None = all of it is here."""
     return POLICY_LOSSES.register(*names)
 
 
 def policy_loss(name: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
                 eps_low: float, eps_high: float, dual_clip_c: Optional[float] = None,
-                seq_ids: Optional[Tensor] = None, tis_weights: Optional[Tensor] = None) -> tuple[Tensor, Metrics]:
+                seq_ids: Optional[Tensor] = None, tis_weights: Optional[Tensor] = None,
+                seq_group=None) -> tuple[Tensor, Metrics]:
     """Per-token loss of ``name`` times ``tis_weights`` (truncated IS, ``rl.mismatch``), 0 where masked.
 
     Masked positions are replaced by 0 *before* any arithmetic, so garbage (inf/NaN) logprobs on
@@ -46,7 +50,7 @@ def policy_loss(name: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, m
     m = mask > 0
     logp, old_logp, advantages = (_masked_float(x, m) for x in (logp, old_logp, advantages))
     loss, metrics = POLICY_LOSSES.get(name)(logp, old_logp, advantages, m, eps_low=eps_low, eps_high=eps_high,
-                                            dual_clip_c=dual_clip_c, seq_ids=seq_ids)
+                                            dual_clip_c=dual_clip_c, seq_ids=seq_ids, seq_group=seq_group)
     if tis_weights is not None:
         loss = loss * _masked_float(tis_weights.detach(), m)
     return torch.where(m, loss, torch.zeros_like(loss)), metrics
@@ -109,26 +113,36 @@ def clipped_surrogate(ratio: Tensor, adv: Tensor, mask: Tensor, eps_low: float, 
 @register_policy_loss("ppo")
 def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, eps_low: float,
              eps_high: float, dual_clip_c: Optional[float] = None,
-             seq_ids: Optional[Tensor] = None) -> tuple[Tensor, Metrics]:
+             seq_ids: Optional[Tensor] = None, seq_group=None) -> tuple[Tensor, Metrics]:
     """Token-level PPO-clip: ratio_t = exp(logp_t - old_t) (verl: ``vanilla``)."""
-    del seq_ids
+    del seq_ids, seq_group
     log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     loss, metrics = clipped_surrogate(torch.exp(log_ratio), advantages, mask, eps_low, eps_high, dual_clip_c)
     metrics["approx_kl"] = masked_mean(old_logp - logp, mask)
     return loss, metrics
 
 
-def sequence_mean(x: Tensor, seq_ids: Tensor, valid: Tensor) -> Tensor:
+def sequence_mean(x: Tensor, seq_ids: Tensor, valid: Tensor, group=None) -> Tensor:
     """Per token, the mean of ``x`` over the valid tokens of its sequence (0 on invalid tokens).
 
     ``seq_ids`` are non-negative ints naming each token's sequence; works for packed rows
-    (index_add over sequence ids, no assumption that a sequence is one row). Differentiable in ``x``.
+    (index_add over sequence ids, no assumption that a sequence is one row). Differentiable in ``x``,
+    except with ``group`` (the context-parallel ranks holding the rest of every sequence): then the
+    per-sequence sums are all-reduced over it and the result is a constant.
     """
     flat_ids = torch.where(valid, seq_ids, torch.zeros_like(seq_ids)).reshape(-1).long()
     flat_x, flat_valid = x.reshape(-1), valid.reshape(-1)
     num = int(flat_ids.max()) + 1 if flat_ids.numel() else 0
+    if group is not None:
+        top = torch.tensor([num], dtype=torch.long)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        num = int(top)
     sums = x.new_zeros(num).index_add(0, flat_ids[flat_valid], flat_x[flat_valid])
     counts = x.new_zeros(num).index_add(0, flat_ids[flat_valid], torch.ones_like(flat_x[flat_valid]))
+    if group is not None:
+        both = torch.stack([sums.detach(), counts])
+        dist.all_reduce(both, group=group)
+        sums, counts = both[0], both[1]
     per_tok = (sums / counts.clamp(min=1.0))[flat_ids].reshape(x.shape)
     return torch.where(valid, per_tok, torch.zeros_like(per_tok))
 
@@ -146,7 +160,7 @@ def _default_seq_ids(shape: torch.Size, device: torch.device, seq_ids: Optional[
 @register_policy_loss("gspo")
 def gspo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, eps_low: float,
               eps_high: float, dual_clip_c: Optional[float] = None,
-              seq_ids: Optional[Tensor] = None) -> tuple[Tensor, Metrics]:
+              seq_ids: Optional[Tensor] = None, seq_group=None) -> tuple[Tensor, Metrics]:
     """GSPO-token (Zheng et al. 2025): ratio_t = sg(s_i) * exp(logp_t - sg(logp_t)), s_i = exp(mean_t log r).
 
     Every token of sequence i has the value s_i (one clip decision per sequence) and gradient
@@ -156,7 +170,7 @@ def gspo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
     """
     ids = _default_seq_ids(logp.shape, logp.device, seq_ids)
     valid = mask & (ids >= 0)
-    log_s = sequence_mean(logp - old_logp, ids, valid).detach()
+    log_s = sequence_mean(logp - old_logp, ids, valid, group=seq_group).detach()
     log_s = torch.clamp(log_s, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_s + logp - logp.detach())
     loss, metrics = clipped_surrogate(ratio, advantages, valid, eps_low, eps_high, dual_clip_c)

@@ -21,8 +21,9 @@ from r1mega.rewards import RewardInput, reward_input_from_example
 from r1mega.rl.advantages import compute_advantages
 from r1mega.rl.balance import balance_batch
 from r1mega.rl.kl import kl_penalty
-from r1mega.rl.learner import LearnerBatch, LearnerSettings, compute_logprobs, learner_step, prepare_routing_replay
+from r1mega.rl.learner import LearnerBatch, LearnerSettings, compute_logprobs, prepare_routing_replay
 from r1mega.rl.routing import routing_table
+from r1mega.rl.updates import learner_update
 from r1mega.train.memory import offload, onload
 
 from megatron.core import parallel_state
@@ -99,10 +100,8 @@ class GRPORun:
 
 def learner_settings(cfg) -> LearnerSettings:
     """The learner's settings for a GRPO stage (Dr.GRPO's constant defaults to ``rollout.max_new_tokens``)."""
-    return LearnerSettings(micro_batch_size=cfg.parallel.micro_batch_size, valid_vocab=cfg.model.vocab_size,
-                           temperature=cfg.rollout.temperature,
-                           constant_norm=float(cfg.rl.dr_grpo_norm_length or cfg.rollout.max_new_tokens),
-                           skip_nonfinite=cfg.trainer.skip_nonfinite_loss)
+    return LearnerSettings.from_config(cfg, constant_norm=float(cfg.rl.dr_grpo_norm_length
+                                                                or cfg.rollout.max_new_tokens))
 
 
 def build_batch(gens, pad_id: int, multiple: int = 1, train_mask: Optional[list[bool]] = None) -> LearnerBatch:
@@ -156,11 +155,18 @@ def grpo_step(tr, run: GRPORun, step: int) -> dict:
     # whole groups were scored; now each DP rank's slice gets about the same number of tokens
     batch, balance = balance_batch(batch, parallel_state.get_data_parallel_world_size())
     routing_metrics = prepare_routing_replay(tm, batch, run.settings, rl.routing_replay)
-    m = learner_step(tm, batch, run.settings, rl)
-    if m.skipped:
-        from r1mega.train.resilience import check_skip
+    updates = learner_update(tm, batch, run.settings, rl)  # rl.mini_batches x rl.epochs optimizer steps
+    m = updates[-1]
+    for u in updates:
+        if u.skipped:
+            from r1mega.train.resilience import check_skip
 
-        run.skipped_steps += check_skip(m, "grpo", step, cfg.trainer.skip_nonfinite_loss)
+            run.skipped_steps += check_skip(u, "grpo", step, cfg.trainer.skip_nonfinite_loss)
+    if len(updates) > 1:  # each update's own numbers; the line's loss, clip_frac, kl, grad_norm are the last's
+        record["updates"] = [{"update": u.update, "epoch": u.epoch, "mini_batch": u.mini_batch,
+                              "loss": u.values.get("loss", 0.0), "clip_frac": u.values.get("clip_frac", 0.0),
+                              "kl": u.values.get("kl", 0.0), "grad_norm": u.grad_norm, "skipped": u.skipped}
+                             for u in updates]
     t_train = time.monotonic() - t0
     if run.schedule.colocated:  # the engine gets the device memory back (a no-op on CPU)
         offload(tm)

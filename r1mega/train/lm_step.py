@@ -13,6 +13,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from r1mega.models import context_parallel
 from r1mega.platform.distributed import compute_device
 from r1mega.train.model_setup import TrainingModel
 
@@ -28,8 +29,14 @@ class StepResult:
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Masked mean over the micro-batch. Under context parallelism this rank holds part of each sequence:
+    its partial sum over the micro-batch's total count (all CP ranks), so the CP partials add up."""
     per_token = output_tensor.float()
-    loss = (per_token * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+    count = loss_mask.sum()
+    if context_parallel.cp_size() > 1:
+        count = count.clone()
+        dist.all_reduce(count, group=context_parallel.cp_group())
+    loss = (per_token * loss_mask).sum() / count.clamp(min=1)
     # clone: megatron divides the returned loss by the micro-batch count in place.
     return loss, {"lm loss": loss.detach().clone()}
 
@@ -41,6 +48,10 @@ def _forward_step(data_iterator, model):
     tokens = batch[:, :-1].contiguous()
     labels = batch[:, 1:].contiguous()
     positions = torch.arange(tokens.size(1), device=device).unsqueeze(0).expand_as(tokens)
+    cp = context_parallel.cp_size()
+    if cp > 1:  # this rank's 2 load-balanced chunks of every row
+        idx = context_parallel.token_index([0, tokens.size(1)], cp, context_parallel.cp_rank()).to(device)
+        tokens, labels, positions, loss_mask = (x[:, idx].contiguous() for x in (tokens, labels, positions, loss_mask))
     output = model(tokens, positions, None, labels=labels)
     return output, partial(_loss_func, loss_mask.float())
 
@@ -96,7 +107,7 @@ def _global_mean_loss(losses: list[dict]) -> float:
     value = torch.zeros(2, dtype=torch.float64, device=compute_device())  # NCCL reduces device tensors
     if parallel_state.is_pipeline_last_stage() and losses:
         value[0] = sum(float(d["lm loss"]) for d in losses)
-        value[1] = len(losses)
+        value[1] = len(losses) / context_parallel.cp_size()  # CP ranks hold partials of one micro-batch
     if dist.is_initialized():
         # Sum over the whole world counts each last-stage value tp times per DP replica; ratios cancel.
         dist.all_reduce(value)

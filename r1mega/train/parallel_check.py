@@ -18,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -25,7 +26,7 @@ from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig, R
 from r1mega.config.validate import validate_config
 from r1mega.platform.spawn import spawn_ranks
 
-_LAYOUT = re.compile(r"(etp|tp|pp|ep|dp|first|last)(\d+)")
+_LAYOUT = re.compile(r"(etp|tp|pp|cp|ep|dp|first|last)(\d+)")
 
 
 @dataclass(frozen=True)
@@ -38,25 +39,27 @@ class Layout:
     # uneven pipeline split: layers on the first / last stage (0 = even split), e.g. ``pp2first2``
     first: int = 0
     last: int = 0
+    cp: int = 1
 
     @classmethod
     def parse(cls, text: str) -> "Layout":
-        """``tp2ep2pp2`` -> Layout; dp defaults to ep so expert parallelism has ranks to use."""
+        """``tp2ep2pp2`` -> Layout; dp defaults to what the expert grid (etp * ep, carved out of tp * cp * dp)
+        needs, so expert parallelism has ranks to use."""
         text = text.strip().lower()
         if text in ("1", "ref", "single"):
             return cls()
         parts = dict((k, int(v)) for k, v in _LAYOUT.findall(text))
         if "".join(f"{k}{v}" for k, v in _LAYOUT.findall(text)) != text or not parts or \
                 parts.get("first", 1) < 1 or parts.get("last", 1) < 1:
-            raise ValueError(f"layout {text!r}: write it like tp2, ep2, pp2, tp2ep2, tp2ep2pp2 (optional dpN, etpN; "
-                             f"firstN / lastN: layers on the first / last pipeline stage)")
+            raise ValueError(f"layout {text!r}: write it like tp2, ep2, pp2, cp2, tp2ep2, tp2ep2pp2 (optional dpN, "
+                             f"etpN; firstN / lastN: layers on the first / last pipeline stage)")
         parts.setdefault("etp", parts.get("tp", 1))
-        parts.setdefault("dp", max(1, parts.get("ep", 1) * parts["etp"] // parts.get("tp", 1)))
+        parts.setdefault("dp", max(1, parts.get("ep", 1) * parts["etp"] // (parts.get("tp", 1) * parts.get("cp", 1))))
         return cls(**parts)
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
 
     def name(self) -> str:
         shown = {k: v for k, v in dataclasses.asdict(self).items()
@@ -64,7 +67,7 @@ class Layout:
         return "".join(f"{k}{v}" for k, v in shown.items()) or "1"
 
     def parallel_config(self, micro_batch_size: int) -> ParallelConfig:
-        return ParallelConfig(tp=self.tp, pp=self.pp, ep=self.ep, etp=self.etp or self.tp, dp=self.dp,
+        return ParallelConfig(tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep, etp=self.etp or self.tp, dp=self.dp,
                               num_layers_in_first_pipeline_stage=self.first or None,
                               num_layers_in_last_pipeline_stage=self.last or None,
                               use_distributed_optimizer=True, micro_batch_size=micro_batch_size)
@@ -84,6 +87,8 @@ class CheckSpec:
     # learner objectives: reorder each global batch before the step so that contiguous slices are
     # token-balanced over this many DP ranks (rl.balance); 0 keeps the order. Loss and grads must not change.
     balance_parts: int = 0
+    max_tokens_per_micro_batch: Optional[int] = None  # learner objectives: token-budget micro-batches (packed)
+    row_lengths: list[int] = field(default_factory=list)  # learner objectives: tokens per row (empty: random)
     rl: RLConfig = field(default_factory=lambda: RLConfig(kl_coef=0.01, entropy_coef=0.01, tis_cap=None))
 
     @classmethod
@@ -109,7 +114,8 @@ class LayoutReport:
 
 def learner_batch(spec: CheckSpec, tokens: torch.Tensor, step: int):
     """A deterministic RL/SFT batch over ``tokens``: random prompt/response split per row (one row has
-    an empty response) and random advantages."""
+    an empty response) and random advantages. ``spec.row_lengths`` fixes each row's prompt + response
+    length (a long-tailed batch for token-budget tests)."""
     from r1mega.rl.learner import LearnerBatch
 
     gen = torch.Generator().manual_seed(spec.data_seed * 1000 + step)
@@ -117,6 +123,13 @@ def learner_batch(spec: CheckSpec, tokens: torch.Tensor, step: int):
     mask = torch.zeros(rows, positions)
     lengths = torch.zeros(rows, dtype=torch.long)
     for row in range(rows):
+        if spec.row_lengths:
+            total = spec.row_lengths[row]
+            prompt = int(torch.randint(1, max(min(positions // 2, total - 1), 2), (1,), generator=gen))
+            length = max(total - prompt, 0)
+            mask[row, prompt - 1: prompt - 1 + length] = 1.0
+            lengths[row] = prompt + length
+            continue
         prompt = int(torch.randint(1, positions // 2, (1,), generator=gen))
         length = 0 if row == 1 else int(torch.randint(1, positions - prompt + 1, (1,), generator=gen))
         mask[row, prompt - 1: prompt - 1 + length] = 1.0
@@ -134,7 +147,7 @@ def _train_step(spec: CheckSpec, tm, reference, vocab_size: int, tokens: torch.T
 
     settings = LearnerSettings(micro_batch_size=spec.micro_batch_size, valid_vocab=vocab_size,
                                temperature=0.9, chunk_size=16, constant_norm=float(spec.seq_length),
-                               pack=spec.pack)
+                               pack=spec.pack, max_tokens_per_micro_batch=spec.max_tokens_per_micro_batch)
     batch = learner_batch(spec, tokens, step)
     rl = None
     if spec.objective == "grpo":
@@ -154,7 +167,12 @@ def _train_step(spec: CheckSpec, tm, reference, vocab_size: int, tokens: torch.T
         from r1mega.rl.balance import balance_batch
 
         batch, _ = balance_batch(batch, spec.balance_parts)
-    result = learner_step(tm, batch, settings, rl, force_all_reduce=last)
+    if rl is not None and rl.mini_batches * rl.epochs > 1:  # k updates: the last one's loss, grads, metrics
+        from r1mega.rl.updates import learner_update
+
+        result = learner_update(tm, batch, settings, rl, force_all_reduce=last)[-1]
+    else:
+        result = learner_step(tm, batch, settings, rl, force_all_reduce=last)
     if rl is not None and rl.routing_replay != "none":
         result.values.update(routing_metrics)
     return result.values["loss"], result.values

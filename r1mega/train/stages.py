@@ -71,8 +71,7 @@ def sft_stage(tr, stage, scfg, resume: Optional[dict]) -> dict:
             except ValueError as exc:
                 raise DataError(e.where, None, str(exc)) from None
         rows = rows_from_pairs(pairs, tr.tokenizer, seq, multiple)
-    settings = LearnerSettings(micro_batch_size=scfg.parallel.micro_batch_size, valid_vocab=scfg.model.vocab_size,
-                               skip_nonfinite=scfg.trainer.skip_nonfinite_loss)
+    settings = LearnerSettings.from_config(scfg, temperature=1.0)
     run_sft(tr.tm, rows, steps=scfg.trainer.steps, global_batch_size=scfg.trainer.global_batch_size,
             seed=scfg.data.seed, on_step=tr.metrics.log, ckpt=tr.ckpt, stage=stage.name, resume=resume,
             settings=settings)
