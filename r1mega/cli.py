@@ -37,12 +37,22 @@ def _relaunch(nproc: int, argv: list[str], timeout_s: float | None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.Popen(cmd, env=env)
 
+    stopped = []
+
     def forward(signum, frame):  # torchrun passes SIGTERM (SIGUSR1 not on every version) to its workers
+        stopped.append(signum)
         proc.send_signal(signal.SIGTERM)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        return proc.wait(timeout=timeout_s)
+        rc = proc.wait(timeout=timeout_s)
+        if stopped and rc != 0:  # the workers checkpointed and exited 75; torchrun reports that as a failure
+            from r1mega.train.resilience import EXIT_PREEMPTED
+
+            print(f"r1mega: stopped by {signal.Signals(stopped[0]).name}; rerun the same command to resume "
+                  f"(exit code {EXIT_PREEMPTED})", file=sys.stderr)
+            return EXIT_PREEMPTED
+        return rc
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
