@@ -147,8 +147,11 @@ def test_gspo_and_routing_replay_under_cp2_equal_one_process():
 def test_token_budget_and_mini_batches_under_cp2_equal_one_process():
     """Token-budget micro-batches (budget per rank: a micro-batch holds budget * cp tokens) and two updates
     per rollout batch, under cp2 x dp2."""
-    spec = _grpo_spec(global_batch=8, max_tokens_per_micro_batch=24,
-                      rl=RLConfig(mini_batches=2, kl_coef=0.01, tis_cap=2.0))
+    # aux-loss-free: one process (budget 34 tokens) groups sequences unlike cp2 (34 * 2 per micro-batch), and
+    # megatron's aux loss is a per-micro-batch statistic
+    spec = CheckSpec(model=ModelConfig(preset="qwen3_moe", moe_aux_loss_coeff=0.0), objective="grpo", pack=True,
+                     global_batch=8, max_tokens_per_micro_batch=34,
+                     rl=RLConfig(mini_batches=2, kl_coef=0.01, tis_cap=2.0))
     _assert_matches(spec, "cp2dp2")
 
 

@@ -23,8 +23,11 @@ def test_first_fit_decreasing_bins():
     assert first_fit_decreasing([32, 30, 20, 3], 34) == [[0], [1, 3], [2]]
     assert first_fit_decreasing([5, 5, 5, 5], 10) == [[0, 1], [2, 3]]
     assert first_fit_decreasing([0, 0], 1) == [[0, 1]]
-    with pytest.raises(ValueError, match="raise parallel.max_tokens_per_micro_batch"):
+    with pytest.raises(ValueError, match="item 1 of size 40 exceeds the bin capacity 34"):
         first_fit_decreasing([3, 40], 34)
+    # 34 predicted positions, padded to 36 for cp2's 4 chunks: 18 tokens per rank
+    with pytest.raises(ValueError, match="raise parallel.max_tokens_per_micro_batch to at least 18"):
+        micro_batch_plan(_batch([35, 5], 35), dp=1, dp_rank=0, micro_batch_size=1, max_tokens=16, cp=2)
 
 
 def test_every_dp_rank_runs_the_same_number_of_micro_batches():

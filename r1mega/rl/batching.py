@@ -123,9 +123,7 @@ def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]
     room: list[int] = []
     for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
         if sizes[i] > capacity:
-            raise ValueError(f"a sequence of {sizes[i]} tokens does not fit a micro-batch of {capacity} tokens: "
-                             f"raise parallel.max_tokens_per_micro_batch to at least "
-                             f"{sizes[i]} / cp (the longest prompt + response)")
+            raise ValueError(f"item {i} of size {sizes[i]} exceeds the bin capacity {capacity}")
         for b, free in enumerate(room):
             if sizes[i] <= free:
                 bins[b].append(i)
@@ -155,6 +153,10 @@ def micro_batch_plan(batch: LearnerBatch, dp: int, dp_rank: int, micro_batch_siz
         return [torch.arange(s, s + micro_batch_size) for s in range(0, per, micro_batch_size)]
     seq_multiple = 2 * cp if cp > 1 else 1
     spans = packed_spans(batch.row_lengths(), seq_multiple)
+    if spans and max(spans) > max_tokens * cp:
+        raise ValueError(f"a sequence of {max(spans)} packed tokens does not fit a micro-batch of max_tokens_per_micro_"
+                         f"batch={max_tokens} tokens per rank x cp={cp}: raise parallel.max_tokens_per_micro_batch "
+                         f"to at least {-(-max(spans) // cp)} (the longest prompt + response, over cp)")
     plans = [first_fit_decreasing(spans[r * per: (r + 1) * per], max_tokens * cp) for r in range(dp)]
     count = max(len(p) for p in plans)
     mine = plans[dp_rank] + [[]] * (count - len(plans[dp_rank]))
