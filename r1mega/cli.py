@@ -196,7 +196,8 @@ def cmd_convert(args, rest: list[str]) -> int:
                            bucket_mb=args.bucket_mb, dtype=args.dtype, fp8=args.fp8, progress=not args.no_progress)
         else:
             result = from_hf(args.hf, args.out, tp=args.tp, pp=args.pp, ep=args.ep, pp_first=args.pp_first,
-                             pp_last=args.pp_last, force=args.force, precision=args.precision)
+                             pp_last=args.pp_last, force=args.force, precision=args.precision,
+                             mtp_layers=args.mtp_layers)
     except (ConvertError, BridgeError, HFFormatError, SafetensorsError, FileNotFoundError) as e:
         print(f"r1mega convert: {e}", file=sys.stderr)
         return 2
@@ -270,11 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     from_hf.add_argument("--out", required=True, help="checkpoint root to write (must be empty unless --force)")
     from_hf.add_argument("--precision", default=None, choices=["fp32", "bf16"],
                          help="model precision (default: bf16 for bfloat16 / FP8 sources, else fp32)")
+    from_hf.add_argument("--mtp-layers", type=int, default=None,
+                         help="multi-token-prediction layers to convert into the model (default: config.json's "
+                              "num_nextn_predict_layers); the rest are kept unchanged for to-hf")
     for flag in ("--tp", "--pp", "--ep"):
         from_hf.add_argument(flag, type=int, default=1, help="layout of the written shards (torchrun with "
                                                               "tp*pp*dp processes); any layout loads it")
     from_hf.add_argument("--pp-first", type=int, default=None, help="layers on the first pipeline stage (uneven)")
     from_hf.add_argument("--pp-last", type=int, default=None, help="layers on the last pipeline stage (uneven)")
+    from_hf.add_argument("--mtp-layers", type=int, default=None,
+                         help="multi-token-prediction layers to convert into the model (default: config.json's "
+                              "num_nextn_predict_layers); the rest are kept unchanged for to-hf")
     for p in (to_hf, from_hf):
         p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
     convert.set_defaults(func=cmd_convert)

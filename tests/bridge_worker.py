@@ -12,6 +12,9 @@
   exported again (HF -> r1mega -> HF must be bit-identical). Writes ``report`` (json).
 * ``hf_roundtrip``: import the HF directory ``src`` (a transformers-made model) into ``layout`` and
   export it to ``out``; the test compares the two directories.
+* ``mtp``: import ``src`` (a transformers-made DeepSeek-V3 plus an MTP layer, see
+  ``deepseek_with_mtp``) into ``layout`` with the MTP block, write the main model's logits (through
+  the pipeline schedule, gathered over TP) to ``out/logits.pt`` (rank 0) and export to ``out``.
 """
 
 from __future__ import annotations
@@ -109,6 +112,97 @@ def hf_roundtrip(spec: dict) -> None:
     result = load_hf(stage.model, stage.config, model_cfg, spec["src"])
     assert not result["unused"], f"HF tensors not imported: {result['unused']}"
     save_hf(stage.model, stage.config, model_cfg, spec["out"], bucket_bytes=spec["bucket_bytes"])
+    from r1mega.platform.distributed import shutdown
+
+    shutdown()
+
+
+def deepseek_with_mtp(out: str, seed: int) -> dict:
+    """A transformers DeepSeek-V3 (tiny preset) whose checkpoint carries one MTP layer, as DeepSeek's do.
+
+    transformers has no MTP: a model with one more decoder layer is made and saved, and that last layer
+    becomes the MTP layer (its attention and MoE MLP) plus the MTP-only tensors (enorm, hnorm, eh_proj,
+    the shared head's norm) and the copies of the embedding and output head; config.json says
+    ``num_nextn_predict_layers: 1``. transformers loads it and ignores the MTP layer.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from r1mega.bridge.safetensors_io import write_safetensors
+
+    model_cfg = _model_cfg("deepseek_v3", {})
+    n, h = model_cfg.num_layers, model_cfg.hidden_size
+    with tempfile.TemporaryDirectory() as tmp:
+        _random_hf_model(replace(model_cfg, num_layers=n + 1), tmp, seed=seed)
+        tensors = _tensors(tmp)
+        config = json.loads(Path(tmp, "config.json").read_text())
+    gen = torch.Generator().manual_seed(seed)
+    mtp = f"model.layers.{n}."
+    tensors.update({
+        mtp + "enorm.weight": 1.0 + 0.1 * torch.randn(h, generator=gen),
+        mtp + "hnorm.weight": 1.0 + 0.1 * torch.randn(h, generator=gen),
+        mtp + "eh_proj.weight": 0.05 * torch.randn(h, 2 * h, generator=gen),
+        mtp + "shared_head.norm.weight": 1.0 + 0.1 * torch.randn(h, generator=gen),
+        mtp + "embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
+        mtp + "shared_head.head.weight": tensors["lm_head.weight"].clone(),
+    })
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_safetensors(Path(out, "model.safetensors"), sorted(tensors.items()))
+    config.update(num_hidden_layers=n, num_nextn_predict_layers=1)
+    Path(out, "config.json").write_text(json.dumps(config, indent=1))
+    return {"num_layers": n, "mtp_tensors": sorted(k for k in tensors if k.startswith(mtp))}
+
+
+@torch.no_grad()
+def pipeline_logits(model, tokens: torch.Tensor, vocab: int) -> torch.Tensor | None:
+    """The model's logits through megatron's schedule (any PP), gathered over TP; None off the last stage."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    model.eval()
+
+    def step(data_iterator, chunk):
+        toks = next(data_iterator)
+        positions = torch.arange(toks.size(1)).unsqueeze(0).expand_as(toks)
+        out = chunk(toks, positions, None)
+        return out, lambda o: (o.float().sum() * 0, {"logits": o.detach()})
+
+    outs = get_forward_backward_func()(forward_step_func=step, data_iterator=iter([tokens]), model=[model],
+                                       num_microbatches=1, seq_length=tokens.size(1),
+                                       micro_batch_size=tokens.size(0), forward_only=True)
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    local = outs[0]["logits"].float()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp > 1:
+        parts = [torch.empty_like(local) for _ in range(tp)]
+        torch.distributed.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+        local = torch.cat(parts, dim=-1)
+    return local[..., :vocab]
+
+
+def mtp(spec: dict) -> None:
+    parallel = _setup(spec["layout"])
+    from r1mega.bridge.export import local_tensors
+    from r1mega.bridge.hf_config import from_hf_config
+    from r1mega.bridge.hf_dir import load_hf, read_hf_config, save_hf
+    from r1mega.models.policy import build_policy
+
+    model_cfg = from_hf_config(read_hf_config(spec["src"]))
+    assert model_cfg.mtp_num_layers == 1, model_cfg.mtp_num_layers
+    stage = build_policy(model_cfg, parallel)
+    randomize(stage.model, stage.config, seed=99)  # nothing of the initial weights may survive the import
+    result = load_hf(stage.model, stage.config, model_cfg, spec["src"])
+    assert not result["unused"], f"HF tensors not imported: {result['unused']}"
+    mtp_here = sorted(i.canonical_name for i, _ in local_tensors(stage.model, stage.config)
+                      if i.canonical_name.startswith("mtp."))
+    tokens = torch.randint(0, model_cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    logits = pipeline_logits(stage.model, tokens, model_cfg.vocab_size)
+    rank = torch.distributed.get_rank()
+    if logits is not None and rank == torch.distributed.get_world_size() - 1:
+        torch.save({"logits": logits, "tokens": tokens, "mtp_on_last_stage": mtp_here},
+                   f"{spec['out']}_logits.pt")
+    save_hf(stage.model, stage.config, model_cfg, spec["out"], bucket_bytes=1 << 16)
     from r1mega.platform.distributed import shutdown
 
     shutdown()
@@ -213,4 +307,4 @@ if __name__ == "__main__":
     import r1mega.models  # noqa: F401  (readies megatron before any megatron import)
 
     spec = json.loads(sys.argv[1])
-    {"roundtrip": roundtrip, "parity": parity, "hf_roundtrip": hf_roundtrip}[spec["mode"]](spec)
+    {"roundtrip": roundtrip, "parity": parity, "hf_roundtrip": hf_roundtrip, "mtp": mtp}[spec["mode"]](spec)

@@ -12,6 +12,8 @@
   the loaded weights to the HF directory ``out`` (the test compares it with the source); with
   ``save``, also save a full training checkpoint (optimizer, scheduler, RNG) of that layout there.
 * ``to_hf``: ``to_hf(ckpt, out)`` for each ``[ckpt, out]`` of ``jobs``, on one process.
+* ``mtp_convert``: for each job ``{name: from_hf kwargs}``: ``from_hf(src, root/<name>_ckpt, **kwargs)``
+  (result in ``root/<name>_result.json``) then ``to_hf`` to ``root/<name>_hf``.
 """
 
 from __future__ import annotations
@@ -70,6 +72,17 @@ def to_hf(spec: dict) -> None:
         convert(ckpt, out, bucket_mb=0.05, progress=False)
 
 
+def mtp_convert(spec: dict) -> None:
+    from r1mega.bridge.convert import from_hf, to_hf
+
+    root = Path(spec["root"])
+    for name, kwargs in spec["jobs"].items():
+        result = from_hf(spec["src"], root / f"{name}_ckpt", **kwargs)
+        (root / f"{name}_result.json").write_text(json.dumps(result))
+        to_hf(root / f"{name}_ckpt", root / f"{name}_hf", progress=False)
+
+
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1])
-    {"fp8": fp8, "from_hf": from_hf, "trainer_load": trainer_load, "to_hf": to_hf}[spec["mode"]](spec)
+    {"fp8": fp8, "from_hf": from_hf, "trainer_load": trainer_load, "to_hf": to_hf,
+     "mtp_convert": mtp_convert}[spec["mode"]](spec)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -120,15 +120,23 @@ def to_hf(ckpt: str | Path, out: str | Path, *, tokenizer: str | Path | None = N
         raise ConvertError(f"to-hf runs on one process (it reads a checkpoint of any layout); it was started "
                            f"with {parallel.dp} processes: run it without torchrun")
     from r1mega.bridge.hf_dir import save_hf
+    from r1mega.bridge.passthrough import Passthrough
     from r1mega.ckpt.weights import WeightsReader
     from r1mega.models.policy import build_policy
 
     stage = build_policy(model_cfg, parallel, meta=True)
     _check_shapes(stage, meta, step_dir)
     reader = WeightsReader(step_dir, stage.model)
-    exporter = save_hf(stage.model, stage.config, model_cfg, out, bucket_bytes=int(bucket_mb * (1 << 20)),
-                       dtype=getattr(torch, dtype) if dtype else None, tokenizer_dir=tokenizer,
-                       progress=progress, fp8=fp8, read=reader.read)
+    passthrough = Passthrough.find(step_dir)
+    if passthrough is not None:
+        log.info("to-hf: writing back %d HF tensors kept unchanged at conversion (%s)",
+                 len(passthrough.file.keys()), passthrough.file.path)
+    try:
+        exporter = save_hf(stage.model, stage.config, model_cfg, out, bucket_bytes=int(bucket_mb * (1 << 20)),
+                           dtype=getattr(torch, dtype) if dtype else None, tokenizer_dir=tokenizer,
+                           progress=progress, fp8=fp8, read=reader.read, passthrough=passthrough)
+    except ValueError as e:  # the passthrough's FP8 tensors need an FP8 export
+        raise ConvertError(str(e)) from None
     if tokenizer is None:
         log.warning("no --tokenizer given: %s has no tokenizer files", out)
     return {"out": str(out), "tensors": exporter.stats.tensors, "bytes": exporter.stats.bytes,
@@ -145,9 +153,14 @@ def source_precision(hf_cfg: dict) -> str:
 
 
 def from_hf(hf: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1, pp_first: int | None = None,
-            pp_last: int | None = None, force: bool = False, precision: str | None = None) -> dict:
-    """Write a weights-only checkpoint of ``hf`` in the layout ``tp``/``pp``/``ep`` (``pp_first``/``pp_last``:
-    an uneven pipeline split, e.g. DeepSeek-V3's 61 layers over pp16) (collective)."""
+            pp_last: int | None = None, force: bool = False, precision: str | None = None,
+            mtp_layers: int | None = None) -> dict:
+    """Write a weights-only checkpoint of ``hf`` in the layout ``tp``/``pp``/``ep`` (collective).
+
+    ``pp_first``/``pp_last``: an uneven pipeline split (e.g. DeepSeek-V3's 61 layers over pp16).
+    ``mtp_layers``: multi-token-prediction layers to convert into the model (default: all of
+    config.json's ``num_nextn_predict_layers``); the others are kept unchanged for ``to_hf``.
+    """
     from r1mega.bridge.hf_source import HFSource, read_hf_config
     from r1mega.bridge.importer import HFImporter
 
@@ -158,6 +171,12 @@ def from_hf(hf: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, ep: in
         log.info("from-hf: precision %s (the source's dtype is %s; --precision overrides)", precision,
                  hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "unstated")
     model_cfg = from_hf_config(hf_cfg, precision=precision)
+    hf_mtp = int(hf_cfg.get("num_nextn_predict_layers") or 0)
+    if mtp_layers is not None:
+        if not 0 <= mtp_layers <= hf_mtp:
+            raise ConvertError(f"--mtp-layers {mtp_layers}: config.json has {hf_mtp} MTP layer(s) "
+                               f"(num_nextn_predict_layers); choose 0..{hf_mtp}")
+        model_cfg = replace(model_cfg, mtp_num_layers=mtp_layers)
     source = HFSource(hf, hf_cfg)  # FP8 pairs and shard files are checked before anything is built
     if model_cfg.num_experts and model_cfg.num_experts % ep:
         raise ConvertError(f"--ep {ep} does not divide the {model_cfg.num_experts} experts")
@@ -174,10 +193,29 @@ def from_hf(hf: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, ep: in
     unused = importer.unused()
     import torch.distributed as dist
 
+    kept: list[str] = []
     if not dist.is_initialized() or dist.get_rank() == 0:
+        kept = _keep_mtp_layers(source, hf_cfg, model_cfg, out)
+        unused = [n for n in unused if n not in set(kept)]
         if unused:
             log.warning("%d HF tensors were not used (e.g. %s)", len(unused), unused[:5])
         Path(out, MODEL_CONFIG_FILE).write_text(json.dumps(asdict(model_cfg), indent=1) + "\n")
     if dist.is_initialized():
         dist.barrier()
-    return {"out": str(path), "unused_hf_tensors": unused}
+    return {"out": str(path), "unused_hf_tensors": unused, "kept_hf_tensors": len(kept)}
+
+
+def _keep_mtp_layers(source, hf_cfg: dict, model_cfg: ModelConfig, out: str | Path) -> list[str]:
+    """config.json's MTP layers the model does not hold: copied unchanged next to the checkpoint."""
+    from r1mega.bridge.passthrough import layer_tensors, save_passthrough
+
+    hf_mtp, held = int(hf_cfg.get("num_nextn_predict_layers") or 0), model_cfg.mtp_num_layers or 0
+    if hf_mtp <= held:
+        return []
+    first = model_cfg.num_layers + held
+    names = layer_tensors(source.reader.names(), first)
+    path = save_passthrough(source.reader, names, out, hf_mtp, hf_cfg)
+    log.warning("from-hf: config.json has %d MTP layer(s) (model.layers.%d...); the r1mega model holds %d "
+                "(model.mtp_num_layers): the other %d layer(s), %d tensors, are kept unchanged in %s and "
+                "written back by to-hf", hf_mtp, model_cfg.num_layers, held, hf_mtp - held, len(names), path)
+    return names

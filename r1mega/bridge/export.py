@@ -136,7 +136,7 @@ class StreamingExporter:
         self.entries = [e for e in _plan(list(self.local.values()))
                         if not (self.tie and e.name == "output_layer.weight")]
         for e in self.entries:  # unmapped tensors fail before any data moves
-            self.arch.rule_for(e.name)
+            self.arch.rule_for(e.name, self.dims)
         self.stats = ExportStats()
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -145,7 +145,7 @@ class StreamingExporter:
         self.read = read
 
     def hf_names(self) -> list[str]:
-        return [n for e in self.entries for n in self.arch.hf_names(e.name)]
+        return [n for e in self.entries for n in self.arch.hf_names(e.name, self.dims)]
 
     def total_bytes(self) -> int:
         return sum(e.nbytes for e in self.entries)

@@ -20,7 +20,8 @@ def dims_of(model: ModelConfig) -> Dims:
     return Dims(vocab_size=model.vocab_size, num_attention_heads=model.num_attention_heads,
                 num_query_groups=model.num_query_groups or model.num_attention_heads,
                 head_dim=model.kv_channels or model.hidden_size // model.num_attention_heads,
-                hidden_size=model.hidden_size)
+                hidden_size=model.hidden_size, num_layers=model.num_layers,
+                mtp_num_layers=model.mtp_num_layers or 0)
 
 
 # megatron's llama3 RoPE scaling has these fixed (every published Llama 3.x uses them)
@@ -190,7 +191,7 @@ def _deepseek_to_hf(model: ModelConfig) -> dict:
                 v_head_dim=model.v_head_dim, first_k_dense_replace=model.first_k_dense_layers or 0,
                 n_group=model.moe_router_num_groups or 1, topk_group=model.moe_router_group_topk or 1,
                 routed_scaling_factor=model.moe_router_topk_scaling_factor or 1.0, norm_topk_prob=True,
-                rope_interleave=True, num_nextn_predict_layers=0,
+                rope_interleave=True, num_nextn_predict_layers=model.mtp_num_layers or 0,
                 # transformers always routes DeepSeek-V3 this way; vLLM reads these keys (as in the released
                 # config.json) and otherwise routes with softmax and has no slot for e_score_correction_bias
                 topk_method="noaux_tc", scoring_func="sigmoid")
@@ -217,7 +218,7 @@ def _deepseek_from_hf(hf: dict) -> dict:
                 moe_router_num_groups=hf.get("n_group"), moe_router_group_topk=hf.get("topk_group"),
                 moe_router_topk_scaling_factor=hf.get("routed_scaling_factor", 1.0), qk_layernorm=True,
                 multi_latent_attention=True, moe_router_score_function="sigmoid",
-                moe_router_enable_expert_bias=True)
+                moe_router_enable_expert_bias=True, mtp_num_layers=int(hf.get("num_nextn_predict_layers") or 0))
 
 
 # ----------------------------------------------------------------------------- dense students

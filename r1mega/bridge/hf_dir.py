@@ -36,20 +36,25 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def save_hf(model, config, model_cfg, out_dir: str | Path, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
             dtype: torch.dtype | None = None, tokenizer_dir: str | Path | None = None,
-            progress: bool = False, fp8: bool = False, read=None) -> StreamingExporter:
+            progress: bool = False, fp8: bool = False, read=None, passthrough=None) -> StreamingExporter:
     """Write config.json, generation_config.json, safetensors shards + index (rank 0). Collective.
 
     ``fp8``: linear weights as float8_e4m3fn with blockwise 128x128 ``weight_scale_inv`` tensors and a
     DeepSeek-V3 ``quantization_config`` (see ``bridge.fp8``). ``read``: full tensors come from it, not
-    from the model (see ``StreamingExporter``).
+    from the model (see ``StreamingExporter``). ``passthrough`` (``bridge.passthrough.Passthrough``):
+    HF tensors the model does not hold, written back unchanged as one more shard.
     """
+    if passthrough is not None:
+        from r1mega.bridge.fp8 import quantization_config
+
+        passthrough.check_export(quantization_config()["weight_block_size"] if fp8 else None)
     out = Path(out_dir)
     exporter = StreamingExporter(model, config, model_cfg, bucket_bytes=bucket_bytes, dtype=dtype, read=read)
     writer = None
     bar = None
     if _rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        writer = ShardedWriter(out, len(_buckets(exporter.entries, exporter.bucket_bytes)))
+        writer = ShardedWriter(out, len(_buckets(exporter.entries, exporter.bucket_bytes)) + (passthrough is not None))
         bar = _progress(exporter.total_bytes(), "export", progress)
     for bucket in exporter.buckets():
         if writer is not None:
@@ -61,10 +66,14 @@ def save_hf(model, config, model_cfg, out_dir: str | Path, *, bucket_bytes: int 
             if bar is not None:
                 bar.update(sum(t.numel() * t.element_size() for _, t in bucket))
     if writer is not None:
+        if passthrough is not None:
+            writer.write(passthrough.tensors(), written=passthrough.file.release)
         writer.close()
         if bar is not None:
             bar.close()
         hf_cfg = to_hf_config(model_cfg)
+        if passthrough is not None and passthrough.mtp_layers:
+            hf_cfg["num_nextn_predict_layers"] = passthrough.mtp_layers
         if dtype is not None:
             hf_cfg["dtype"] = str(dtype).removeprefix("torch.")
         if fp8:

@@ -43,7 +43,7 @@ class HFImporter:
                                   f"{info.canonical_name}")
 
     def hf_names(self, info: ShardInfo) -> list[str]:
-        return self.arch.hf_names(self._canonical(info))
+        return self.arch.hf_names(self._canonical(info), self.dims)
 
     def _canonical(self, info: ShardInfo) -> str:
         name = info.canonical_name

@@ -14,6 +14,12 @@ with ``{layer}`` and ``{expert}`` placeholders; the transform is one of a few ki
 A new architecture is a list of these plus its config converter (``hf_config``), registered with
 :func:`register`. HF names are the on-disk (``save_pretrained`` / hub) names: experts stored one per
 tensor, which ``transformers`` 5 fuses on load and vLLM reads as is.
+
+Multi-token prediction (DeepSeek-V3): megatron's ``mtp.layers.{m}`` is HF's ``model.layers.{N+m}``
+(N decoder layers). Its transformer layer maps with the decoder rules of layer N+m; ``mtp_own`` maps
+``enorm``, ``hnorm``, ``eh_proj`` and the shared head's norm. HF also stores the embedding and the
+output head again in each MTP layer (``embed_tokens``, ``shared_head.head``); megatron shares the
+model's, so export writes copies and import requires them equal to the model's.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ class Dims:
     num_query_groups: int
     head_dim: int
     hidden_size: int
+    num_layers: int = 0  # decoder layers: the HF index of MTP layer m is num_layers + m
+    mtp_num_layers: int = 0
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,32 @@ class Gated(Rule):
 # ----------------------------------------------------------------------------- registry
 
 
+_MTP = re.compile(r"^mtp\.layers\.(\d+)\.(.+)$")
+_TRANSFORMER_LAYER = "transformer_layer."
+
+
+class SharedCopy(Rule):
+    """A megatron tensor that HF also stores in every MTP layer: equal copies, checked on import."""
+
+    def __init__(self, inner: Rule, copies: tuple[str, ...]):
+        object.__setattr__(self, "megatron", inner.megatron)
+        object.__setattr__(self, "hf", inner.hf + copies)
+        object.__setattr__(self, "inner", inner)
+
+    def to_hf(self, tensor, dims):
+        outs = self.inner.to_hf(tensor, dims)
+        return outs + [outs[0]] * (len(self.hf) - len(self.inner.hf))
+
+    def to_megatron(self, tensors, dims, full_shape):
+        main, copies = tensors[: len(self.inner.hf)], tensors[len(self.inner.hf):]
+        for name, copy in zip(self.hf[len(self.inner.hf):], copies):
+            if not torch.equal(copy, main[0]):
+                raise BridgeError(f"{name} differs from {self.hf[0]}: the r1mega model's MTP layers share the "
+                                  "model's embedding and output head (as megatron does), so a checkpoint whose "
+                                  "MTP copies differ cannot be represented")
+        return self.inner.to_megatron(main, dims, full_shape)
+
+
 @dataclass
 class Architecture:
     """A mapping registry entry: r1mega preset family <-> one HF ``model_type``."""
@@ -114,6 +148,10 @@ class Architecture:
     model_type: str
     hf_class: str  # transformers class name written to config.json "architectures"
     rules: list[Rule]
+    # MTP layers (DeepSeek-V3): megatron tensor under mtp.layers.{m}. -> HF name under model.layers.{N+m}.
+    mtp_own: dict[str, str] = field(default_factory=dict)
+    # megatron tensor -> its HF copy under model.layers.{N+m}. in each MTP layer
+    mtp_copies: dict[str, str] = field(default_factory=dict)
     _compiled: list = field(default_factory=list, repr=False)
 
     def compiled(self):
@@ -121,28 +159,50 @@ class Architecture:
             self._compiled = [(rule, _template_regex(rule.megatron)) for rule in self.rules]
         return self._compiled
 
-    def rule_for(self, megatron_name: str) -> tuple[Rule, dict[str, str]]:
+    def _match(self, megatron_name: str) -> tuple[Rule, dict[str, str]]:
         for rule, regex in self.compiled():
             m = regex.fullmatch(megatron_name)
             if m:
                 return rule, m.groupdict()
         raise BridgeError(f"{self.preset}: no HF mapping for megatron tensor {megatron_name!r}")
 
-    def hf_names(self, megatron_name: str) -> list[str]:
-        rule, fields_ = self.rule_for(megatron_name)
+    def rule_for(self, megatron_name: str, dims: Dims | None = None) -> tuple[Rule, dict[str, str]]:
+        """The rule and its placeholder values; MTP names need ``dims`` (the decoder's layer count)."""
+        m = _MTP.match(megatron_name)
+        if m:
+            if not self.mtp_own:
+                raise BridgeError(f"{self.preset}: no HF mapping for megatron tensor {megatron_name!r} "
+                                  "(multi-token prediction is mapped for deepseek_v3 only)")
+            if dims is None or not dims.mtp_num_layers:
+                raise BridgeError(f"{megatron_name}: an MTP tensor, but the model has no MTP layers")
+            layer, rest = dims.num_layers + int(m[1]), m[2]
+            if rest in self.mtp_own:
+                return Direct(megatron_name, (f"model.layers.{layer}.{self.mtp_own[rest]}",)), {}
+            if rest.startswith(_TRANSFORMER_LAYER):
+                return self._match(f"decoder.layers.{layer}.{rest[len(_TRANSFORMER_LAYER):]}")
+            raise BridgeError(f"{self.preset}: no HF mapping for MTP tensor {megatron_name!r}")
+        rule, fields_ = self._match(megatron_name)
+        if dims is not None and dims.mtp_num_layers and megatron_name in self.mtp_copies:
+            copies = tuple(f"model.layers.{dims.num_layers + i}.{self.mtp_copies[megatron_name]}"
+                           for i in range(dims.mtp_num_layers))
+            rule = SharedCopy(rule, copies)
+        return rule, fields_
+
+    def hf_names(self, megatron_name: str, dims: Dims | None = None) -> list[str]:
+        rule, fields_ = self.rule_for(megatron_name, dims)
         return [h.format(**fields_) for h in rule.hf]
 
     def to_hf(self, megatron_name: str, tensor: torch.Tensor, dims: Dims) -> list[tuple[str, torch.Tensor]]:
-        rule, fields_ = self.rule_for(megatron_name)
+        rule, fields_ = self.rule_for(megatron_name, dims)
         outs = rule.to_hf(tensor, dims)
         return [(h.format(**fields_), t) for h, t in zip(rule.hf, outs)]
 
     def to_megatron(self, megatron_name: str, tensors: list[torch.Tensor], dims: Dims,
                     full_shape: tuple[int, ...]) -> torch.Tensor:
-        rule, _ = self.rule_for(megatron_name)
+        rule, _ = self.rule_for(megatron_name, dims)
         out = rule.to_megatron(tensors, dims, tuple(full_shape))
         if tuple(out.shape) != tuple(full_shape):
-            raise BridgeError(f"{megatron_name}: HF tensors {self.hf_names(megatron_name)} give shape "
+            raise BridgeError(f"{megatron_name}: HF tensors {self.hf_names(megatron_name, dims)} give shape "
                               f"{tuple(out.shape)}, the megatron model expects {tuple(full_shape)}")
         return out
 
@@ -242,6 +302,10 @@ register(Architecture(
            *_swiglu(_EXPERT, H + "mlp.experts.{expert}."),
            *_swiglu(L + "mlp.shared_experts.", H + "mlp.shared_experts."),
            *_swiglu(L + "mlp.", H + "mlp.")],  # first_k_dense_replace layers
+    mtp_own={"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+             "final_layernorm.weight": "shared_head.norm.weight"},
+    mtp_copies={"embedding.word_embeddings.weight": "embed_tokens.weight",
+                "output_layer.weight": "shared_head.head.weight"},
 ))
 
 # Dense students: every layer is attention + SwiGLU MLP (megatron ``mlp.linear_fc1`` = [gate; up]).

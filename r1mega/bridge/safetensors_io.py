@@ -112,8 +112,11 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def write_safetensors(path: str | Path, tensors: list[tuple[str, torch.Tensor]],
-                      metadata: dict[str, str] | None = None) -> int:
-    """Write ``tensors`` (in order) as one safetensors file, durably (fsync); returns the bytes of tensor data."""
+                      metadata: dict[str, str] | None = None, written=None) -> int:
+    """Write ``tensors`` (in order) as one safetensors file, durably (fsync); returns the bytes of tensor data.
+
+    ``written(name)`` is called after each tensor's bytes went out (e.g. to release a mapped source).
+    """
     header: dict[str, dict] = {}
     offset = 0
     for name, t in tensors:
@@ -130,8 +133,10 @@ def write_safetensors(path: str | Path, tensors: list[tuple[str, torch.Tensor]],
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for _, t in tensors:
+        for name, t in tensors:
             f.write(_tensor_bytes(t))
+            if written is not None:
+                written(name)
         f.flush()
         os.fsync(f.fileno())
     return offset
@@ -148,14 +153,14 @@ class ShardedWriter:
         self.total_size = 0
         self._written = 0
 
-    def write(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    def write(self, tensors: list[tuple[str, torch.Tensor]], written=None) -> None:
         self._written += 1
         fname = f"model-{self._written:05d}-of-{self.num_files:05d}.safetensors"
         for name, _ in tensors:
             if name in self.weight_map:
                 raise ValueError(f"tensor {name} written twice")
             self.weight_map[name] = fname
-        self.total_size += write_safetensors(self.out / fname, tensors)
+        self.total_size += write_safetensors(self.out / fname, tensors, written=written)
 
     def close(self) -> None:
         if self._written != self.num_files:

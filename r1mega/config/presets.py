@@ -62,6 +62,8 @@ _DEEPSEEK_V3_BASE = dict(
     moe_router_load_balancing_type="seq_aux_loss",
     moe_aux_loss_coeff=1e-4,
     multi_latent_attention=True,
+    mtp_num_layers=0,
+    mtp_loss_scale=0.0,  # RL and SFT here do not train the MTP layer (DeepSeek-V3 pre-trained with 0.3, then 0.1)
 )
 
 # Dense students: SwiGLU MLP, RMSNorm, RoPE, GQA. Qwen2 has q/k/v biases, Qwen3 per-head q/k RMSNorm,
@@ -146,7 +148,8 @@ MOE_PRESETS: dict[str, dict[str, dict]] = {
                      q_lora_rank=1536, kv_lora_rank=512, qk_head_dim=128, qk_pos_emb_head_dim=64,
                      v_head_dim=128, kv_channels=128, rope_type="yarn",
                      rotary_scaling_factor=40.0, original_max_position_embeddings=4096,
-                     init_method_std=0.02),  # config.json's initializer_range (the paper trained with 0.006)
+                     init_method_std=0.02,  # config.json's initializer_range (the paper trained with 0.006)
+                     mtp_num_layers=1),
     },
     "mixtral": {
         "tiny": dict(_MIXTRAL_BASE, num_layers=2, hidden_size=64, num_attention_heads=4,

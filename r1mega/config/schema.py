@@ -66,6 +66,11 @@ class ModelConfig:
     qk_head_dim: Optional[int] = None
     qk_pos_emb_head_dim: Optional[int] = None
     v_head_dim: Optional[int] = None
+    # --- multi-token prediction (DeepSeek-V3; megatron-core's MTP block on the last pipeline stage) ---
+    mtp_num_layers: Optional[int] = None  # 0/None: none; HF config.json num_nextn_predict_layers
+    # > 0: next-token training steps that pass labels (train/lm_step) add megatron's MTP loss, scaled by
+    # this over the MTP layers; 0: the MTP layers are carried (checkpoints, export) but not run or trained
+    mtp_loss_scale: Optional[float] = None
 
 
 @dataclass

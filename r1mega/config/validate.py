@@ -278,6 +278,7 @@ def _check_model(m: ModelConfig) -> Problems:
         lambda: _check_moe(m),
         lambda: _check_router_groups(m),
         lambda: _check_mla(m),
+        lambda: _check_mtp(m),
         lambda: _check_rope(m),
         lambda: _one_of("model.moe_router_score_function", m.moe_router_score_function,
                         ROUTER_SCORE_FUNCTIONS),
@@ -363,6 +364,18 @@ def _check_mla(m: ModelConfig) -> Problems:
         f"model.multi_latent_attention=true needs {', '.join('model.' + n for n in missing)} "
         f"set to positive sizes: set them, or use a preset that defines them (deepseek_v3)"
     ]
+
+
+def _check_mtp(m: ModelConfig) -> Problems:
+    out = _at_least("model.mtp_num_layers", m.mtp_num_layers, 0)
+    out += _at_least("model.mtp_loss_scale", m.mtp_loss_scale, 0)
+    if m.mtp_num_layers and m.preset != "deepseek_v3":
+        out.append(f"model.mtp_num_layers={m.mtp_num_layers} with preset {m.preset}: r1mega carries multi-token "
+                   "prediction layers for deepseek_v3 (its checkpoints have them); set model.mtp_num_layers=0")
+    if (m.mtp_loss_scale or 0) > 0 and not m.mtp_num_layers:
+        out.append(f"model.mtp_loss_scale={m.mtp_loss_scale} without MTP layers: set model.mtp_num_layers "
+                   "(DeepSeek-V3: 1) or model.mtp_loss_scale=0")
+    return out
 
 
 def _check_rope(m: ModelConfig) -> Problems:

@@ -44,6 +44,20 @@ def build_block_spec(config, use_te: bool, grouped_experts: bool = False):
     return _swap_modules(spec, replacements, {})
 
 
+def build_mtp_block_spec(config, block_spec, use_te: bool):
+    """megatron's multi-token-prediction block spec (``None`` on stages without MTP layers).
+
+    Each MTP layer's transformer layer is the decoder's last layer (MoE for DeepSeek-V3); its norms
+    (enorm, hnorm, the shared head's norm) get the same local replacements as the decoder's.
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    spec = get_gpt_mtp_block_spec(config, block_spec, use_transformer_engine=use_te)
+    if spec is None or use_te:
+        return spec
+    return _swap_modules(spec, _LOCAL_REPLACEMENTS, {})
+
+
 def _swap_modules(node, replacements: dict, seen: dict):
     """Copy a spec tree with classes replaced; shared sub-specs stay shared.
 

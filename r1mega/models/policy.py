@@ -17,7 +17,8 @@ from r1mega.config.pipeline_split import stage_layers
 from r1mega.config.presets import YARN_FIXED
 from r1mega.config.schema import ModelConfig, ParallelConfig
 from r1mega.models import routing_replay
-from r1mega.models.layer_spec import build_block_spec, use_transformer_engine
+from r1mega.models.layer_spec import build_block_spec, build_mtp_block_spec, use_transformer_engine
+from r1mega.models.mtp import MTPGPTModel
 
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
@@ -68,6 +69,13 @@ def _moe_kwargs(model: ModelConfig) -> dict:
         # router replay hooks (R2/R3, models/routing_replay.py); inactive unless a pass sets an action
         moe_enable_routing_replay=True,
     )
+
+
+def _mtp_kwargs(model: ModelConfig) -> dict:
+    """Multi-token prediction (megatron's MTP block on the last pipeline stage); none without layers."""
+    if not model.mtp_num_layers:
+        return {}
+    return dict(mtp_num_layers=model.mtp_num_layers, mtp_loss_scaling_factor=float(model.mtp_loss_scale or 0.0))
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
@@ -121,6 +129,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         recompute_num_layers=parallel.recompute_num_layers,
         moe_token_dispatcher_type="alltoall",  # megatron checks it even for dense models (variable lengths)
         **_moe_kwargs(model),
+        **_mtp_kwargs(model),
     )
     if not model.multi_latent_attention:
         return TransformerConfig(**kwargs)
@@ -205,9 +214,11 @@ def build_policy_like(stage: PolicyStage) -> GPTModel:
 
 
 def _gpt_model(config, use_te: bool, model: ModelConfig, tp: int) -> GPTModel:
-    gpt = GPTModel(
+    block_spec = build_block_spec(config, use_te, grouped_experts=model.moe_grouped_experts)
+    mtp = dict(mtp_block_spec=build_mtp_block_spec(config, block_spec, use_te)) if model.mtp_num_layers else {}
+    gpt = (MTPGPTModel if model.mtp_num_layers else GPTModel)(
         config=config,
-        transformer_layer_spec=build_block_spec(config, use_te, grouped_experts=model.moe_grouped_experts),
+        transformer_layer_spec=block_spec,
         vocab_size=padded_vocab_size(model.vocab_size, tp),
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -218,6 +229,7 @@ def _gpt_model(config, use_te: bool, model: ModelConfig, tp: int) -> GPTModel:
         # Llama-3.1 frequency scaling (megatron: low/high frequency factors 1/4, original context 8192)
         rope_scaling=model.rope_type == "llama3",
         rope_scaling_factor=model.rotary_scaling_factor or 8.0,
+        **mtp,
     )
     if config.moe_enable_routing_replay:
         routing_replay.install(gpt)

@@ -17,7 +17,7 @@ which ``tests/test_flops.py`` re-implements independently and matches):
 - the MoE router (``hidden -> num_experts`` gating matmul) is reported as its own term ``router``;
   megatron leaves it out, so ``megatron_total`` excludes it (it is < 0.5% for real configs).
 
-Multi-token prediction layers are not wired into the presets and are not counted.
+Multi-token prediction layers (``model.mtp_num_layers``) are not counted: they run only when trained.
 """
 
 from __future__ import annotations
