@@ -279,9 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "tp*pp*dp processes); any layout loads it")
     from_hf.add_argument("--pp-first", type=int, default=None, help="layers on the first pipeline stage (uneven)")
     from_hf.add_argument("--pp-last", type=int, default=None, help="layers on the last pipeline stage (uneven)")
-    from_hf.add_argument("--mtp-layers", type=int, default=None,
-                         help="multi-token-prediction layers to convert into the model (default: config.json's "
-                              "num_nextn_predict_layers); the rest are kept unchanged for to-hf")
     for p in (to_hf, from_hf):
         p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
     convert.set_defaults(func=cmd_convert)
