@@ -327,6 +327,30 @@ def _rng_object(world: int, offset: int, data, replica: int = 0):
 # ----------------------------------------------------------------------------- save
 
 
+def _start_writer_queue() -> None:
+    """megatron's checkpoint writer reports through a ``multiprocessing`` Manager process that it spawns on
+    the first save. Slurm and torchrun send SIGTERM to the whole process group on preemption, which killed
+    that process, so the checkpoint the signal asks for failed with a BrokenPipeError. Start it with the
+    stop signals ignored (an ignored signal stays ignored in the spawned process)."""
+    import signal
+    import threading
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    start = getattr(filesystem_async, "_get_write_results_queue", None)
+    if start is None or getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        start()
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        start()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def save_checkpoint(tm, root: str | Path, step: int, extra: dict | None = None, *,
                     keep_last: int | None = None, model_cfg=None,
                     optim_sharding_type: str = DEFAULT_OPTIM_SHARDING) -> Path:
@@ -362,6 +386,7 @@ def save_checkpoint(tm, root: str | Path, step: int, extra: dict | None = None, 
             state["r1mega"]["optimizer_param_groups"] = _all_param_groups(tm.optimizer)
         layout = _layout(_uses_dist_opt(tm), tm.config)
         shapes = _param_shapes(tm.module, tm.config)
+        _start_writer_queue()
         dist_checkpointing.save(state, str(tmp))
         if _rank() != 0:
             return None
