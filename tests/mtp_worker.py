@@ -4,7 +4,8 @@
 
 For ``mtp_loss_scale`` 0 and 0.3 (same init, same batch): the step's main loss, the gradient norm of
 the MTP parameters and of the embedding; then a forward without labels in training mode (what the
-RL/SFT learner does) with the scale > 0, whose error is recorded.
+RL/SFT learner does) with the scale > 0, whose error is recorded, and the routing-replay handle's
+MoE layer count (the MTP layer's router is not one of them).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def main(spec: dict) -> None:
                 results["no_labels_error"] = None
             except MTPLossUnavailable as e:
                 results["no_labels_error"] = str(e)
+            from r1mega.models.routing_replay import RoutingReplay, moe_layer_numbers
+
+            results["replay_layers"] = [RoutingReplay(tm.module, tm.config).num_moe_layers,
+                                        len(moe_layer_numbers(tm.config))]
     json.dump(results, open(spec["out"], "w"))
     shutdown()
 

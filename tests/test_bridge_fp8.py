@@ -146,22 +146,20 @@ def test_fp8_source_dequantises_and_pairs_scales(tmp_path):
     scale = HFReader(hf).get("model.layers.0.mlp.down_proj.weight_scale_inv")
     w = plain["model.layers.0.mlp.down_proj.weight"]
     assert (got - w).abs().le(_rounding_bound(w, scale, 16)).all()
-    assert source.get("model.norm.weight", torch.float32).data_ptr() != 0
+    assert torch.equal(source.get("model.norm.weight", torch.float32), plain["model.norm.weight"])
 
 
-def test_fp8_weight_without_its_scale_names_both(tmp_path):
+@pytest.mark.parametrize("dropped,message", [
+    ("model.layers.0.mlp.up_proj.weight_scale_inv",
+     r"model\.layers\.0\.mlp\.up_proj\.weight is float8_e4m3fn but its scale "
+     r"model\.layers\.0\.mlp\.up_proj\.weight_scale_inv is missing"),
+    ("model.layers.0.mlp.up_proj.weight",
+     r"scale model\.layers\.0\.mlp\.up_proj\.weight_scale_inv has no weight model\.layers\.0\.mlp\.up_proj\.weight"),
+])
+def test_unpaired_fp8_weight_or_scale_names_both(tmp_path, dropped, message):
     hf = _fp8_dir(tmp_path)
-    _drop_from_index(hf, "model.layers.0.mlp.up_proj.weight_scale_inv")
-    with pytest.raises(HFFormatError, match=r"model\.layers\.0\.mlp\.up_proj\.weight is float8_e4m3fn but its "
-                                            r"scale model\.layers\.0\.mlp\.up_proj\.weight_scale_inv is missing"):
-        HFSource(hf)
-
-
-def test_fp8_scale_without_its_weight_names_both(tmp_path):
-    hf = _fp8_dir(tmp_path)
-    _drop_from_index(hf, "model.layers.0.mlp.up_proj.weight")
-    with pytest.raises(HFFormatError, match=r"scale model\.layers\.0\.mlp\.up_proj\.weight_scale_inv has no "
-                                            r"weight model\.layers\.0\.mlp\.up_proj\.weight"):
+    _drop_from_index(hf, dropped)
+    with pytest.raises(HFFormatError, match=message):
         HFSource(hf)
 
 

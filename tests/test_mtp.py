@@ -28,6 +28,7 @@ def test_mtp_loss_trains_the_mtp_layer_only_when_scaled(tmp_path):
     assert off["loss"] == on["loss"]  # the reported loss is the main model's; MTP adds to the gradient
     assert on["embedding_grad"] != off["embedding_grad"]  # through the shared embedding / output head
     assert "set model.mtp_loss_scale=0" in r["no_labels_error"]
+    assert r["replay_layers"] == [3, 3]  # routing replay covers the decoder's MoE layers, not the MTP layer
 
 
 def test_mtp_config_is_validated():

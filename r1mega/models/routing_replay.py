@@ -91,7 +91,8 @@ class RoutingReplay:
         self.layer_numbers = moe_layer_numbers(config)
         column = {n: i for i, n in enumerate(self.layer_numbers)}
         self.routers = []  # (table column, router)
-        for router in _routers(model):
+        # the decoder's routers: MTP layers (models/mtp.py) do not run in the forwards that replay
+        for router in _routers(getattr(model, "decoder", model)):
             if router.router_replay is None:
                 raise RuntimeError("this model was built without routing replay: build it through "
                                    "r1mega.models.policy.build_policy (sets moe_enable_routing_replay)")
