@@ -138,6 +138,7 @@ print(f"[setup] torch {torch.__version__} (cuda available: {torch.cuda.is_availa
       f"megatron-core {metadata.version('megatron-core')}")
 PY
 # The C++ ops in csrc/ (cached by torch; a failure here only means the pure-torch fallback runs).
-"$VENV/bin/python" -m r1mega.kernels.build || say "C++ ops not built: the pure-torch fallback will run"
+# A compile takes well under a minute; the limit turns any hang into that message instead of a stall.
+timeout 900 "$VENV/bin/python" -m r1mega.kernels.build || say "C++ ops not built: the pure-torch fallback will run"
 want_stamp >"$STAMP"
 say "done: activate with 'source ${VENV#"$ROOT"/}/bin/activate' or use make targets"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -154,6 +157,53 @@ def test_mode_ext_without_sources_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(extension, "CSRC", tmp_path / "nowhere")
     with pytest.raises(extension.KernelBuildError, match="did not build.*nowhere"):
         extension.load_ops()
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path, caplog):
+    """torch waits forever on a ``lock`` file; one left by a killed build must not hang later builds."""
+    (tmp_path / "lock").touch()
+    with caplog.at_level(logging.WARNING, logger="r1mega.kernels.extension"):
+        with extension.exclusive_build(tmp_path):
+            assert not (tmp_path / "lock").exists()
+    assert "did not finish" in caplog.text
+
+
+def test_a_live_build_is_waited_for_not_cleared(tmp_path, caplog):
+    """While another process holds the build, its ``lock`` file is its own: wait, never delete it."""
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, pathlib, time
+d = pathlib.Path({str(tmp_path)!r})
+with open(d / "r1mega-build.flock", "w") as h:
+    fcntl.flock(h, fcntl.LOCK_EX)
+    (d / "lock").touch(); (d / "ready").touch()
+    time.sleep(1.5)
+    (d / "lock").unlink()
+"""])
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "ready").exists():
+            assert holder.poll() is None and time.monotonic() < deadline, "the holder process did not start"
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="r1mega.kernels.extension"):
+            with extension.exclusive_build(tmp_path):
+                waited = time.monotonic() - t0
+        assert waited > 1.0, f"entered the build after {waited:.2f}s, while another process held it"
+        assert "did not finish" not in caplog.text
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def test_load_ops_does_not_hang_on_a_stale_lock(built_ops):
+    """End to end: a fresh process loads the cached ops although a killed build left its lock file."""
+    name = "r1mega_ops_cuda" if built_ops["cuda"] else "r1mega_ops_cpu"
+    name += "_avx2" if extension._cpu_vector_flags() else ""
+    (extension.build_directory(name) / "lock").touch()
+    out = subprocess.run([sys.executable, "-m", "r1mega.kernels.build"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not (extension.build_directory(name) / "lock").exists()
 
 
 def test_bad_mode_is_rejected(monkeypatch):

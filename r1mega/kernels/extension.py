@@ -2,8 +2,8 @@
 
 The ops are compiled with ``torch.utils.cpp_extension.load`` on first use (or ahead of time by
 ``python -m r1mega.kernels.build``, which ``scripts/setup.sh`` runs) into torch's extension cache
-(``TORCH_EXTENSIONS_DIR``), keyed by a hash of the sources, so later processes only load the
-shared library. The CUDA sources are added when torch has CUDA and ``nvcc`` is present.
+(``TORCH_EXTENSIONS_DIR``, see :func:`build_directory`), keyed by a hash of the sources, so later
+processes only load the shared library. The CUDA sources are added when torch has CUDA and ``nvcc`` is present.
 
 ``R1MEGA_KERNELS`` picks the path: ``auto`` (default: the compiled ops when they build, else the
 pure-torch fallback, with a warning saying why), ``torch`` (always the fallback) or ``ext`` (the
@@ -12,9 +12,13 @@ compiled ops or an error). Whichever path runs is logged once per process.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -58,6 +62,38 @@ def _cpu_vector_flags() -> list[str]:
     return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= flags else []
 
 
+def build_directory(name: str) -> Path:
+    """Where ``name`` is compiled: under torch's extension root (``TORCH_EXTENSIONS_DIR``), per Python
+    and torch version, since a library built against one torch does not load into another."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    version = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
+    return root / "r1mega" / version / name
+
+
+@contextlib.contextmanager
+def exclusive_build(directory: Path) -> Iterator[None]:
+    """Hold ``directory``'s build for this process, and clear a lock file left by a killed build.
+
+    torch's builder marks a build with a ``lock`` file and waits, without a limit, for it to go away.
+    A build killed mid-way leaves the file behind, and every later build then hangs. Builders here
+    first take a kernel (``flock``) lock, which the kernel drops when its holder dies; whoever holds
+    it knows that a ``lock`` file it finds is stale.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "r1mega-build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = directory / "lock"
+            if stale.exists():
+                log.warning("r1mega kernels: removing %s, left by a build that did not finish", stale)
+                stale.unlink()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _build(verbose: bool = False) -> bool:
     """Compile/load the extension; returns whether CUDA kernels are included."""
     from torch.utils.cpp_extension import load
@@ -69,9 +105,11 @@ def _build(verbose: bool = False) -> bool:
     name = "r1mega_ops_cuda" if with_cuda else "r1mega_ops_cpu"
     vector = _cpu_vector_flags()
     name += "_avx2" if vector else ""
-    load(name=name, sources=sources, extra_cflags=["-O3", "-fopenmp", *vector], extra_ldflags=["-fopenmp"],
-         extra_cuda_cflags=["-O3"], extra_include_paths=[str(CSRC)], with_cuda=with_cuda, is_python_module=False,
-         verbose=verbose)
+    directory = build_directory(name)
+    with exclusive_build(directory):
+        load(name=name, sources=sources, extra_cflags=["-O3", "-fopenmp", *vector], extra_ldflags=["-fopenmp"],
+             extra_cuda_cflags=["-O3"], extra_include_paths=[str(CSRC)], with_cuda=with_cuda, is_python_module=False,
+             build_directory=str(directory), verbose=verbose)
     return with_cuda
 
 
