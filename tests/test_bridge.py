@@ -206,6 +206,7 @@ def test_round_trip_bit_identical(layout, reference_export, tmp_path):
 UNEVEN = {"num_layers": 5, "first_k_dense_layers": 3}
 
 
+@pytest.mark.slow  # the uneven split itself: test_parallel_parity's uneven test (in CI)
 @pytest.mark.timeout(300)
 def test_uneven_pipeline_split_round_trip_bit_identical(tmp_path):
     """Uneven PP (megatron's num_layers_in_first/last_pipeline_stage) exports the same HF tensors as one

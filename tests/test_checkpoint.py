@@ -149,6 +149,7 @@ def test_continued_training_equals_uninterrupted_ep2_to_single_process(runs):
     assert param_err < PARAM_TOL
 
 
+@pytest.mark.slow  # resharding itself is covered with the distributed optimizer above
 @pytest.mark.timeout(600)
 def test_reshard_without_distributed_optimizer_tp2_to_pp2(tmp_path):
     """The plain (non-distributed) optimizer goes through megatron's own optimizer state dict."""

@@ -201,7 +201,8 @@ def test_local_bad_layout_fails_fast():
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("entry", ["local", "slurm"])
+# `local` (torchrun) also runs in every `--nproc` test (resume, rollout engines); slurm's srun path only here
+@pytest.mark.parametrize("entry", [pytest.param("local", marks=pytest.mark.slow), "slurm"])
 def test_local_mode_trains_two_steps_on_two_processes(tmp_path, entry):
     # one SFT stage of the R1 recipe without evals (no engine): 2 steps take seconds
     out = tmp_path / "run"

@@ -41,7 +41,8 @@ STAGES = "stages=[{name: sft, kind: sft, steps: 12, lr: 0.002}, {name: rl, kind:
 # so every term of the loss is independent of the layout
 SMALL = ["model.moe_aux_loss_coeff=0", "data.eval_path=null",
          "trainer.global_batch_size=16", "rollout.n=4", "rollout.max_new_tokens=16",
-         "parallel.micro_batch_size=4", "reward.format_mode=partial", "checkpoint.save_interval=0"]
+         "parallel.micro_batch_size=4", "reward.format_mode=partial", "checkpoint.save_interval=0",
+         "rollout.parity_check_interval=1"]
 
 
 def _train(out, nproc: int, engines: int, *extra: str, timeout: float = 600) -> list[dict]:

@@ -78,6 +78,7 @@ def test_refit_from_tp2ep2_learner(tmp_path):
     assert r["repeatable"]
 
 
+@pytest.mark.slow  # MLA's refit at one process is test_engine_refit_parity_deepseek_v3
 @pytest.mark.timeout(150)
 def test_refit_from_deepseek_v3_learner(tmp_path):
     """One-rank megatron DeepSeek-V3 (MLA, a dense first layer, shared expert, expert biases drawn) ->
@@ -161,6 +162,7 @@ def _process_group_gone(pgid: int) -> bool:
     return False
 
 
+@pytest.mark.slow  # rollout TP 2 through the trainer: test_rollout_engines' world-4 tests (slow too)
 @pytest.mark.timeout(300)
 def test_engine_process_with_two_tp_workers(tmp_path):
     """Rollout TP2 (vLLM worker processes under the engine process) while the learner is one process:

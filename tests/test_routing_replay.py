@@ -199,6 +199,7 @@ def test_r3_step_matches_single_process_under_tp2ep2_and_pp2():
             assert a["routing/mismatch_layer_frac"] == b["routing/mismatch_layer_frac"], layout
 
 
+@pytest.mark.slow  # the uneven split itself: test_parallel_parity's uneven test (in CI)
 @pytest.mark.timeout(600)
 def test_r3_step_matches_single_process_under_uneven_pp():
     """R3 over an uneven pipeline split: DeepSeek-V3 with 5 layers (layer 1 dense) as 2 + 3 layers, so

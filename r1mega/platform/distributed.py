@@ -94,7 +94,7 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     log.info(
         "model parallel ready: world=%d tp=%d cp=%d pp=%d ep=%d etp=%d dp=%d",
-        dist.get_world_size(), parallel.tp, parallel.cp, parallel.pp, parallel.ep, parallel.etp,
+        dist.get_world_size(), parallel.tp, parallel.cp, parallel.pp, parallel.ep, parallel.etp or parallel.tp,
         parallel_state.get_data_parallel_world_size(),
     )
 
