@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,3 +40,19 @@ def test_bad_arguments_are_refused(argv, phrase, capsys):
     with pytest.raises(SystemExit):
         _tool().main(argv)
     assert phrase in capsys.readouterr().err
+
+
+def test_peak_rss_counts_a_process_and_its_children():
+    """The per-engine memory figure: VmHWM of the engine process plus its workers."""
+    pytest.importorskip("psutil")
+    alone = _tool().peak_rss_mib(os.getpid())
+    assert alone > 20  # this interpreter with torch imported
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(200 << 20); time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 30
+        while _tool().peak_rss_mib(os.getpid()) - alone < 150:
+            assert time.monotonic() < deadline, "the child's 200 MiB never showed up"
+            time.sleep(0.1)
+    finally:
+        child.kill()
+        child.wait(timeout=30)

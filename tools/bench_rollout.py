@@ -6,8 +6,8 @@ data-parallel ranks; each rank waits for the one with the most tokens. Two measu
 - engines: the same batch (``--engine-prompts`` prompts x ``--group`` samples of ``--engine-new-tokens``
   tokens, a tiny random Qwen3-MoE) on 1, 2 and 4 vLLM engine processes (on CPU with the same total
   number of threads, ``--threads``), prompts round-robin with per-prompt seeds as in the trainer: the
-  per-engine token share, the wall time per engine count, and whether every count returned the same
-  samples. ``--no-engines`` skips this part (no vLLM needed).
+  per-engine token share, the wall time per engine count, each engine process's peak RSS, and whether
+  every count returned the same samples. ``--no-engines`` skips this part (no vLLM needed).
 - balance: a batch of ``--prompts`` x ``--group`` samples (prompt lengths uniform in
   [``--prompt-min``, ``--prompt-max``], one per group; response lengths lognormal with median
   ``--median`` tokens and sigma ``--sigma``, truncated at ``--max-new-tokens``) split over ``--dp``
@@ -80,6 +80,20 @@ def tiny_model_dir(root: Path, seed: int) -> Path:
     return out
 
 
+def peak_rss_mib(pid: int) -> float:
+    """Peak resident set (VmHWM) of a process and its live descendants (an engine of rollout TP > 1 runs
+    worker processes), in MiB."""
+    import psutil  # a vLLM dependency
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    total_kib = 0
+    for proc in procs:
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total_kib += int(line.split()[1])
+    return total_kib / 1024
+
+
 def _generate(engine, prompts: list, indices: list[int], args) -> tuple[list, float]:
     """One engine's share (the prompts at ``indices`` of the batch), seeded per prompt; (rows, seconds)."""
     from r1mega.rollout import SamplingSpec
@@ -125,6 +139,7 @@ def measure_engines(engine_counts: list[int], args) -> list[float]:
             results = list(pool.map(_generate, engines, [[prompts[i] for i in share] for share in shares], shares,
                                     [args] * count))
         wall = time.perf_counter() - t0
+        rss = [peak_rss_mib(engine.pid) for engine in engines]
         for engine in engines:
             engine.close()
         by_prompt = {i: [g.token_ids for g in row] for (rows, _), share in zip(results, shares)
@@ -134,7 +149,8 @@ def measure_engines(engine_counts: list[int], args) -> list[float]:
         tokens = [sum(len(ids) for row in rows for g in row for ids in [g.token_ids]) for rows, _ in results]
         print(f"engines={count} threads_per_engine={threads // count} wall_s={wall:.2f} "
               f"engine_s={[round(t, 2) for _, t in results]} token_share={[round(t / sum(tokens), 3) for t in tokens]} "
-              f"same_samples_as_{engine_counts[0]}={samples == reference}")
+              f"same_samples_as_{engine_counts[0]}={samples == reference} "
+              f"engine_peak_rss_mib={[round(r) for r in rss]}")
         walls.append(wall)
     return walls
 

@@ -488,6 +488,11 @@ class EngineProcess:
         self._finalizer = weakref.finalize(self, _stop_child, self._proc, self._conn)
         self.startup_s = self._wait(start_timeout_s)
 
+    @property
+    def pid(self) -> int:
+        """The engine child's process id (its memory is measured from outside, e.g. by tools/bench_rollout.py)."""
+        return self._proc.pid
+
     def _kill(self) -> None:
         _kill_group(self._proc)
 
