@@ -104,6 +104,7 @@ def test_rerun_skips_finished_stages(two_stage_run):
     assert summary["steps"] == {"cold_start_sft": 3, "rl": 2}  # from the earlier records
 
 
+@pytest.mark.slow  # the eval CLI itself runs in CI (test_evaluate); this adds reading a recipe's checkpoint
 @pytest.mark.timeout(300)
 def test_eval_a_recipe_checkpoint(two_stage_run):
     out, _ = two_stage_run

@@ -178,6 +178,7 @@ def _spec(mode: str, pack: bool = False):
                      rl=RLConfig(routing_replay=mode, kl_coef=0.01, entropy_coef=0.01, tis_cap=2.0))
 
 
+@pytest.mark.slow  # R3 through sharded experts in CI: the R2 tp2ep2 step and the engines' ep2 replay
 @pytest.mark.timeout(900)
 def test_r3_step_matches_single_process_under_tp2ep2_and_pp2():
     """Two GRPO steps replaying synthetic engine routing (random experts per token and layer): loss,
