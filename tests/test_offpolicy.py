@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo_cpu.yaml"
 TIMING = ("time/", "tokens_per_s")
 STEPS = 3
+PARITY_INTERVAL = 2  # mid-stage probes after taking v_2, v_4, ... (pushed in steps 3, 5, ...)
 # 4 prompts x 4 samples a step, 16 new tokens, micro-batches of 8 (dp1 and dp2 alike)
 SIZES = ["trainer.global_batch_size=16", "rollout.n=4", "rollout.max_new_tokens=16", "parallel.micro_batch_size=8",
          "rollout.refit_bucket_mb=1", "optimizer.lr=1e-3", "optimizer.warmup_steps=0", "optimizer.min_lr=1e-3",
@@ -37,7 +38,7 @@ def _recipe(path: Path, stages: list[dict], **sections) -> Path:
     cfg = yaml.safe_load(DEMO.read_text())
     cfg["stages"] = stages
     cfg["data"]["eval_path"] = None
-    cfg["rollout"].update(mode="one_step_off", engine_ranks=1)
+    cfg["rollout"].update(mode="one_step_off", engine_ranks=1, parity_check_interval=PARITY_INTERVAL)
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
     path.write_text(yaml.safe_dump(cfg))
@@ -160,8 +161,18 @@ def _steps(rows: list[dict]) -> list[dict]:
 
 
 def _untimed(rows: list[dict]) -> list[dict]:
-    """The records without timings and without the checkpoint path (each run has its own directory)."""
-    return [{k: v for k, v in r.items() if not k.startswith(TIMING) and k != "checkpoint"} for r in rows]
+    """The records without timings, the checkpoint path (each run has its own directory) and the parity
+    probe's figures (the worst engine's, so they depend on the engine count; the tests check them apart)."""
+    return [{k: v for k, v in r.items() if not k.startswith((*TIMING, "parity/")) and k != "checkpoint"}
+            for r in rows]
+
+
+def _probed(rows: list[dict], engines: int) -> list[int]:
+    """The steps whose metrics carry a mid-stage parity probe; each must show the learner's weights."""
+    probed = [r for r in rows if "parity/max_abs_logp" in r]
+    for r in probed:
+        assert r["parity/max_abs_logp"] < 1e-4 and r["parity/engines"] == engines, r
+    return [r["step"] for r in probed]
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +200,8 @@ def test_one_step_off_trains_with_staleness_one_and_is_reproducible(tmp_path, on
         assert r["reward/errors"] == 0 and 0 < r["reward/mean"] <= 1.2
         assert not r["skipped"] and r["grad_norm"] > 0
         assert r["consumed_samples"] == 4 * r["step"]
+    # every PARITY_INTERVAL-th version, probed as the engine took it: v_2 arrives during step 3
+    assert _probed(steps, engines=1) == [3]
     stage = one_engine["summary"]["stages"]["rl"]
     assert stage["parity/max_abs_logp"] < 1e-4, stage  # the final push: the engine holds the learner's weights
     assert stage["fingerprint_end"] != stage["fingerprint_start"]
@@ -210,6 +223,7 @@ def test_two_engine_ranks_sample_and_train_like_one(tmp_path, one_engine):
     got, ref = two["summary"]["stages"]["rl"], one_engine["summary"]["stages"]["rl"]
     assert got["fingerprint_end"] == ref["fingerprint_end"]
     assert got["parity/max_abs_logp"] < 1e-4  # the worst of the two engines after the final push
+    assert _probed(_steps(two["rows"]), engines=2) == [3]
 
 
 def _worker(cli_pid: int, rank: int, timeout: float = 60.0) -> int:
@@ -271,3 +285,7 @@ def test_sigterm_on_a_learner_stops_the_engine_ranks_then_resumes(tmp_path):
     assert resumed["summary"]["resumed_from"].endswith(f"step_{stopped:06d}")
     assert resumed["summary"]["world_size"] == 2  # the learners (dp2)
     assert resumed["summary"]["stages"]["rl"]["parity/max_abs_logp"] < 1e-4
+    # mid-stage probes in both runs: the versions 2, 4, ... pushed one step later; a resumed run's first step
+    # is on-policy (nothing pushed in it)
+    expected = [s for s in range(2, steps + 1) if (s - 1) % PARITY_INTERVAL == 0 and s != stopped + 1]
+    assert _probed(rows, engines=1) == expected

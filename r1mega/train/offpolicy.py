@@ -18,9 +18,12 @@ this order on both sides::
 ``v_j`` = weights after step ``j``. Weights go as the bridge's buckets (the export is collective over
 the learners; learner rank 0 broadcasts each bucket as one flat buffer per dtype), so memory stays at
 one bucket. Every sample carries the version that sampled it. After the stage's last step the engines
-take the final weights and answer the parity probe. Rewards are computed on the engine ranks. Engine
-``j`` of ``R`` samples the step's prompts ``j, j + R, ...`` (round-robin, as colocated engines do), the
-prompt at index ``i`` with the seed ``seed + i``, so the samples do not depend on the engine count.
+take the final weights and answer the parity probe; mid-stage, they answer it right after taking ``v_j``
+for every ``j`` that is a multiple of ``rollout.parity_check_interval`` (both sides know when, so the
+probe needs no extra message), as colocated engines do after the refit of step ``j``. Rewards are
+computed on the engine ranks. Engine ``e`` of ``R`` samples the step's prompts ``e, e + R, ...``
+(round-robin, as colocated engines do), the prompt at index ``i`` with the seed ``seed + i``, so the
+samples do not depend on the engine count.
 
 A stage that ends early on the learners (a stop signal's checkpoint, a learner error) first brings the
 exchange to a message boundary: learner rank 0 takes the batch the engines are sending, if any, then
@@ -110,6 +113,17 @@ class _StageAborted(Exception):
     """The learners ended the stage before its last step (engine side)."""
 
 
+def probe_due(version: int, interval: int) -> bool:
+    """Whether the engines answer the parity probe after taking ``v_version`` (``interval`` 0: never mid-stage)."""
+    return bool(interval) and version % interval == 0
+
+
+def _answer_probe(engine, transfer: TransferGroup, engine_src: list[int], probe) -> None:
+    """Engines: every engine's log-probs of the probe batch under the weights it holds, in engine order."""
+    for src in engine_src:
+        transfer.broadcast_object(engine.prompt_logprobs(probe) if src == transfer.rank else None, src)
+
+
 def _take_weights(engine, transfer: TransferGroup) -> None:
     """Engines: load the next push, or raise :class:`_StageAborted` if the learners send the abort marker."""
     head = transfer.broadcast_object(None, src=0)
@@ -164,10 +178,10 @@ def serve_engine(cfg, role: Role, engine_env: Optional[dict] = None) -> None:
                 if step > first:  # v_{step-1} arrives after batch `step` left (the learners train it meanwhile)
                     _take_weights(engine, transfer)
                     version = step - 1
+                    if probe_due(version, scfg.rollout.parity_check_interval):
+                        _answer_probe(engine, transfer, role.engine_src, setup["probe"])
             _take_weights(engine, transfer)  # the final weights: the engine ends in sync
-            for src in role.engine_src:  # parity probe: the pushed weights are the learner's
-                transfer.broadcast_object(engine.prompt_logprobs(setup["probe"]) if src == transfer.rank else None,
-                                          src)
+            _answer_probe(engine, transfer, role.engine_src, setup["probe"])  # the pushed weights are the learner's
         except _StageAborted:
             log.warning("engine rank %d: the learners ended the stage before step %d; waiting for their next message",
                         role.engine_index, last)
@@ -208,6 +222,7 @@ class OneStepOff:
         self.tr = tr
         self.pending = False  # the last update's weights, pushed after the next batch arrived
         self.state = _IDLE
+        self.after_probe = _IDLE  # what the engines do once they have answered the probe
 
     def start(self, run: GRPORun, first_step: int, last_step: int) -> None:
         """Collective: export the stage's starting weights for the engines and announce the stage to them."""
@@ -269,6 +284,8 @@ class OneStepOff:
             self.state = _BATCH if step < self.last else _WEIGHTS
             metrics["time/push"] = time.monotonic() - t1
             self.pending = False
+            if probe_due(step - 1, run.cfg.rollout.parity_check_interval):
+                metrics.update(self._probe(run, f"{run.stage_name} step {step - 1}", then=self.state))
         staleness = [step - 1 - g.policy_version for g in rollout.gens]
         dropped = apply_staleness_bound(rollout, staleness, run.cfg.rollout.max_staleness)
         metrics.update({"staleness/mean": sum(staleness) / len(staleness), "staleness/max": max(staleness),
@@ -280,15 +297,20 @@ class OneStepOff:
         return {}
 
     def finish(self, run: GRPORun, last_step: int) -> dict:
-        """After the stage's last step: the final weights to the engines, then the parity probe (collective);
-        a mismatch above ``rollout.parity_max_abs_logp`` raises (the engines sampled other weights)."""
+        """After the stage's last step: the final weights to the engines, then the parity probe (collective)."""
+        self.state = _BROKEN
+        push_weights(self.tr, last_step)
+        return self._probe(run, f"{run.stage_name}: after the final weights push", then=_IDLE)
+
+    def _probe(self, run: GRPORun, what: str, then: str) -> dict:
+        """Collective: the engines' log-probs of the probe batch (they answer right after taking weights) vs
+        the learners' under the same weights; a mismatch above ``rollout.parity_max_abs_logp`` raises (the
+        engines sample other weights than the trained ones). ``then``: what the engines do next."""
         from r1mega.rl.learner import LearnerBatch, compute_logprobs
         from r1mega.rollout import ParityError, compare
 
         tr = self.tr
-        self.state = _BROKEN
-        push_weights(tr, last_step)
-        self.state = _PROBE
+        self.state, self.after_probe = _PROBE, then
         tokens = torch.tensor(self.probe)
         trainer = compute_logprobs(tr.tm.ddp, tr.tm.module, LearnerBatch(tokens, torch.ones(tokens.size(0),
                                                                                           tokens.size(1) - 1)),
@@ -297,16 +319,17 @@ class OneStepOff:
         if tr.role.transfer is not None:  # the worst engine
             self.state = _BROKEN
             reports = [compare(tr.role.transfer.broadcast_object(None, src), trainer) for src in tr.role.engine_src]
-            self.state = _IDLE
+            self.state = then
             report = {"parity/max_abs_logp": max(r.max_abs for r in reports),
-                      "parity/mean_abs_logp": max(r.mean_abs for r in reports)}
+                      "parity/mean_abs_logp": max(r.mean_abs for r in reports), "parity/engines": len(reports)}
         report = broadcast_from_rank0(report)
+        self.state = then
         limit = run.cfg.rollout.parity_max_abs_logp
         if not report["parity/max_abs_logp"] <= limit:
-            raise ParityError(f"{run.stage_name}: after the final weights push the engine ranks' log-probs differ from "
-                              f"the learners' by max {report['parity/max_abs_logp']:.3g} > rollout.parity_max_abs_logp="
-                              f"{limit:g}: the engines sampled with other weights than the trained ones; check the "
-                              "bridge mapping and the weights transfer")
+            raise ParityError(f"{what}: the engine ranks' log-probs differ from the learners' by max "
+                              f"{report['parity/max_abs_logp']:.3g} > rollout.parity_max_abs_logp={limit:g}: the "
+                              "engines sampled with other weights than the trained ones; check the bridge mapping "
+                              "and the weights transfer")
         return report
 
     def close(self) -> None:
@@ -316,11 +339,11 @@ class OneStepOff:
         if role.transfer is None or self.state == _IDLE:
             return
         try:
-            if self.state == _PROBE:  # the stage's steps are done: take the probe answers
+            if self.state == _PROBE:  # take the probe answers; the engines then go on as they would have
                 self.state = _BROKEN
                 for src in role.engine_src:
                     role.transfer.broadcast_object(None, src)
-                self.state = _IDLE
+                self.state = self.after_probe
             if self.state == _BATCH:  # the batch the engines are sending; they stop by themselves if one failed
                 self.state = _BROKEN
                 parts = [role.transfer.broadcast_object(None, src) for src in role.engine_src]
