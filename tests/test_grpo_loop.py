@@ -93,6 +93,7 @@ def test_grpo_demo_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
+    assert "rollout plan: 2 engine(s)" in proc.stderr  # one engine per rank
     grpo = [r for r in _records(out) if r["stage"] == "grpo"]
     assert [r["step"] for r in grpo] == [1, 2]
     assert all(r["logprob_mismatch"] < 1e-3 for r in grpo)  # EP2 learner -> TP1 engine refit

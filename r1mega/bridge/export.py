@@ -133,6 +133,8 @@ class StreamingExporter:
         self.dtype = dtype
         self.bucket_bytes = int(bucket_bytes)
         self.local = {info.canonical_name: (info, t) for info, t in local_tensors(model, config)}
+        # where this rank's shards live: broadcasts receive into the same device on every rank
+        self.device = next((t.device for _, t in self.local.values()), torch.device("cpu"))
         self.entries = [e for e in _plan(list(self.local.values()))
                         if not (self.tie and e.name == "output_layer.weight")]
         for e in self.entries:  # unmapped tensors fail before any data moves
@@ -170,7 +172,7 @@ class StreamingExporter:
             if src == self.rank:
                 flat = torch.cat([self.local[e.name][1].detach().reshape(-1) for e, _ in items])
             else:
-                flat = torch.empty(sum(numels), dtype=dtype)
+                flat = torch.empty(sum(numels), dtype=dtype, device=self.device)  # the same on every rank
             dist.broadcast(flat, src=src)
             alive += flat.numel() * flat.element_size()
             for (e, shard), piece in zip(items, flat.split(numels)):

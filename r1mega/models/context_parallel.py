@@ -62,7 +62,7 @@ def gathered_index(cu_seqlens: torch.Tensor | Sequence[int], cp: int) -> torch.T
 
 def segment_of(positions: torch.Tensor, cu_seqlens: torch.Tensor | Sequence[int]) -> torch.Tensor:
     """Index of the ``cu_seqlens`` segment that holds each global position."""
-    bounds = torch.tensor(_bounds(cu_seqlens), dtype=torch.long)
+    bounds = torch.tensor(_bounds(cu_seqlens), dtype=torch.long, device=positions.device)
     return torch.searchsorted(bounds, positions, right=True) - 1
 
 

@@ -129,7 +129,7 @@ class RoutingReplay:
         b, s = table.shape[:2]
         local = table.transpose(0, 1)[self._local_rows(s)]  # [s_local, b, L, k], megatron's token order
         for col, router in self.routers:
-            idx = local[:, :, col, :].reshape(-1, self.topk).to(torch.long)
+            idx = local[:, :, col, :].reshape(-1, self.topk).to(router.weight.device, torch.long)
             router.router_replay.set_target_indices(idx)
             router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
 

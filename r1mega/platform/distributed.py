@@ -62,7 +62,9 @@ def init_process_group(env: LaunchEnv | None = None, timeout_minutes: int = 10) 
         return env
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
-        backend = "nccl"
+        # Model tensors go over NCCL; the CPU-side bookkeeping collectives (metrics, routing tables,
+        # stop flags, weight fingerprints) go over gloo in the same groups, as in verl.
+        backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
     dist.init_process_group(

@@ -17,6 +17,7 @@ by design, depends on the grouping.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -92,6 +93,13 @@ class LearnerBatch:
                             None if self.seq_ids is None else pad(self.seq_ids, torch.tensor(-1)),
                             experts(self.rollout_experts), experts(self.replay_experts), pad(self.teacher_ids),
                             pad(self.teacher_logp))
+
+    def to(self, device: torch.device) -> "LearnerBatch":
+        """Every tensor field on ``device`` (the same object when all already are)."""
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if all(t is None or t.device == device for t in moved.values()):
+            return self
+        return LearnerBatch(**{k: None if t is None else t.to(device, non_blocking=True) for k, t in moved.items()})
 
     def row_lengths(self) -> torch.Tensor:
         """[B] real tokens per row (``lengths``, or the full width when unset)."""

@@ -13,6 +13,7 @@ every per-token tensor of a batch is [B, S - 1] for tokens [B, S].
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from contextlib import nullcontext
@@ -25,6 +26,7 @@ import torch.distributed as dist
 
 from r1mega.config.schema import RLConfig
 from r1mega.models import context_parallel
+from r1mega.platform.distributed import compute_device
 from r1mega.rl.aggregation import aggregate, split_scale, token_weights
 from r1mega.rl.batching import LearnerBatch, PackedMicroBatch, micro_batch_plan, pack_micro_batch, round_up
 from r1mega.rl.distill_loss import topk_forward_kl
@@ -151,7 +153,23 @@ def _feed(gpt_model, mb: LearnerBatch, weights: torch.Tensor, pack: bool) -> _Fe
                    fed.weights[:, idx], fed.src_row[:, idx], fed.src_pos[:, idx])
     if any_padding:
         fed.kwargs.update(_padding_mask_kwargs(gpt_model, fed.batch.seq_ids))
-    return fed
+    return _on_device(fed, compute_device())
+
+
+def _on_device(fed: _Fed, device: torch.device) -> _Fed:
+    """What the forward and the loss read, on the model's device. Batches are planned and cut on the host;
+    ``src_row``/``src_pos`` stay there (they place results in host-side tables)."""
+    if device.type == "cpu":
+        return fed
+    kwargs = dict(fed.kwargs)
+    if "packed_seq_params" in kwargs:
+        params = kwargs["packed_seq_params"]
+        kwargs["packed_seq_params"] = dataclasses.replace(
+            params, cu_seqlens_q=params.cu_seqlens_q.to(device), cu_seqlens_kv=params.cu_seqlens_kv.to(device))
+    if "padding_mask" in kwargs:
+        kwargs["padding_mask"] = kwargs["padding_mask"].to(device)
+    return _Fed(fed.inputs.to(device), fed.positions.to(device), kwargs, fed.batch.to(device),
+                fed.weights.to(device), fed.src_row, fed.src_pos)
 
 
 def _forward(gpt_model, pack: bool, data_iterator, model, loss_fn, routing=None, recorded=None):
@@ -273,7 +291,7 @@ def _reduce_metrics(per_micro: list[dict]) -> dict[str, float]:
     for d in per_micro:
         for i, k in enumerate(keys):
             if k in d:
-                vec[i] += d[k]
+                vec[i] += float(d[k])
     if dist.is_initialized():
         dist.all_reduce(vec)
     vec /= parallel_state.get_tensor_model_parallel_world_size()
@@ -330,8 +348,8 @@ def score_with_routing(model_chunk, gpt_model, batch: LearnerBatch, settings: Le
     own = torch.zeros(batch.size, s, L, k, dtype=torch.long)
     filled = torch.zeros(batch.size, s, L, dtype=torch.bool)
     for (table, got, _, _), (row, pos, valid) in zip(recorded, placed):
-        own[row[valid], pos[valid]] = table[valid]
-        filled[row[valid], pos[valid]] = got[valid]
+        own[row[valid], pos[valid]] = table.cpu()[valid]
+        filled[row[valid], pos[valid]] = got.cpu()[valid]
     if not routing.config.sequence_parallel and parallel_state.get_tensor_model_parallel_rank() > 0:
         filled.zero_()  # TP replicas without SP saw the same tokens: count them once
     record = RoutingRecord(num_layers=L)
@@ -379,7 +397,7 @@ def _score(model_chunk, gpt_model, batch: LearnerBatch, settings: LearnerSetting
               enumerate(recorded or [])]
     mine = None
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
-        parts = [(*_placement(plan, rows.start, m, o["row"], o["pos"]), o["logp"]) for m, o in enumerate(outputs)]
+        parts = [(*_placement(plan, rows.start, m, o["row"], o["pos"]), o["logp"].cpu()) for m, o in enumerate(outputs)]
         mine = tuple(torch.cat([p[i][p[2]] for p in parts]) for i in (0, 1, 3))
     everyone = [mine]
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -134,7 +134,7 @@ def sequence_mean(x: Tensor, seq_ids: Tensor, valid: Tensor, group=None) -> Tens
     flat_x, flat_valid = x.reshape(-1), valid.reshape(-1)
     num = int(flat_ids.max()) + 1 if flat_ids.numel() else 0
     if group is not None:
-        top = torch.tensor([num], dtype=torch.long)
+        top = torch.tensor([num], dtype=torch.long, device=x.device)
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
         num = int(top)
     sums = x.new_zeros(num).index_add(0, flat_ids[flat_valid], flat_x[flat_valid])

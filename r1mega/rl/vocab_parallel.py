@@ -65,7 +65,7 @@ def _forward_chunk(hidden, weight, target, shard: VocabShard, temperature: float
         local_max = logits.max(dim=-1).values
     else:  # this shard holds only padding ids
         logits = hidden.new_zeros(hidden.size(0), 0, dtype=_stats_dtype(weight))
-        local_max = torch.full((hidden.size(0),), float("-inf"), dtype=logits.dtype)
+        local_max = torch.full((hidden.size(0),), float("-inf"), dtype=logits.dtype, device=hidden.device)
     global_max = shard.all_reduce(local_max.clone(), dist.ReduceOp.MAX)
     exp = (logits - global_max[:, None]).exp_()
     sum_exp = shard.all_reduce(exp.sum(-1))
