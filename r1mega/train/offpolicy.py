@@ -67,7 +67,7 @@ def send_weights(transfer: Optional[TransferGroup], buckets, version: int) -> No
             flat.setdefault(t.dtype, []).append(t.detach().reshape(-1))
         transfer.broadcast_object(meta, src=0)
         for dtype in sorted(flat, key=str):
-            transfer.broadcast(torch.cat(flat[dtype]).contiguous(), src=0)
+            transfer.broadcast(torch.cat(flat[dtype]).cpu(), src=0)  # host buffers: the transfer group is gloo
     if transfer is not None:
         transfer.broadcast_object((_END, version), src=0)
 
