@@ -30,6 +30,29 @@ def test_first_fit_decreasing_bins():
         micro_batch_plan(_batch([35, 5], 35), dp=1, dp_rank=0, micro_batch_size=1, max_tokens=16, cp=2)
 
 
+@pytest.mark.parametrize("cp", [1, 2])
+def test_a_budget_below_the_longest_grpo_sample_is_refused_before_the_run(cp):
+    """r1_tiny_cpu's GRPO samples are up to 32 prompt + 40 response tokens: 71 predicted positions (72 for
+    cp2's 4 chunks, 36 per rank). Validation asks for exactly what the micro-batch planner needs."""
+    from r1mega.config import ConfigError, load_config
+    from r1mega.config.validate import check_stage_token_budget
+
+    need = 71 if cp == 1 else 36
+    layout = [f"parallel.cp={cp}"]
+    cfg = load_config("configs/r1_tiny_cpu.yaml", layout + [f"parallel.max_tokens_per_micro_batch={need}"])
+    assert check_stage_token_budget(cfg, "grpo") == []
+    with pytest.raises(ConfigError, match=f"stage 'reasoning_rl': parallel.max_tokens_per_micro_batch={need - 1} "
+                                          f"cannot hold the longest sample.* raise it to at least {need}"):
+        load_config("configs/r1_tiny_cpu.yaml", layout + [f"parallel.max_tokens_per_micro_batch={need - 1}"])
+    # the planner agrees: one sample of the longest length fits `need` and not `need - 1`
+    longest = _batch([72], 72)
+    assert len(micro_batch_plan(longest, dp=1, dp_rank=0, micro_batch_size=1, max_tokens=need, cp=cp)) == 1
+    with pytest.raises(ValueError, match=f"at least {need}"):
+        micro_batch_plan(longest, dp=1, dp_rank=0, micro_batch_size=1, max_tokens=need - 1, cp=cp)
+    # SFT stages are not limited by the GRPO lengths
+    assert check_stage_token_budget(cfg, "sft") == []
+
+
 def test_every_dp_rank_runs_the_same_number_of_micro_batches():
     # rank 0's rows need 3 micro-batches of 34 tokens, rank 1's only 2: rank 1 gets an empty third one
     batch = _batch([33, 31, 21, 4, 33, 2, 2, 2], 33)

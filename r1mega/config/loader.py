@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from r1mega.config.errors import ConfigError
 from r1mega.config.presets import resolve_model
 from r1mega.config.schema import R1Config
-from r1mega.config.validate import resolve_parallel, validate_config
+from r1mega.config.validate import check_stage_token_budget, resolve_parallel, validate_config
 
 PathLike = Union[str, os.PathLike]
 Leaf = tuple[str, Any, Any]  # (dotted key, value, annotated field type)
@@ -53,7 +53,8 @@ def load_config(
     problems = []
     for stage in cfg.stages:
         try:
-            stage_config(cfg, stage, world_size)
+            problems += [f"stage {stage.name!r}: {p}"
+                         for p in check_stage_token_budget(stage_config(cfg, stage, world_size), stage.kind)]
         except ConfigError as exc:
             problems += [f"stage {stage.name!r}: {p}" for p in exc.problems]
     if problems:

@@ -617,6 +617,25 @@ def _check_routing_replay(cfg: R1Config, model: Optional[ModelConfig]) -> Proble
     return out
 
 
+def check_stage_token_budget(cfg: R1Config, kind: str) -> Problems:
+    """A GRPO stage's token-budget micro-batch must hold its longest sample (the longest prompt plus the
+    longest response), as ``rl.batching.micro_batch_plan`` packs it: its predicted positions rounded up to
+    2*cp chunks, shared by the cp ranks. Checked before any process starts, not after the first rollout."""
+    budget, cp = cfg.parallel.max_tokens_per_micro_batch, max(cfg.parallel.cp, 1)
+    if kind != "grpo" or budget is None or budget < 1:
+        return []
+    longest = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    chunks = 2 * cp if cp > 1 else 1
+    need = -(-(-(-(longest - 1) // chunks) * chunks) // cp)
+    if budget >= need:
+        return []
+    over_cp = f" over cp={cp}" if cp > 1 else ""
+    return [f"parallel.max_tokens_per_micro_batch={budget} cannot hold the longest sample, "
+            f"data.max_prompt_length + rollout.max_new_tokens = {cfg.data.max_prompt_length} + "
+            f"{cfg.rollout.max_new_tokens} tokens{over_cp}: raise it to at least {need}, or shorten the prompts "
+            f"or responses"]
+
+
 def _check_rollout_mode(cfg: R1Config, world_size: Optional[int] = None) -> Problems:
     r = cfg.rollout
     out = _one_of("rollout.mode", r.mode, ROLLOUT_MODES)
