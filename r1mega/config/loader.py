@@ -53,10 +53,10 @@ def load_config(
     problems = []
     for stage in cfg.stages:
         try:
-            problems += [f"stage {stage.name!r}: {p}"
-                         for p in check_stage_token_budget(stage_config(cfg, stage, world_size), stage.kind)]
+            found = check_stage_token_budget(stage_config(cfg, stage, world_size), stage.kind)
         except ConfigError as exc:
-            problems += [f"stage {stage.name!r}: {p}" for p in exc.problems]
+            found = exc.problems
+        problems += [f"stage {stage.name!r}: {p}" for p in found]
     if problems:
         raise ConfigError(problems)
     return cfg

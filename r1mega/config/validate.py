@@ -626,7 +626,8 @@ def check_stage_token_budget(cfg: R1Config, kind: str) -> Problems:
         return []
     longest = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
     chunks = 2 * cp if cp > 1 else 1
-    need = -(-(-(-(longest - 1) // chunks) * chunks) // cp)
+    packed = math.ceil((longest - 1) / chunks) * chunks  # its predicted positions in whole chunks
+    need = math.ceil(packed / cp)
     if budget >= need:
         return []
     over_cp = f" over cp={cp}" if cp > 1 else ""

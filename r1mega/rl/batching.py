@@ -95,11 +95,9 @@ class LearnerBatch:
                             pad(self.teacher_logp))
 
     def to(self, device: torch.device) -> "LearnerBatch":
-        """Every tensor field on ``device`` (the same object when all already are)."""
-        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if all(t is None or t.device == device for t in moved.values()):
-            return self
-        return LearnerBatch(**{k: None if t is None else t.to(device, non_blocking=True) for k, t in moved.items()})
+        """Every tensor field on ``device``."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return LearnerBatch(**{k: None if t is None else t.to(device, non_blocking=True) for k, t in fields.items()})
 
     def row_lengths(self) -> torch.Tensor:
         """[B] real tokens per row (``lengths``, or the full width when unset)."""

@@ -348,8 +348,8 @@ def score_with_routing(model_chunk, gpt_model, batch: LearnerBatch, settings: Le
     own = torch.zeros(batch.size, s, L, k, dtype=torch.long)
     filled = torch.zeros(batch.size, s, L, dtype=torch.bool)
     for (table, got, _, _), (row, pos, valid) in zip(recorded, placed):
-        own[row[valid], pos[valid]] = table.cpu()[valid]
-        filled[row[valid], pos[valid]] = got.cpu()[valid]
+        own[row[valid], pos[valid]] = table[valid]  # RoutingReplay.recorded builds host tables
+        filled[row[valid], pos[valid]] = got[valid]
     if not routing.config.sequence_parallel and parallel_state.get_tensor_model_parallel_rank() > 0:
         filled.zero_()  # TP replicas without SP saw the same tokens: count them once
     record = RoutingRecord(num_layers=L)

