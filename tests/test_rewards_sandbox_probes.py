@@ -116,20 +116,24 @@ def test_the_probes_see_leaks_without_the_filesystem_view(targets):
     assert verdicts["loopback"] == BLOCKED  # the network namespace, as before
 
 
-def _unprivileged(cmd: list[str]) -> list[str]:
-    """``cmd`` as UNPRIVILEGED_UID with no capability. Where the interpreter sits under a directory only
-    root may enter (/root/.pyenv), a private mount namespace lays a tmpfs over that directory with the
-    interpreter's prefix bound back, as if it were installed for everyone."""
-    prefix = os.path.realpath(sys.base_prefix)
-    closed = [p for p in parents((prefix,)) if not os.stat(p).st_mode & 0o001]
+def _unprivileged(cmd: list[str], reach: tuple[str, ...] = ()) -> list[str]:
+    """``cmd`` as UNPRIVILEGED_UID with no capability. Where the interpreter, or a path of ``reach`` (the
+    checkout), sits under a directory only root may enter (/root/.pyenv, a 0700 mktemp clone), a private
+    mount namespace lays a tmpfs over that directory with the path bound back, as if it were installed for
+    everyone."""
     drop = ["setpriv", f"--reuid={UNPRIVILEGED_UID}", f"--regid={UNPRIVILEGED_UID}", "--clear-groups",
             "--inh-caps=-all", "--bounding-set=-all", "--"]
-    if not closed:
+    pairs = []
+    for path in (os.path.realpath(sys.base_prefix), *map(os.path.realpath, reach)):
+        closed = [p for p in parents((path,)) if not os.stat(p).st_mode & 0o001]
+        if closed:
+            pairs += [path, closed[0]]
+    if not pairs:
         return drop + cmd
-    script = ('set -e; stage=$(mktemp -d); mount --bind "$1" "$stage"; mount -t tmpfs -o mode=0755 tmpfs "$2"; '
-              'mkdir -p "$1"; mount --move "$stage" "$1"; rmdir "$stage" 2>/dev/null || true; shift 2; exec "$@"')
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", prefix, closed[0],
-            *drop, *cmd]
+    script = ('set -e; while [ "$1" != -- ]; do stage=$(mktemp -d); mount --bind "$1" "$stage"; '
+              'mount -t tmpfs -o mode=0755 tmpfs "$2"; mkdir -p "$1"; mount --move "$stage" "$1"; '
+              'rmdir "$stage" 2>/dev/null || true; shift 2; done; shift; exec "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *pairs, "--", *drop, *cmd]
 
 
 @pytest.mark.parametrize("filesystem", FILESYSTEMS)
@@ -142,7 +146,8 @@ def test_probes_as_an_unprivileged_user(filesystem, targets):
     spec = {"filesystem": filesystem, "secret": targets.secret, "secret_text": targets.secret_text,
             "root_allowed": targets.root_allowed, "port": targets.port, "tmp_name": targets.tmp_name + "-u"}
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = _unprivileged([sys.executable, os.path.join(here, "tests", "sandbox_probes.py"), json.dumps(spec)])
+    cmd = _unprivileged([sys.executable, os.path.join(here, "tests", "sandbox_probes.py"), json.dumps(spec)],
+                        reach=(here,))
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd="/",
                           env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": here})
     assert done.returncode == 0, done.stderr[-3000:]
