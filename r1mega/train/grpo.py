@@ -143,6 +143,7 @@ def grpo_step(tr, run: GRPORun, step: int) -> dict:
         onload(tm)
     rewards = torch.tensor(rollout.rewards, dtype=torch.float32)
     record: dict = {}
+    t_lp = time.monotonic()  # the log-prob passes before the update: reference, KL-in-reward, routing replay
     if run.reference is not None:
         batch.ref_logp = run.reference.logprobs(batch, run.settings)
     if run.reference is not None and rl.kl_in_reward:
@@ -150,11 +151,14 @@ def grpo_step(tr, run: GRPORun, step: int) -> dict:
         penalty = kl_reward_penalty(policy_logp, batch.ref_logp, batch.loss_mask, rl.kl_estimator)
         rewards = rewards - rl.kl_coef * penalty
         record["kl_in_reward/mean"] = float(penalty.mean())
+    t_lp = time.monotonic() - t_lp
     batch.advantages = compute_advantages(rl.advantage_estimator, rewards, torch.tensor(rollout.groups),
                                           norm_by_std=rl.norm_by_std, eps=rl.advantage_eps)
     # whole groups were scored; now each DP rank's slice gets about the same number of tokens
     batch, balance = balance_batch(batch, parallel_state.get_data_parallel_world_size())
+    t_rr = time.monotonic()
     routing_metrics = prepare_routing_replay(tm, batch, run.settings, rl.routing_replay)
+    t_lp += time.monotonic() - t_rr
     updates = learner_update(tm, batch, run.settings, rl)  # rl.mini_batches x rl.epochs optimizer steps
     m = updates[-1]
     for u in updates:
@@ -181,7 +185,8 @@ def grpo_step(tr, run: GRPORun, step: int) -> dict:
         "logprob_mismatch": v.get("mismatch_abs_mean", 0.0), "grad_norm": m.grad_norm, "loss": v.get("loss", 0.0),
         "skipped": m.skipped, "skipped_steps": run.skipped_steps,
         "tokens_per_s": float(batch.lengths.sum()) / max(timings + t_train + sync.get("time/refit", 0.0), 1e-9),
-        "time/train": t_train, "time/wait_rollout": t_wait, "consumed_samples": run.consumed_samples,
+        "time/train": t_train, "time/logprobs": t_lp, "time/wait_rollout": t_wait,
+        "consumed_samples": run.consumed_samples,
         "batch/dp_token_imbalance": balance.imbalance,
         **rollout.metrics, **sync, **routing_metrics,
     })
