@@ -161,9 +161,10 @@ def _steps(rows: list[dict]) -> list[dict]:
 
 
 def _untimed(rows: list[dict]) -> list[dict]:
-    """The records without timings, the checkpoint path (each run has its own directory) and the parity
-    probe's figures (the worst engine's, so they depend on the engine count; the tests check them apart)."""
-    return [{k: v for k, v in r.items() if not k.startswith((*TIMING, "parity/")) and k != "checkpoint"}
+    """The records without timings, the checkpoint path (each run has its own directory), the parity
+    probe's figures (the worst engine's, so they depend on the engine count; the tests check them apart)
+    and the call counts (collectives and engine round trips depend on the number of engine ranks)."""
+    return [{k: v for k, v in r.items() if not k.startswith((*TIMING, "parity/", "calls/")) and k != "checkpoint"}
             for r in rows]
 
 

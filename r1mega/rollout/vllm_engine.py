@@ -23,6 +23,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from r1mega.platform import call_counts
 from r1mega.rollout import routing_capture, vllm_cpu
 from r1mega.rollout.protocol import MAX_TOP_LOGPROBS, Bucket, Generation, Prompt, RefitStats, SamplingSpec, log_once
 from r1mega.rollout.refit import (
@@ -343,7 +344,7 @@ def _child_main(conn, model_dir, kwargs, env) -> None:
     os.setpgrp()  # vLLM's own processes join this group: a kill by the parent takes them all
     try:
         engine = VLLMEngine(model_dir, **kwargs)
-        conn.send(("ok", engine.startup_s))
+        conn.send(("ok", (engine.startup_s, engine.on_gpu)))
     except BaseException as e:  # noqa: BLE001 - report any start-up failure to the parent
         conn.send(("error", repr(e)))
         return
@@ -501,7 +502,8 @@ class EngineProcess:
         # interpreter's exit: multiprocessing joins its children there, and this one ignores SIGTERM and
         # only exits when asked or when the pipe closes. Finalizers registered now run before that join.
         self._finalizer = weakref.finalize(self, _stop_child, self._proc, self._conn)
-        self.startup_s = self._wait(start_timeout_s)
+        # sleep/wake are no-ops in a CPU engine: the learner then saves their round trips every step
+        self.startup_s, self._sleeps = self._wait(start_timeout_s)
 
     @property
     def pid(self) -> int:
@@ -521,6 +523,7 @@ class EngineProcess:
 
     def _wait(self, timeout: Optional[float], what: str = "start-up"):
         """The child's answer; polls so that a dead child raises instead of blocking forever."""
+        call_counts.count("engine_round_trips")
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._conn.poll(1.0):
             if not self._proc.is_alive() and not self._conn.poll(0):
@@ -613,10 +616,12 @@ class EngineProcess:
         return self._call("param_checksum")
 
     def sleep(self, level: int = 1) -> None:
-        self._call("sleep", level)
+        if self._sleeps:
+            self._call("sleep", level)
 
     def wake(self, tags=None) -> None:
-        self._call("wake", tags)
+        if self._sleeps:
+            self._call("wake", tags)
 
     def close(self) -> None:
         """Shut the engine down (vLLM included). Also runs at interpreter exit for an engine nobody closed."""

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from r1mega.data.dataset import Example
+from r1mega.platform import call_counts
 from r1mega.rewards import RewardInput, reward_input_from_example
 from r1mega.rl.advantages import compute_advantages
 from r1mega.rl.balance import balance_batch
@@ -134,7 +135,7 @@ def kl_reward_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Te
 def grpo_step(tr, run: GRPORun, step: int) -> dict:
     """One GRPO step on every rank; returns its metrics line (already logged and checkpointed)."""
     cfg, rl, tm = run.cfg, run.cfg.rl, tr.tm
-    t_step = time.monotonic()
+    t_step, calls = time.monotonic(), call_counts.snapshot()
     rollout: Rollout = run.schedule.rollout(run, step)  # sample + score + dynamic sampling, every rank
     t_wait = time.monotonic() - t_step  # the learner idles while the engine samples and the rewards score
     batch = build_batch(rollout.gens, tr.tokenizer.pad_id, multiple=cfg.parallel.tp, train_mask=rollout.train_mask)
@@ -196,6 +197,7 @@ def grpo_step(tr, run: GRPORun, step: int) -> dict:
     if interval and step % interval == 0 and tr.eval_set is not None:
         record.update(tr.evaluate(run.stage_name, step, in_step=True))
     record["time/step"] = time.monotonic() - t_step
+    record.update(call_counts.since(calls))  # this step's collectives and engine round trips (the budget test)
     record = tr.metrics.log(record)
     tr.ckpt.end_of_step(run.stage_name, step, run.state())
     return record
