@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from r1mega.bridge.hf_config import from_hf_config, to_hf_config
-from r1mega.bridge.rules import QKV, BridgeError, Dims, Gated, Vocab, architecture, architecture_for_model_type
+from r1mega.bridge.rules import QKV, BridgeError, Dims, Gated, Vocab
 from r1mega.config.presets import resolve_model
 from r1mega.config.schema import ModelConfig
+from r1mega.models.registry import architecture, architecture_for_model_type
 from r1mega.platform.spawn import spawn_ranks
 
 WORKER = str(Path(__file__).with_name("bridge_worker.py"))

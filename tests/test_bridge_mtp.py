@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1mega.bridge.rules import BridgeError, Dims, architecture
+from r1mega.bridge.rules import BridgeError, Dims
 from r1mega.bridge.safetensors_io import HFReader
+from r1mega.models.registry import architecture
 from r1mega.platform.spawn import spawn_ranks
 
 WORKER = str(Path(__file__).with_name("bridge_worker.py"))
@@ -59,7 +60,7 @@ def test_mtp_rules_name_the_hf_layer_after_the_decoder():
         arch.to_megatron("embedding.word_embeddings.weight", [emb, emb + 1], dims, (8, 8))
     with pytest.raises(BridgeError, match="no MTP layers"):
         arch.hf_names("mtp.layers.0.enorm.weight", Dims(8, 2, 2, 4, 8, num_layers=61))
-    with pytest.raises(BridgeError, match="deepseek_v3 only"):
+    with pytest.raises(BridgeError, match="maps no multi-token prediction"):
         architecture("qwen3_moe").hf_names("mtp.layers.0.enorm.weight", dims)
 
 

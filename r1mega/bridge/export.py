@@ -25,7 +25,8 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from r1mega.bridge.rules import Architecture, Dims, architecture
+from r1mega.bridge.rules import Architecture, Dims
+from r1mega.models.registry import architecture
 from r1mega.models.sharding import ShardInfo, canonical_name, merge_shards, shard_infos
 
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset  # noqa: E402

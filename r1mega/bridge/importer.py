@@ -19,7 +19,8 @@ import torch.distributed as dist
 from r1mega.bridge.export import local_tensors
 from r1mega.bridge.hf_config import dims_of
 from r1mega.bridge.hf_source import HFSource
-from r1mega.bridge.rules import BridgeError, architecture
+from r1mega.bridge.rules import BridgeError
+from r1mega.models.registry import architecture
 from r1mega.models.sharding import ShardInfo, shard_of
 
 log = logging.getLogger(__name__)

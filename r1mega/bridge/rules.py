@@ -11,9 +11,11 @@ with ``{layer}`` and ``{expert}`` placeholders; the transform is one of a few ki
   ``q_proj``, ``k_proj``, ``v_proj`` (weights, and biases for Qwen2);
 * :class:`Gated`   - SwiGLU ``linear_fc1`` ``[gate; up]`` <-> two HF tensors.
 
-A new architecture is a list of these plus its config converter (``hf_config``), registered with
-:func:`register`. HF names are the on-disk (``save_pretrained`` / hub) names: experts stored one per
-tensor, which ``transformers`` 5 fuses on load and vLLM reads as is.
+This module is the rule engine and the rule lists families share; each family
+(``r1mega/models/<family>/rules.py``) declares its :class:`Architecture` from them, and
+``r1mega.models.registry`` finds it by preset or HF ``model_type``. HF names are the on-disk
+(``save_pretrained`` / hub) names: experts stored one per tensor, which ``transformers`` 5 fuses on
+load and vLLM reads as is.
 
 Multi-token prediction (DeepSeek-V3): megatron's ``mtp.layers.{m}`` is HF's ``model.layers.{N+m}``
 (N decoder layers). Its transformer layer maps with the decoder rules of layer N+m; ``mtp_own`` maps
@@ -142,7 +144,7 @@ class SharedCopy(Rule):
 
 @dataclass
 class Architecture:
-    """A mapping registry entry: r1mega preset family <-> one HF ``model_type``."""
+    """One family's mapping: r1mega preset family <-> its HF ``model_type``."""
 
     preset: str
     model_type: str
@@ -172,7 +174,7 @@ class Architecture:
         if m:
             if not self.mtp_own:
                 raise BridgeError(f"{self.preset}: no HF mapping for megatron tensor {megatron_name!r} "
-                                  "(multi-token prediction is mapped for deepseek_v3 only)")
+                                  "(this family maps no multi-token prediction layers)")
             if dims is None or not dims.mtp_num_layers:
                 raise BridgeError(f"{megatron_name}: an MTP tensor, but the model has no MTP layers")
             layer, rest = dims.num_layers + int(m[1]), m[2]
@@ -213,34 +215,12 @@ def _template_regex(template: str) -> re.Pattern:
     return re.compile(out)
 
 
-ARCHITECTURES: dict[str, Architecture] = {}
-
-
-def register(arch: Architecture) -> Architecture:
-    ARCHITECTURES[arch.preset] = arch
-    return arch
-
-
-def architecture(preset: str) -> Architecture:
-    if preset not in ARCHITECTURES:
-        raise BridgeError(f"no HF bridge for preset {preset!r}; supported: {sorted(ARCHITECTURES)}")
-    return ARCHITECTURES[preset]
-
-
-def architecture_for_model_type(model_type: str) -> Architecture:
-    for arch in ARCHITECTURES.values():
-        if arch.model_type == model_type:
-            return arch
-    supported = sorted(a.model_type for a in ARCHITECTURES.values())
-    raise BridgeError(f"HF model_type {model_type!r} is not supported by the bridge; supported: {supported}")
-
-
-# ----------------------------------------------------------------------------- rules per family
+# ----------------------------------------------------------------------------- rules families share
 
 L = "decoder.layers.{layer}."
 H = "model.layers.{layer}."
 
-_COMMON = [
+COMMON = [  # embedding, output head, final norm, the layer norms, attention output
     Vocab("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
     Vocab("output_layer.weight", ("lm_head.weight",)),
     Direct("decoder.final_layernorm.weight", ("model.norm.weight",)),
@@ -248,78 +228,22 @@ _COMMON = [
     Direct(L + "pre_mlp_layernorm.weight", (H + "post_attention_layernorm.weight",)),
     Direct(L + "self_attention.linear_proj.weight", (H + "self_attn.o_proj.weight",)),
 ]
-_GQA = [
+GQA = [
     QKV(L + "self_attention.linear_qkv.weight",
         (H + "self_attn.q_proj.weight", H + "self_attn.k_proj.weight", H + "self_attn.v_proj.weight")),
 ]
-_QKV_BIAS = [
+QKV_BIAS = [
     QKV(L + "self_attention.linear_qkv.bias",
         (H + "self_attn.q_proj.bias", H + "self_attn.k_proj.bias", H + "self_attn.v_proj.bias")),
 ]
-_QK_NORM = [
+QK_NORM = [
     Direct(L + "self_attention.q_layernorm.weight", (H + "self_attn.q_norm.weight",)),
     Direct(L + "self_attention.k_layernorm.weight", (H + "self_attn.k_norm.weight",)),
 ]
-_EXPERT = L + "mlp.experts.local_experts.{expert}."
+EXPERT = L + "mlp.experts.local_experts.{expert}."
 
 
-def _swiglu(megatron_prefix: str, hf_prefix: str, gate: str = "gate_proj", up: str = "up_proj",
-            down: str = "down_proj") -> list[Rule]:
+def swiglu(megatron_prefix: str, hf_prefix: str, gate: str = "gate_proj", up: str = "up_proj",
+           down: str = "down_proj") -> list[Rule]:
     return [Gated(megatron_prefix + "linear_fc1.weight", (f"{hf_prefix}{gate}.weight", f"{hf_prefix}{up}.weight")),
             Direct(megatron_prefix + "linear_fc2.weight", (f"{hf_prefix}{down}.weight",))]
-
-
-register(Architecture(
-    preset="qwen3_moe", model_type="qwen3_moe", hf_class="Qwen3MoeForCausalLM",
-    rules=[*_COMMON, *_GQA, *_QK_NORM,
-           Direct(L + "mlp.router.weight", (H + "mlp.gate.weight",)),
-           *_swiglu(_EXPERT, H + "mlp.experts.{expert}."),
-           *_swiglu(L + "mlp.", H + "mlp.")],  # dense layers (mlp_only_layers)
-))
-
-register(Architecture(
-    preset="mixtral", model_type="mixtral", hf_class="MixtralForCausalLM",
-    rules=[*_COMMON, *_GQA,
-           Direct(L + "mlp.router.weight", (H + "block_sparse_moe.gate.weight",)),
-           *_swiglu(_EXPERT, H + "block_sparse_moe.experts.{expert}.", "w1", "w3", "w2")],
-))
-
-register(Architecture(
-    preset="deepseek_v3", model_type="deepseek_v3", hf_class="DeepseekV3ForCausalLM",
-    rules=[*_COMMON,
-           # MLA: megatron and HF both order q_up rows per head [nope, rope], kv_down rows
-           # [kv_latent, k_rope] and kv_up rows per head [k_nope, v]; the rope layout matches HF's
-           # ``rope_interleave=True`` (megatron de-interleaves inside its MLA rope).
-           Direct(L + "self_attention.linear_q_proj.weight", (H + "self_attn.q_proj.weight",)),
-           Direct(L + "self_attention.linear_q_down_proj.weight", (H + "self_attn.q_a_proj.weight",)),
-           Direct(L + "self_attention.linear_q_up_proj.weight", (H + "self_attn.q_b_proj.weight",)),
-           Direct(L + "self_attention.q_layernorm.weight", (H + "self_attn.q_a_layernorm.weight",)),
-           Direct(L + "self_attention.linear_kv_down_proj.weight", (H + "self_attn.kv_a_proj_with_mqa.weight",)),
-           Direct(L + "self_attention.kv_layernorm.weight", (H + "self_attn.kv_a_layernorm.weight",)),
-           Direct(L + "self_attention.linear_kv_up_proj.weight", (H + "self_attn.kv_b_proj.weight",)),
-           Direct(L + "mlp.router.weight", (H + "mlp.gate.weight",)),
-           Direct(L + "mlp.router.expert_bias", (H + "mlp.gate.e_score_correction_bias",)),
-           *_swiglu(_EXPERT, H + "mlp.experts.{expert}."),
-           *_swiglu(L + "mlp.shared_experts.", H + "mlp.shared_experts."),
-           *_swiglu(L + "mlp.", H + "mlp.")],  # first_k_dense_replace layers
-    mtp_own={"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
-             "final_layernorm.weight": "shared_head.norm.weight"},
-    mtp_copies={"embedding.word_embeddings.weight": "embed_tokens.weight",
-                "output_layer.weight": "shared_head.head.weight"},
-))
-
-# Dense students: every layer is attention + SwiGLU MLP (megatron ``mlp.linear_fc1`` = [gate; up]).
-register(Architecture(
-    preset="qwen2", model_type="qwen2", hf_class="Qwen2ForCausalLM",
-    rules=[*_COMMON, *_GQA, *_QKV_BIAS, *_swiglu(L + "mlp.", H + "mlp.")],
-))
-
-register(Architecture(
-    preset="qwen3", model_type="qwen3", hf_class="Qwen3ForCausalLM",
-    rules=[*_COMMON, *_GQA, *_QK_NORM, *_swiglu(L + "mlp.", H + "mlp.")],
-))
-
-register(Architecture(
-    preset="llama3", model_type="llama", hf_class="LlamaForCausalLM",
-    rules=[*_COMMON, *_GQA, *_swiglu(L + "mlp.", H + "mlp.")],
-))

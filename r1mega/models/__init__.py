@@ -1,5 +1,7 @@
-"""Policy models on megatron-core. Importing this package readies megatron for this machine and applies
-r1mega's fixes for megatron model bugs (``mla_fix``, ``moe_fix``), so every model built through it has them."""
+"""Policy models on megatron-core, one folder per model family (``registry``). Importing this package readies
+megatron for this machine and applies r1mega's fixes for megatron model bugs (``deepseek_v3.mla_fix``,
+``deepseek_v3.moe_fix``: MLA and expert-bias routing, which other families use too), so every model built
+through it has them."""
 
 import logging
 import os
@@ -8,7 +10,7 @@ from r1mega.platform.megatron_compat import ensure_megatron
 
 ensure_megatron()
 
-from r1mega.models import mla_fix, moe_fix  # noqa: E402  (need megatron ready)
+from r1mega.models.deepseek_v3 import mla_fix, moe_fix  # noqa: E402  (need megatron ready)
 
 moe_fix.install()
 
