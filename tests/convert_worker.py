@@ -13,7 +13,8 @@
   ``save``, also save a full training checkpoint (optimizer, scheduler, RNG) of that layout there.
 * ``to_hf``: ``to_hf(ckpt, out)`` for each ``[ckpt, out]`` of ``jobs``, on one process.
 * ``mtp_convert``: for each job ``{name: from_hf kwargs}``: ``from_hf(src, root/<name>_ckpt, **kwargs)``
-  (result in ``root/<name>_result.json``) then ``to_hf`` to ``root/<name>_hf``.
+  (result in ``root/<name>_result.json``) then ``to_hf`` to ``root/<name>_hf``. A job may name its own
+  ``src``; one with ``expect_error`` writes the error to ``root/<name>_error.txt`` instead (put it last).
 * ``trained``: a checkpoint the trainer wrote (``ckpt``), with the default arguments as
   ``r1mega convert`` passes them: ``to_hf`` to ``hf``; r1mega's logits of ``tokens`` from the checkpoint
   (the model ``checkpoint_model_config`` rebuilds, weights loaded as a stage does) to ``logits``; then
@@ -82,7 +83,15 @@ def mtp_convert(spec: dict) -> None:
 
     root = Path(spec["root"])
     for name, kwargs in spec["jobs"].items():
-        result = from_hf(spec["src"], root / f"{name}_ckpt", **kwargs)
+        kwargs = dict(kwargs)
+        src, refused = kwargs.pop("src", spec.get("src")), kwargs.pop("expect_error", False)
+        try:
+            result = from_hf(src, root / f"{name}_ckpt", **kwargs)
+        except Exception as e:  # noqa: BLE001 - the test reads the message
+            if not refused:
+                raise
+            (root / f"{name}_error.txt").write_text(f"{type(e).__name__}: {e}")
+            continue
         (root / f"{name}_result.json").write_text(json.dumps(result))
         to_hf(root / f"{name}_ckpt", root / f"{name}_hf", progress=False)
 
