@@ -13,7 +13,13 @@
   ``save``, also save a full training checkpoint (optimizer, scheduler, RNG) of that layout there.
 * ``to_hf``: ``to_hf(ckpt, out)`` for each ``[ckpt, out]`` of ``jobs``, on one process.
 * ``mtp_convert``: for each job ``{name: from_hf kwargs}``: ``from_hf(src, root/<name>_ckpt, **kwargs)``
-  (result in ``root/<name>_result.json``) then ``to_hf`` to ``root/<name>_hf``.
+  (result in ``root/<name>_result.json``) then ``to_hf`` to ``root/<name>_hf``. A job may name its own
+  ``src``; one with ``expect_error`` writes the error to ``root/<name>_error.txt`` instead (put it last).
+* ``trained``: a checkpoint the trainer wrote (``ckpt``), with the default arguments as
+  ``r1mega convert`` passes them: ``to_hf`` to ``hf``; r1mega's logits of ``tokens`` from the checkpoint
+  (the model ``checkpoint_model_config`` rebuilds, weights loaded as a stage does) to ``logits``; then
+  ``from_hf`` of the export to ``back``, loaded as ``checkpoint.load_dir`` is: the parameters that differ
+  from the checkpoint's go to ``logits`` too.
 """
 
 from __future__ import annotations
@@ -77,12 +83,46 @@ def mtp_convert(spec: dict) -> None:
 
     root = Path(spec["root"])
     for name, kwargs in spec["jobs"].items():
-        result = from_hf(spec["src"], root / f"{name}_ckpt", **kwargs)
+        kwargs = dict(kwargs)
+        src, refused = kwargs.pop("src", spec.get("src")), kwargs.pop("expect_error", False)
+        try:
+            result = from_hf(src, root / f"{name}_ckpt", **kwargs)
+        except Exception as e:  # noqa: BLE001 - the test reads the message
+            if not refused:
+                raise
+            (root / f"{name}_error.txt").write_text(f"{type(e).__name__}: {e}")
+            continue
         (root / f"{name}_result.json").write_text(json.dumps(result))
         to_hf(root / f"{name}_ckpt", root / f"{name}_hf", progress=False)
+
+
+def trained(spec: dict) -> None:
+    import torch
+
+    from r1mega.bridge.convert import checkpoint_model_config, from_hf, to_hf
+    from r1mega.config.schema import OptimizerConfig, ParallelConfig
+    from r1mega.train.model_setup import build_training_model
+    from r1mega.train.stages import load_weights
+
+    to_hf(spec["ckpt"], spec["hf"], progress=False)  # sets up the one-process megatron groups
+    model_cfg = checkpoint_model_config(spec["ckpt"])
+    tm = build_training_model(model_cfg, ParallelConfig(), OptimizerConfig(), total_steps=1)
+    load_weights(tm, spec["ckpt"], model_cfg)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bridge_worker import pipeline_logits
+
+    tokens = torch.tensor(spec["tokens"])
+    logits = pipeline_logits(tm.module, tokens, model_cfg.vocab_size)
+    from_hf(spec["hf"], spec["back"])
+    back = build_training_model(checkpoint_model_config(spec["back"]), ParallelConfig(), OptimizerConfig(),
+                                total_steps=1)
+    load_weights(back, spec["back"])  # as the trainer loads checkpoint.load_dir
+    theirs = dict(back.module.named_parameters())
+    differ = [n for n, p in tm.module.named_parameters() if not torch.equal(p, theirs[n])]
+    torch.save({"logits": logits, "differ": differ, "params": len(theirs)}, spec["logits"])
 
 
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1])
     {"fp8": fp8, "from_hf": from_hf, "trainer_load": trainer_load, "to_hf": to_hf,
-     "mtp_convert": mtp_convert}[spec["mode"]](spec)
+     "mtp_convert": mtp_convert, "trained": trained}[spec["mode"]](spec)

@@ -102,3 +102,48 @@ def test_from_hf_without_mtp_keeps_the_layer_for_to_hf(with_mtp, tmp_path):
     assert json.loads((tmp_path / "keep_ckpt" / "model_config.json").read_text())["mtp_num_layers"] == 0
     assert json.loads((tmp_path / "convert_ckpt" / "model_config.json").read_text())["mtp_num_layers"] == 1
     assert json.loads((tmp_path / "keep_hf" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+
+
+def _transformers_deepseek(out: Path) -> int:
+    """A tiny DeepSeek-V3 that transformers itself makes and saves: config.json keeps the default
+    num_nextn_predict_layers=1, the files hold no MTP layer (transformers builds none)."""
+    import transformers
+
+    from r1mega.bridge.hf_config import to_hf_config
+    from r1mega.config.presets import resolve_model
+    from r1mega.config.schema import ModelConfig
+
+    settings = to_hf_config(resolve_model(ModelConfig(preset="deepseek_v3", size="tiny")))
+    cfg = transformers.DeepseekV3Config(**{k: v for k, v in settings.items()
+                                           if k not in ("architectures", "model_type", "num_nextn_predict_layers")})
+    assert cfg.num_nextn_predict_layers == 1
+    torch.manual_seed(5)
+    transformers.DeepseekV3ForCausalLM(cfg).save_pretrained(out)
+    return cfg.num_hidden_layers
+
+
+@pytest.mark.timeout(600)
+def test_declared_but_absent_mtp_layer_converts_without_it_and_a_partial_one_is_refused(with_mtp, tmp_path):
+    """transformers' DeepSeek-V3 converts with the default flags (one line says the MTP layer is left out)
+    and round-trips bit-identically; an MTP layer with some of its tensors is refused, naming the missing."""
+    layers = _transformers_deepseek(tmp_path / "hf_saved")
+    assert not [n for n in HFReader(tmp_path / "hf_saved").names() if n.startswith(f"model.layers.{layers}.")]
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    src, info = with_mtp
+    tensors = _tensors(src)
+    gone = [f"model.layers.{info['num_layers']}.eh_proj.weight", f"model.layers.{info['num_layers']}.enorm.weight"]
+    from r1mega.bridge.safetensors_io import write_safetensors
+
+    write_safetensors(partial / "model.safetensors", sorted((k, v) for k, v in tensors.items() if k not in gone))
+    (partial / "config.json").write_text((src / "config.json").read_text())
+    jobs = {"absent": {"src": str(tmp_path / "hf_saved")}, "partial": {"src": str(partial), "expect_error": True}}
+    spec = {"mode": "mtp_convert", "root": str(tmp_path), "jobs": jobs}
+    spawn_ranks([CONVERT, json.dumps(spec)], 1, timeout_s=500, name="mtp absent", log_dir=tmp_path / "logs")
+    _same(tmp_path / "hf_saved", tmp_path / "absent_hf")
+    said = [line for line in (tmp_path / "logs" / "mtp_absent.rank0.log").read_text().splitlines()
+            if "num_nextn_predict_layers" in line]
+    assert len(said) == 1 and "no tensor of MTP layer" in said[0], said
+    assert json.loads((tmp_path / "absent_ckpt" / "model_config.json").read_text())["mtp_num_layers"] == 0
+    error = (tmp_path / "partial_error.txt").read_text()
+    assert "present only in part" in error and all(n in error for n in gone), error

@@ -130,6 +130,7 @@ def test_eval_cli_on_a_tiny_hf_model(tmp_path):
                            "rollout.max_new_tokens=8", "rollout.max_model_len=256"],
                           capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]  # the in-process engine shuts down cleanly
     report = json.loads(out.read_text())
     assert report["k"] == 3 and report["problems"] == 3
     for key in ("eval/pass@1", "eval/cons@k", "eval/format", "eval/response_len"):

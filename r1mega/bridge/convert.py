@@ -69,19 +69,34 @@ def _setup(tp: int, pp: int, ep: int, pp_first: int | None = None, pp_last: int 
     return parallel
 
 
-def _model_config_for(step_dir: Path, meta: dict) -> ModelConfig:
+def _model_config_from(data: dict) -> ModelConfig:
+    known = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in data.items() if k in known})
+
+
+def _model_config_for(step_dir: Path, meta: dict) -> tuple[ModelConfig, str]:
+    """The checkpoint's ``ModelConfig`` and where it came from.
+
+    In order: meta.json's ``model.config`` (every field as the run resolved it; written by every save
+    since it exists), a ``model_config.json`` in the step directory or its root, then (checkpoints
+    that predate both) the preset's stock size, which :func:`_check_shapes` verifies.
+    """
+    saved = meta.get("model", {})
+    if isinstance(saved.get("config"), dict):
+        return _model_config_from(saved["config"]), f"{step_dir / 'meta.json'} (model.config)"
     for candidate in (step_dir / MODEL_CONFIG_FILE, step_dir.parent / MODEL_CONFIG_FILE):
         if candidate.exists():
-            data = json.loads(candidate.read_text())
-            known = {f.name for f in fields(ModelConfig)}
-            return ModelConfig(**{k: v for k, v in data.items() if k in known})
-    names = meta.get("model", {})
-    if not names.get("preset"):
-        raise ConvertError(f"{step_dir}: meta.json names no model preset and there is no {MODEL_CONFIG_FILE}")
+            return _model_config_from(json.loads(candidate.read_text())), str(candidate)
+    if not saved.get("preset"):
+        raise ConvertError(f"{step_dir}: meta.json names no model and there is no {MODEL_CONFIG_FILE}: write the "
+                           f"run's `model:` section (its config.yaml) as JSON to {step_dir / MODEL_CONFIG_FILE}")
     from r1mega.config.presets import resolve_model
 
-    return resolve_model(ModelConfig(preset=names["preset"], size=names.get("size") or "tiny",
-                                     precision=names.get("precision") or "fp32"))
+    size = saved.get("size") or "tiny"
+    cfg = resolve_model(ModelConfig(preset=saved["preset"], size=size, precision=saved.get("precision") or "fp32"))
+    log.warning("%s predates meta.json's model.config: rebuilding preset=%s size=%s from the preset (sizes a "
+                "recipe set are not recorded)", step_dir, saved["preset"], size)
+    return cfg, f"preset={saved['preset']} size={size} (old meta.json without model.config)"
 
 
 def checkpoint_model_config(ckpt: str | Path) -> ModelConfig:
@@ -89,10 +104,10 @@ def checkpoint_model_config(ckpt: str | Path) -> ModelConfig:
     from r1mega.ckpt import read_meta, resolve_checkpoint_dir
 
     step_dir = resolve_checkpoint_dir(ckpt)
-    return _model_config_for(step_dir, read_meta(step_dir))
+    return _model_config_for(step_dir, read_meta(step_dir))[0]
 
 
-def _check_shapes(stage, meta: dict, step_dir: Path) -> None:
+def _check_shapes(stage, meta: dict, step_dir: Path, source: str) -> None:
     """The checkpoint holds this architecture: every tensor with its full shape (before any read)."""
     from r1mega.models.sharding import shard_infos
 
@@ -101,8 +116,11 @@ def _check_shapes(stage, meta: dict, step_dir: Path) -> None:
     problems = [f"{n}: checkpoint {saved.get(n)}, model {shape}" for n, shape in sorted(here.items())
                 if saved.get(n) != shape]
     if problems:
-        raise ConvertError(f"{step_dir} does not hold the model its {MODEL_CONFIG_FILE}/meta.json describe: "
-                           f"{problems[:5]}{' ...' if len(problems) > 5 else ''}")
+        fix = ("" if source.endswith("(model.config)") else
+               f"; write the run's `model:` section (its config.yaml, resolved) as JSON to "
+               f"{step_dir / MODEL_CONFIG_FILE} and convert again")
+        raise ConvertError(f"{step_dir} does not hold the model built from {source}: "
+                           f"{problems[:5]}{' ...' if len(problems) > 5 else ''}{fix}")
 
 
 def to_hf(ckpt: str | Path, out: str | Path, *, tokenizer: str | Path | None = None, force: bool = False,
@@ -113,7 +131,7 @@ def to_hf(ckpt: str | Path, out: str | Path, *, tokenizer: str | Path | None = N
     check_output_dir(out, force)
     step_dir = resolve_checkpoint_dir(ckpt)
     meta = read_meta(step_dir)
-    model_cfg = _model_config_for(step_dir, meta)
+    model_cfg, source = _model_config_for(step_dir, meta)
     to_hf_config(model_cfg)  # unsupported architecture: fail before building anything
     parallel = _setup(1, 1, 1)
     if parallel.dp != 1:
@@ -125,7 +143,7 @@ def to_hf(ckpt: str | Path, out: str | Path, *, tokenizer: str | Path | None = N
     from r1mega.models.policy import build_policy
 
     stage = build_policy(model_cfg, parallel, meta=True)
-    _check_shapes(stage, meta, step_dir)
+    _check_shapes(stage, meta, step_dir, source)
     reader = WeightsReader(step_dir, stage.model)
     passthrough = Passthrough.find(step_dir)
     if passthrough is not None:
@@ -178,6 +196,8 @@ def from_hf(hf: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, ep: in
                                f"(num_nextn_predict_layers); choose 0..{hf_mtp}")
         model_cfg = replace(model_cfg, mtp_num_layers=mtp_layers)
     source = HFSource(hf, hf_cfg)  # FP8 pairs and shard files are checked before anything is built
+    if mtp_layers is None:
+        model_cfg = _without_absent_mtp_layers(source, model_cfg, hf_mtp)
     if model_cfg.num_experts and model_cfg.num_experts % ep:
         raise ConvertError(f"--ep {ep} does not divide the {model_cfg.num_experts} experts")
     if model_cfg.num_attention_heads % tp:
@@ -205,6 +225,26 @@ def from_hf(hf: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, ep: in
     return {"out": str(path), "unused_hf_tensors": unused, "kept_hf_tensors": len(kept)}
 
 
+def _without_absent_mtp_layers(source, model_cfg: ModelConfig, hf_mtp: int) -> ModelConfig:
+    """config.json's MTP layers whose files hold no tensor at all are left out of the model (one log line).
+
+    transformers' DeepseekV3 declares ``num_nextn_predict_layers=1`` but builds no MTP layer, so what it
+    saves has none. A layer with some of its tensors stays in the model: the importer then names the
+    missing ones. The MTP layers run in sequence, so the model holds the leading present ones.
+    """
+    if not hf_mtp:
+        return model_cfg
+    names = source.names()
+    present = 0
+    while present < hf_mtp and any(n.startswith(f"model.layers.{model_cfg.num_layers + present}.") for n in names):
+        present += 1
+    if present < hf_mtp:
+        log.warning("from-hf: config.json declares num_nextn_predict_layers=%d but %s holds no tensor of MTP layer "
+                    "model.layers.%d: converting with %d MTP layer(s) (model.mtp_num_layers=%d)", hf_mtp, source.dir,
+                    model_cfg.num_layers + present, present, present)
+    return replace(model_cfg, mtp_num_layers=present)
+
+
 def _keep_mtp_layers(source, hf_cfg: dict, model_cfg: ModelConfig, out: str | Path) -> list[str]:
     """config.json's MTP layers the model does not hold: copied unchanged next to the checkpoint."""
     from r1mega.bridge.passthrough import layer_tensors, save_passthrough
@@ -214,6 +254,8 @@ def _keep_mtp_layers(source, hf_cfg: dict, model_cfg: ModelConfig, out: str | Pa
         return []
     first = model_cfg.num_layers + held
     names = layer_tensors(source.reader.names(), first)
+    if not names:  # the files hold none of them (said when the model was chosen)
+        return []
     path = save_passthrough(source.reader, names, out, hf_mtp, hf_cfg)
     log.warning("from-hf: config.json has %d MTP layer(s) (model.layers.%d...); the r1mega model holds %d "
                 "(model.mtp_num_layers): the other %d layer(s), %d tensors, are kept unchanged in %s and "

@@ -11,6 +11,7 @@ communication except a final check of which HF tensors no rank used.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -24,6 +25,12 @@ from r1mega.models.registry import architecture
 from r1mega.models.sharding import ShardInfo, shard_of
 
 log = logging.getLogger(__name__)
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _layer_of(hf_name: str) -> int | None:
+    m = _LAYER.match(hf_name)
+    return int(m[1]) if m else None
 
 
 class HFImporter:
@@ -36,12 +43,26 @@ class HFImporter:
         self.tie = bool(model_cfg.tie_word_embeddings)
         self.local = {info.local_name: (info, t) for info, t in local_tensors(model, config)}
         self.used: set[str] = set()
-        for info, _ in self.local.values():  # every HF tensor this rank needs exists: fail before any work
-            names = self.hf_names(info)
-            missing = [n for n in names if n not in source]
-            if missing:
-                raise BridgeError(f"{source.dir}: missing HF tensor(s) {missing} needed for megatron "
-                                  f"{info.canonical_name}")
+        self._check_present()
+
+    def _check_present(self) -> None:
+        """Every HF tensor this rank needs exists: fail before any work, naming all that are missing."""
+        missing: dict[str, list[str]] = {}
+        for info, _ in self.local.values():
+            for n in self.hf_names(info):
+                if n not in self.source:
+                    missing.setdefault(n, []).append(info.canonical_name)
+        if not missing:
+            return
+        first_mtp = f"model.layers.{self.dims.num_layers}."
+        mtp = sorted(n for n in missing if _layer_of(n) is not None and _layer_of(n) >= self.dims.num_layers)
+        if mtp:
+            raise BridgeError(f"{self.source.dir}: MTP layer(s) from {first_mtp}* (config.json's "
+                              f"num_nextn_predict_layers) are present only in part: missing {mtp}. Complete the "
+                              "files, or convert fewer MTP layers (--mtp-layers)")
+        shown = [f"{n} (for megatron {', '.join(missing[n])})" for n in sorted(missing)[:10]]
+        raise BridgeError(f"{self.source.dir}: missing HF tensor(s) {shown}"
+                          f"{f' ... {len(missing) - 10} more' if len(missing) > 10 else ''}")
 
     def hf_names(self, info: ShardInfo) -> list[str]:
         return self.arch.hf_names(self._canonical(info), self.dims)

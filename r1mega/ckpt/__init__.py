@@ -10,7 +10,13 @@ Importing this package does not import megatron; the functions call ``ensure_meg
 """
 
 from r1mega.ckpt.atomic import committed_steps, read_latest, resolve_checkpoint_dir
-from r1mega.ckpt.dist_ckpt import DEFAULT_OPTIM_SHARDING, load_checkpoint, read_meta, save_checkpoint
+from r1mega.ckpt.dist_ckpt import (
+    DEFAULT_OPTIM_SHARDING,
+    link_checkpoint,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 from r1mega.ckpt.errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -28,6 +34,7 @@ __all__ = [
     "IncompleteCheckpointError",
     "SimulatedCrash",
     "committed_steps",
+    "link_checkpoint",
     "load_checkpoint",
     "read_latest",
     "read_meta",

@@ -107,6 +107,33 @@ def commit(tmp: Path, root: Path, step: int) -> Path:
     return final
 
 
+def link_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> bool:
+    """Give every file under ``src`` (but the top-level names in ``skip``) a second name under ``dst``.
+
+    Hard links: the bytes exist once and stay as long as either name does, so pruning one name
+    never breaks the other. Where the filesystem has no hard links the files are copied (logged);
+    returns whether they were linked.
+    """
+    linked = True
+    for dirpath, _, filenames in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        for name in filenames:
+            if rel == Path(".") and name in skip:
+                continue
+            target = dst / rel / name
+            if linked:
+                try:
+                    os.link(Path(dirpath, name), target)
+                    continue
+                except OSError as e:
+                    log.warning("no hard links from %s to %s (%s): copying the checkpoint's files instead",
+                                src, dst, e)
+                    linked = False
+            shutil.copy2(Path(dirpath, name), target)
+    return linked
+
+
 def committed_steps(root: Path) -> list[tuple[int, Path]]:
     """(step, dir) of every complete checkpoint under ``root``, oldest first."""
     found = []
@@ -125,15 +152,19 @@ def read_latest(root: Path) -> Path | None:
     return root / pointer.read_text().strip()
 
 
-def prune(root: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` committed checkpoints (never the one ``latest`` names)."""
+def prune(root: Path, keep_last: int, protect: tuple[Path, ...] | list[Path] = ()) -> list[Path]:
+    """Delete all but the newest ``keep_last`` committed checkpoints; never the one ``latest`` names,
+    nor any in ``protect`` (e.g. the checkpoints a finished stage's done.json points at)."""
     if keep_last <= 0:
         return []
+    kept = {Path(p).resolve() for p in protect}
     latest = read_latest(root)
+    if latest is not None:
+        kept.add(latest.resolve())
     steps = committed_steps(root)
     removed = []
     for _, path in steps[: max(0, len(steps) - keep_last)]:
-        if latest is not None and path.resolve() == latest.resolve():
+        if path.resolve() in kept:
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)

@@ -18,6 +18,7 @@ megatron stack trace. See docs/architecture.md, "Checkpoints".
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -79,11 +80,17 @@ def _layout(use_distributed_optimizer: bool | None, config=None) -> dict:
 
 
 def _model_names(tm, model_cfg) -> dict:
+    """meta.json's model identity: preset, size, precision and, as ``config``, every field of the
+    r1mega ``ModelConfig`` as the run resolved it (conversion rebuilds the model from it; preset +
+    size alone would lose the sizes a recipe set)."""
     cfg = model_cfg if model_cfg is not None else getattr(tm, "model_config", None) if tm is not None else None
     if cfg is None:
         return {"preset": None, "size": None}
-    return {"preset": getattr(cfg, "preset", None), "size": getattr(cfg, "size", None),
-            "precision": getattr(cfg, "precision", None)}
+    names = {"preset": getattr(cfg, "preset", None), "size": getattr(cfg, "size", None),
+             "precision": getattr(cfg, "precision", None)}
+    if dataclasses.is_dataclass(cfg):
+        names["config"] = dataclasses.asdict(cfg)
+    return names
 
 
 def _param_shapes(module, config) -> dict[str, list[int]]:
@@ -352,14 +359,15 @@ def _start_writer_queue() -> None:
 
 
 def save_checkpoint(tm, root: str | Path, step: int, extra: dict | None = None, *,
-                    keep_last: int | None = None, model_cfg=None,
+                    keep_last: int | None = None, model_cfg=None, protect: tuple[Path, ...] = (),
                     optim_sharding_type: str = DEFAULT_OPTIM_SHARDING) -> Path:
     """Write ``<root>/step_<step:06d>/`` atomically on every rank (collective); returns its path.
 
     Saves model, optimizer, scheduler, RNG (per rank), ``step`` and ``extra`` (any values that
     ``torch.load(weights_only=True)`` accepts: numbers, strings, lists, dicts, tensors), plus
-    ``meta.json``. ``keep_last`` > 0 deletes older checkpoints after the commit. ``model_cfg`` (the
-    r1mega ``ModelConfig``) adds preset/size to ``meta.json``.
+    ``meta.json``. ``keep_last`` > 0 deletes older checkpoints after the commit, but none in ``protect``.
+    ``model_cfg`` (the
+    r1mega ``ModelConfig``) adds preset/size and the whole resolved config to ``meta.json``.
     """
     ensure_megatron()
     from megatron.core import dist_checkpointing
@@ -395,13 +403,31 @@ def save_checkpoint(tm, root: str | Path, step: int, extra: dict | None = None, 
         return make_meta(step, layout, architecture(tm.config), shapes, _model_names(tm, model_cfg),
                          optim_info, extra, contents=CONTENTS_TRAINING)
 
+    return atomic_save(root, step, write, keep_last=keep_last, protect=tuple(protect))
+
+
+def link_checkpoint(src: str | Path, root: str | Path, step: int, *, keep_last: int | None = None) -> Path:
+    """Commit the checkpoint ``src`` also as ``<root>/step_<step>`` without writing its bytes again
+    (collective): its files are hard-linked (:func:`atomic.link_tree`), ``meta.json`` is a copy that
+    records ``linked_from``. A stage's final checkpoint that a periodic save already wrote is named so."""
+    src = atomic.resolve_checkpoint_dir(src)
+
+    def write(tmp: Path) -> dict | None:
+        if _rank() != 0:
+            return None
+        how = "hard links" if atomic.link_tree(src, tmp, skip=(atomic.META_FILE,)) else "copies"
+        log.info("checkpoint %s: %s of %s", root, how, src)
+        return {**read_meta(src), "linked_from": str(src)}
+
     return atomic_save(root, step, write, keep_last=keep_last)
 
 
-def atomic_save(root: str | Path, step: int, write, *, keep_last: int | None = None) -> Path:
+def atomic_save(root: str | Path, step: int, write, *, keep_last: int | None = None,
+                protect: tuple[Path, ...] = ()) -> Path:
     """The atomic commit around a distributed save (collective; see :mod:`r1mega.ckpt.atomic`).
 
     ``write(tmp_dir)`` saves the shards on every rank and returns ``meta.json``'s contents on rank 0.
+    ``keep_last`` prunes older checkpoints of ``root`` but the ones in ``protect``.
     """
     t0 = time.perf_counter()
     root = Path(root)
@@ -426,7 +452,7 @@ def atomic_save(root: str | Path, step: int, write, *, keep_last: int | None = N
         try:
             final = atomic.commit(tmp, root, step)
             if keep_last:
-                for path in atomic.prune(root, keep_last):
+                for path in atomic.prune(root, keep_last, protect):
                     log.info("pruned old checkpoint %s", path)
         except BaseException as e:  # noqa: B036 - re-raised below after telling the other ranks
             outcome = f"{type(e).__name__}: {e}"

@@ -398,7 +398,7 @@ class DistillConfig:
     teacher_hf: Optional[str] = None  # HF model directory (config.json, safetensors, tokenizer.json)
     teacher_checkpoint: Optional[str] = None  # r1mega checkpoint (root or step_*); needs data.tokenizer
     # the teacher's architecture: a recipe YAML whose `model:` section built it (e.g. <teacher run>/config.yaml);
-    # None = the checkpoint's model_config.json (written by `convert from-hf`) or its meta.json preset
+    # None = the checkpoint's own (meta.json's model.config; older ones: model_config.json or the preset)
     teacher_config: Optional[str] = None
     max_response_tokens: int = 0  # drop longer generations; 0 = no cap beyond rollout.max_new_tokens
     # Logit distillation: store the teacher's top-k log-probs per response token (raw, temperature 1) and

@@ -147,10 +147,12 @@ def run_eval(cfg: R1Config, req: EvalRequest) -> Optional[dict]:
             run = _run_suite if req.suite else _run_set
             report = run(cfg, req, engine, tokenizer, problems, sources, t0)
         finally:
-            close = getattr(engine, "close", None)
-            if close is not None:
-                close()
-    if dist.is_initialized():
+            # an engine process closes; an in-process vLLM engine shuts its core down now, while the process
+            # group vLLM made for it still exists (at interpreter exit it would find it gone: a traceback)
+            stop = getattr(engine, "close", None) or getattr(engine, "shutdown", None)
+            if stop is not None:
+                stop()
+    if req.hf is None and dist.is_initialized():  # megatron's groups (--hf: vLLM's own, shut down above)
         from r1mega.platform.distributed import shutdown
 
         dist.barrier()

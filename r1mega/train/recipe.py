@@ -4,7 +4,8 @@ R1: cold-start SFT -> reasoning RL (GRPO) -> rejection sampling -> SFT -> all-sc
 one GRPO stage straight from the base model. Each SFT/GRPO/distill stage builds a fresh policy (new
 optimizer and LR schedule over its own steps) from the previous stage's final checkpoint (the first
 stage: ``checkpoint.load_dir``, else a seeded fresh init), trains, and saves
-``<checkpoint root>/<stage>/step_<n>``. A finished stage leaves ``<output_dir>/<stage>/done.json``.
+``<checkpoint root>/<stage>/step_<n>`` (once: hard links to the periodic checkpoint when one was saved at
+that step). A finished stage leaves ``<output_dir>/<stage>/done.json``.
 
 Resume: every ``checkpoint.save_interval`` optimizer steps, and after the step in which SIGTERM or
 SIGUSR1 arrived (then exit 75), the trainer saves the whole training state to
@@ -91,7 +92,6 @@ def _resume_point(tr, cfg: R1Config, done: dict) -> tuple[Optional[Path], Option
 def _run(cfg: R1Config, stop, role) -> dict:
     import torch.distributed as dist
 
-    from r1mega.ckpt import save_checkpoint
     from r1mega.train.metrics import run_summary
     from r1mega.train.resilience import cut_metrics
     from r1mega.train.stages import weights_fingerprint
@@ -148,8 +148,7 @@ def _run(cfg: R1Config, stop, role) -> dict:
             info = {"kind": stage.kind, "from": checkpoint, "fingerprint_start": start,
                     **_runners()[stage.kind](tr, stage, scfg, mine)}
             if stage.kind != "rejection_sampling":
-                path = save_checkpoint(tr.tm, stage_roots / stage.name, steps, extra={"stage": stage.name},
-                                       keep_last=1, model_cfg=cfg.model)
+                path = tr.ckpt.final_checkpoint(stage_roots / stage.name, steps)
                 checkpoint = tr.tm_checkpoint = str(path)
             info.update({"checkpoint": checkpoint, "fingerprint_end": weights_fingerprint(tr.tm), "steps": steps})
             tr.metrics.log({"stage": "stage_end", "step": steps, "kind": stage.kind, "checkpoint": checkpoint,

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -176,9 +177,32 @@ class Checkpointer:
         extra = {"stage": stage, "stage_step": int(stage_step), "metrics_lines": lines,
                  "run_state": self.run_state, **state}
         path = save_checkpoint(self.tm, self.root, self.global_step, extra, keep_last=self.keep_last,
-                               model_cfg=self.model_cfg)
+                               model_cfg=self.model_cfg, protect=self.stage_checkpoints())
         self.last_saved = self.global_step
         return path
+
+    def stage_checkpoints(self) -> tuple[Path, ...]:
+        """The checkpoints finished stages' done.json name (pruning keeps them: later stages start there)."""
+        named = []
+        for done in sorted(self.metrics_path.parent.glob("*/done.json")):
+            checkpoint = json.loads(done.read_text()).get("checkpoint")
+            if checkpoint:
+                named.append(Path(checkpoint))
+        return tuple(named)
+
+    def final_checkpoint(self, stage_root: Path, stage_steps: int) -> Path:
+        """Collective, at the end of a stage: its final checkpoint ``<stage_root>/step_<stage_steps>``.
+
+        Written once: when the periodic save already wrote this exact state (the stage's last step was a
+        save step) the stage's name hard-links that checkpoint's files instead of saving them again."""
+        from r1mega.ckpt import link_checkpoint, save_checkpoint
+        from r1mega.ckpt.atomic import step_dir_name
+
+        periodic = self.root / step_dir_name(self.global_step)
+        if self.last_saved == self.global_step and periodic.is_dir():
+            return link_checkpoint(periodic, stage_root, stage_steps, keep_last=1)
+        return save_checkpoint(self.tm, stage_root, stage_steps, extra={"stage": stage_root.name}, keep_last=1,
+                               model_cfg=self.model_cfg)
 
     def end_of_step(self, stage: str, stage_step: int, state: dict) -> None:
         """Collective, after every optimizer step: save periodically, and save + raise on a stop signal."""
