@@ -62,7 +62,7 @@ class Run:
                 found[int(pid)] = cmdline.replace(b"\0", b" ").decode(errors="replace")[:160]
         return found
 
-    def wait_for(self, cond, what: str, timeout: float = 300.0) -> None:
+    def wait_for(self, cond, what: str, timeout: float = 200.0) -> None:
         deadline = time.monotonic() + timeout
         while not cond():
             if self.proc.poll() is not None:
@@ -93,12 +93,26 @@ class Run:
                         + "\n".join(f"  {pid}: {cmd}" for pid, cmd in sorted(left.items())))
 
     def cleanup(self) -> None:
+        """Kill whatever is left (a failed or timed-out test must not leave a run on the machine)."""
         for pid in self.processes():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def start(tmp_path):
+    runs = []
+
+    def start_run(nproc: int, *extra: str, sft_steps: int = 200) -> Run:
+        runs.append(Run(tmp_path / f"run{len(runs)}", nproc, *extra, sft_steps=sft_steps))
+        return runs[-1]
+
+    yield start_run
+    for run in runs:
+        run.cleanup()
 
 
 def _saving(run: Run, after_step: int) -> bool:
@@ -115,27 +129,27 @@ def _writer_up(run: Run, workers: int) -> bool:
             and any("multiprocessing.resource_tracker" in c for c in cmds))
 
 
-def _kill_during_sft_save(tmp_path: Path, nproc: int, victim) -> None:
-    run = Run(tmp_path / "run", nproc, "checkpoint.save_interval=1")
-    # the first save started the writer Manager; the kill lands in the second
-    run.wait_for(lambda: _writer_up(run, nproc) and _saving(run, 1), "a checkpoint save after the first")
+def _kill_during_sft_save(start, nproc: int, victim) -> None:
+    run = start(nproc, "checkpoint.save_interval=1")
+    # the first save (after step 1) starts the writer Manager, then writes: the kill lands there
+    run.wait_for(lambda: _writer_up(run, nproc) and _saving(run, 0), "a checkpoint save")
     killed_at = run.kill(victim(run))
     assert not (run.out / "checkpoints" / "rl").exists(), "not killed during SFT"
     run.assert_nothing_left(killed_at)
 
 
-@pytest.mark.timeout(180)
-def test_sigkill_during_an_sft_checkpoint_save_leaves_no_process(tmp_path):
-    _kill_during_sft_save(tmp_path, 1, lambda run: None)
+@pytest.mark.timeout(240)
+def test_sigkill_during_an_sft_checkpoint_save_leaves_no_process(start):
+    _kill_during_sft_save(start, 1, lambda run: None)
 
 
 def _torchrun_agent(run: Run) -> int:
     return next(pid for pid, cmd in run.processes().items() if "torch.distributed.run" in cmd)
 
 
-@pytest.mark.timeout(180)
-def test_sigkill_of_the_torchrun_agent_leaves_no_process(tmp_path):
-    _kill_during_sft_save(tmp_path, 2, _torchrun_agent)
+@pytest.mark.timeout(240)
+def test_sigkill_of_the_torchrun_agent_leaves_no_process(start):
+    _kill_during_sft_save(start, 2, _torchrun_agent)
 
 
 def _stat(pid: int) -> list[str]:
@@ -156,8 +170,8 @@ def _engine_busy(run: Run) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_sigkill_during_a_grpo_generate_leaves_no_process(tmp_path):
-    run = Run(tmp_path / "run", 1, "reward.num_workers=1", sft_steps=2)
+def test_sigkill_during_a_grpo_generate_leaves_no_process(start):
+    run = start(1, "reward.num_workers=1", sft_steps=2)
     run.wait_for(lambda: "kind grpo" in run.log(), "the GRPO stage")
     run.wait_for(lambda: _engine_busy(run), "a generate of the GRPO stage")
     killed_at = run.kill()
@@ -167,15 +181,15 @@ def test_sigkill_during_a_grpo_generate_leaves_no_process(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_sigkill_of_one_torchrun_worker_leaves_no_process(tmp_path):
+def test_sigkill_of_one_torchrun_worker_leaves_no_process(start):
     """torchrun stops the other worker; the killed worker's own children (its writer Manager) die with it."""
     def worker(run: Run) -> int:
         agent = _torchrun_agent(run)
         return min(pid for pid, cmd in run.processes().items()
                    if "r1mega.cli" in cmd and int(_stat(pid)[1]) == agent)
 
-    run = Run(tmp_path / "run", 2, "checkpoint.save_interval=1")
-    run.wait_for(lambda: _writer_up(run, 2) and _saving(run, 1), "a checkpoint save after the first")
+    run = start(2, "checkpoint.save_interval=1")
+    run.wait_for(lambda: _writer_up(run, 2) and _saving(run, 0), "a checkpoint save")
     killed_at = run.kill(worker(run))
     # torchrun gives the surviving worker up to 30 s after SIGTERM (it is in a collective with the dead one)
     run.assert_nothing_left(killed_at + 40)
