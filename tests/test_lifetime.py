@@ -36,7 +36,7 @@ def test_child_dies_with_its_killed_parent(kind):
     child = None
     try:
         child = int(parent.stdout.readline())
-        time.sleep(1.0)  # "thread": the starting thread ended a while ago; the child must outlive it
+        time.sleep(0.3)  # "thread": the thread that started the child has ended; the child must outlive it
         assert _alive(child), f"the {kind} child died while its parent lives"
         parent.kill()
         parent.wait(timeout=10)

@@ -138,6 +138,7 @@ def _kill_during_sft_save(start, nproc: int, victim) -> None:
     run.assert_nothing_left(killed_at)
 
 
+@pytest.mark.slow  # the --nproc 2 test below kills at the same point (CI time)
 @pytest.mark.timeout(240)
 def test_sigkill_during_an_sft_checkpoint_save_leaves_no_process(start):
     _kill_during_sft_save(start, 1, lambda run: None)
