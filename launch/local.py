@@ -60,8 +60,10 @@ def run_local(nproc: int, r1mega_args: list[str], timeout_s: float = 1800.0, gra
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     # Make `-m r1mega.cli` importable from a checkout even without an editable install.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    from r1mega.platform.lifetime import exec_guard
+
     proc = subprocess.Popen(torchrun_command(nproc, r1mega_args), env=env, cwd=REPO_ROOT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=exec_guard())  # ends with this launcher
     try:
         return proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:

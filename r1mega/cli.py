@@ -18,6 +18,7 @@ from pathlib import Path
 
 from r1mega.config import ConfigError, load_config
 from r1mega.config.paths import check_paths
+from r1mega.platform import lifetime
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml"
 
@@ -35,7 +36,7 @@ def _relaunch(nproc: int, argv: list[str], timeout_s: float | None) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "r1mega.cli", *argv]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=lifetime.exec_guard())  # torchrun ends with this process
 
     stopped = []
 
@@ -285,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bind_lifetime() -> None:
+    """A torchrun worker ends with its agent; what libraries fork from this process ends with it. (A command
+    run from a shell is not tied to the shell: ``nohup r1mega train`` outlives it.)"""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        lifetime.die_with_parent()
+    lifetime.forked_children_die_with_this_process()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -293,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     logging.basicConfig(level=(args.log_level or "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _bind_lifetime()
     try:
         return args.func(args, rest)
     except ConfigError as e:

