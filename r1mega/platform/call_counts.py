@@ -19,8 +19,8 @@ COLLECTIVES = (
     "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
     "reduce_scatter_tensor", "_all_gather_base", "_reduce_scatter_base", "broadcast", "broadcast_object_list",
     "all_to_all", "all_to_all_single", "barrier", "gather", "gather_object", "scatter", "reduce", "send", "recv",
-    "isend", "irecv", "batch_isend_irecv",
-)
+    "batch_isend_irecv",
+)  # not isend / irecv: P2POp (pipeline sends) accepts only torch's own functions, by identity
 
 _counts: Counter = Counter()
 _depth = threading.local()
