@@ -127,6 +127,8 @@ def cmd_train(args, rest: list[str]) -> int:
     except TrainingPreempted as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"r1mega {args.command}: {e} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+            if os.environ.get("R1MEGA_PREEMPTED_FILE"):  # launch/slurm.py's script: torchrun turns our 75 into 1
+                Path(os.environ["R1MEGA_PREEMPTED_FILE"]).write_text(f"{e}\n")
         return EXIT_PREEMPTED
     if s is None:  # an engine rank of a one-step-off run
         return 0

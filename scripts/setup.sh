@@ -11,7 +11,7 @@
 #   R1MEGA_VERBOSE=1    show pip's full output (which wheels are collected/downloaded)
 #   R1MEGA_TORCH_INDEX  index URL for the torch install step only (e.g. https://download.pytorch.org/whl/cpu
 #                       on a CPU machine without a local torch wheel, to avoid the CUDA build)
-#   R1MEGA_APT=0        only check for bubblewrap, never apt-get install it
+#   R1MEGA_APT=0        only check for bubblewrap, slurm-wlm and munge, never apt-get install them
 #
 # The code reward runs candidate programs in a private filesystem view built by bubblewrap (`bwrap`,
 # Debian/Ubuntu package `bubblewrap`); as root with apt-get it is installed here, otherwise checked
@@ -81,6 +81,40 @@ check_bwrap() {
         "(Debian/Ubuntu), dnf install bubblewrap (Fedora/RHEL) or your distribution's package"
 }
 check_bwrap
+
+# --- 0b. Slurm + munge, for the launcher tests' one-host cluster (system packages) ------------------
+# tests/test_launch.py starts munged, slurmctld and slurmd of these packages in a temp dir (as root).
+have_slurm() {
+    local b
+    for b in slurmctld slurmd munged sbatch srun scontrol sinfo scancel; do
+        command -v "$b" >/dev/null 2>&1 || [[ -x "/usr/sbin/$b" ]] || return 1
+    done
+}
+slurm_version() {
+    printf '%s, %s' "$("$(command -v slurmd || echo /usr/sbin/slurmd)" -V 2>/dev/null)" \
+        "$("$(command -v munged || echo /usr/sbin/munged)" -V 2>/dev/null | awk 'NR==1 {print $1}')"
+}
+check_slurm() {
+    if have_slurm; then
+        say "slurm: $(slurm_version) (launcher tests' one-host cluster)"
+        return
+    fi
+    if [[ "${R1MEGA_APT:-1}" != 0 && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        say "installing slurm-wlm and munge (apt-get) for the launcher tests' one-host Slurm cluster"
+        if { DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge \
+                 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; }; } \
+                >/dev/null 2>&1 \
+                && have_slurm; then
+            say "slurm: $(slurm_version)"
+            return
+        fi
+        say "WARNING: apt-get could not install slurm-wlm and munge (offline?)"
+    fi
+    say "WARNING: Slurm (slurmctld, slurmd, sbatch) or munge is not installed: the real-Slurm tests in" \
+        "tests/test_launch.py skip (on CI they fail). Install them as root: sudo apt-get install slurm-wlm munge" \
+        "(Debian/Ubuntu); the tests also need root to start the cluster"
+}
+check_slurm
 
 # --- 1. the venv -------------------------------------------------------------------------------
 if [[ -x "$VENV/bin/python" ]] && py_ok "$VENV/bin/python"; then

@@ -24,6 +24,7 @@ from launch.nodelist import NodelistError, expand_nodelist, first_host  # noqa: 
 
 QWEN = str(REPO / "configs" / "r1_zero_qwen3_30b_a3b.yaml")
 DSV3 = str(REPO / "configs" / "r1_deepseek_v3_671b.yaml")
+TINY = str(REPO / "configs" / "r1_tiny_cpu.yaml")
 
 
 def _generate(tmp_path, *args: str, env_path: str | None = None) -> subprocess.CompletedProcess:
@@ -78,10 +79,13 @@ def test_one_node_script(tmp_path):
                  "export CUDA_DEVICE_MAX_CONNECTIONS=1", "# export NCCL_SOCKET_IFNAME=",
                  'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"',
                  "--rdzv-backend c10d", '--rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"', "--nproc-per-node 8",
-                 '--nnodes "$SLURM_NNODES"', "trap 'TIME_LIMIT_HIT=1; forward_to_step USR1' USR1",
-                 "trap 'forward_to_step TERM' TERM", "# layout: tp=2 pp=2 ep=4 etp=1 dp=2"]:
+                 '--nnodes "$SLURM_NNODES"', "trap 'TIME_LIMIT_HIT=1; stop_step USR1' USR1",
+                 "trap 'stop_step TERM' TERM", "# layout: tp=2 pp=2 ep=4 etp=1 dp=2", "#SBATCH --open-mode=append",
+                 'scancel --signal=TERM "$SLURM_JOB_ID.0"', 'TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}',
+                 f"  {sys.executable} \\\n  -m torch.distributed.run"]:
         assert line in text, line
-    assert f"-m r1mega.cli train --config {QWEN} parallel.ep=4 optimizer.lr=2e-6 &" in text
+    assert "kill -TERM" not in text  # real srun answers a signal to itself by killing the step
+    assert f"-m r1mega.cli train --config {QWEN} parallel.ep=4 optimizer.lr=2e-6\n)" in text
     path = slurm.write_script(job, text, cfg)
     _bash_syntax_ok(path)
     assert (tmp_path / "r1mega-r1_zero_qwen3_30b_a3b.resolved.yaml").exists()
@@ -96,7 +100,7 @@ def test_64_node_script_via_cli_dry_run(tmp_path):
                  "# world size 512 = 64 node(s) x 8 GPU(s)", "# layout: tp=2 pp=2 ep=8 etp=1 dp=128",
                  "--container-image=nvcr.io/x:1", "REQUEUE_ON_EXIT=1", 'scontrol requeue "$SLURM_JOB_ID"']:
         assert line in text, line
-    assert f"-m r1mega.cli demo --config {QWEN} trainer.steps=5 &" in text
+    assert f"-m r1mega.cli demo --config {QWEN} trainer.steps=5\n)" in text
     assert "#SBATCH --partition" not in text and "#SBATCH --account" not in text
     assert not (tmp_path / "out").exists(), "--dry-run must not write anything"
     script = tmp_path / "dry.sbatch"
@@ -122,19 +126,6 @@ def test_bad_layout_fails_fast_and_writes_nothing(tmp_path):
     assert typo.returncode == 2 and "did you mean 'optimizer.lr'" in typo.stderr
 
 
-def test_submit_writes_script_and_calls_sbatch(tmp_path):
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "sbatch").write_text(f"#!/bin/bash\necho \"$@\" > {tmp_path}/sbatch_args\necho Submitted 42\n")
-    (fake_bin / "sbatch").chmod(0o755)
-    proc = _generate(tmp_path, QWEN, "--nodes", "4", "--command", "demo",
-                     env_path=f"{fake_bin}:{os.environ['PATH']}")
-    assert proc.returncode == 0, proc.stderr
-    script = tmp_path / "out" / "r1mega-r1_zero_qwen3_30b_a3b.sbatch"
-    assert (tmp_path / "sbatch_args").read_text().strip() == str(script)
-    _bash_syntax_ok(script)
-
-
 def test_missing_sbatch_is_a_clear_error(tmp_path):
     no_slurm = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
                                if not (Path(p) / "sbatch").exists())
@@ -144,44 +135,184 @@ def test_missing_sbatch_is_a_clear_error(tmp_path):
     assert (tmp_path / "out" / "r1mega-r1_zero_qwen3_30b_a3b.sbatch").exists()
 
 
-def test_usr1_is_forwarded_as_sigterm_and_the_job_requeued(tmp_path):
-    """Run the generated script with fake srun/scontrol: SIGUSR1 -> SIGTERM to the step -> requeue."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "srun").write_text(
-        "#!/bin/bash\n"
-        f"echo \"$@\" > {tmp_path}/srun_args\n"
-        f"trap 'echo TERM > {tmp_path}/srun_signal; exit 143' TERM\n"
-        f"touch {tmp_path}/srun_started\n"
-        "for i in $(seq 300); do sleep 0.1; done\n")
-    (fake / "scontrol").write_text(
-        "#!/bin/bash\n"
-        f"echo \"$@\" >> {tmp_path}/scontrol_calls\n"
-        "if [ \"$1\" = show ]; then printf 'gpu-01\\ngpu-02\\n'; fi\n")
-    for f in ("srun", "scontrol"):
-        (fake / f).chmod(0o755)
-    job = slurm.SlurmJob(config=QWEN, nodes=4, requeue=True, output_dir=str(tmp_path / "out"), command="demo")
-    script = slurm.write_script(job, slurm.render_sbatch(job))
-    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-[01-02]",
-               SLURM_NNODES="4", SLURM_JOB_ID="77")
-    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+def test_cpu_mode_requests_no_gpu(tmp_path):
+    proc = _generate(tmp_path, TINY, "--nodes", "2", "--gpus-per-node", "0", "--procs-per-node", "2", "--dry-run",
+                     "parallel.ep=4")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert not [line for line in text.splitlines() if line.startswith("#SBATCH") and ("gpu" in line or "gres" in line)
+                and "--output" not in line and "--error" not in line]
+    for line in ["#SBATCH --cpus-per-task=2", "--nproc-per-node 2", "# world size 4 = 2 node(s) x 2 CPU process(es)",
+                 'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"', "# layout: tp=1 pp=1 ep=4 etp=1 dp=4"]:
+        assert line in text, line
+    bad = _generate(tmp_path, QWEN, "--nodes", "4", "--procs-per-node", "2", "--dry-run")
+    assert bad.returncode == 2 and "one process per GPU" in bad.stderr
+
+
+# ------------------------------------------------------------------ a real Slurm (tests/slurm_cluster.py)
+
+# The payload, on the tiny R1 recipe without evals, one metrics line per step: (r1mega command, overrides, the
+# stage that is interrupted, its steps, steps of the stages before it). SFT needs no rollout engine, so a run
+# starts in seconds; the signal -> checkpoint -> resume path is the same for every stage kind (GRPO's exact
+# resume: tests/test_resume.py).
+COMMON = ["data.eval_path=null", "trainer.global_batch_size=8", "parallel.micro_batch_size=4",
+          "trainer.log_interval=1", "checkpoint.save_interval=0"]
+PAYLOADS = {"sft": ("sft", [*COMMON, "trainer.steps=12"], "sft", 12, 0)}
+TIMING = ("time/", "tokens_per_s")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """munged + slurmctld + two slurmd (node names) on this host, for the whole session; stopped by PID."""
+    from slurm_cluster import SlurmCluster, SlurmUnavailable
+
+    root = tmp_path_factory.mktemp("slurm")
+    root.chmod(0o700)  # munged refuses a key or socket directory others can write
     try:
-        deadline = time.monotonic() + 20
-        while not (tmp_path / "srun_started").exists():
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGUSR1)
-        _, err = proc.communicate(timeout=20)
+        cluster = SlurmCluster(root).start()
+    except SlurmUnavailable as e:
+        if os.environ.get("CI") == "true" and os.geteuid() == 0:  # setup.sh installs them on CI
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+    yield cluster
+    cluster.stop()
+
+
+def _submit(cluster, out: Path, *args: str, payload: str = "sft", nodes: int = 1,
+            extra: tuple[str, ...] = ()) -> tuple[int, Path]:
+    """``python -m launch.slurm`` (which writes the script and runs ``sbatch``) against the test cluster."""
+    from slurm_cluster import free_port
+
+    command, overrides = PAYLOADS[payload][:2]
+    cmd = [sys.executable, "-m", "launch.slurm", TINY, "--nodes", str(nodes), "--gpus-per-node", "0",
+           "--command", command, "--output-dir", str(out / "logs"), "--master-port", str(free_port()), *args,
+           *overrides, f"trainer.output_dir={out / 'run'}", *extra]
+    env = dict(cluster.env, OMP_NUM_THREADS="1")  # sbatch passes the environment on to the job
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = int(proc.stdout.split("Submitted batch job")[1].split()[0])
+    return job_id, next((out / "logs").glob("*.sbatch"))
+
+
+def _log(out: Path, job_id: int) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted((out / "logs").glob(f"*-{job_id}.*")))
+
+
+def _steps(out: Path, stage: str = "sft") -> list[int]:
+    path = out / "run" / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return [r["step"] for r in rows if r["stage"] in ("sft", "grpo") and r.get("stage_name") == stage]
+
+
+def _metrics(run: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().replace(str(run), "<run>").splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+
+
+def _wait(cond, what: str, timeout: float, cluster, job_id: int, out: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:.0f}s; job {cluster.job(job_id)}\n{_log(out, job_id)[-4000:]}")
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(1800)  # minutes on a loaded 2-core machine
+@pytest.mark.parametrize("payload", list(PAYLOADS))
+def test_time_limit_checkpoints_requeues_and_resumes_mid_stage(tmp_path, slurm_cluster, payload):
+    """SIGUSR1 of the time limit -> the trap signals the step -> the workers checkpoint and exit 75 -> requeue ->
+    the second attempt resumes mid-stage; metrics.jsonl equals an uninterrupted run's, timings aside.
+
+    slurmctld checks time limits every 30 s (PERIODIC_TIMEOUT, not configurable), so the test pins the signal
+    to a known step: once the stage is under way it stops the workers (SIGSTOP), lowers the time limit so
+    the next check sends the signal, and lets them go on (SIGCONT) when the trap has run."""
+    command, overrides, stage, steps, before = PAYLOADS[payload]
+    ref = tmp_path / "ref"
+    done = subprocess.run([sys.executable, "-m", "r1mega.cli", command, "--config", TINY, *overrides,
+                           f"trainer.output_dir={ref}"], capture_output=True, text=True, timeout=900, cwd=REPO,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))  # as in the job: fp32 sums depend on it
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    c, out = slurm_cluster, tmp_path / "job"
+    job_id, _ = _submit(c, out, "--requeue", "--time", "01:00:00", "--signal-lead", "300", payload=payload)
+    _wait(lambda: len(_steps(out, stage)) >= 3, f"3 steps of {stage}", 900, c, job_id, out)
+    workers = c.job_pids(job_id, argv_has="r1mega.cli", argv_lacks="torch.distributed.run")
+    assert workers, _log(out, job_id)
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    stopped_at = len(_steps(out, stage))
+    try:
+        assert stopped_at < steps - 1
+        run_s = sum(int(x) * 60 ** i for i, x in enumerate(reversed(c.job(job_id)["RunTime"].split(":"))))
+        # 240..300 s left: within the 300 s lead at the next check (<= 30 s away), not yet at the limit
+        c.run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={run_s // 60 + 5}")
+        _wait(lambda: "got SIGUSR1" in _log(out, job_id), "the time limit's SIGUSR1", 60, c, job_id, out)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, err
-    assert (tmp_path / "srun_signal").read_text().strip() == "TERM"
-    assert "rendezvous gpu-01:29500" in err
-    calls = (tmp_path / "scontrol_calls").read_text().splitlines()
-    assert calls == ["show hostnames gpu-[01-02]", "requeue 77"]
-    assert "--rdzv-id 77" in (tmp_path / "srun_args").read_text()
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    _wait(lambda: c.job(job_id).get("Restarts") == "1", "the requeue", 120, c, job_id, out)
+    c.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=60")  # no second signal in the second attempt
+    info = c.wait_job(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 900)
+    log = _log(out, job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
+
+    # the workers stop after the step they were in (or, stopped between its metrics line and its end, that one)
+    run_step = int(log.split("stopped by SIGTERM after step ")[1].split(";")[0])  # the run's global step
+    stop_step = run_step - before
+    assert stop_step in (stopped_at, stopped_at + 1) and stop_step < steps, log[-4000:]
+    order = ["[launch] attempt 1 (restart count 0)", "got SIGUSR1; sending SIGTERM to job step",
+             "stopped by SIGTERM after step",
+             "workers checkpointed and stopped", "job step exited with 75", f"requeueing {job_id}",
+             "[launch] attempt 2 (restart count 1)", f"resuming from {out / 'run' / 'checkpoints'}",
+             f"stage {stage} step {stop_step}", "job step exited with 0"]
+    at = [log.find(x) for x in order]
+    assert -1 not in at and at == sorted(at), dict(zip(order, at))
+    assert f"{stage} {payload} step {stop_step + 1}/{steps}" in log  # the resumed stage counts to its own total
+    assert _steps(out, stage) == list(range(1, steps + 1))
+    assert _metrics(out / "run") == _metrics(ref)
+
+
+@pytest.mark.timeout(2400)
+def test_scancel_on_two_nodes_checkpoints_and_a_resubmission_resumes(tmp_path, slurm_cluster):
+    """Two nodes (torchrun agents meet at the c10d rendezvous on the first): scancel -> every process of the
+    step gets SIGTERM -> checkpoint, exit 75; ``sbatch`` of the same script again resumes and finishes."""
+    c, out, steps = slurm_cluster, tmp_path / "job", 8
+    job_id, script = _submit(c, out, "--time", "01:00:00", nodes=2, extra=(f"trainer.steps={steps}", "parallel.ep=2"))
+    _wait(lambda: len(_steps(out)) >= 2, "2 steps", 900, c, job_id, out)
+    assert c.job(job_id)["NodeList"] == ",".join(c.node_names)
+    c.run("scancel", str(job_id))
+    info = c.wait_job(job_id, ("CANCELLED",), 120)
+    _wait(lambda: "job step exited with" in _log(out, job_id), "the step's end", 240, c, job_id, out)
+    log = _log(out, job_id)
+    stopped_at = len(_steps(out))
+    assert f"stopped by SIGTERM after step {stopped_at}" in log and "job step exited with 75" in log, log[-4000:]
+    assert stopped_at < steps and (out / "run" / "checkpoints" / "latest").is_file()
+
+    again = c.sbatch(script)
+    info = c.wait_job(again, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 900)
+    log = _log(out, again)
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert f"stage sft step {stopped_at}" in log and "resuming from" in log, log[-4000:]
+    assert _steps(out) == list(range(1, steps + 1))
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["resumed_from"]
+
+
+def test_invalid_jobs_are_refused_before_submission(tmp_path, slurm_cluster):
+    """A recipe that does not fit the world size, and --cpus-per-task above the partition's nodes (which sbatch
+    would accept and leave pending forever): refused with the reason, nothing written or queued."""
+    c = slurm_cluster
+    jobs_before = c.run("squeue", "-h", "-t", "all").stdout
+    for args, reason in [(["parallel.ep=3"], "num_experts"),
+                         (["--cpus-per-task", str(c.cpus + 1)],
+                          f"--cpus-per-task {c.cpus + 1} but partition 'cpu' has 0 node(s)")]:
+        proc = subprocess.run([sys.executable, "-m", "launch.slurm", TINY, "--nodes", "1", "--gpus-per-node", "0",
+                               "--command", "sft", "--output-dir", str(tmp_path / "logs"), *args],
+                              capture_output=True, text=True, timeout=120, cwd=REPO, env=c.env)
+        assert proc.returncode == 2 and reason in proc.stderr, proc.stderr
+    assert f"Use --cpus-per-task {c.cpus} or less" in proc.stderr and f"{c.host}: {c.cpus}" in proc.stderr
+    assert not (tmp_path / "logs").exists()
+    assert c.run("squeue", "-h", "-t", "all").stdout == jobs_before
 
 
 # ------------------------------------------------------------------ local mode

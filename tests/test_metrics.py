@@ -111,3 +111,21 @@ def test_append_keeps_earlier_records_for_the_summary(tmp_path):
     again.close()
     assert run_summary(again.records, 1.0)["steps"] == {"cold_start_sft": 3, "reasoning_rl": 10, "more_rl": 1}
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["global_step"] == 14
+
+
+def test_resumed_stage_counts_to_its_total_and_the_eta_skips_start_up(tmp_path, caplog, monkeypatch):
+    """A stage resumed after 6 of 10 steps reads 7/10 .. 10/10; the rate is that of steps 2.. of this run
+    (1 s each), not start-up plus the first step (100 s)."""
+    clock = iter([0.0, 100.0, 101.0, 102.0, 103.0])  # the logger starts, then each step ends
+    monkeypatch.setattr(metrics_mod.time, "monotonic", lambda: next(clock))
+    caplog.set_level(logging.INFO, logger="r1mega.train.metrics")
+    logger = MetricsLogger(tmp_path, LoggingConfig(tensorboard=False), progress=False)
+    logger.start_stage("reasoning_rl", 10, done=6)
+    for s in range(7, 11):
+        logger.log({"stage": "grpo", "step": s, "reward/mean": 0.5})
+    logger.close()
+    lines = [r.getMessage() for r in caplog.records if "reasoning_rl grpo step" in r.getMessage()]
+    assert [line.split()[3] for line in lines] == ["7/10", "8/10", "9/10", "10/10"]
+    assert "ETA" not in lines[0]  # one step of this run: no rate yet
+    assert lines[1].endswith("(1.00s/step, ETA 2s)") and lines[2].endswith("(1.00s/step, ETA 1s)")
+    assert lines[3].endswith("(1.00s/step, ETA 0s)")

@@ -67,9 +67,10 @@ class MetricsLogger:
         self.records: list[dict] = []
         self.t_start = time.monotonic()
         self._tb = self._wandb = self._progress = self._task = None
-        self._stage_t0 = self.t_start
         self._stage_total = 0
-        self._stage_done = 0
+        self._stage_done = 0  # steps of the stage done, earlier attempts (a resumed run) included
+        self._steps_here = 0  # steps this process ran: the rate is measured from its first one's end
+        self._rate_t0 = 0.0
         self._live: dict = {}  # latest value of each LIVE_KEYS metric in this stage
         if not self.active:
             return
@@ -130,15 +131,16 @@ class MetricsLogger:
 
     # ------------------------------------------------------------------ stages and records
 
-    def start_stage(self, name: str, total_steps: int) -> None:
-        """Name the records that follow and (re)start the progress/ETA over ``total_steps`` steps."""
+    def start_stage(self, name: str, total_steps: int, done: int = 0) -> None:
+        """Name the records that follow and (re)start the progress/ETA over the stage's ``total_steps``
+        steps, ``done`` of which ran before (a resumed stage)."""
         self.stage_name = name
-        self._stage_t0, self._stage_total, self._stage_done = time.monotonic(), total_steps, 0
+        self._stage_total, self._stage_done, self._steps_here = total_steps, done, 0
         self._live = {}
         if self._progress is not None:
             if self._task is not None:
                 self._progress.stop_task(self._task)
-            self._task = self._progress.add_task(name, total=max(total_steps, 1), live="")
+            self._task = self._progress.add_task(name, total=max(total_steps, 1), completed=done, live="")
 
     def log(self, record: dict) -> dict:
         """Tag, store and fan out one record; returns the tagged record."""
@@ -146,6 +148,9 @@ class MetricsLogger:
         if record.get("stage") in TRAIN_STAGES:
             self.global_step += 1
             self._stage_done += 1
+            self._steps_here += 1
+            if self._steps_here == 1:  # start-up and the first step (engine start, compiles) are not the rate
+                self._rate_t0 = time.monotonic()
         if self.stage_name is not None:
             record.setdefault("stage_name", self.stage_name)
         record.setdefault("global_step", self.global_step)
@@ -175,10 +180,9 @@ class MetricsLogger:
         if train and step % self.log_interval and step != self._stage_total:
             return
         eta = ""
-        if train and self._stage_done and self._stage_total:
-            elapsed = time.monotonic() - self._stage_t0
-            left = elapsed / self._stage_done * (self._stage_total - self._stage_done)
-            eta = f" ({elapsed / self._stage_done:.2f}s/step, ETA {left:.0f}s)"
+        if train and self._steps_here >= 2 and self._stage_total:
+            per_step = (time.monotonic() - self._rate_t0) / (self._steps_here - 1)
+            eta = f" ({per_step:.2f}s/step, ETA {per_step * max(self._stage_total - self._stage_done, 0):.0f}s)"
         total = f"/{self._stage_total}" if self._stage_total else ""
         extra = " ".join(f"{k} {record[k]}" for k in ("when", "kind", "from", "checkpoint", "kept") if k in record)
         log.info("%s %s step %s%s %s%s", self.stage_name or "-", record.get("stage", ""), step, total,

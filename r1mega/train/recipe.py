@@ -133,8 +133,9 @@ def _run(cfg: R1Config, stop, role) -> dict:
             if mine is None and (stage.kind != "rejection_sampling" or tr.tm is None or tr.tm_checkpoint != checkpoint):
                 tr.new_model(scfg, checkpoint)
             if mine is not None:  # the periodic checkpoint's whole training state, mid-stage
-                tr.new_model(scfg, checkpoint, resume_from=resume_path)
-                tr.metrics.start_stage(stage.name, steps - mine["stage_step"])
+                # the loop state as saved (meta.json's copy is JSON-able only: an SFT sampler state is a tensor)
+                mine = tr.new_model(scfg, checkpoint, resume_from=resume_path)
+                tr.metrics.start_stage(stage.name, steps, done=mine["stage_step"])
                 start = mine["run_state"]["fingerprint_start"]
             else:
                 tr.metrics.start_stage(stage.name, steps)
