@@ -109,6 +109,8 @@ def test_ep2_and_tp2_generate_what_world1_generates(tmp_path, preset):
     (["rollout.tp=2"], "rollout.engine=megatron generates in the learner's own layout"),
     (["rollout.stop=[</answer>]"], "stops on token ids only"),
     (["rollout.engine=sglang"], "rollout.engine='sglang' is not supported"),
+    (["stages=[{name: d, kind: distill, steps: 2}]", "distill.teacher_hf=/nonexistent"],
+     r"\['d'\] \(distill\) sample a teacher given as an HF model"),
 ])
 def test_config_refuses_what_the_megatron_engine_cannot_do(overrides, phrase):
     engine = [] if any(o.startswith("rollout.engine=") for o in overrides) else ["rollout.engine=megatron"]

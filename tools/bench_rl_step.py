@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
               + " ".join(f"{k}={v:.4g}" for k, v in r["_fig"].items())
               + f" parity={r.get('parity/max_abs_logp', float('nan')):.3g} mismatch={r['logprob_mismatch']:.3g}")
     fig = steps[-1]["_fig"]
-    print(f"run wall {wall:.1f}s (model build included), peak against {peak / 1e12:.1f} TFLOP/s, out {out}")
+    print(f"run wall {wall:.1f}s (model build included), MFU against {peak / 1e12:.4g} TFLOP/s, out {out}")
     print(f"rl_step device={device.replace(' ', '_')} layers={cfg.model.num_layers} "
           f"tokens_per_s_per_gpu={fig['tokens_per_s_per_gpu']:.1f} gen_tokens_per_s={fig['gen_tokens_per_s']:.1f} "
           f"train_tokens_per_s={fig['train_tokens_per_s']:.1f} mfu={fig['mfu']:.4f} "

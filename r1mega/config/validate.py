@@ -655,6 +655,11 @@ def _check_rollout_mode(cfg: R1Config, world_size: Optional[int] = None) -> Prob
     if r.sleep_level not in (1, 2):
         out.append(f"rollout.sleep_level={r.sleep_level} is not supported: choose 1 (free the KV cache, keep the "
                    "weights in CPU memory) or 2 (also drop the weights; the next refit pushes them)")
+    distills = [st.name for st in cfg.stages if st.kind == "distill"]
+    if r.engine == "megatron" and distills:
+        out.append(f"stage(s) {distills} (distill) sample a teacher given as an HF model, which "
+                   f"rollout.engine=megatron cannot serve (it generates with the learner's own model): run the "
+                   f"distill stages with rollout.engine=vllm (a recipe of their own)")
     if out or r.mode == "colocated":
         return out
     if r.engine == "megatron":
