@@ -68,18 +68,9 @@ def main(spec: dict) -> None:
 
 
 def _batch(gens):
-    import torch
+    from r1mega.train.grpo import build_batch
 
-    from r1mega.rl.learner import LearnerBatch
-
-    width = max(len(g.prompt_token_ids) + len(g.token_ids) for g in gens)
-    tokens = torch.zeros(len(gens), width, dtype=torch.long)
-    mask = torch.zeros(len(gens), width - 1)
-    for k, g in enumerate(gens):
-        seq = g.prompt_token_ids + g.token_ids
-        tokens[k, : len(seq)] = torch.tensor(seq)
-        mask[k, len(g.prompt_token_ids) - 1: len(seq) - 1] = 1
-    return LearnerBatch(tokens, mask)
+    return build_batch(gens, pad_id=0)
 
 
 def check(tm, model_cfg, flat: dict) -> dict:

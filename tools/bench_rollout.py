@@ -182,17 +182,11 @@ def demo_learner(threads: int):
 
 def learner_logp_error(tm, vocab: int, rows) -> float:
     """max |sampling log-prob - the learner's log-prob| over every generated token of ``rows``."""
-    from r1mega.rl.learner import LearnerBatch, LearnerSettings, compute_logprobs
+    from r1mega.rl.learner import LearnerSettings, compute_logprobs
+    from r1mega.train.grpo import build_batch
 
     gens = [g for row in rows for g in row]
-    width = max(len(g.prompt_token_ids) + len(g.token_ids) for g in gens)
-    tokens = torch.zeros(len(gens), width, dtype=torch.long)
-    mask = torch.zeros(len(gens), width - 1)
-    for k, g in enumerate(gens):
-        seq = g.prompt_token_ids + g.token_ids
-        tokens[k, : len(seq)] = torch.tensor(seq)
-        mask[k, len(g.prompt_token_ids) - 1: len(seq) - 1] = 1
-    logp = compute_logprobs(tm.ddp, tm.module, LearnerBatch(tokens, mask),
+    logp = compute_logprobs(tm.ddp, tm.module, build_batch(gens, pad_id=0),
                             LearnerSettings(micro_batch_size=16, valid_vocab=vocab))
     worst = 0.0
     for k, g in enumerate(gens):

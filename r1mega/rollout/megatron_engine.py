@@ -364,11 +364,9 @@ class MegatronEngine:
         tokens[rows, pos] = chosen
         generated[rows] += 1
         hit = torch.isin(chosen, stop)
-        for k, r in enumerate(rows.tolist()):
-            if bool(hit[k]):
-                done[r], finish[r] = True, "stop"
-            elif int(generated[r]) >= sampling.max_new_tokens:
-                done[r] = True
+        done[rows] = hit | (generated[rows] >= sampling.max_new_tokens)
+        for r in rows[hit].tolist():
+            finish[r] = "stop"
 
     def _recorded(self, b: int, s: int) -> torch.Tensor:
         """This forward's routing ``[b, s, L_moe, k]`` (global expert ids), summed over pipeline stages."""
