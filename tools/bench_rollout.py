@@ -18,6 +18,17 @@ data-parallel ranks; each rank waits for the one with the most tokens. Two measu
 
 Last line: ``rollout_engines=<list> wall_s=<list> dp_imbalance_contiguous=<x> dp_imbalance_balanced=<y>``
 (``wall_s=skipped`` with ``--no-engines``).
+
+``--engine megatron|vllm``: the two rollout engines on the demo policy instead (``r1mega demo``'s tiny
+Qwen3-MoE, built by r1mega in this process, world size 1, fp32): megatron-core's inference over the
+learner's own model (``rollout.engine=megatron``) and vLLM(-CPU) in a child process on the policy's HF
+export, one after the other with the same threads, the same ``--bench-prompts`` prompts x ``--group``
+samples of ``--engine-new-tokens`` tokens (no EOS stop). Per engine: tokens/s, time to first token (the
+same batch with one new token), peak RSS (the megatron engine lives in the learner: this process, model
+included; vLLM: its engine process) and ``max_abs_logp_vs_learner``, the largest |sampling log-prob -
+learner log-prob| over every generated token, the learner's log-probs from its training forward
+(``rl.learner.compute_logprobs``) at temperature 1. Last line:
+``engine=<e> tokens_per_s=<x> vllm_tokens_per_s=<y> ratio=<x/y> max_abs_logp_vs_learner=<z>``.
 """
 
 from __future__ import annotations
@@ -155,6 +166,91 @@ def measure_engines(engine_counts: list[int], args) -> list[float]:
     return walls
 
 
+def demo_learner(threads: int):
+    """The demo policy (configs/demo_cpu.yaml's model) built by r1mega at world size 1, and its config."""
+    from r1mega.config import load_config
+    from r1mega.platform.distributed import init_model_parallel, init_process_group
+
+    torch.set_num_threads(threads)
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"), world_size=1)
+    init_process_group()
+    init_model_parallel(cfg.parallel, seed=cfg.model.seed)
+    from r1mega.train.model_setup import build_training_model
+
+    return build_training_model(cfg.model, cfg.parallel, cfg.optimizer, total_steps=1), cfg
+
+
+def learner_logp_error(tm, vocab: int, rows) -> float:
+    """max |sampling log-prob - the learner's log-prob| over every generated token of ``rows``."""
+    from r1mega.rl.learner import LearnerSettings, compute_logprobs
+    from r1mega.train.grpo import build_batch
+
+    gens = [g for row in rows for g in row]
+    logp = compute_logprobs(tm.ddp, tm.module, build_batch(gens, pad_id=0),
+                            LearnerSettings(micro_batch_size=16, valid_vocab=vocab))
+    worst = 0.0
+    for k, g in enumerate(gens):
+        p = len(g.prompt_token_ids)
+        ours = logp[k, p - 1: p - 1 + len(g.token_ids)].double()
+        worst = max(worst, float((ours - torch.tensor(g.logprobs, dtype=torch.float64)).abs().max()))
+    return worst
+
+
+def _timed(engine, prompts: list, n: int, new_tokens: int) -> tuple[list, float]:
+    from r1mega.rollout import SamplingSpec
+
+    sampling = SamplingSpec(max_new_tokens=new_tokens, ignore_eos=True, seed=1000)
+    t0 = time.perf_counter()
+    rows = engine.generate(prompts, n, sampling)
+    return rows, time.perf_counter() - t0
+
+
+def measure_engine_pair(args) -> dict[str, dict]:
+    """Both engines on the demo policy, the same batch, one after the other (see the module doc)."""
+    import os
+    import tempfile
+
+    from r1mega.bridge.hf_dir import save_hf
+    from r1mega.rollout.megatron_engine import MegatronEngine
+
+    tm, cfg = demo_learner(args.threads)
+    gen = torch.Generator().manual_seed(args.seed)
+    prompts = [torch.randint(10, cfg.model.vocab_size, (int(n),), generator=gen).tolist()
+               for n in torch.randint(8, 32, (args.bench_prompts,), generator=gen)]
+    out = {}
+    engine = MegatronEngine(tm.module, tm.config, cfg.model.vocab_size)
+    _timed(engine, prompts[:2], 1, 2)  # warm-up (first-call allocations)
+    _, ttft = _timed(engine, prompts, args.group, 1)
+    rows, wall = _timed(engine, prompts, args.group, args.engine_new_tokens)
+    rss = peak_rss_mib(os.getpid())
+    out["megatron"] = {"rows": rows, "wall": wall, "ttft": ttft, "rss": rss}
+
+    from r1mega.rollout.vllm_engine import EngineProcess
+
+    root = Path(tempfile.mkdtemp(prefix="r1mega-bench-rollout-"))
+    tok = root / "tok"
+    from r1mega.data.tasks import synthetic_examples
+    from r1mega.train.run_data import build_tokenizer
+
+    build_tokenizer(tok, synthetic_examples("synthetic:addition:2", "train", args.seed)[:400], cfg.model.vocab_size)
+    save_hf(tm.module, tm.config, cfg.model, root / "hf", tokenizer_dir=tok)
+    env = {"OMP_NUM_THREADS": str(args.threads), "VLLM_CACHE_ROOT": str(root / "vllm-cache"),
+           "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(os.sched_getaffinity(0))[: args.threads]))}
+    with EngineProcess(root / "hf", seed=0, max_model_len=256, env=env) as vllm:
+        _timed(vllm, prompts[:2], 1, 2)
+        _, ttft = _timed(vllm, prompts, args.group, 1)
+        rows, wall = _timed(vllm, prompts, args.group, args.engine_new_tokens)
+        out["vllm"] = {"rows": rows, "wall": wall, "ttft": ttft, "rss": peak_rss_mib(vllm.pid)}
+    for name, r in out.items():
+        tokens = sum(len(g.token_ids) for row in r["rows"] for g in row)
+        r["tokens_per_s"] = tokens / r["wall"]
+        r["logp_error"] = learner_logp_error(tm, cfg.model.vocab_size, r["rows"])
+        print(f"engine={name} prompts={len(prompts)} samples={len(prompts) * args.group} tokens={tokens} "
+              f"wall_s={r['wall']:.2f} tokens_per_s={r['tokens_per_s']:.0f} ttft_s={r['ttft']:.3f} "
+              f"peak_rss_mib={r['rss']:.0f} max_abs_logp_vs_learner={r['logp_error']:.3g}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", default="1,2,4", help="engine counts, comma-separated")
@@ -171,7 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-new-tokens", type=int, default=48, help="tokens per sample of the engine batch")
     parser.add_argument("--threads", type=int, default=4, help="total engine threads, split over the engines")
     parser.add_argument("--no-engines", action="store_true", help="the balance part only (no vLLM needed)")
+    parser.add_argument("--engine", choices=("megatron", "vllm"), default=None,
+                        help="compare the megatron and vLLM engines on the demo policy; the last line names this one")
+    parser.add_argument("--bench-prompts", type=int, default=64, help="prompts of the --engine comparison")
     args = parser.parse_args(argv)
+    if args.engine is not None:
+        pair = measure_engine_pair(args)
+        mine, base = pair[args.engine], pair["vllm"]
+        print(f"engine={args.engine} tokens_per_s={mine['tokens_per_s']:.0f} vllm_tokens_per_s="
+              f"{base['tokens_per_s']:.0f} ratio={mine['tokens_per_s'] / base['tokens_per_s']:.3f} "
+              f"max_abs_logp_vs_learner={mine['logp_error']:.3g}")
+        return 0
     try:
         engines = [int(x) for x in args.engines.split(",") if x.strip()]
     except ValueError:

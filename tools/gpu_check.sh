@@ -6,8 +6,11 @@
 #      after an offload/onload cycle is bit-identical), needs megatron-core and CUDA, not vLLM
 #   4. bench_mfu: SequentialMLP vs grouped-GEMM experts on an 8-layer, 64-expert MoE in bf16
 #   5. bench_logprob on CUDA: naive vs torch-chunked vs the CUDA op at vocab 152k
+#   rl (on request): GRPO steps with rollout.engine=megatron (generation by megatron-core inside the learner:
+#      no vLLM, TE or flash-attn) on a Qwen3-30B-A3B-shaped policy cut to 4 layers, bf16, grouped-GEMM experts:
+#      tokens/s/GPU, generation and training tokens/s, learner MFU, peak memory (tools/bench_rl_step.py)
 # Each step's log goes to $OUT/<step>.log (default runs/gpu_check); a failing step does not stop
-# the others. Usage: bash tools/gpu_check.sh [steps...]   (default: build tests memory mfu logprob)
+# the others. Usage: bash tools/gpu_check.sh [steps...]   (default: build tests memory mfu logprob; also: rl)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
@@ -51,7 +54,8 @@ for s in "${@:-build tests memory mfu logprob}"; do
             mfu) step mfu 180 $PY tools/bench_mfu.py "${MOE_2B[@]}" --steps 3 --warmup 1 --experts-compare --json ;;
             logprob) step logprob 90 $PY tools/bench_logprob.py --device cuda --dtype bfloat16 --vocab 152064 \
                          --tokens 16384 --hidden 4096 --chunk 4096 --repeat 3 ;;
-            *) echo "unknown step $one (build tests memory mfu logprob)"; exit 2 ;;
+            rl) step rl 480 $PY tools/bench_rl_step.py --gpu --layers 4 ;;
+            *) echo "unknown step $one (build tests memory mfu logprob rl)"; exit 2 ;;
         esac
     done
 done

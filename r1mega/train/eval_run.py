@@ -93,10 +93,16 @@ def _tokenizer(cfg: R1Config, model_dir: Optional[Path]):
 def _checkpoint_engine(cfg: R1Config, checkpoint: str, out_dir: Path, tokenizer_dir: Path):
     """Load an r1mega checkpoint into the policy (every rank, the config's layout) and start the engine on its
     HF export through the trainer's ``WeightSync`` (rank 0 holds the engine; ``None`` elsewhere)."""
+    import torch.distributed as dist
+
     from r1mega.models.policy import padded_vocab_size  # noqa: F401  (readies megatron)
     from r1mega.platform.distributed import init_model_parallel, init_process_group
 
     init_process_group(timeout_minutes=cfg.parallel.timeout_minutes)
+    if cfg.rollout.engine == "megatron" and dist.get_world_size() > 1:
+        raise ValueError("r1mega eval with rollout.engine=megatron runs in one process (its generation is "
+                         "collective, the report is written by rank 0 alone): use --nproc 1 (a checkpoint loads "
+                         "into any layout) or rollout.engine=vllm")
     init_model_parallel(cfg.parallel, seed=cfg.model.seed)
     from r1mega.train.model_setup import build_training_model
     from r1mega.train.stages import load_weights

@@ -213,7 +213,13 @@ def generate_and_score(engine, judge, problems: Sequence[EvalProblem], k: int, s
                        math_timeout_s: int = 5, prefix: str = "eval/"
                        ) -> tuple[dict, list[list[ScoredSample]], list[list[str]]]:
     """``k`` samples per problem from ``engine`` -> ``(metrics, scored samples, response texts)``."""
-    rows = engine.generate([p.ids for p in problems], k, sampling)
+    return score_rows(judge, problems, engine.generate([p.ids for p in problems], k, sampling), tokenizer,
+                      math_timeout_s, prefix)
+
+
+def score_rows(judge, problems: Sequence[EvalProblem], rows, tokenizer, math_timeout_s: int = 5,
+               prefix: str = "eval/") -> tuple[dict, list[list[ScoredSample]], list[list[str]]]:
+    """The generations ``rows[i]`` of problem ``i`` scored -> ``(metrics, scored samples, response texts)``."""
     texts = [[tokenizer.decode([t for t in g.token_ids if t != tokenizer.eos_id]) for g in row] for row in rows]
     responses = [[(t, len(g.token_ids)) for t, g in zip(trow, row)] for trow, row in zip(texts, rows)]
     groups = score_groups(judge, problems, responses)
@@ -222,11 +228,18 @@ def generate_and_score(engine, judge, problems: Sequence[EvalProblem], k: int, s
 
 def evaluate_collective(engine, judge, problems: Sequence[EvalProblem], k: int, sampling, tokenizer,
                         math_timeout_s: int = 5) -> dict:
-    """Collective: rank 0 (which owns the engine) generates and scores; every rank gets the metrics."""
+    """Collective: rank 0 (which owns the engine) generates and scores; every rank gets the metrics. A
+    collective engine (megatron, on every rank) generates on every rank; rank 0 scores."""
+    import torch.distributed as dist
+
     from r1mega.platform.distributed import broadcast_from_rank0
 
     out = None
-    if engine is not None:
+    if getattr(engine, "collective", False):
+        rows = engine.generate([p.ids for p in problems], k, sampling)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            out = score_rows(judge, problems, rows, tokenizer, math_timeout_s)[0]
+    elif engine is not None:
         out = generate_and_score(engine, judge, problems, k, sampling, tokenizer, math_timeout_s)[0]
     return broadcast_from_rank0(out)
 

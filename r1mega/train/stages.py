@@ -173,10 +173,16 @@ def rejection_stage(tr, stage, scfg, resume: Optional[dict]) -> dict:
     tr.sync.ensure(tr.tm, f"{stage.name}: refit")
     path = tr.out / stage.name / "sft.jsonl"
 
+    tok = tr.tokenizer
+    sampling = SamplingSpec.from_config(scfg.rollout, stop_token_ids=[tok.eos_id])
+    engine = tr.sync.first
+    # a collective engine (megatron) samples on every rank, here; another one on rank 0, inside filter_to_sft
+    ready = engine.generate([p.ids for p in problems], stage.samples_per_prompt, sampling) \
+        if getattr(engine, "collective", False) else None
+
     def groups():
-        tok = tr.tokenizer
-        sampling = SamplingSpec.from_config(scfg.rollout, stop_token_ids=[tok.eos_id])
-        rows = tr.sync.first.generate([p.ids for p in problems], stage.samples_per_prompt, sampling)
+        rows = ready if ready is not None else engine.generate([p.ids for p in problems], stage.samples_per_prompt,
+                                                               sampling)
         return [(p.example, [tok.decode([t for t in g.token_ids if t != tok.eos_id]) for g in row])
                 for p, row in zip(problems, rows)]
 

@@ -32,7 +32,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         self.tokenizer, self.tok_dir = run_tokenizer(cfg, self.out)
         self.ckpt = Checkpointer(cfg, None, self.out / "metrics.jsonl", stop)
-        self.sync = WeightSync(cfg, self.out, self.tok_dir)
+        self.sync = WeightSync(cfg, self.out, self.tok_dir, tokenizer=self.tokenizer)
         self.metrics = None  # opened by open_metrics once the resume point has cut metrics.jsonl back
         self.tm = None  # the current stage's TrainingModel
         self.tm_checkpoint: Optional[str] = None  # the checkpoint it was loaded from

@@ -10,6 +10,13 @@ step a fixed probe batch is scored by the trainer and by every engine (``rollout
 mismatch above ``rollout.parity_max_abs_logp`` on any engine stops the run with an error that names the
 step. ``sleep``/``wake`` bracket training so that a GPU engine frees its KV cache while the learner runs
 (logged no-ops on CPU).
+
+``rollout.engine=megatron`` (``rollout/megatron_engine.py``) is the other choice made here: the engine
+generates with the learner's own model chunk on every learner rank, so there is no HF export, no push
+and no second copy of the weights. A "refit" only points the engine at the current policy (a new stage
+builds a new one); the parity probe still compares its KV-cache forwards with the learner's. Its
+calls are collective: every rank generates, and the first rank of each data-parallel group (TP rank 0,
+PP stage 0) reports that group's samples, where the rewards are scored.
 """
 
 from __future__ import annotations
@@ -61,11 +68,18 @@ class WeightSync:
     """This rank's engine (on an engine's owner rank; ``None`` elsewhere) and whether the engines hold the
     trainer's weights; every rank holds one."""
 
-    def __init__(self, cfg, out: Path, tok_dir: Path, one_engine: bool = False):
-        """``one_engine``: only rank 0's rollout-TP group runs an engine (``r1mega eval``)."""
-        self.cfg, self.out, self.tok_dir = cfg, Path(out), Path(tok_dir)
+    def __init__(self, cfg, out: Path, tok_dir: Path, one_engine: bool = False, tokenizer=None):
+        """``one_engine``: only rank 0's rollout-TP group runs an engine (``r1mega eval``). ``tokenizer``:
+        decodes the megatron engine's ``Generation.text``."""
+        self.cfg, self.out, self.tok_dir, self.tokenizer = cfg, Path(out), Path(tok_dir), tokenizer
+        self.in_learner = cfg.rollout.engine == "megatron"
         self.plan = EnginePlan(min(_world(), cfg.rollout.tp) if one_engine else _world(), cfg.rollout.tp)
         self.engine_index = self.plan.engine_of(_rank())
+        if self.in_learner:  # one engine per data-parallel group, reported by the group's first rank
+            from megatron.core import parallel_state as ps
+
+            owner = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+            self.engine_index = ps.get_data_parallel_rank() if owner else None
         self.engine = None  # owner ranks only
         self.started = False  # every rank: the export that starts or refits the engines is collective
         self.stale = False
@@ -75,8 +89,9 @@ class WeightSync:
 
     @property
     def first(self):
-        """Rank 0's engine (evals and rejection sampling sample there); ``None`` on other ranks."""
-        return self.engine if _rank() == 0 else None
+        """Rank 0's engine (evals and rejection sampling sample there); ``None`` on other ranks. The megatron
+        engine is collective (``engine.collective``): every rank holds it and joins its calls."""
+        return self.engine if _rank() == 0 or self.in_learner else None
 
     # ------------------------------------------------------------------ weights in
 
@@ -88,7 +103,11 @@ class WeightSync:
         return self.refit(tm, what) if self.stale else {}
 
     def start(self, tm) -> None:
-        """Export the trainer's weights as an HF directory and start every engine on it (collective)."""
+        """Export the trainer's weights as an HF directory and start every engine on it (collective). The
+        megatron engine is built over ``tm``'s model instead."""
+        if self.in_learner:
+            self._bind(tm)
+            return
         from r1mega.bridge.hf_dir import save_hf
 
         hf_dir = self.out / "hf_engine"
@@ -103,6 +122,18 @@ class WeightSync:
             except Exception as e:  # noqa: BLE001 - reported to every rank below
                 error = f"rollout engine {self.engine_index} failed to start: {type(e).__name__}: {e}"
         raise_any(error)
+        self.started, self.stale = True, False
+
+    def _bind(self, tm) -> None:
+        """The megatron engine over ``tm``'s model chunk (a new one when the stage built a new policy)."""
+        from r1mega.rollout.megatron_engine import MegatronEngine
+
+        if self.engine is None or self.engine.model is not tm.module:
+            r = self.cfg.rollout
+            self.engine = MegatronEngine(tm.module, tm.config, self.cfg.model.vocab_size, tokenizer=self.tokenizer,
+                                         eos_id=getattr(self.tokenizer, "eos_id", None),
+                                         logprobs_mode=r.logprobs_mode, return_routed_experts=r.return_routed_experts,
+                                         seed=r.seed or 0)
         self.started, self.stale = True, False
 
     def _build(self, hf_dir: Path):
@@ -121,6 +152,13 @@ class WeightSync:
         from r1mega.bridge.export import export_hf_buckets
 
         t0 = time.monotonic()
+        if self.in_learner:  # nothing to move: the engine reads the parameters the optimizer just updated
+            self._bind(tm)
+            self.refits += 1
+            out = {"time/refit": time.monotonic() - t0}
+            if probe:
+                out.update(self.parity(tm, what))
+            return out
         self.wake(("weights",))  # the weights first, so the KV cache does not sit beside the export
         rollout = self.cfg.rollout
         buckets = export_hf_buckets(tm.module, tm.config, self.cfg.model, int(rollout.refit_bucket_mb * 2**20))
@@ -159,7 +197,9 @@ class WeightSync:
                                                                                       tokens.size(1) - 1)), settings)
         mine = None
         if self.engine is not None:
-            mine = compare(self.engine.prompt_logprobs(self.probe), trainer, refit=self.refits)
+            engine_logp = self.engine.prompt_logprobs(self.probe)  # collective for the megatron engine
+            if self.engine_index is not None and not (self.in_learner and _rank() != 0):  # megatron: one report
+                mine = compare(engine_logp, trainer, refit=self.refits)
         reports = [r for r in gather_objects(mine) if r is not None]
         worst = max(reports, key=lambda r: (r.max_abs != r.max_abs, r.max_abs))  # NaN counts as the worst
         check_parity(ParityReport(max(r.mean_abs for r in reports), worst.max_abs, worst.tokens, self.refits),
@@ -178,7 +218,14 @@ class WeightSync:
 
         t0 = time.monotonic()
         out, error = {}, None
-        if self.engine is not None:
+        if self.in_learner:  # collective: data-parallel group g samples prompts g, g + dp, ... (seeds: seed + i)
+            try:
+                share = self.engine.generate_share(prompts, n, sampling)
+                out = share if self.engine_index is not None else {}
+            except Exception as e:  # noqa: BLE001 - reported to every rank by the caller
+                error = (f"{what}: the megatron engine failed in generate ({len(prompts)} prompts x {n} samples): "
+                         f"{type(e).__name__}: {e}")
+        elif self.engine is not None:
             mine = self.plan.prompts_of(self.engine_index, len(prompts))
             seeds = None if sampling.seed is None else tuple(sampling.seed + i for i in mine)
             try:
@@ -193,7 +240,12 @@ class WeightSync:
 
     def sleep(self) -> None:
         """After generating: a GPU engine frees its KV cache for training (a logged no-op on CPU)."""
-        if self.engine is not None:
+        if self.in_learner:
+            if not self.slept:
+                log.info("rollout: the megatron engine holds no KV cache between generations (freed when each "
+                         "returns); nothing sleeps")
+            self.slept = True
+        elif self.engine is not None:
             if not self.slept:
                 log.info("rollout: the engine sleeps (level %d) while the learner trains and wakes for the refit%s",
                          self.cfg.rollout.sleep_level, "" if torch.cuda.is_available() else

@@ -1,0 +1,448 @@
+"""Rollout engine inside the learner: generation with megatron-core's inference over the learner's own chunk.
+
+``rollout.engine=megatron``. The engine holds no weights of its own: it reads the parameters the learner
+has just updated (no HF export, no refit, no second copy), so it runs wherever the learner runs, with
+what travels to a GPU machine (torch + the megatron-core wheel; no vLLM, TE or flash-attn).
+
+What is megatron's and what is r1mega's:
+
+- megatron-core's ``StaticInferenceContext`` (the KV cache, allocated by each attention layer on first
+  use, MLA included) and ``GPTInferenceWrapper`` (the causal mask and positions of each context window,
+  the forward with and without pipeline parallelism, the logits gathered over TP) run every forward.
+- The sampling loop is r1mega's. megatron's ``TextGenerationController`` cannot give what a rollout
+  needs: it samples a whole batch from one generator (no per-sample seed, so samples would depend on
+  how prompts are split over data-parallel ranks), returns log-probs of the raw logits (not of the
+  tempered / top-k / top-p distribution it sampled from), refuses top-k with top-p, stops only on one
+  end id, has no routing capture, and its ranks are not kept in step across the expert-parallel group
+  when their batches finish at different times. So this loop drives the wrapper and context itself,
+  in the same left-aligned static-batch scheme megatron uses (prefill to the shortest prompt, then one
+  token per step; longer prompts keep their own tokens until they start generating).
+
+The contract, as for the vLLM engines: sample ``j`` of the prompt with seed ``s`` draws from its own
+``torch.Generator`` seeded from ``(s, j)`` (all its uniforms are drawn up front; a token is picked by
+inverse CDF), so a sample does not depend on the batch it is in, nor on the number of data-parallel
+groups generating. Log-probs are those of the sampled distribution (``processed``: after temperature,
+top-k and top-p, the right ones for importance ratios) or of the raw logits (``raw``).
+
+Every method is collective over the learner's world (every rank calls it with the same arguments): the
+prompts are split round-robin over the data-parallel groups, each group generates its share (its TP / PP
+/ EP ranks together), and the groups run their forwards in lock step (a finished group runs one-token
+dummy forwards) because an expert-parallel all-to-all spans them. The KV cache lives only for one call
+(freed on return), so a GPU learner gets that memory back for training without a sleep.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from r1mega.rollout.protocol import Bucket, Generation, Prompt, RefitStats, SamplingSpec, log_once
+
+log = logging.getLogger(__name__)
+
+_SAMPLE_SEED_MULT = 1_000_003  # sample j of a prompt with seed s: generator seed s * mult + j (mod 2**63)
+
+
+def sample_seed(prompt_seed: int, sample: int) -> int:
+    """The generator seed of sample ``sample`` of a prompt seeded ``prompt_seed``."""
+    return (int(prompt_seed) * _SAMPLE_SEED_MULT + int(sample)) % (2**63 - 1)
+
+
+def filtered_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """``logits`` [B, V] of the distribution actually sampled from: divided by the temperature, then
+    everything outside the top ``top_k`` (-1: off) and outside the smallest set whose probability reaches
+    ``top_p`` (1: off) set to -inf (vLLM's order: top-k, then top-p; the most likely token always stays)."""
+    x = logits / temperature if temperature != 1.0 else logits.clone()
+    if 0 < top_k < x.size(-1):
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        probs = sorted_x.softmax(-1)
+        before = probs.cumsum(-1) - probs  # probability of the tokens ranked above
+        drop = before >= top_p
+        drop[:, 0] = False
+        x = x.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return x
+
+
+def pick(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: one token per row of the (filtered) ``logits`` [B, V] for ``uniforms`` [B] in
+    [0, 1). A token of probability 0 is never picked."""
+    cdf = logits.double().softmax(-1).cumsum(-1)
+    target = (uniforms.double() * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=logits.size(-1) - 1)
+
+
+@dataclass
+class _Row:
+    """One sample being generated on this data-parallel group."""
+
+    prompt: int  # index into the call's prompts
+    sample: int
+    prompt_ids: list[int]
+    uniforms: torch.Tensor  # [max_new_tokens] float64
+
+
+class MegatronEngine:
+    """``RolloutEngine`` over the learner's model chunk (``tm.module``); collective (see the module doc).
+
+    ``vocab_size``: the real vocabulary (the output layer's padded rows are never sampled).
+    ``eos_id``: the tokenizer's end id (stops a sample unless ``ignore_eos``), besides the sampling's
+    ``stop_token_ids``. ``tokenizer``: decodes ``Generation.text`` (empty without one).
+    ``return_routed_experts``: every sample carries the experts each fed token was routed to, recorded
+    from the learner's routers in the very forwards that produced its tokens (R3).
+    ``max_batch``: samples per forward on one data-parallel group (more are generated in rounds).
+    """
+
+    collective = True  # every learner rank calls every method (WeightSync, eval and rejection sampling rely on it)
+
+    def __init__(self, model: torch.nn.Module, config, vocab_size: int, *, eos_id: Optional[int] = None,
+                 tokenizer=None, logprobs_mode: str = "processed", return_routed_experts: bool = False,
+                 max_batch: int = 256, seed: int = 0):
+        from megatron.core import parallel_state
+
+        if logprobs_mode not in ("processed", "raw"):
+            raise ValueError(f"logprobs_mode={logprobs_mode!r}: choose 'processed' or 'raw'")
+        if parallel_state.get_context_parallel_world_size() > 1:
+            raise ValueError("rollout.engine=megatron does not generate with context parallelism (megatron's "
+                             "static KV cache has no CP path): set parallel.cp=1 or rollout.engine=vllm")
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch} must be >= 1")
+        self.model, self.config, self.vocab_size = model, config, int(vocab_size)
+        self.eos_id, self.tokenizer = eos_id, tokenizer
+        self.logprobs_mode, self.max_batch, self.seed = logprobs_mode, int(max_batch), int(seed)
+        self.return_routed_experts = return_routed_experts
+        self.calls = 0  # unseeded calls draw from (seed, calls): the same on every rank
+        self.version = 0
+        ps = parallel_state
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.tp_size = ps.get_tensor_model_parallel_world_size()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.lockstep = ps.get_expert_model_parallel_world_size() > 1 and self.dp_size > 1
+        # the rank that reports this data-parallel group's samples (WeightSync scores rewards there)
+        self.owner = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+        self.routing = None
+        if return_routed_experts:
+            from r1mega.models import routing_replay
+
+            if not config.num_moe_experts:
+                raise ValueError("return_routed_experts needs an MoE model (model.num_experts > 0)")
+            self.routing = routing_replay.for_model(model, config)
+        log_once("megatron-engine", "rollout: megatron-core inference over the learner's own weights "
+                 "(StaticInferenceContext + GPTInferenceWrapper, r1mega's seeded sampling loop): dp=%d tp=%d pp=%d "
+                 "ep=%d%s", self.dp_size, self.tp_size, ps.get_pipeline_model_parallel_world_size(),
+                 ps.get_expert_model_parallel_world_size(), ", expert-parallel lock step" if self.lockstep else "")
+
+    # ------------------------------------------------------------------ megatron plumbing
+    def _wrapper(self, batch: int, max_len: int):
+        from megatron.core.inference.contexts import StaticInferenceContext
+        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+        from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
+
+        cfg = self.config
+        wrapper_cfg = InferenceWrapperConfig(
+            hidden_size=cfg.hidden_size, params_dtype=cfg.params_dtype, inference_batch_times_seqlen_threshold=-1,
+            padded_vocab_size=self._padded_vocab(), inference_max_requests=batch, inference_max_seq_length=max_len,
+            fp32_residual_connection=cfg.fp32_residual_connection)
+        context = StaticInferenceContext(batch, max_len)
+        wrapper = GPTInferenceWrapper(self.model, wrapper_cfg, context)
+        wrapper.model_is_pipeline_parallel = self.pp_group.size() > 1
+        context.reset()
+        return wrapper
+
+    def _padded_vocab(self) -> int:
+        layer = getattr(self.model, "output_layer", None)
+        if layer is not None:
+            return layer.weight.size(0) * self.tp_size
+        return self.vocab_size
+
+    def _forward(self, wrapper, inputs: dict, start: int, end: int) -> Optional[torch.Tensor]:
+        """One forward of the context window [start, end): logits [B, s, V] (fp32, real vocabulary) on every
+        rank of the group (broadcast from the last pipeline stage)."""
+        from megatron.core.inference.communication_utils import broadcast_from_last_pipeline_stage
+
+        window = wrapper.get_batch_for_context_window(inputs, start, end)
+        if wrapper.model_is_pipeline_parallel:
+            logits = wrapper.forward_pass_with_pipeline_parallel_small_input_batch(window)
+        else:
+            logits = wrapper.forward_pass_without_pipeline_parallel(window)
+        if wrapper.model_is_pipeline_parallel:
+            b = window["tokens"].size(0)
+            s = 1 if wrapper.inference_context.materialize_only_last_token_logits else end - start
+            logits = broadcast_from_last_pipeline_stage([b, s, self._padded_vocab()], self.config.params_dtype,
+                                                        logits, pp_group=self.pp_group)
+        return logits[..., : self.vocab_size].float()
+
+    def _dummy_forward(self) -> None:
+        """A one-row forward whose result is dropped: keeps this group in step with the expert-parallel
+        all-to-alls of groups that still generate."""
+        wrapper = self._wrapper(1, self.tp_size)
+        tokens = torch.zeros(1, self.tp_size, dtype=torch.long, device=self._device())
+        inputs = wrapper.prep_inference_input(tokens)
+        wrapper.inference_context.materialize_only_last_token_logits = True
+        self._forward(wrapper, inputs, 0, self.tp_size)
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @contextmanager
+    def _inference(self):
+        """The model in eval mode, with sequence parallelism off (decode steps have one position; megatron
+        does the same for static batching), routing recorded if asked; everything restored on exit."""
+        from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+        was_training, sp = self.model.training, bool(self.config.sequence_parallel)
+        self.model.eval()
+        if sp:
+            set_model_to_sequence_parallel(self.model, False)
+        if self.routing is not None:
+            self.routing.set_record()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            if self.routing is not None:
+                self.routing.clear()
+            if sp:
+                set_model_to_sequence_parallel(self.model, True)
+            self.model.train(was_training)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the KV cache goes back to the learner
+
+    def _any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (world all-reduce); just ``flag`` without lock step."""
+        if not self.lockstep:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: Sequence[Prompt], n: int, sampling: SamplingSpec) -> list[list[Generation]]:
+        """``n`` samples of every prompt, on every rank (collective)."""
+        mine = self.generate_share(prompts, n, sampling)
+        everyone = _gather_dicts(mine if self.owner else {})
+        return [everyone[i] for i in range(len(prompts))]
+
+    def generate_share(self, prompts: Sequence[Prompt], n: int, sampling: SamplingSpec) -> dict[int, list[Generation]]:
+        """Collective; returns this data-parallel group's samples ``{prompt index: [n Generations]}`` on every
+        rank of the group (prompt ``i`` is generated by group ``i % dp``)."""
+        self._check(prompts, sampling)
+        call = self.calls
+        self.calls += 1
+        seeds = [sampling.seed_of(i) for i in range(len(prompts))]
+        seeds = [sample_seed(self.seed, call) * 7919 + i if s is None else s for i, s in enumerate(seeds)]
+        rows = []
+        for i in range(self.dp_rank, len(prompts), self.dp_size):
+            ids = [int(t) for t in prompts[i]]
+            for j in range(n):
+                g = torch.Generator().manual_seed(sample_seed(seeds[i], j))
+                rows.append(_Row(i, j, ids, torch.rand(sampling.max_new_tokens, generator=g, dtype=torch.float64)))
+        rounds = max(1, math.ceil(len(rows) / self.max_batch))
+        if self.lockstep:  # every group runs as many rounds as the busiest one
+            t = torch.tensor([rounds], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            rounds = int(t.item())
+        out: dict[int, list[Generation]] = {}
+        with self._inference():
+            for r in range(rounds):
+                for g in self._generate_rows(rows[r * self.max_batch:(r + 1) * self.max_batch], sampling):
+                    out.setdefault(g.prompt_index, []).append(g)
+        return out
+
+    def _check(self, prompts: Sequence[Prompt], sampling: SamplingSpec) -> None:
+        if sampling.logprobs_mode != self.logprobs_mode:
+            raise ValueError(f"sampling.logprobs_mode={sampling.logprobs_mode!r} but this engine was built with "
+                             f"{self.logprobs_mode!r}: rebuild the engine")
+        if sampling.stop:
+            raise ValueError(f"stop strings {sampling.stop} need detokenizing every step, which the megatron engine "
+                             "does not do: stop on token ids (rollout.stop_token_ids) or use rollout.engine=vllm")
+        if sampling.prompt_seeds is not None and len(sampling.prompt_seeds) != len(prompts):
+            raise ValueError(f"{len(sampling.prompt_seeds)} prompt_seeds for {len(prompts)} prompts")
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                raise TypeError(f"prompt {i} is text: the megatron engine takes token ids (tokenize it first)")
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+
+    def _stop_ids(self, sampling: SamplingSpec) -> list[int]:
+        ids = list(sampling.stop_token_ids)
+        if self.eos_id is not None and not sampling.ignore_eos:
+            ids.append(int(self.eos_id))
+        return sorted(set(ids))
+
+    def _generate_rows(self, rows: list[_Row], sampling: SamplingSpec) -> list[Generation]:
+        """One static batch on this group, kept in lock step with the other groups (collective)."""
+        if not rows:  # the other groups' forwards, each answered by a dummy one
+            self._dummy_forward()
+            while self._any(False):
+                self._dummy_forward()
+            return []
+        device = self._device()
+        b, new = len(rows), sampling.max_new_tokens
+        lengths = torch.tensor([len(r.prompt_ids) for r in rows])
+        total = int(lengths.max()) + new
+        tokens = torch.zeros(b, total, dtype=torch.long)
+        for k, r in enumerate(rows):
+            tokens[k, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        uniforms = torch.stack([r.uniforms for r in rows])
+        stop = torch.tensor(self._stop_ids(sampling), dtype=torch.long)
+        logps = torch.zeros(b, new, dtype=torch.float64)
+        top_ids = torch.zeros(b, new, max(sampling.top_logprobs, 1), dtype=torch.long)
+        top_lps = torch.zeros(b, new, max(sampling.top_logprobs, 1), dtype=torch.float64)
+        generated = torch.zeros(b, dtype=torch.long)
+        done = torch.zeros(b, dtype=torch.bool)
+        finish = ["length"] * b
+        routes = None
+        if self.routing is not None:
+            routes = torch.zeros(b, total, self.routing.num_moe_layers, self.routing.topk, dtype=torch.int16)
+
+        wrapper = self._wrapper(b, total)
+        inputs = wrapper.prep_inference_input(tokens.to(device))
+        start, end = 0, int(lengths.min())
+        while True:
+            wrapper.inference_context.materialize_only_last_token_logits = True
+            logits = self._forward(wrapper, inputs, start, end)[:, -1, :].cpu()
+            if routes is not None:
+                routes[:, start:end] = self._recorded(b, end - start)
+            if start > 0:
+                wrapper.inference_context.enable_decode_mode()
+            started = (lengths <= end) & ~done  # rows whose token at position `end` is generated now
+            if started.any():
+                self._sample_step(logits, started, end, tokens, uniforms, stop, sampling, logps,
+                                  top_ids, top_lps, generated, done, finish)
+                inputs["tokens"][:, end] = tokens[:, end].to(device)
+            start, end = end, end + 1
+            active = not bool(done.all()) and end < total
+            if not self._any(active):
+                break
+            if not active:  # this group is finished; others still run the all-to-alls
+                self._dummy_forward()
+                while self._any(False):
+                    self._dummy_forward()
+                break
+        out = []
+        for k, r in enumerate(rows):
+            m = int(generated[k])
+            ids = tokens[k, len(r.prompt_ids): len(r.prompt_ids) + m].tolist()
+            gen = Generation(r.prompt, r.sample, list(r.prompt_ids), ids, self._text(ids), logps[k, :m].tolist(),
+                             finish[k])
+            if routes is not None:
+                gen.routed_experts = routes[k, : len(r.prompt_ids) + m - 1].clone()
+            if sampling.top_logprobs:
+                gen.top_ids = top_ids[k, :m, : sampling.top_logprobs].tolist()
+                gen.top_logprobs = top_lps[k, :m, : sampling.top_logprobs].tolist()
+            out.append(gen)
+        return out
+
+    def _sample_step(self, logits, started, pos, tokens, uniforms, stop, sampling, logps, top_ids, top_lps,
+                     generated, done, finish) -> None:
+        rows = started.nonzero().squeeze(-1)
+        raw = logits[rows]
+        step = generated[rows]  # index of the token drawn now, per row
+        if sampling.min_new_tokens and len(stop):
+            early = step < sampling.min_new_tokens
+            if early.any():
+                raw = raw.clone()
+                raw[early.nonzero().squeeze(-1).unsqueeze(-1), stop.unsqueeze(0)] = float("-inf")
+        proc = filtered_logits(raw, sampling.temperature, sampling.top_k, sampling.top_p)
+        chosen = pick(proc, uniforms[rows, step])
+        basis = proc if self.logprobs_mode == "processed" else raw
+        lp = torch.log_softmax(basis.double(), -1)
+        logps[rows, step] = lp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+        if sampling.top_logprobs:
+            best = lp.topk(sampling.top_logprobs, dim=-1)
+            top_ids[rows, step] = best.indices
+            top_lps[rows, step] = best.values
+        tokens[rows, pos] = chosen
+        generated[rows] += 1
+        hit = torch.isin(chosen, stop)
+        done[rows] = hit | (generated[rows] >= sampling.max_new_tokens)
+        for r in rows[hit].tolist():
+            finish[r] = "stop"
+
+    def _recorded(self, b: int, s: int) -> torch.Tensor:
+        """This forward's routing ``[b, s, L_moe, k]`` (global expert ids), summed over pipeline stages."""
+        table, _ = self.routing.recorded(b, s)
+        if self.pp_group.size() > 1:
+            table = table.to(torch.int64)
+            dist.all_reduce(table, group=self.pp_group)
+        return table.to(torch.int16)
+
+    def _text(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode([t for t in ids if t != self.eos_id])
+
+    # ------------------------------------------------------------------ scoring
+    def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+        """log p(t_k | t_<k) of every sequence (raw logits), on every rank (collective)."""
+        mine = {}
+        seqs = {i: [int(t) for t in token_ids[i]] for i in range(self.dp_rank, len(token_ids), self.dp_size)}
+        with self._inference():
+            if seqs:
+                by_len: dict[int, list[int]] = {}
+                for i, s in seqs.items():
+                    by_len.setdefault(len(s), []).append(i)
+                groups = sorted(by_len.items())
+            else:
+                groups = []
+            count = len(groups)
+            if self.lockstep:
+                t = torch.tensor([count], dtype=torch.int64)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                count = int(t.item())
+            for g in range(count):
+                if g >= len(groups):
+                    self._dummy_forward()
+                    continue
+                length, idx = groups[g]
+                tokens = torch.tensor([seqs[i] for i in idx], dtype=torch.long)
+                wrapper = self._wrapper(len(idx), length)
+                inputs = wrapper.prep_inference_input(tokens.to(self._device()))
+                wrapper.inference_context.materialize_only_last_token_logits = False
+                logits = self._forward(wrapper, inputs, 0, length).cpu()
+                lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+                for k, i in enumerate(idx):
+                    mine[i] = lp[k].tolist()
+        everyone = _gather_dicts(mine if self.owner else {})
+        return [everyone[i] for i in range(len(token_ids))]
+
+    # ------------------------------------------------------------------ weights and memory
+    def update_weights(self, buckets: Iterable[Bucket]) -> RefitStats:
+        """Nothing to load: the engine reads the learner's parameters. The stream is drained (its gathers
+        are collectives) and the version counted."""
+        stats = RefitStats()
+        for batch in buckets:
+            stats.count(batch)
+        self.version += 1
+        stats.version = self.version
+        return stats
+
+    def sleep(self, level: int = 1) -> None:
+        """Nothing held between calls: each call's KV cache is freed when it returns."""
+
+    def wake(self, tags=None) -> None:
+        """Nothing to bring back (see :meth:`sleep`)."""
+
+    def close(self) -> None:
+        self.model = None
+
+
+def _gather_dicts(mine: dict) -> dict:
+    """The union of every rank's dict, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(mine)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    out = {}
+    for p in parts:
+        out.update(p)
+    return out
