@@ -14,6 +14,8 @@ saved ones bit for bit; the continued losses and final parameters equal the unin
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 
 import pytest
@@ -357,6 +359,39 @@ def test_prune_never_deletes_what_latest_names(tmp_path):
     assert atomic.remove_stale_tmp_dirs(tmp_path) == []
     stale = _fake_tmp(tmp_path, 4, "x")
     assert atomic.remove_stale_tmp_dirs(tmp_path) == [stale] and not stale.exists()
+
+
+def test_keep_last_never_deletes_what_a_stage_names_and_a_linked_copy_outlives_its_source(tmp_path):
+    """Pruning keeps the checkpoints finished stages' done.json name (Checkpointer.stage_checkpoints) and
+    what ``latest`` names; a stage's hard-linked name of a periodic checkpoint survives that one's pruning."""
+    from types import SimpleNamespace
+
+    from r1mega.ckpt import atomic
+    from r1mega.train.resilience import Checkpointer
+
+    root, out = tmp_path / "checkpoints", tmp_path / "run"
+    for step in (1, 2, 3):
+        atomic.commit(_fake_tmp(root, step, str(step)), root, step)
+    (out / "sft").mkdir(parents=True)
+    (out / "sft" / "done.json").write_text(json.dumps({"checkpoint": str(root / "step_000001")}))
+    (out / "rl").mkdir()
+    (out / "rl" / "done.json").write_text(json.dumps({"checkpoint": None}))  # e.g. rejection sampling
+    cfg = SimpleNamespace(checkpoint=SimpleNamespace(save_dir=str(root), save_interval=0, keep_last=1, resume="none"),
+                          model=None, trainer=SimpleNamespace(output_dir=str(out)))
+    protect = Checkpointer(cfg, None, out / "metrics.jsonl").stage_checkpoints()
+    assert protect == (root / "step_000001",)
+    atomic.prune(root, keep_last=1, protect=protect)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000001", "step_000003"]
+
+    stage_tmp = root / "sft" / atomic.tmp_dir_name(1)
+    assert atomic.link_tree(root / "step_000003", stage_tmp, skip=(atomic.META_FILE,))
+    (stage_tmp / atomic.META_FILE).write_text("{}")
+    atomic.commit(stage_tmp, root / "sft", 1)
+    assert os.stat(root / "sft" / "step_000001" / "shard").st_ino == os.stat(root / "step_000003" / "shard").st_ino
+    atomic.commit(_fake_tmp(root, 4, "4"), root, 4)
+    atomic.prune(root, keep_last=1)
+    assert not (root / "step_000003").exists()
+    assert (root / "sft" / "step_000001" / "shard").read_text() == "3"
 
 
 # ----------------------------------------------------------------------------- uneven pipeline split

@@ -108,3 +108,29 @@ def test_precision_defaults_to_the_source_dtype():
     fp8 = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     assert source_precision({"quantization_config": fp8}) == "bf16"  # DeepSeek's releases: the rest is bf16
     assert source_precision({"quantization_config": fp8, "dtype": "float32"}) == "fp32"  # to-hf --fp8 of fp32
+
+
+def test_which_model_a_checkpoint_holds(tmp_path):
+    """meta.json's model.config first (every field as the run resolved it), then model_config.json, then
+    (checkpoints that predate both) the preset's stock size; with none of them, the fix is named."""
+    from dataclasses import asdict, replace
+
+    from r1mega.bridge.convert import ConvertError, checkpoint_model_config
+    from r1mega.config.presets import resolve_model
+    from r1mega.config.schema import ModelConfig
+
+    step = tmp_path / "step_000003"
+    step.mkdir()
+    resolved = replace(resolve_model(ModelConfig(preset="qwen3_moe", size="tiny")), hidden_size=128, vocab_size=512)
+    meta = {"step": 3, "model": {"preset": "qwen3_moe", "size": "tiny", "precision": "fp32"}}
+    (step / "meta.json").write_text(json.dumps(meta))
+    assert checkpoint_model_config(step) == resolve_model(ModelConfig(preset="qwen3_moe", size="tiny"))  # old
+    (tmp_path / "model_config.json").write_text(json.dumps(asdict(replace(resolved, hidden_size=96))))
+    assert checkpoint_model_config(step).hidden_size == 96
+    meta["model"]["config"] = asdict(resolved)
+    (step / "meta.json").write_text(json.dumps(meta))
+    assert checkpoint_model_config(tmp_path / "step_000003") == resolved
+    (tmp_path / "model_config.json").unlink()
+    (step / "meta.json").write_text(json.dumps({"step": 3, "model": {}}))
+    with pytest.raises(ConvertError, match="names no model.*model_config.json"):
+        checkpoint_model_config(step)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -56,15 +57,28 @@ def save_hf(model, config, model_cfg, out_dir: str | Path, *, bucket_bytes: int 
         out.mkdir(parents=True, exist_ok=True)
         writer = ShardedWriter(out, len(_buckets(exporter.entries, exporter.bucket_bytes)) + (passthrough is not None))
         bar = _progress(exporter.total_bytes(), "export", progress)
-    for bucket in exporter.buckets():
-        if writer is not None:
-            if fp8:
-                from r1mega.bridge.fp8 import quantize_bucket
+    # rank 0 writes each bucket in a background thread while the next one is read / gathered: one
+    # bucket in flight, so about two buckets are alive at once
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-writer") if writer is not None else None
+    pending = None
+    try:
+        for bucket in exporter.buckets():
+            if writer is not None:
+                if fp8:
+                    from r1mega.bridge.fp8 import quantize_bucket
 
-                bucket = quantize_bucket(bucket)
-            writer.write(bucket)
-            if bar is not None:
-                bar.update(sum(t.numel() * t.element_size() for _, t in bucket))
+                    bucket = quantize_bucket(bucket)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(writer.write, bucket)
+                if bar is not None:
+                    bar.update(sum(t.numel() * t.element_size() for _, t in bucket))
+            del bucket
+        if pending is not None:
+            pending.result()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
     if writer is not None:
         if passthrough is not None:
             writer.write(passthrough.tensors(), written=passthrough.file.release)

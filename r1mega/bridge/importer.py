@@ -71,16 +71,25 @@ class HFImporter:
         name = info.canonical_name
         return "embedding.word_embeddings.weight" if self.tie and name == "output_layer.weight" else name
 
-    def _load(self, local_name: str, out: torch.Tensor) -> torch.Tensor:
-        info, _ = self.local[local_name]
+    def _load(self, local_name: str, out: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """``local_name``'s shard copied into ``out``; with ``out=None`` a tensor of its own (the converted
+        tensor itself when the conversion made a new one, so it is not copied a second time)."""
+        info, shell = self.local[local_name]
         names = self.hf_names(info)
-        hf = [self.source.get(n, out.dtype) for n in names]
+        hf = [self.source.get(n, dtype) for n in names]
         full = self.arch.to_megatron(self._canonical(info), hf, self.dims, info.full_shape)
         piece = shard_of(full, info)
-        if tuple(piece.shape) != tuple(out.shape):
+        if tuple(piece.shape) != tuple(shell.shape):
             raise BridgeError(f"{info.canonical_name}: shard shape {tuple(piece.shape)} != parameter "
-                              f"{tuple(out.shape)}")
-        out.copy_(piece)
+                              f"{tuple(shell.shape)}")
+        mapped = {h.untyped_storage().data_ptr() for h in hf}  # views of the memory-mapped files
+        if out is None and piece.is_contiguous() and piece.dtype == dtype and \
+                piece.untyped_storage().data_ptr() not in mapped and piece.untyped_storage().nbytes() == \
+                piece.numel() * piece.element_size():
+            out = piece  # a new tensor of exactly this shard: no second copy
+        else:
+            out = torch.empty(shell.shape, dtype=dtype) if out is None else out
+            out.copy_(piece)
         del hf, full, piece
         for n in names:
             self.source.release(n)
@@ -91,12 +100,12 @@ class HFImporter:
     def tensor(self, local_name: str) -> torch.Tensor:
         """A new tensor: this rank's shard of ``local_name`` in the model's dtype."""
         _, shell = self.local[local_name]
-        return self._load(local_name, torch.empty(shell.shape, dtype=shell.dtype))
+        return self._load(local_name, None, shell.dtype)
 
     @torch.no_grad()
     def load_into_model(self) -> int:
         for local_name, (_, target) in self.local.items():
-            self._load(local_name, target)
+            self._load(local_name, target, target.dtype)
         return len(self.local)
 
     def unused(self) -> list[str]:

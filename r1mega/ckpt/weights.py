@@ -17,8 +17,10 @@ Memory stays bounded on both sides:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -58,7 +60,7 @@ class _Materializer:
         self.owners: dict[int, tuple[str, torch.Tensor]] = {}
         for name, t in [*module.named_parameters(), *module.named_buffers()]:
             self.owners.setdefault(_storage_key(t), (name, t))
-        self._last: tuple[str, torch.Tensor] | None = None
+        self._local = threading.local()  # the writer's threads each keep their own last owner
         self.resolved = 0
 
     def owns(self, t: torch.Tensor) -> bool:
@@ -70,14 +72,15 @@ class _Materializer:
             raise CheckpointError(f"a {tuple(view.shape)} tensor of the model's sharded state dict belongs to "
                                   "no parameter or buffer, so it cannot be produced for a weights-only save")
         name, meta = owner
-        if self._last is None or self._last[0] != name:
+        last = getattr(self._local, "last", None)
+        if last is None or last[0] != name:
             real = self.resolve(name)
             if tuple(real.shape) != tuple(meta.shape) or real.dtype != meta.dtype:
                 raise CheckpointError(f"{name}: produced {tuple(real.shape)} {real.dtype}, the model has "
                                       f"{tuple(meta.shape)} {meta.dtype}")
-            self._last = (name, real.contiguous())
+            last = self._local.last = (name, real.contiguous())
             self.resolved += 1
-        real = self._last[1]
+        real = last[1]
         offset = view.storage_offset() - meta.storage_offset()
         return real.as_strided(view.size(), view.stride(), real.storage_offset() + offset)
 
@@ -109,10 +112,30 @@ def _streaming_strategy(materialize: _Materializer | None):
             state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
             pyt_state = mcore_to_pyt_state_dict(state, False)
             planner = LazyPlanner(dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False)
-            dcp_save(pyt_state, storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1),
-                     planner=planner)
+            with _without_crc32():
+                dcp_save(pyt_state, storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=WRITER_THREADS),
+                         planner=planner)
 
-    return StreamingSave("torch_dist", 1, thread_count=1)
+    return StreamingSave("torch_dist", 1, thread_count=WRITER_THREADS)
+
+
+# Writer threads of a weights-only save: one produces (reads, converts) the next tensors while another's
+# write is in the kernel. Each thread writes its own file.
+WRITER_THREADS = 2
+
+
+@contextlib.contextmanager
+def _without_crc32():
+    """torch.save without a CRC32 of every record (torch.load does not check it; the checkpoint's commit
+    fsyncs the files): computing it is a second pass over every byte written."""
+    from torch.utils.serialization import config
+
+    before = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = before
 
 
 def save_weights(module: torch.nn.Module, config, root: str | Path, *, step: int = 0, model_cfg=None,
