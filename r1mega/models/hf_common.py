@@ -3,9 +3,10 @@ the r1mega model cannot represent (each family's ``hf_config`` builds on these).
 
 from __future__ import annotations
 
-from r1mega.bridge.rules import BridgeError
+from r1mega.bridge.rules import Architecture, BridgeError
 from r1mega.config.presets import YARN_DEFAULTS
 from r1mega.config.schema import ModelConfig
+from r1mega.models.family import Family
 
 # megatron's llama3 RoPE scaling has these fixed (every published Llama 3.x uses them)
 LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -153,3 +154,18 @@ def dense_from_hf(hf: dict, family: str, **fixed) -> dict:
     return dict(base_from_hf(hf), num_query_groups=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                 kv_channels=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
                 ffn_hidden_size=hf["intermediate_size"], num_experts=None, multi_latent_attention=False, **fixed)
+
+
+def dense_family(architecture: Architecture, qkv_bias: bool, qk_norm: bool, **written) -> Family:
+    """A dense student family: HF hard-wires its q/k/v biases and q/k norms; ``written`` are further
+    config.json keys its export states."""
+    name = architecture.preset
+
+    def to_hf(model: ModelConfig) -> dict:
+        check_dense(model, name, qkv_bias=qkv_bias, qk_norm=qk_norm)
+        return dict(dense_to_hf(model), **written)
+
+    def from_hf(hf: dict) -> dict:
+        return dense_from_hf(hf, name, add_qkv_bias=qkv_bias, qk_layernorm=qk_norm)
+
+    return Family(architecture, to_hf, from_hf)
