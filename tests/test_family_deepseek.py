@@ -136,7 +136,7 @@ LAYOUT_WORLD = {"tp2": 2, "ep2": 2, "pp2": 2}
     ("deepseek_v2", {}, "tp2", False),  # CI: MLA without q-LoRA over TP
     pytest.param("deepseek_v2", {}, "tp2", True, marks=pytest.mark.slow),
     pytest.param("deepseek_v2", {}, "ep2", True, marks=pytest.mark.slow),
-    pytest.param("deepseek_v2", {}, "pp2", True, marks=pytest.mark.slow),
+    pytest.param("deepseek_v2", {"num_layers": 4}, "pp2", True, marks=pytest.mark.slow),  # 2 + 2 layers
     pytest.param("deepseek_v3", MOONLIGHT, "tp2", True, marks=pytest.mark.slow),
 ])
 def test_round_trip_bit_identical(preset, overrides, layout, vs_one, tmp_path):
@@ -219,18 +219,3 @@ def test_convert_cli_round_trip_with_default_flags(tmp_path):
         assert ref.keys() == got.keys(), name
         differ = [k for k in ref if not torch.equal(ref[k], got[k])]
         assert not differ, (name, differ)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_grpo_step_tp2ep2_matches_single_process():
-    """A GRPO learner step of DeepSeek-V2 at TP2 x EP2 (MLA without q-LoRA over TP, experts over EP)
-    gives one process's loss, gradients and updated weights."""
-    from r1mega.train.parallel_check import CheckSpec, Layout, check_layouts
-
-    spec = CheckSpec(model=ModelConfig(preset="deepseek_v2"), steps=2, global_batch=4, seq_length=32,
-                     objective="grpo")
-    reports = check_layouts(spec, [Layout.parse("tp2ep2")], 600)
-    print(reports, file=sys.stderr)
-    assert reports[1].max_rel_err < 1e-3, reports[1]
-    assert reports[0].losses[0] != reports[0].losses[1]
