@@ -4,7 +4,6 @@ logits, bridge round trips, the published config.json files, and what cannot be 
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from pathlib import Path
@@ -19,7 +18,9 @@ from r1mega.config.schema import ModelConfig
 from r1mega.platform.spawn import spawn_ranks
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))  # bridge_worker's transformers-model helper
+sys.path.insert(0, str(HERE))  # bridge_worker's transformers-model helper, test_hf_configs' field setter
+from test_hf_configs import _set  # noqa: E402
+
 WORKER = str(HERE / "bridge_worker.py")
 FIXTURES = HERE / "fixtures" / "hf_configs"
 # tiny variants of the deepseek_v3 preset shaped like the published models
@@ -70,16 +71,6 @@ def test_published_config_fields_are_transformers_fields(name, model_type):
         assert getattr(back, key) == getattr(cfg, key), key
     legacy = {"type"}  # the old rope_scaling spelling of rope_type, which transformers keeps
     assert back.rope_parameters == {k: v for k, v in cfg.rope_parameters.items() if k not in legacy}
-
-
-def _set(cfg: dict, dotted: str, value) -> dict:
-    cfg = copy.deepcopy(cfg)
-    *path, key = dotted.split(".")
-    target = cfg
-    for part in path:
-        target = target[part]
-    target[key] = value
-    return cfg
 
 
 @pytest.mark.parametrize("name,field,value", [
