@@ -22,8 +22,20 @@ TINY_DEEPSEEK_V3 = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256
                         first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5,
                         norm_topk_prob=True, max_position_embeddings=1024, tie_word_embeddings=False,
                         num_nextn_predict_layers=0, topk_method="noaux_tc", scoring_func="sigmoid")
+# DeepSeek-V2-Lite's shape: no q-LoRA, softmax routing without renormalisation, YaRN with mscale 0.707
+TINY_DEEPSEEK_V2 = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                        num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=None,
+                        kv_lora_rank=512, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
+                        n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+                        first_k_dense_replace=1, n_shared_experts=2, routed_scaling_factor=1.5,
+                        norm_topk_prob=False, max_position_embeddings=1024, tie_word_embeddings=False,
+                        topk_method="greedy", scoring_func="softmax",
+                        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                         "original_max_position_embeddings": 256, "beta_fast": 32.0,
+                                         "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707})
 PRESETS = {"qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", TINY_QWEN3),
-           "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", TINY_DEEPSEEK_V3)}
+           "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", TINY_DEEPSEEK_V3),
+           "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", TINY_DEEPSEEK_V2)}
 
 
 def write_tokenizer(out: Path, vocab_size: int = VOCAB) -> None:

@@ -35,6 +35,8 @@ CONFIG_WORLD_SIZES = {
     "r1_tiny_cpu.yaml": 1,
     "r1_zero_tiny_cpu.yaml": 1,
     "distill_tiny_cpu.yaml": 1,
+    "r1_zero_deepseek_v2_lite.yaml": 16,
+    "r1_zero_moonlight_16b_a3b.yaml": 16,
 }
 
 

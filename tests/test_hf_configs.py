@@ -23,6 +23,9 @@ REAL = {  # published model -> (preset, size)
     "DeepSeek-V3": ("deepseek_v3", "671b"),
     "DeepSeek-R1-Distill-Qwen-7B": ("qwen2", "r1_distill_7b"),
     "Llama-3.1-8B": ("llama3", "8b"),
+    "DeepSeek-V2-Lite": ("deepseek_v2", "lite"),
+    "Moonlight-16B-A3B": ("deepseek_v3", "moonlight_16b_a3b"),
+    "Kimi-K2": ("deepseek_v3", "kimi_k2"),
 }
 NOT_ARCHITECTURE = {"preset", "size", "precision", "fp8_recipe", "seq_length", "seed", "moe_grouped_experts"}
 
@@ -73,12 +76,12 @@ def _set(cfg: dict, dotted: str, value) -> dict:
     ("Qwen3-30B-A3B", "norm_topk_prob", False),
     ("Qwen3-30B-A3B", "decoder_sparse_step", 2),
     ("Qwen3-235B-A22B", "mlp_only_layers", [5]),
-    ("DeepSeek-V3", "rope_scaling.mscale_all_dim", 0.707),
-    ("DeepSeek-V3", "rope_scaling.beta_fast", 16),
+    ("DeepSeek-V3", "rope_scaling.truncate", False),
+    ("DeepSeek-V3", "rope_scaling.attention_factor", 1.2),
+    ("DeepSeek-V3", "rope_scaling.mscale", None),  # mscale_all_dim alone: transformers and megatron differ
     ("DeepSeek-V3", "moe_layer_freq", 2),
     ("DeepSeek-V3", "scoring_func", "softmax"),
     ("DeepSeek-V3", "topk_method", "greedy"),
-    ("DeepSeek-V3", "q_lora_rank", None),
     ("DeepSeek-R1-Distill-Qwen-7B", "use_mrope", True),
     ("DeepSeek-R1-Distill-Qwen-7B", "use_sliding_window", True),
     ("Llama-3.1-8B", "mlp_bias", True),

@@ -18,10 +18,10 @@ from r1mega.config.schema import ModelConfig
 
 FAMILIES_DIR = Path(__file__).resolve().parent.parent / "models"
 
-# YaRN settings the MLA models are built with (megatron's MLATransformerConfig; its default
-# mscale_all_dim=0 would scale only the rope part of q.k, unlike DeepSeek-V3). These are DeepSeek-V3's
-# published values; the bridge writes them and refuses a config.json with others.
-YARN_FIXED = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+# YaRN constants an MLA model is built with unless its config sets its own (``model.yarn_*``): DeepSeek-V3's
+# published values (megatron's MLATransformerConfig default mscale_all_dim=0 would scale only the rope part
+# of q.k, unlike DeepSeek-V3).
+YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
 
 _KINDS = ("moe", "dense")
 

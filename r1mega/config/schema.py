@@ -37,6 +37,11 @@ class ModelConfig:
     rope_type: Optional[str] = None
     rotary_scaling_factor: Optional[float] = None  # yarn / llama3 factor
     original_max_position_embeddings: Optional[int] = None  # yarn / llama3
+    # yarn constants (MLA); None: DeepSeek-V3's (config.presets.YARN_DEFAULTS). Kimi-K2 and DeepSeek-V2 differ
+    yarn_beta_fast: Optional[float] = None
+    yarn_beta_slow: Optional[float] = None
+    yarn_mscale: Optional[float] = None
+    yarn_mscale_all_dim: Optional[float] = None
     qk_layernorm: Optional[bool] = None
     add_qkv_bias: Optional[bool] = None  # bias on the q/k/v projections only (Qwen2)
     tie_word_embeddings: Optional[bool] = None
@@ -61,7 +66,7 @@ class ModelConfig:
     moe_grouped_experts: bool = False
     # --- multi-latent attention (DeepSeek-V3) ---
     multi_latent_attention: Optional[bool] = None
-    q_lora_rank: Optional[int] = None
+    q_lora_rank: Optional[int] = None  # 0: no q compression (DeepSeek-V2-Lite, Moonlight)
     kv_lora_rank: Optional[int] = None
     qk_head_dim: Optional[int] = None
     qk_pos_emb_head_dim: Optional[int] = None

@@ -358,12 +358,13 @@ def _check_mla(m: ModelConfig) -> Problems:
     if not m.multi_latent_attention:
         return []
     needed = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
-    missing = [n for n in needed if getattr(m, n) is None or getattr(m, n) < 1]
+    missing = [n for n in needed if getattr(m, n) is None or getattr(m, n) < (0 if n == "q_lora_rank" else 1)]
     if not missing:
         return []
     return [
         f"model.multi_latent_attention=true needs {', '.join('model.' + n for n in missing)} "
-        f"set to positive sizes: set them, or use a preset that defines them (deepseek_v3)"
+        f"set to positive sizes (q_lora_rank 0: no q compression): set them, or use a preset that defines "
+        f"them (deepseek_v3, deepseek_v2)"
     ]
 
 

@@ -3,12 +3,20 @@ the r1mega model cannot represent (each family's ``hf_config`` builds on these).
 
 from __future__ import annotations
 
-from r1mega.bridge.rules import BridgeError
-from r1mega.config.presets import YARN_FIXED
+from r1mega.bridge.rules import Architecture, BridgeError
+from r1mega.config.presets import YARN_DEFAULTS
 from r1mega.config.schema import ModelConfig
+from r1mega.models.family import Family
 
 # megatron's llama3 RoPE scaling has these fixed (every published Llama 3.x uses them)
 LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def yarn_constants(model: ModelConfig) -> dict[str, float]:
+    """The YaRN constants of ``model`` (megatron's names): its own, else :data:`YARN_DEFAULTS`."""
+    own = {"beta_fast": model.yarn_beta_fast, "beta_slow": model.yarn_beta_slow, "mscale": model.yarn_mscale,
+           "mscale_all_dim": model.yarn_mscale_all_dim}
+    return {k: YARN_DEFAULTS[k] if v is None else float(v) for k, v in own.items()}
 
 
 def rope_parameters(model: ModelConfig) -> dict:
@@ -18,7 +26,7 @@ def rope_parameters(model: ModelConfig) -> dict:
                 "original_max_position_embeddings": model.original_max_position_embeddings}
     if model.rope_type == "yarn":
         return {"rope_type": "yarn", "rope_theta": float(model.rotary_base), "factor": model.rotary_scaling_factor,
-                "original_max_position_embeddings": model.original_max_position_embeddings, **YARN_FIXED}
+                "original_max_position_embeddings": model.original_max_position_embeddings, **yarn_constants(model)}
     return {"rope_type": "default", "rope_theta": float(model.rotary_base)}
 
 
@@ -28,13 +36,8 @@ def rope_from(hf: dict) -> dict:
     out = {"rotary_base": int(theta), "rope_type": "rope"}
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "yarn":
-        differs = {k: rope.get(k) for k, v in YARN_FIXED.items() if rope.get(k) is None or float(rope[k]) != v}
-        if differs:
-            named = ", ".join(f"rope_scaling.{k}={v}" for k, v in differs.items())
-            raise BridgeError(f"yarn rope scaling with {named} "
-                              f"is not supported: r1mega's MLA uses YaRN with {YARN_FIXED} (DeepSeek-V3's)")
         out.update(rope_type="yarn", rotary_scaling_factor=float(rope["factor"]),
-                   original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+                   original_max_position_embeddings=int(rope["original_max_position_embeddings"]), **_yarn_from(rope))
     elif kind == "llama3":
         differs = {k: rope.get(k) for k, v in LLAMA3_ROPE_FIXED.items() if rope.get(k) != v}
         if differs:
@@ -45,6 +48,22 @@ def rope_from(hf: dict) -> dict:
     elif kind not in ("default", None):
         raise BridgeError(f"rope type {kind!r} is not supported by the bridge (default, yarn or llama3)")
     return out
+
+
+def _yarn_from(rope: dict) -> dict:
+    """transformers' YaRN constants as megatron's. transformers scales cos/sin by
+    ``m(mscale) / m(mscale_all_dim)`` only when both are set, else by ``m(1)``; megatron always by the
+    ratio (``m(0) = 1``), so a lone ``mscale`` maps to 1 and a lone ``mscale_all_dim`` has no equivalent."""
+    for key, ok in (("attention_factor", None), ("truncate", True)):
+        if rope.get(key, ok) != ok:
+            raise BridgeError(f"yarn rope scaling with rope_scaling.{key}={rope[key]!r} is not supported "
+                              "(megatron's YaRN derives the attention factor and truncates the correction range)")
+    mscale, all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if all_dim and not mscale:
+        raise BridgeError(f"yarn rope scaling with rope_scaling.mscale_all_dim={all_dim} and no mscale is not "
+                          "supported (megatron's YaRN scales cos/sin by m(mscale) / m(mscale_all_dim))")
+    return dict(yarn_beta_fast=float(rope.get("beta_fast") or 32.0), yarn_beta_slow=float(rope.get("beta_slow") or 1.0),
+                yarn_mscale=float(mscale) if mscale and all_dim else 1.0, yarn_mscale_all_dim=float(all_dim or 0.0))
 
 
 def base_to_hf(model: ModelConfig) -> dict:
@@ -135,3 +154,18 @@ def dense_from_hf(hf: dict, family: str, **fixed) -> dict:
     return dict(base_from_hf(hf), num_query_groups=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                 kv_channels=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
                 ffn_hidden_size=hf["intermediate_size"], num_experts=None, multi_latent_attention=False, **fixed)
+
+
+def dense_family(architecture: Architecture, qkv_bias: bool, qk_norm: bool, **written) -> Family:
+    """A dense student family: HF hard-wires its q/k/v biases and q/k norms; ``written`` are further
+    config.json keys its export states."""
+    name = architecture.preset
+
+    def to_hf(model: ModelConfig) -> dict:
+        check_dense(model, name, qkv_bias=qkv_bias, qk_norm=qk_norm)
+        return dict(dense_to_hf(model), **written)
+
+    def from_hf(hf: dict) -> dict:
+        return dense_from_hf(hf, name, add_qkv_bias=qkv_bias, qk_layernorm=qk_norm)
+
+    return Family(architecture, to_hf, from_hf)

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from r1mega.config.pipeline_split import stage_layers
-from r1mega.config.presets import YARN_FIXED
 from r1mega.config.schema import ModelConfig, ParallelConfig
 from r1mega.models import routing_replay
+from r1mega.models.hf_common import yarn_constants
 from r1mega.models.layer_spec import build_block_spec, build_mtp_block_spec, use_transformer_engine
 from r1mega.models.mtp import MTPGPTModel
 
@@ -135,7 +135,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         return TransformerConfig(**kwargs)
     mla = dict(
         multi_latent_attention=True,
-        q_lora_rank=model.q_lora_rank,
+        q_lora_rank=model.q_lora_rank or None,  # 0: no q compression
         kv_lora_rank=model.kv_lora_rank,
         qk_head_dim=model.qk_head_dim,
         qk_pos_emb_head_dim=model.qk_pos_emb_head_dim,
@@ -145,7 +145,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
     )
     if model.rope_type == "yarn":
         mla.update(rotary_scaling_factor=model.rotary_scaling_factor,
-                   original_max_position_embeddings=model.original_max_position_embeddings, **YARN_FIXED)
+                   original_max_position_embeddings=model.original_max_position_embeddings, **yarn_constants(model))
     return MLATransformerConfig(**kwargs, **mla)
 
 

@@ -7,6 +7,7 @@ Its presets (``presets.yaml``) are read by ``r1mega.config.presets``, which need
 from __future__ import annotations
 
 from r1mega.bridge.rules import Architecture, BridgeError
+from r1mega.models.deepseek_v2.hf_config import FAMILY as DEEPSEEK_V2
 from r1mega.models.deepseek_v3.hf_config import FAMILY as DEEPSEEK_V3
 from r1mega.models.family import Family
 from r1mega.models.llama3.hf_config import FAMILY as LLAMA3
@@ -15,7 +16,8 @@ from r1mega.models.qwen2.hf_config import FAMILY as QWEN2
 from r1mega.models.qwen3.hf_config import FAMILY as QWEN3
 from r1mega.models.qwen3_moe.hf_config import FAMILY as QWEN3_MOE
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN3_MOE, DEEPSEEK_V3, MIXTRAL, QWEN2, QWEN3, LLAMA3)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN3_MOE, DEEPSEEK_V3, DEEPSEEK_V2, MIXTRAL, QWEN2,
+                                                       QWEN3, LLAMA3)}
 
 
 def family(preset: str) -> Family:
