@@ -170,18 +170,18 @@ def _engine_busy(run: Run) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 def test_sigkill_during_a_grpo_generate_leaves_no_process(start):
     run = start(1, "reward.num_workers=1", sft_steps=2)
-    run.wait_for(lambda: "kind grpo" in run.log(), "the GRPO stage")
-    run.wait_for(lambda: _engine_busy(run), "a generate of the GRPO stage")
+    run.wait_for(lambda: "kind grpo" in run.log(), "the GRPO stage", timeout=600)
+    run.wait_for(lambda: _engine_busy(run), "a generate of the GRPO stage", timeout=200)
     killed_at = run.kill()
     assert "rl grpo step 1/" not in run.log(), "the first GRPO step finished: not killed in its generate"
     run.assert_nothing_left(killed_at)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_sigkill_of_one_torchrun_worker_leaves_no_process(start):
     """torchrun stops the other worker; the killed worker's own children (its writer Manager) die with it."""
     def worker(run: Run) -> int:
@@ -190,7 +190,7 @@ def test_sigkill_of_one_torchrun_worker_leaves_no_process(start):
                    if "r1mega.cli" in cmd and int(_stat(pid)[1]) == agent)
 
     run = start(2, "checkpoint.save_interval=1")
-    run.wait_for(lambda: _writer_up(run, 2) and _saving(run, 0), "a checkpoint save")
+    run.wait_for(lambda: _writer_up(run, 2) and _saving(run, 0), "a checkpoint save", timeout=400)
     killed_at = run.kill(worker(run))
     # torchrun gives the surviving worker up to 30 s after SIGTERM (it is in a collective with the dead one)
     run.assert_nothing_left(killed_at + 40)
