@@ -87,10 +87,11 @@ class Run:
         while left and time.monotonic() < killed_at + GONE_WITHIN_S:
             time.sleep(0.1)
             left = self.processes()
+        print(f"run processes left {time.monotonic() - killed_at:.2f}s after the kill: {len(left)}")
         if left:
             self.cleanup()
             pytest.fail(f"{len(left)} process(es) of the run still alive {GONE_WITHIN_S:.0f}s after the kill:\n"
-                        + "\n".join(f"  {pid}: {cmd}" for pid, cmd in sorted(left.items())))
+                        + "\n".join(f"  {pid}{_dying(pid)}: {cmd}" for pid, cmd in sorted(left.items())))
 
     def cleanup(self) -> None:
         """Kill whatever is left (a failed or timed-out test must not leave a run on the machine)."""
@@ -113,6 +114,16 @@ def start(tmp_path):
     yield start_run
     for run in runs:
         run.cleanup()
+
+
+def _dying(pid: int) -> str:
+    """Whether a SIGKILL is pending (sent, the process not yet scheduled to act on it: a loaded machine)."""
+    try:
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    except OSError:
+        return ""
+    pending = int(status.get("SigPnd", "0"), 16) | int(status.get("ShdPnd", "0"), 16)
+    return " (SIGKILL pending)" if pending & (1 << (signal.SIGKILL - 1)) else ""
 
 
 def _saving(run: Run, after_step: int) -> bool:
