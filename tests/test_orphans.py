@@ -89,9 +89,10 @@ class Run:
             left = self.processes()
         print(f"run processes left {time.monotonic() - killed_at:.2f}s after the kill: {len(left)}")
         if left:
+            message = (f"{len(left)} process(es) of the run still alive {GONE_WITHIN_S:.0f}s after the kill:\n"
+                       + "\n".join(f"  {pid}{_dying(pid)}: {cmd}" for pid, cmd in sorted(left.items())))
             self.cleanup()
-            pytest.fail(f"{len(left)} process(es) of the run still alive {GONE_WITHIN_S:.0f}s after the kill:\n"
-                        + "\n".join(f"  {pid}{_dying(pid)}: {cmd}" for pid, cmd in sorted(left.items())))
+            pytest.fail(message)
 
     def cleanup(self) -> None:
         """Kill whatever is left (a failed or timed-out test must not leave a run on the machine)."""
