@@ -144,14 +144,14 @@ def _writer_up(run: Run, workers: int) -> bool:
 def _kill_during_sft_save(start, nproc: int, victim) -> None:
     run = start(nproc, "checkpoint.save_interval=1")
     # the first save (after step 1) starts the writer Manager, then writes: the kill lands there
-    run.wait_for(lambda: _writer_up(run, nproc) and _saving(run, 0), "a checkpoint save")
+    run.wait_for(lambda: _writer_up(run, nproc) and _saving(run, 0), "a checkpoint save", timeout=420)
     killed_at = run.kill(victim(run))
     assert not (run.out / "checkpoints" / "rl").exists(), "not killed during SFT"
     run.assert_nothing_left(killed_at)
 
 
 @pytest.mark.slow  # the --nproc 2 test below kills at the same point (CI time)
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)
 def test_sigkill_during_an_sft_checkpoint_save_leaves_no_process(start):
     _kill_during_sft_save(start, 1, lambda run: None)
 
@@ -160,7 +160,7 @@ def _torchrun_agent(run: Run) -> int:
     return next(pid for pid, cmd in run.processes().items() if "torch.distributed.run" in cmd)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)  # about 30 s on a quiet 2-core machine; the limits allow for a loaded one
 def test_sigkill_of_the_torchrun_agent_leaves_no_process(start):
     _kill_during_sft_save(start, 2, _torchrun_agent)
 
