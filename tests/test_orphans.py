@@ -78,18 +78,18 @@ class Run:
         os.kill(self.proc.pid if pid is None else pid, signal.SIGKILL)
         return time.monotonic()
 
-    def assert_nothing_left(self, killed_at: float) -> None:
+    def assert_nothing_left(self, killed_at: float, within: float = GONE_WITHIN_S) -> None:
         try:
             self.proc.wait(timeout=GONE_WITHIN_S)
         except subprocess.TimeoutExpired:
             pass
         left = self.processes()
-        while left and time.monotonic() < killed_at + GONE_WITHIN_S:
+        while left and time.monotonic() < killed_at + within:
             time.sleep(0.1)
             left = self.processes()
         print(f"run processes left {time.monotonic() - killed_at:.2f}s after the kill: {len(left)}")
         if left:
-            message = (f"{len(left)} process(es) of the run still alive {GONE_WITHIN_S:.0f}s after the kill:\n"
+            message = (f"{len(left)} process(es) of the run still alive {within:.0f}s after the kill:\n"
                        + "\n".join(f"  {pid}{_dying(pid)}: {cmd}" for pid, cmd in sorted(left.items())))
             self.cleanup()
             pytest.fail(message)
@@ -212,4 +212,4 @@ def test_sigkill_of_one_torchrun_worker_leaves_no_process(start):
     run.wait_for(lambda: _writer_up(run, 2) and _saving(run, 0), "a checkpoint save", timeout=400)
     killed_at = run.kill(worker(run))
     # torchrun gives the surviving worker up to 30 s after SIGTERM (it is in a collective with the dead one)
-    run.assert_nothing_left(killed_at + 40)
+    run.assert_nothing_left(killed_at, within=GONE_WITHIN_S + 40)
