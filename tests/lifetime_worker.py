@@ -1,12 +1,13 @@
-"""A parent for tests/test_lifetime.py: starts one kind of child bound to it, prints ``<child pid>``, then
+"""A parent for tests/test_lifetime.py: starts one kind of child bound to it, prints the pids of what it started, then
 waits to be killed. Every child ignores SIGTERM (as the checkpoint writer and the engine do).
 
-    python tests/lifetime_worker.py popen|spawn|thread|fork
+    python tests/lifetime_worker.py popen|spawn|thread|fork|forkserver
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import subprocess
 import sys
@@ -53,6 +54,15 @@ def main(kind: str) -> None:
         proc = multiprocessing.get_context("fork").Process(target=sleep_forever)
         proc.start()
         pid = proc.pid
+    elif kind == "forkserver":  # a reward worker pool: the worker's parent is the forkserver
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import forkserver
+
+        from r1mega.rewards.compute import _warm_up
+
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"), initializer=_warm_up,
+                                   initargs=((),))
+        pid = f"{pool.submit(os.getpid).result()} {forkserver._forkserver._forkserver_pid}"
     else:
         raise SystemExit(f"unknown kind {kind!r}")
     print(pid, flush=True)

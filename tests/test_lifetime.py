@@ -1,5 +1,6 @@
 """``r1mega.platform.lifetime``: a child that ignores SIGTERM still dies when its parent is SIGKILLed, for each
-way r1mega starts one (subprocess, multiprocessing spawn, from a short-lived thread, a library's fork); a
+way r1mega starts one (subprocess, multiprocessing spawn, from a short-lived thread, a library's fork, a
+forkserver pool: the worker and the forkserver); a
 child whose parent is already gone when it sets the signal kills itself."""
 
 from __future__ import annotations
@@ -30,24 +31,24 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("kind", ["popen", "spawn", "thread", "fork"])
+@pytest.mark.parametrize("kind", ["popen", "spawn", "thread", "fork", "forkserver"])
 def test_child_dies_with_its_killed_parent(kind):
     parent = subprocess.Popen([sys.executable, WORKER, kind], stdout=subprocess.PIPE, text=True, env=_env())
-    child = None
+    children = []
     try:
-        child = int(parent.stdout.readline())
+        children = [int(pid) for pid in parent.stdout.readline().split()]
         time.sleep(0.3)  # "thread": the thread that started the child has ended; the child must outlive it
-        assert _alive(child), f"the {kind} child died while its parent lives"
+        assert children and all(map(_alive, children)), f"a {kind} child died while its parent lives"
         parent.kill()
         parent.wait(timeout=10)
         deadline = time.monotonic() + 5
-        while _alive(child) and time.monotonic() < deadline:
+        while any(map(_alive, children)) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(child), f"the {kind} child outlived its parent"
+        assert not any(map(_alive, children)), f"a {kind} child outlived its parent"
     finally:
         parent.kill()
         parent.wait()
-        if child is not None and _alive(child):
+        for child in filter(_alive, children):
             os.kill(child, signal.SIGKILL)
 
 

@@ -9,8 +9,9 @@ Two details of it are handled here:
 
 - it fires when the *thread* that started the child ends, not the process. A multiprocessing child started
   from another thread than the main thread gets a watchdog thread instead, which waits on multiprocessing's
-  parent sentinel (a pipe that closes when the parent process ends). A ``subprocess`` child is started by a
-  thread that waits for it (the sandbox, the launcher), so the thread outlives it;
+  parent sentinel (a pipe that closes when the parent process ends); so does a forkserver's child (a reward
+  worker), whose parent, the forkserver, lives as long as its children. A ``subprocess`` child is started by
+  a thread that waits for it (the sandbox, the launcher), so the thread outlives it;
 - a parent that died before the child set the signal: after setting it the child checks that its parent
   is still there, and kills itself if not.
 
@@ -74,8 +75,9 @@ def _watch(sentinel) -> None:
 def die_with_parent(parent_pid: Optional[int] = None, *, watch: bool = False) -> None:
     """In a child: end it when its parent ends (see the module docstring). ``parent_pid``: the parent it
     must still have (None: a multiprocessing child checks its parent's sentinel). ``watch``: use a watchdog
-    thread on the parent sentinel instead of the signal (the parent started this child from a thread that
-    may end first)."""
+    thread on the parent sentinel instead of the signal: the parent started this child from a thread that
+    may end first, or the child's parent process is not the one it must die with (a forkserver's child:
+    the forkserver lives as long as any of its children, which hold its pipe)."""
     parent = multiprocessing.parent_process()
     if watch:
         if parent is None:

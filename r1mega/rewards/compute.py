@@ -73,14 +73,15 @@ def _warm_up(names: tuple[str, ...]) -> None:
     """Import math-verify/sympy (~1 s) when a term needs it, once per worker, before the first batch.
 
     Workers ignore SIGTERM/SIGUSR1/SIGINT: a signal to the whole process group (Slurm) lets the
-    trainer finish its step and checkpoint; the pool is shut down by the trainer. A worker dies with its
-    parent, the forkserver, which ends with the trainer (``r1mega.platform.lifetime``).
+    trainer finish its step and checkpoint; the pool is shut down by the trainer. A worker dies with the
+    trainer (``r1mega.platform.lifetime``): watched, since its parent is the forkserver, which lives as
+    long as any worker holds its pipe.
     """
     import signal
 
     from r1mega.platform.lifetime import die_with_parent
 
-    die_with_parent()
+    die_with_parent(watch=True)
 
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
