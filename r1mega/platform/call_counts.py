@@ -26,7 +26,7 @@ _counts: Counter = Counter()
 _depth = threading.local()
 
 
-def _counted(name: str, fn):
+def _counted(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         outer = not getattr(_depth, "n", 0)
@@ -47,7 +47,7 @@ def install() -> None:
     for name in COLLECTIVES:
         fn = getattr(dist, name, None)
         if fn is not None and not getattr(fn, "_r1mega_counted", False):
-            setattr(dist, name, _counted(name, fn))
+            setattr(dist, name, _counted(fn))
 
 
 def count(kind: str, n: int = 1) -> None:
