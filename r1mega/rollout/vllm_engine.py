@@ -128,6 +128,11 @@ class VLLMEngine:
             # so that any single prompt fits; prompts that do not fit in a step wait for the next one, each
             # drawing from its own generator as before (same tokens as smaller calls).
             kwargs.update(enable_chunked_prefill=False)
+            backend = vllm_cpu.mla_attention_backend(model_dir, dtype)
+            if backend is not None:
+                kwargs.update(attention_backend=backend)
+                log_once("cpu-mla", "rollout: vllm-cpu MLA attention backend %s (its AMX backend needs 16-bit "
+                         "weights; this engine runs %s)", backend, dtype)
         self.return_routed_experts = return_routed_experts
         if return_routed_experts and self.on_gpu:
             kwargs.update(enable_return_routed_experts=True)
