@@ -11,7 +11,8 @@ weights at every layout) and generates the same prompts with ``rollout/megatron_
 With ``spec["check"]`` (world 1) the worker also scores the samples with the learner: its training forward's
 log-probs (``compute_logprobs``) against the ``plain`` sampling log-probs, the learner's own routing
 (``score_with_routing``) against the captured one, and the log-softmax of the filtered distribution of a
-plain full forward against the ``filtered`` log-probs. Rank 0 writes ``spec["out"]`` (json).
+plain full forward against the ``filtered`` log-probs, and one prompt's samples alone against the same samples
+in a batch with a shorter and a longer prompt (``padding_check``). Rank 0 writes ``spec["out"]`` (json).
 """
 
 from __future__ import annotations
@@ -61,10 +62,29 @@ def main(spec: dict) -> None:
     report["plain"]["routes"] = [g.routed_experts.tolist() for g in flat["plain"]]
     if spec.get("check"):
         report["check"] = check(tm, model_cfg, flat)
+        report["check"].update(padding_check(engine, prompts[0], new))
     if dist.get_rank() == 0:
         Path(spec["out"]).write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def padding_check(engine, prompt: list, new: int) -> dict:
+    """``prompt`` generated alone and between a shorter and a longer prompt (its own seed in both): the padding
+    and the rows beside it (which stop at other steps and are dropped from the batch) must not change it."""
+    import torch
+
+    from r1mega.rollout import SamplingSpec
+
+    longer = torch.randint(60, 200, (len(prompt) + 9,), generator=torch.Generator().manual_seed(8)).tolist()
+    alone = engine.generate([prompt], 4, SamplingSpec(max_new_tokens=new, prompt_seeds=(21,),
+                                                      stop_token_ids=STOP_IDS))[0]
+    mixed = engine.generate([prompt[:2], prompt, longer], 4, SamplingSpec(
+        max_new_tokens=new, prompt_seeds=(22, 21, 23), stop_token_ids=STOP_IDS))[1]
+    lp = max(abs(a - b) for x, y in zip(alone, mixed) for a, b in zip(x.logprobs, y.logprobs))
+    return {"padding_same_tokens": [g.token_ids for g in alone] == [g.token_ids for g in mixed],
+            "padding_same_routes": all(torch.equal(x.routed_experts, y.routed_experts) for x, y in zip(alone, mixed)),
+            "padding_logp_max_abs": lp, "padding_lengths": [len(g.token_ids) for g in alone]}
 
 
 def _batch(gens):
