@@ -47,7 +47,9 @@ def main(spec: dict) -> None:
     from r1mega.rollout import SamplingSpec
     from r1mega.rollout.megatron_engine import MegatronEngine
 
-    engine = MegatronEngine(tm.module, tm.config, model_cfg.vocab_size, return_routed_experts=True)
+    # prefill_tokens=40: a batch's prompts are prefilled in groups of a few rows (more groups at world 1 than
+    # per data-parallel group at EP2, the groups' counts evened out by dummy forwards under lock step)
+    engine = MegatronEngine(tm.module, tm.config, model_cfg.vocab_size, return_routed_experts=True, prefill_tokens=40)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(60, model_cfg.vocab_size, (int(n),), generator=gen).tolist()
                for n in torch.randint(4, 12, (spec["prompts"],), generator=gen)]

@@ -98,8 +98,11 @@ def test_rotary_tables_are_gathered_at_each_rows_positions_while_the_hook_is_on(
     batch = PaddedBatch([[1, 2, 3], [4]], 2)  # row 1: pad 2, positions 0 0 0 1 2
     with batch.rope(rope):
         got = rope(5)
+        batch.window(0, 3, "cpu", slice(1, 2))  # a prefill group of row 1 only: the tables follow its rows
+        alone = rope(5)
     assert got.shape == (5, 2, 1, 8)
     assert torch.equal(got[:, 0], base[:, 0]) and torch.equal(got[:, 1], base[[0, 0, 0, 1, 2], 0])
+    assert alone.shape == (5, 1, 1, 8) and torch.equal(alone[:, 0], got[:, 1])
     assert rope(5).shape == (5, 1, 1, 8)  # the hook is gone
 
 

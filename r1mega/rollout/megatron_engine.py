@@ -122,13 +122,16 @@ class MegatronEngine:
     ``return_routed_experts``: every sample carries the experts each fed token was routed to, recorded
     from the learner's routers in the very forwards that produced its tokens (R3).
     ``max_batch``: samples per forward on one data-parallel group (more are generated in rounds).
+    ``prefill_tokens``: padded prompt tokens per prefill forward (a batch's prompts are prefilled in groups of
+    rows within it, and ``prompt_logprobs`` scores sequences in batches within it): bounds the activations,
+    the mask and the logits of one forward.
     """
 
     collective = True  # every learner rank calls every method (WeightSync, eval and rejection sampling rely on it)
 
     def __init__(self, model: torch.nn.Module, config, vocab_size: int, *, eos_id: Optional[int] = None,
                  tokenizer=None, logprobs_mode: str = "processed", return_routed_experts: bool = False,
-                 max_batch: int = 256, seed: int = 0):
+                 max_batch: int = 256, prefill_tokens: int = 8192, seed: int = 0):
         from megatron.core import parallel_state
 
         if logprobs_mode not in ("processed", "raw"):
@@ -136,12 +139,13 @@ class MegatronEngine:
         if parallel_state.get_context_parallel_world_size() > 1:
             raise ValueError("rollout.engine=megatron does not generate with context parallelism (megatron's "
                              "static KV cache has no CP path): set parallel.cp=1 or rollout.engine=vllm")
-        if max_batch < 1:
-            raise ValueError(f"max_batch={max_batch} must be >= 1")
+        if max_batch < 1 or prefill_tokens < 1:
+            raise ValueError(f"max_batch={max_batch} and prefill_tokens={prefill_tokens} must be >= 1")
         _check_core_attention(model)
         self.model, self.config, self.vocab_size = model, config, int(vocab_size)
         self.eos_id, self.tokenizer = eos_id, tokenizer
         self.logprobs_mode, self.max_batch, self.seed = logprobs_mode, int(max_batch), int(seed)
+        self.prefill_tokens = int(prefill_tokens)
         self.return_routed_experts = return_routed_experts
         self.calls = 0  # unseeded calls draw from (seed, calls): the same on every rank
         self.version = 0
@@ -251,6 +255,14 @@ class MegatronEngine:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def _most(self, count: int) -> int:
+        """The largest ``count`` of all groups under lock step (every group runs as many forwards); else ``count``."""
+        if not self.lockstep:
+            return count
+        t = torch.tensor([count], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[Prompt], n: int, sampling: SamplingSpec) -> list[list[Generation]]:
         """``n`` samples of every prompt, on every rank (collective)."""
@@ -273,11 +285,7 @@ class MegatronEngine:
                 g = torch.Generator().manual_seed(sample_seed(seeds[i], j))
                 rows.append(_Row(i, j, ids, torch.rand(sampling.max_new_tokens, generator=g, dtype=torch.float64)))
         rows.sort(key=lambda r: len(r.prompt_ids))  # similar lengths share a batch: less padding
-        rounds = max(1, math.ceil(len(rows) / self.max_batch))
-        if self.lockstep:  # every group runs as many rounds as the busiest one
-            t = torch.tensor([rounds], dtype=torch.int64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            rounds = int(t.item())
+        rounds = self._most(max(1, math.ceil(len(rows) / self.max_batch)))
         out: dict[int, list[Generation]] = {}
         with self._inference():
             for r in range(rounds):
@@ -328,10 +336,12 @@ class MegatronEngine:
         context.materialize_only_last_token_logits = True
         start, end = 0, batch.prompt_end
         with batch.rope(self.model):
+            logits = self._prefill(wrapper, batch, routes)
             while True:
-                logits = self._forward(wrapper, batch.window(start, end, device))[:, -1, :].cpu()
-                if routes is not None:
-                    routes[batch.rows, start:end] = self._recorded(len(batch), end - start)
+                if start > 0:
+                    logits = self._forward(wrapper, batch.window(start, end, device))[:, -1, :].cpu()
+                    if routes is not None:
+                        routes[batch.rows, start:end] = self._recorded(len(batch), end - start)
                 context.enable_decode_mode()
                 batch.tokens[:, end] = self._sample_step(logits, batch.rows, uniforms, stop, sampling, draws)
                 start, end = end, end + 1
@@ -356,6 +366,26 @@ class MegatronEngine:
                 gen.top_logprobs = draws.top_lps[k, :m, : sampling.top_logprobs].tolist()
             out.append(gen)
         return out
+
+    def _prefill(self, wrapper, batch: PaddedBatch, routes: Optional[torch.Tensor]) -> torch.Tensor:
+        """The prompts' forwards: groups of rows of at most ``prefill_tokens`` padded tokens, each placed in the
+        KV cache by megatron's ``batch_size_offset`` (as many forwards as the busiest group under lock step);
+        the logits [b, V] of every row's last prompt token."""
+        context, end = wrapper.inference_context, batch.prompt_end
+        per = max(1, self.prefill_tokens // end)
+        groups = [slice(i, min(i + per, len(batch))) for i in range(0, len(batch), per)]
+        out = []
+        for g in range(self._most(len(groups))):
+            if g >= len(groups):
+                self._dummy_forward()
+                continue
+            rows = groups[g]
+            context.batch_size_offset, context.sequence_len_offset = rows.start, 0
+            out.append(self._forward(wrapper, batch.window(0, end, self._device(), rows))[:, -1, :].cpu())
+            if routes is not None:
+                routes[batch.rows[rows], :end] = self._recorded(rows.stop - rows.start, end)
+        context.batch_size_offset = 0  # sequence_len_offset: end, after the last group's forward
+        return torch.cat(out)
 
     def _sample_step(self, logits: torch.Tensor, rows: torch.Tensor, uniforms: torch.Tensor, stop: torch.Tensor,
                      sampling: SamplingSpec, draws: "_Draws") -> torch.Tensor:
@@ -405,15 +435,17 @@ class MegatronEngine:
     # ------------------------------------------------------------------ scoring
     def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
         """log p(t_k | t_<k) of every sequence (raw logits), on every rank (collective). Each group scores its
-        share in left-padded batches of up to ``max_batch`` sequences of similar lengths, one forward each."""
+        share in left-padded batches of sequences of similar lengths (at most ``prefill_tokens`` padded tokens
+        or ``max_batch`` sequences), one forward each."""
         mine = {}
-        index = sorted(range(self.dp_rank, len(token_ids), self.dp_size), key=lambda i: len(token_ids[i]))
-        chunks = [index[c: c + self.max_batch] for c in range(0, len(index), self.max_batch)]
-        count = len(chunks)
-        if self.lockstep:
-            t = torch.tensor([count], dtype=torch.int64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            count = int(t.item())
+        chunks: list[list[int]] = []
+        for i in sorted(range(self.dp_rank, len(token_ids), self.dp_size), key=lambda i: len(token_ids[i])):
+            last = chunks[-1] if chunks else None  # ascending lengths: sequence i is the chunk's longest
+            if last and len(last) < self.max_batch and (len(last) + 1) * len(token_ids[i]) <= self.prefill_tokens:
+                last.append(i)
+            else:
+                chunks.append([i])
+        count = self._most(len(chunks))
         with self._inference():
             for c in range(count):
                 if c >= len(chunks):

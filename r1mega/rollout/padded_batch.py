@@ -14,6 +14,8 @@ What keeps a row's result independent of its padding and of the rows beside it:
   batch dimension, as with its multimodal rope);
 - the attention mask (megatron's convention, True = masked) hides the pad slots from every query; a pad
   query sees only its own slot, so no softmax row is empty and no NaN reaches the cache;
+- a prefill in groups of rows (megatron's ``batch_size_offset`` places each in the cache) feeds each group its
+  own rows' tables and mask;
 - finished rows are dropped from the batch (and from every layer's KV cache) once they are an eighth of it,
   so later forwards carry only rows that still generate.
 """
@@ -42,20 +44,22 @@ class PaddedBatch:
         self.valid = slot.unsqueeze(0) >= self.pad.unsqueeze(1)  # [b, slots]: a real (not pad) slot
         self.positions = (slot.unsqueeze(0) - self.pad.unsqueeze(1)).clamp(min=0)
         self.tokens = torch.zeros(len(prompts), self.slots, dtype=torch.long)
+        self.fed = slice(None)  # the rows of the last window: the ones the rotary hook gathers for
         for k, p in enumerate(prompts):
             self.tokens[k, int(self.pad[k]): self.prompt_end] = torch.as_tensor(list(p), dtype=torch.long)
 
     def __len__(self) -> int:
         return int(self.rows.numel())
 
-    def window(self, start: int, end: int, device) -> dict:
-        """megatron's forward inputs for the slots ``[start, end)`` of every row (tokens, per-row positions and
-        a ``[b, 1, end - start, end]`` mask over the cache up to ``end``)."""
+    def window(self, start: int, end: int, device, rows: slice = slice(None)) -> dict:
+        """megatron's forward inputs for the slots ``[start, end)`` of ``rows`` (tokens, per-row positions and a
+        ``[rows, 1, end - start, end]`` mask over the cache up to ``end``); the rotary hook follows ``rows``."""
+        self.fed = rows
         query = torch.arange(start, end).unsqueeze(1)
         key = torch.arange(end).unsqueeze(0)
-        allowed = (self.valid[:, None, None, :end] & (key <= query)) | (key == query)
-        return {"tokens": self.tokens[:, start:end].to(device), "position_ids": self.positions[:, start:end].to(device),
-                "attention_mask": (~allowed).to(device)}
+        allowed = (self.valid[rows, None, None, :end] & (key <= query)) | (key == query)
+        return {"tokens": self.tokens[rows, start:end].to(device),
+                "position_ids": self.positions[rows, start:end].to(device), "attention_mask": (~allowed).to(device)}
 
     def drop(self, finished: torch.Tensor, context) -> bool:
         """Drop the ``finished`` rows (bool, batch order) from the batch and from ``context``'s KV cache (a
@@ -71,6 +75,7 @@ class PaddedBatch:
         context.max_batch_size = int(keep.numel())
         for name in ("rows", "pad", "valid", "positions", "tokens"):
             setattr(self, name, getattr(self, name)[keep])
+        self.fed = slice(None)
         return True
 
     @contextmanager
@@ -90,5 +95,5 @@ class PaddedBatch:
         if emb.dim() != 4 or emb.size(0) < self.slots or emb.size(1) != 1:
             raise RuntimeError(f"{type(module).__name__} gave a rotary table of shape {tuple(emb.shape)}; the padded "
                                f"batch needs [>= {self.slots}, 1, 1, d] (megatron's static-inference layout)")
-        table = emb[:, 0][self.positions.t().to(emb.device)]  # [slots, b, 1, d]
+        table = emb[:, 0][self.positions[self.fed].t().to(emb.device)]  # [slots, fed rows, 1, d]
         return table if rest is None else (table, *rest)
