@@ -6,7 +6,8 @@ Every rank builds a tiny ``spec["preset"]`` policy in ``spec["layout"]`` (layout
 weights at every layout) and generates the same prompts with ``rollout/megatron_engine.MegatronEngine``:
 
 - ``plain``: temperature 1, many stop ids (most samples stop early), routing captured;
-- ``filtered``: temperature 0.7, top-k 50, top-p 0.9, no stop (every sample runs to max_new_tokens).
+- ``filtered``: temperature 0.7, top-k 50, top-p 0.9, no stop (every sample runs to max_new_tokens);
+- ``single``: the first prompt alone (at EP2 one data-parallel group idles in lock step).
 
 With ``spec["check"]`` (world 1) the worker also scores the samples with the learner: its training forward's
 log-probs (``compute_logprobs``) against the ``plain`` sampling log-probs, the learner's own routing
@@ -57,7 +58,10 @@ def main(spec: dict) -> None:
     plain = engine.generate(prompts, 3, SamplingSpec(max_new_tokens=new, seed=11, stop_token_ids=STOP_IDS))
     filtered = engine.generate(prompts, 3, SamplingSpec(max_new_tokens=new, seed=12, temperature=0.7, top_k=50,
                                                         top_p=0.9))
-    flat = {name: [g for row in rows for g in row] for name, rows in (("plain", plain), ("filtered", filtered))}
+    # one prompt: at EP2 the other data-parallel group has nothing to generate and answers every forward
+    single = engine.generate(prompts[:1], 3, SamplingSpec(max_new_tokens=new, seed=13, stop_token_ids=STOP_IDS))
+    flat = {name: [g for row in rows for g in row]
+            for name, rows in (("plain", plain), ("filtered", filtered), ("single", single))}
     report = {name: {"tokens": [g.token_ids for g in gens], "logprobs": [g.logprobs for g in gens],
                      "finish": [g.finish_reason for g in gens], "prompts": [g.prompt_index for g in gens]}
               for name, gens in flat.items()}

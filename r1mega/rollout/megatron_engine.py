@@ -215,7 +215,7 @@ class MegatronEngine:
         self._forward(wrapper, batch.window(0, batch.slots, self._device()))
 
     def _idle(self) -> None:
-        """Dummy forwards for as long as another group still generates (lock step)."""
+        """Dummy forwards for as long as another group still generates (lock step), once this one is done."""
         self._dummy_forward()
         while self._any(False):
             self._dummy_forward()
@@ -249,11 +249,7 @@ class MegatronEngine:
 
     def _any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank (world all-reduce); just ``flag`` without lock step."""
-        if not self.lockstep:
-            return flag
-        t = torch.tensor([int(flag)], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return self._most(int(flag)) > 0
 
     def _most(self, count: int) -> int:
         """The largest ``count`` of all groups under lock step (every group runs as many forwards); else ``count``."""
@@ -318,8 +314,11 @@ class MegatronEngine:
         """One static batch on this group, kept in lock step with the other groups (collective): the prompts
         left-padded (``PaddedBatch``), prefilled in one forward, then one forward per generated token, finished
         rows dropped from the batch as they accumulate."""
-        if not rows:  # the other groups' forwards, each answered by a dummy one
-            self._idle()
+        if not rows:  # the other groups' forwards, each answered by a dummy one: their prefill, then their steps
+            for _ in range(self._most(0)):
+                self._dummy_forward()
+            while self._any(False):
+                self._dummy_forward()
             return []
         device = self._device()
         batch = PaddedBatch([r.prompt_ids for r in rows], sampling.max_new_tokens)
