@@ -6,12 +6,14 @@ Every rank builds a tiny ``spec["preset"]`` policy in ``spec["layout"]`` (layout
 weights at every layout) and generates the same prompts with ``rollout/megatron_engine.MegatronEngine``:
 
 - ``plain``: temperature 1, many stop ids (most samples stop early), routing captured;
-- ``filtered``: temperature 0.7, top-k 50, top-p 0.9, no stop (every sample runs to max_new_tokens).
+- ``filtered``: temperature 0.7, top-k 50, top-p 0.9, no stop (every sample runs to max_new_tokens);
+- ``single``: the first prompt alone (at EP2 one data-parallel group idles in lock step).
 
 With ``spec["check"]`` (world 1) the worker also scores the samples with the learner: its training forward's
 log-probs (``compute_logprobs``) against the ``plain`` sampling log-probs, the learner's own routing
 (``score_with_routing``) against the captured one, and the log-softmax of the filtered distribution of a
-plain full forward against the ``filtered`` log-probs. Rank 0 writes ``spec["out"]`` (json).
+plain full forward against the ``filtered`` log-probs, and one prompt's samples alone against the same samples
+in a batch with a shorter and a longer prompt (``padding_check``). Rank 0 writes ``spec["out"]`` (json).
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ def main(spec: dict) -> None:
     from r1mega.rollout import SamplingSpec
     from r1mega.rollout.megatron_engine import MegatronEngine
 
-    engine = MegatronEngine(tm.module, tm.config, model_cfg.vocab_size, return_routed_experts=True)
+    # prefill_tokens=40: a batch's prompts are prefilled in groups of a few rows (more groups at world 1 than
+    # per data-parallel group at EP2, the groups' counts evened out by dummy forwards under lock step)
+    engine = MegatronEngine(tm.module, tm.config, model_cfg.vocab_size, return_routed_experts=True, prefill_tokens=40)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(60, model_cfg.vocab_size, (int(n),), generator=gen).tolist()
                for n in torch.randint(4, 12, (spec["prompts"],), generator=gen)]
@@ -54,17 +58,39 @@ def main(spec: dict) -> None:
     plain = engine.generate(prompts, 3, SamplingSpec(max_new_tokens=new, seed=11, stop_token_ids=STOP_IDS))
     filtered = engine.generate(prompts, 3, SamplingSpec(max_new_tokens=new, seed=12, temperature=0.7, top_k=50,
                                                         top_p=0.9))
-    flat = {name: [g for row in rows for g in row] for name, rows in (("plain", plain), ("filtered", filtered))}
+    # one prompt: at EP2 the other data-parallel group has nothing to generate and answers every forward
+    single = engine.generate(prompts[:1], 3, SamplingSpec(max_new_tokens=new, seed=13, stop_token_ids=STOP_IDS))
+    flat = {name: [g for row in rows for g in row]
+            for name, rows in (("plain", plain), ("filtered", filtered), ("single", single))}
     report = {name: {"tokens": [g.token_ids for g in gens], "logprobs": [g.logprobs for g in gens],
                      "finish": [g.finish_reason for g in gens], "prompts": [g.prompt_index for g in gens]}
               for name, gens in flat.items()}
     report["plain"]["routes"] = [g.routed_experts.tolist() for g in flat["plain"]]
     if spec.get("check"):
         report["check"] = check(tm, model_cfg, flat)
+        report["check"].update(padding_check(engine, prompts[0], new))
     if dist.get_rank() == 0:
         Path(spec["out"]).write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def padding_check(engine, prompt: list, new: int) -> dict:
+    """``prompt`` generated alone and between a shorter and a longer prompt (its own seed in both): the padding
+    and the rows beside it (which stop at other steps and are dropped from the batch) must not change it."""
+    import torch
+
+    from r1mega.rollout import SamplingSpec
+
+    longer = torch.randint(60, 200, (len(prompt) + 9,), generator=torch.Generator().manual_seed(8)).tolist()
+    alone = engine.generate([prompt], 4, SamplingSpec(max_new_tokens=new, prompt_seeds=(21,),
+                                                      stop_token_ids=STOP_IDS))[0]
+    mixed = engine.generate([prompt[:2], prompt, longer], 4, SamplingSpec(
+        max_new_tokens=new, prompt_seeds=(22, 21, 23), stop_token_ids=STOP_IDS))[1]
+    lp = max(abs(a - b) for x, y in zip(alone, mixed) for a, b in zip(x.logprobs, y.logprobs))
+    return {"padding_same_tokens": [g.token_ids for g in alone] == [g.token_ids for g in mixed],
+            "padding_same_routes": all(torch.equal(x.routed_experts, y.routed_experts) for x, y in zip(alone, mixed)),
+            "padding_logp_max_abs": lp, "padding_lengths": [len(g.token_ids) for g in alone]}
 
 
 def _batch(gens):

@@ -79,7 +79,7 @@ def test_fp8_training_step_on_gpu(single_process_megatron, recipe):
 
 def test_local_spec_uses_r1mega_norm_and_attention(single_process_megatron):
     from r1mega.models.layer_spec import build_block_spec
-    from r1mega.models.local_layers import SDPAttention, SequenceParallelNorm
+    from r1mega.models.local_layers import RopedCacheSelfAttention, SDPAttention, SequenceParallelNorm
 
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -90,6 +90,7 @@ def test_local_spec_uses_r1mega_norm_and_attention(single_process_megatron):
         sub = layer.submodules
         assert sub.input_layernorm is SequenceParallelNorm
         assert sub.self_attention.submodules.core_attention is SDPAttention
+        assert sub.self_attention.module is RopedCacheSelfAttention
 
 
 @pytest.mark.gpu

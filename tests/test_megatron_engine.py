@@ -1,8 +1,9 @@
 """``rollout.engine=megatron``: megatron-core inference over the learner's own model.
 
 - the sampling arithmetic (filtering, inverse-CDF picks, per-sample seeds) against independent references;
+- the left-padded batch: masks, per-row positions and rotary tables, finished rows dropped from the KV cache;
 - world 1: the engine's samples scored by the learner (training-forward log-probs, its own routing, the
-  filtered distribution of a full forward), EOS / length stops;
+  filtered distribution of a full forward), EOS / length stops, a prompt alone = the same prompt padded;
 - world 2 (EP2, TP2), qwen3_moe and deepseek_v3 (MLA): the same token ids, log-probs within 1e-5 and the
   same routing as world 1 (``slow``);
 - config validation (one_step_off, rollout.tp, stop strings).
@@ -21,7 +22,8 @@ import torch
 
 from r1mega.config import ConfigError, load_config
 from r1mega.platform.spawn import spawn_ranks
-from r1mega.rollout.megatron_engine import filtered_logits, pick, sample_seed
+from r1mega.rollout.megatron_engine import _check_core_attention, filtered_logits, pick, sample_seed
+from r1mega.rollout.padded_batch import PaddedBatch
 
 WORKER = Path(__file__).resolve().parent / "megatron_engine_worker.py"
 STOP_IDS = set(range(3, 60))
@@ -56,6 +58,64 @@ def test_sample_seeds_are_distinct_per_prompt_and_sample():
     assert len(seeds) == 50 * 16
 
 
+def test_padded_batch_masks_pad_slots_and_keeps_each_rows_positions():
+    batch = PaddedBatch([[5, 6, 7], [8]], 2)
+    assert (batch.prompt_end, batch.slots, batch.pad.tolist()) == (3, 5, [0, 2])
+    assert batch.tokens[1].tolist() == [0, 0, 8, 0, 0] and batch.positions[1].tolist() == [0, 0, 0, 1, 2]
+    sees = ~batch.window(0, 3, "cpu")["attention_mask"][:, 0]  # [b, query, key]: True = attended
+    assert sees[0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]  # causal
+    assert sees[1].tolist() == [[True, False, False], [False, True, False], [False, False, True]]  # pads: self only
+    step = batch.window(3, 4, "cpu")
+    assert step["tokens"].shape == (2, 1) and step["position_ids"].tolist() == [[3], [1]]
+    assert (~step["attention_mask"][:, 0, 0]).tolist() == [[True] * 4, [False, False, True, True]]
+
+
+def test_padded_batch_drops_finished_rows_from_the_kv_cache_once_they_are_an_eighth():
+    class Context:  # a StaticInferenceContext's cache: per layer (key, value) [slots, batch, heads, dim]
+        max_batch_size = 9
+        key_value_memory_dict = {1: (torch.arange(9.0).view(1, 9, 1, 1).repeat(4, 1, 1, 2),
+                                     -torch.arange(9.0).view(1, 9, 1, 1).repeat(4, 1, 1, 2))}
+
+    batch = PaddedBatch([[1] * (k + 1) for k in range(9)], 1)
+    assert not batch.drop(torch.arange(9) == 4, Context)  # 1 of 9 finished: not yet worth a copy
+    finished = torch.isin(torch.arange(9), torch.tensor([0, 4]))
+    assert batch.drop(finished, Context)
+    kept = [1, 2, 3, 5, 6, 7, 8]
+    k, v = Context.key_value_memory_dict[1]
+    assert k[0, :, 0, 0].tolist() == kept and v[0, :, 0, 0].tolist() == [-x for x in kept]
+    assert batch.rows.tolist() == kept and batch.pad.tolist() == [8 - x for x in kept] and len(batch) == 7
+    assert Context.max_batch_size == 7
+
+
+def test_rotary_tables_are_gathered_at_each_rows_positions_while_the_hook_is_on():
+    from r1mega.platform.megatron_compat import ensure_megatron
+
+    ensure_megatron()  # megatron on CPU
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0)
+    base = rope(5)  # [slots, 1, 1, d]
+    batch = PaddedBatch([[1, 2, 3], [4]], 2)  # row 1: pad 2, positions 0 0 0 1 2
+    with batch.rope(rope):
+        got = rope(5)
+        batch.window(0, 3, "cpu", slice(1, 2))  # a prefill group of row 1 only: the tables follow its rows
+        alone = rope(5)
+    assert got.shape == (5, 2, 1, 8)
+    assert torch.equal(got[:, 0], base[:, 0]) and torch.equal(got[:, 1], base[[0, 0, 0, 1, 2], 0])
+    assert alone.shape == (5, 1, 1, 8) and torch.equal(alone[:, 0], got[:, 1])
+    assert rope(5).shape == (5, 1, 1, 8)  # the hook is gone
+
+
+def test_the_engine_refuses_a_core_attention_that_ignores_the_padding_mask():
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.core_attention = torch.nn.Identity()  # e.g. Transformer Engine's
+
+    with pytest.raises(ValueError, match="Identity .*use rollout.engine=vllm"):
+        _check_core_attention(torch.nn.Sequential(Layer()))
+
+
 def _run(tmp_path, layout: str, world: int, preset: str = "qwen3_moe", check: bool = False) -> dict:
     out = tmp_path / f"{preset}_{layout}.json"
     spec = {"layout": layout, "preset": preset, "out": str(out), "prompts": 6, "max_new_tokens": 10, "check": check}
@@ -71,6 +131,9 @@ def test_world1_samples_score_the_same_in_the_learner(tmp_path):
     assert c["learner_logp_max_abs"] <= 1e-5, c  # the KV-cache forwards vs the learner's training forward
     assert c["routing_positions_differing"] == 0 and c["routing_positions"] > 0, c  # R3: the router's own choices
     assert c["filtered_logp_max_abs"] <= 1e-5 and c["sampled_outside_filter"] == 0, c  # processed log-probs
+    # a prompt generates the same alone and left-padded beside a longer prompt (rows stopping around it)
+    assert c["padding_same_tokens"] and c["padding_same_routes"] and c["padding_logp_max_abs"] <= 1e-6, c
+    assert len(set(c["padding_lengths"])) > 1, c  # its samples stop at different steps
     plain, filtered = r["plain"], r["filtered"]
     assert plain["prompts"] == [i for i in range(6) for _ in range(3)]
     stopped = 0
@@ -88,7 +151,7 @@ def test_world1_samples_score_the_same_in_the_learner(tmp_path):
 
 
 def _same(ref: dict, got: dict) -> None:
-    for mode in ("plain", "filtered"):
+    for mode in ("plain", "filtered", "single"):
         assert got[mode]["tokens"] == ref[mode]["tokens"] and got[mode]["finish"] == ref[mode]["finish"]
         worst = max(abs(a - b) for x, y in zip(ref[mode]["logprobs"], got[mode]["logprobs"]) for a, b in zip(x, y))
         assert worst <= 1e-5

@@ -1,7 +1,8 @@
 """Chooses the transformer-layer implementation: Transformer Engine when usable, torch otherwise.
 
-This is the one place that decides. The local spec is megatron-core's own, with two modules swapped
-for r1mega's (see ``local_layers``): a sequence-parallel-capable norm and an SDPA core attention.
+This is the one place that decides. The local spec is megatron-core's own, with three modules swapped
+for r1mega's (see ``local_layers``): a sequence-parallel-capable norm, an SDPA core attention and a
+self-attention whose inference KV cache holds rotated keys.
 """
 
 from __future__ import annotations
@@ -10,16 +11,18 @@ import dataclasses
 import functools
 
 from r1mega.models.grouped_experts import GroupedSequentialMLP
-from r1mega.models.local_layers import SDPAttention, SequenceParallelNorm
+from r1mega.models.local_layers import RopedCacheSelfAttention, SDPAttention, SequenceParallelNorm
 from r1mega.platform.optional import check_fp8_support, have_transformer_engine
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec  # noqa: E402
+from megatron.core.transformer.attention import SelfAttention  # noqa: E402
 from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
 from megatron.core.transformer.moe.experts import SequentialMLP  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: E402
 
-_LOCAL_REPLACEMENTS = {WrappedTorchNorm: SequenceParallelNorm, DotProductAttention: SDPAttention}
+_LOCAL_REPLACEMENTS = {WrappedTorchNorm: SequenceParallelNorm, DotProductAttention: SDPAttention,
+                       SelfAttention: RopedCacheSelfAttention}
 # model.moe_grouped_experts: grouped-GEMM experts with SequentialMLP's parameters (local spec only).
 _GROUPED_EXPERTS = {SequentialMLP: GroupedSequentialMLP}
 

@@ -14,9 +14,11 @@ What is megatron's and what is r1mega's:
   how prompts are split over data-parallel ranks), returns log-probs of the raw logits (not of the
   tempered / top-k / top-p distribution it sampled from), refuses top-k with top-p, stops only on one
   end id, has no routing capture, and its ranks are not kept in step across the expert-parallel group
-  when their batches finish at different times. So this loop drives the wrapper and context itself,
-  in the same left-aligned static-batch scheme megatron uses (prefill to the shortest prompt, then one
-  token per step; longer prompts keep their own tokens until they start generating).
+  when their batches finish at different times. So this loop drives the wrapper and context itself.
+  Its batches are left-padded (``padded_batch``) rather than megatron's left-aligned ones: one prefill
+  forward for prompts of any lengths, then one forward per generated token, finished rows dropped, each
+  row at its own positions behind a padding mask (which r1mega's SDPA core attention applies; Transformer
+  Engine layers are refused).
 
 The contract, as for the vLLM engines: sample ``j`` of the prompt with seed ``s`` draws from its own
 ``torch.Generator`` seeded from ``(s, j)`` (all its uniforms are drawn up front; a token is picked by
@@ -42,6 +44,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from r1mega.rollout.padded_batch import PaddedBatch
 from r1mega.rollout.protocol import Bucket, Generation, Prompt, RefitStats, SamplingSpec, log_once
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,26 @@ class _Row:
     uniforms: torch.Tensor  # [max_new_tokens] float64
 
 
+@dataclass
+class _Draws:
+    """What one static batch has drawn, per row (the order of its rows)."""
+
+    ids: torch.Tensor  # [b, max_new_tokens]
+    logps: torch.Tensor  # [b, max_new_tokens] float64
+    top_ids: torch.Tensor  # [b, max_new_tokens, max(top_logprobs, 1)]
+    top_lps: torch.Tensor
+    generated: torch.Tensor  # [b]: tokens drawn so far
+    done: torch.Tensor  # [b] bool
+    finish: list[str]
+
+    @classmethod
+    def empty(cls, b: int, sampling: SamplingSpec) -> "_Draws":
+        new, top = sampling.max_new_tokens, max(sampling.top_logprobs, 1)
+        return cls(torch.zeros(b, new, dtype=torch.long), torch.zeros(b, new, dtype=torch.float64),
+                   torch.zeros(b, new, top, dtype=torch.long), torch.zeros(b, new, top, dtype=torch.float64),
+                   torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.bool), ["length"] * b)
+
+
 class MegatronEngine:
     """``RolloutEngine`` over the learner's model chunk (``tm.module``); collective (see the module doc).
 
@@ -99,13 +122,16 @@ class MegatronEngine:
     ``return_routed_experts``: every sample carries the experts each fed token was routed to, recorded
     from the learner's routers in the very forwards that produced its tokens (R3).
     ``max_batch``: samples per forward on one data-parallel group (more are generated in rounds).
+    ``prefill_tokens``: padded prompt tokens per prefill forward (a batch's prompts are prefilled in groups of
+    rows within it, and ``prompt_logprobs`` scores sequences in batches within it): bounds the activations,
+    the mask and the logits of one forward.
     """
 
     collective = True  # every learner rank calls every method (WeightSync, eval and rejection sampling rely on it)
 
     def __init__(self, model: torch.nn.Module, config, vocab_size: int, *, eos_id: Optional[int] = None,
                  tokenizer=None, logprobs_mode: str = "processed", return_routed_experts: bool = False,
-                 max_batch: int = 256, seed: int = 0):
+                 max_batch: int = 256, prefill_tokens: int = 8192, seed: int = 0):
         from megatron.core import parallel_state
 
         if logprobs_mode not in ("processed", "raw"):
@@ -113,11 +139,13 @@ class MegatronEngine:
         if parallel_state.get_context_parallel_world_size() > 1:
             raise ValueError("rollout.engine=megatron does not generate with context parallelism (megatron's "
                              "static KV cache has no CP path): set parallel.cp=1 or rollout.engine=vllm")
-        if max_batch < 1:
-            raise ValueError(f"max_batch={max_batch} must be >= 1")
+        if max_batch < 1 or prefill_tokens < 1:
+            raise ValueError(f"max_batch={max_batch} and prefill_tokens={prefill_tokens} must be >= 1")
+        _check_core_attention(model)
         self.model, self.config, self.vocab_size = model, config, int(vocab_size)
         self.eos_id, self.tokenizer = eos_id, tokenizer
         self.logprobs_mode, self.max_batch, self.seed = logprobs_mode, int(max_batch), int(seed)
+        self.prefill_tokens = int(prefill_tokens)
         self.return_routed_experts = return_routed_experts
         self.calls = 0  # unseeded calls draw from (seed, calls): the same on every rank
         self.version = 0
@@ -163,19 +191,17 @@ class MegatronEngine:
             return layer.weight.size(0) * self.tp_size
         return self.vocab_size
 
-    def _forward(self, wrapper, inputs: dict, start: int, end: int) -> Optional[torch.Tensor]:
-        """One forward of the context window [start, end): logits [B, s, V] (fp32, real vocabulary) on every
+    def _forward(self, wrapper, window: dict) -> torch.Tensor:
+        """One forward of ``window`` (a ``PaddedBatch.window``): logits [B, s, V] (fp32, real vocabulary) on every
         rank of the group (broadcast from the last pipeline stage)."""
         from megatron.core.inference.communication_utils import broadcast_from_last_pipeline_stage
 
-        window = wrapper.get_batch_for_context_window(inputs, start, end)
-        if wrapper.model_is_pipeline_parallel:
-            logits = wrapper.forward_pass_with_pipeline_parallel_small_input_batch(window)
-        else:
+        if not wrapper.model_is_pipeline_parallel:
             logits = wrapper.forward_pass_without_pipeline_parallel(window)
-        if wrapper.model_is_pipeline_parallel:
-            b = window["tokens"].size(0)
-            s = 1 if wrapper.inference_context.materialize_only_last_token_logits else end - start
+        else:
+            logits = wrapper.forward_pass_with_pipeline_parallel_small_input_batch(window)
+            b, s = window["tokens"].shape
+            s = 1 if wrapper.inference_context.materialize_only_last_token_logits else s
             logits = broadcast_from_last_pipeline_stage([b, s, self._padded_vocab()], self.config.params_dtype,
                                                         logits, pp_group=self.pp_group)
         return logits[..., : self.vocab_size].float()
@@ -183,11 +209,16 @@ class MegatronEngine:
     def _dummy_forward(self) -> None:
         """A one-row forward whose result is dropped: keeps this group in step with the expert-parallel
         all-to-alls of groups that still generate."""
-        wrapper = self._wrapper(1, self.tp_size)
-        tokens = torch.zeros(1, self.tp_size, dtype=torch.long, device=self._device())
-        inputs = wrapper.prep_inference_input(tokens)
+        batch = PaddedBatch([[0] * self.tp_size], 0)
+        wrapper = self._wrapper(1, batch.slots)
         wrapper.inference_context.materialize_only_last_token_logits = True
-        self._forward(wrapper, inputs, 0, self.tp_size)
+        self._forward(wrapper, batch.window(0, batch.slots, self._device()))
+
+    def _idle(self) -> None:
+        """Dummy forwards for as long as another group still generates (lock step), once this one is done."""
+        self._dummy_forward()
+        while self._any(False):
+            self._dummy_forward()
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -218,11 +249,15 @@ class MegatronEngine:
 
     def _any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank (world all-reduce); just ``flag`` without lock step."""
+        return self._most(int(flag)) > 0
+
+    def _most(self, count: int) -> int:
+        """The largest ``count`` of all groups under lock step (every group runs as many forwards); else ``count``."""
         if not self.lockstep:
-            return flag
-        t = torch.tensor([int(flag)], dtype=torch.int64)
+            return count
+        t = torch.tensor([count], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return int(t.item())
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[Prompt], n: int, sampling: SamplingSpec) -> list[list[Generation]]:
@@ -245,11 +280,8 @@ class MegatronEngine:
             for j in range(n):
                 g = torch.Generator().manual_seed(sample_seed(seeds[i], j))
                 rows.append(_Row(i, j, ids, torch.rand(sampling.max_new_tokens, generator=g, dtype=torch.float64)))
-        rounds = max(1, math.ceil(len(rows) / self.max_batch))
-        if self.lockstep:  # every group runs as many rounds as the busiest one
-            t = torch.tensor([rounds], dtype=torch.int64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            rounds = int(t.item())
+        rows.sort(key=lambda r: len(r.prompt_ids))  # similar lengths share a batch: less padding
+        rounds = self._most(max(1, math.ceil(len(rows) / self.max_batch)))
         out: dict[int, list[Generation]] = {}
         with self._inference():
             for r in range(rounds):
@@ -279,94 +311,112 @@ class MegatronEngine:
         return sorted(set(ids))
 
     def _generate_rows(self, rows: list[_Row], sampling: SamplingSpec) -> list[Generation]:
-        """One static batch on this group, kept in lock step with the other groups (collective)."""
-        if not rows:  # the other groups' forwards, each answered by a dummy one
-            self._dummy_forward()
+        """One static batch on this group, kept in lock step with the other groups (collective): the prompts
+        left-padded (``PaddedBatch``), prefilled in one forward, then one forward per generated token, finished
+        rows dropped from the batch as they accumulate."""
+        if not rows:  # the other groups' forwards, each answered by a dummy one: their prefill, then their steps
+            for _ in range(self._most(0)):
+                self._dummy_forward()
             while self._any(False):
                 self._dummy_forward()
             return []
         device = self._device()
-        b, new = len(rows), sampling.max_new_tokens
-        lengths = torch.tensor([len(r.prompt_ids) for r in rows])
-        total = int(lengths.max()) + new
-        tokens = torch.zeros(b, total, dtype=torch.long)
-        for k, r in enumerate(rows):
-            tokens[k, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        batch = PaddedBatch([r.prompt_ids for r in rows], sampling.max_new_tokens)
+        pads = batch.pad.clone()
+        draws = _Draws.empty(len(rows), sampling)
         uniforms = torch.stack([r.uniforms for r in rows])
         stop = torch.tensor(self._stop_ids(sampling), dtype=torch.long)
-        logps = torch.zeros(b, new, dtype=torch.float64)
-        top_ids = torch.zeros(b, new, max(sampling.top_logprobs, 1), dtype=torch.long)
-        top_lps = torch.zeros(b, new, max(sampling.top_logprobs, 1), dtype=torch.float64)
-        generated = torch.zeros(b, dtype=torch.long)
-        done = torch.zeros(b, dtype=torch.bool)
-        finish = ["length"] * b
         routes = None
-        if self.routing is not None:
-            routes = torch.zeros(b, total, self.routing.num_moe_layers, self.routing.topk, dtype=torch.int16)
-
-        wrapper = self._wrapper(b, total)
-        inputs = wrapper.prep_inference_input(tokens.to(device))
-        start, end = 0, int(lengths.min())
-        while True:
-            wrapper.inference_context.materialize_only_last_token_logits = True
-            logits = self._forward(wrapper, inputs, start, end)[:, -1, :].cpu()
-            if routes is not None:
-                routes[:, start:end] = self._recorded(b, end - start)
-            if start > 0:
-                wrapper.inference_context.enable_decode_mode()
-            started = (lengths <= end) & ~done  # rows whose token at position `end` is generated now
-            if started.any():
-                self._sample_step(logits, started, end, tokens, uniforms, stop, sampling, logps,
-                                  top_ids, top_lps, generated, done, finish)
-                inputs["tokens"][:, end] = tokens[:, end].to(device)
-            start, end = end, end + 1
-            active = not bool(done.all()) and end < total
-            if not self._any(active):
-                break
-            if not active:  # this group is finished; others still run the all-to-alls
-                self._dummy_forward()
-                while self._any(False):
-                    self._dummy_forward()
-                break
+        if self.routing is not None:  # per row and cache slot
+            routes = torch.zeros(len(rows), batch.slots, self.routing.num_moe_layers, self.routing.topk,
+                                 dtype=torch.int16)
+        wrapper = self._wrapper(len(rows), batch.slots)
+        context = wrapper.inference_context
+        context.materialize_only_last_token_logits = True
+        start, end = 0, batch.prompt_end
+        with batch.rope(self.model):
+            logits = self._prefill(wrapper, batch, routes)
+            while True:
+                if start > 0:
+                    logits = self._forward(wrapper, batch.window(start, end, device))[:, -1, :].cpu()
+                    if routes is not None:
+                        routes[batch.rows, start:end] = self._recorded(len(batch), end - start)
+                context.enable_decode_mode()
+                batch.tokens[:, end] = self._sample_step(logits, batch.rows, uniforms, stop, sampling, draws)
+                start, end = end, end + 1
+                active = not bool(draws.done.all())
+                if not self._any(active):
+                    break
+                if not active:  # this group is finished; others still run the all-to-alls
+                    self._idle()
+                    break
+                batch.drop(draws.done[batch.rows], context)
         out = []
         for k, r in enumerate(rows):
-            m = int(generated[k])
-            ids = tokens[k, len(r.prompt_ids): len(r.prompt_ids) + m].tolist()
-            gen = Generation(r.prompt, r.sample, list(r.prompt_ids), ids, self._text(ids), logps[k, :m].tolist(),
-                             finish[k])
-            if routes is not None:
-                gen.routed_experts = routes[k, : len(r.prompt_ids) + m - 1].clone()
+            m = int(draws.generated[k])
+            ids = draws.ids[k, :m].tolist()
+            gen = Generation(r.prompt, r.sample, list(r.prompt_ids), ids, self._text(ids), draws.logps[k, :m].tolist(),
+                             draws.finish[k])
+            if routes is not None:  # the fed tokens: the prompt and all generated ones but the last
+                p = int(pads[k])
+                gen.routed_experts = routes[k, p: p + len(r.prompt_ids) + m - 1].clone()
             if sampling.top_logprobs:
-                gen.top_ids = top_ids[k, :m, : sampling.top_logprobs].tolist()
-                gen.top_logprobs = top_lps[k, :m, : sampling.top_logprobs].tolist()
+                gen.top_ids = draws.top_ids[k, :m, : sampling.top_logprobs].tolist()
+                gen.top_logprobs = draws.top_lps[k, :m, : sampling.top_logprobs].tolist()
             out.append(gen)
         return out
 
-    def _sample_step(self, logits, started, pos, tokens, uniforms, stop, sampling, logps, top_ids, top_lps,
-                     generated, done, finish) -> None:
-        rows = started.nonzero().squeeze(-1)
-        raw = logits[rows]
-        step = generated[rows]  # index of the token drawn now, per row
+    def _prefill(self, wrapper, batch: PaddedBatch, routes: Optional[torch.Tensor]) -> torch.Tensor:
+        """The prompts' forwards: groups of rows of at most ``prefill_tokens`` padded tokens, each placed in the
+        KV cache by megatron's ``batch_size_offset`` (as many forwards as the busiest group under lock step);
+        the logits [b, V] of every row's last prompt token."""
+        context, end = wrapper.inference_context, batch.prompt_end
+        per = max(1, self.prefill_tokens // end)
+        groups = [slice(i, min(i + per, len(batch))) for i in range(0, len(batch), per)]
+        out = []
+        for g in range(self._most(len(groups))):
+            if g >= len(groups):
+                self._dummy_forward()
+                continue
+            rows = groups[g]
+            context.batch_size_offset, context.sequence_len_offset = rows.start, 0
+            out.append(self._forward(wrapper, batch.window(0, end, self._device(), rows))[:, -1, :].cpu())
+            if routes is not None:
+                routes[batch.rows[rows], :end] = self._recorded(rows.stop - rows.start, end)
+        context.batch_size_offset = 0  # sequence_len_offset: end, after the last group's forward
+        return torch.cat(out)
+
+    def _sample_step(self, logits: torch.Tensor, rows: torch.Tensor, uniforms: torch.Tensor, stop: torch.Tensor,
+                     sampling: SamplingSpec, draws: "_Draws") -> torch.Tensor:
+        """Draw the next token of every unfinished row of the batch (``logits`` [fed, V], ``rows``: the row of
+        each batch position) into ``draws``; returns the tokens to feed ([fed], 0 for finished rows)."""
+        live = (~draws.done[rows]).nonzero().squeeze(-1)
+        who = rows[live]
+        raw = logits[live]
+        step = draws.generated[who]  # index of the token drawn now, per row
         if sampling.min_new_tokens and len(stop):
             early = step < sampling.min_new_tokens
             if early.any():
                 raw = raw.clone()
                 raw[early.nonzero().squeeze(-1).unsqueeze(-1), stop.unsqueeze(0)] = float("-inf")
         proc = filtered_logits(raw, sampling.temperature, sampling.top_k, sampling.top_p)
-        chosen = pick(proc, uniforms[rows, step])
+        chosen = pick(proc, uniforms[who, step])
         basis = proc if self.logprobs_mode == "processed" else raw
         lp = torch.log_softmax(basis.double(), -1)
-        logps[rows, step] = lp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+        draws.logps[who, step] = lp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
         if sampling.top_logprobs:
             best = lp.topk(sampling.top_logprobs, dim=-1)
-            top_ids[rows, step] = best.indices
-            top_lps[rows, step] = best.values
-        tokens[rows, pos] = chosen
-        generated[rows] += 1
+            draws.top_ids[who, step] = best.indices
+            draws.top_lps[who, step] = best.values
+        draws.ids[who, step] = chosen
+        draws.generated[who] += 1
         hit = torch.isin(chosen, stop)
-        done[rows] = hit | (generated[rows] >= sampling.max_new_tokens)
-        for r in rows[hit].tolist():
-            finish[r] = "stop"
+        draws.done[who] = hit | (draws.generated[who] >= sampling.max_new_tokens)
+        for r in who[hit].tolist():
+            draws.finish[r] = "stop"
+        fed = torch.zeros(len(rows), dtype=torch.long)
+        fed[live] = chosen
+        return fed
 
     def _recorded(self, b: int, s: int) -> torch.Tensor:
         """This forward's routing ``[b, s, L_moe, k]`` (global expert ids), summed over pipeline stages."""
@@ -383,35 +433,31 @@ class MegatronEngine:
 
     # ------------------------------------------------------------------ scoring
     def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
-        """log p(t_k | t_<k) of every sequence (raw logits), on every rank (collective)."""
+        """log p(t_k | t_<k) of every sequence (raw logits), on every rank (collective). Each group scores its
+        share in left-padded batches of sequences of similar lengths (at most ``prefill_tokens`` padded tokens
+        or ``max_batch`` sequences), one forward each."""
         mine = {}
-        seqs = {i: [int(t) for t in token_ids[i]] for i in range(self.dp_rank, len(token_ids), self.dp_size)}
-        with self._inference():
-            if seqs:
-                by_len: dict[int, list[int]] = {}
-                for i, s in seqs.items():
-                    by_len.setdefault(len(s), []).append(i)
-                groups = sorted(by_len.items())
+        chunks: list[list[int]] = []
+        for i in sorted(range(self.dp_rank, len(token_ids), self.dp_size), key=lambda i: len(token_ids[i])):
+            last = chunks[-1] if chunks else None  # ascending lengths: sequence i is the chunk's longest
+            if last and len(last) < self.max_batch and (len(last) + 1) * len(token_ids[i]) <= self.prefill_tokens:
+                last.append(i)
             else:
-                groups = []
-            count = len(groups)
-            if self.lockstep:
-                t = torch.tensor([count], dtype=torch.int64)
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                count = int(t.item())
-            for g in range(count):
-                if g >= len(groups):
+                chunks.append([i])
+        count = self._most(len(chunks))
+        with self._inference():
+            for c in range(count):
+                if c >= len(chunks):
                     self._dummy_forward()
                     continue
-                length, idx = groups[g]
-                tokens = torch.tensor([seqs[i] for i in idx], dtype=torch.long)
-                wrapper = self._wrapper(len(idx), length)
-                inputs = wrapper.prep_inference_input(tokens.to(self._device()))
+                batch = PaddedBatch([[int(t) for t in token_ids[i]] for i in chunks[c]], 0)
+                wrapper = self._wrapper(len(batch), batch.slots)
                 wrapper.inference_context.materialize_only_last_token_logits = False
-                logits = self._forward(wrapper, inputs, 0, length).cpu()
-                lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
-                for k, i in enumerate(idx):
-                    mine[i] = lp[k].tolist()
+                with batch.rope(self.model):
+                    logits = self._forward(wrapper, batch.window(0, batch.slots, self._device())).cpu()
+                lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, batch.tokens[:, 1:].unsqueeze(-1))
+                for k, i in enumerate(chunks[c]):
+                    mine[i] = lp[k, int(batch.pad[k]):, 0].tolist()
         everyone = _gather_dicts(mine if self.owner else {})
         return [everyone[i] for i in range(len(token_ids))]
 
@@ -434,6 +480,20 @@ class MegatronEngine:
 
     def close(self) -> None:
         self.model = None
+
+
+def _check_core_attention(model: torch.nn.Module) -> None:
+    """The padded batches need a core attention that applies the padding mask it is given with causal
+    attention too: r1mega's ``SDPAttention`` does, Transformer Engine's ignores it (wrong tokens, silently)."""
+    from r1mega.models.local_layers import SDPAttention
+
+    other = sorted({type(m.core_attention).__name__ for m in model.modules()
+                    if isinstance(getattr(m, "core_attention", None), torch.nn.Module)
+                    and not isinstance(m.core_attention, SDPAttention)})
+    if other:
+        raise ValueError(f"rollout.engine=megatron masks the padding of its batches in r1mega's SDPA core attention; "
+                         f"this model's core attention is {', '.join(other)} (Transformer Engine layers): use "
+                         "rollout.engine=vllm, or build the learner without transformer-engine installed")
 
 
 def _gather_dicts(mine: dict) -> dict:
