@@ -174,16 +174,29 @@ class WeightsReader:
 
     def __init__(self, step_dir: str | Path, module: torch.nn.Module):
         ensure_megatron()
+        from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
+            CachedMetadataFileSystemReader,
+        )
+        from megatron.core.dist_checkpointing.validation import verify_checkpoint_and_load_strategy
+
         self.step_dir = Path(step_dir)
+        verify_checkpoint_and_load_strategy(str(self.step_dir))  # a torch_dist checkpoint, checked once
         self.template = module.sharded_state_dict()
         self.meta = dict(module.named_parameters())
         self.meta.update(module.named_buffers())
+        # the checkpoint's metadata is read once for every read, not once per call
+        self.storage = CachedMetadataFileSystemReader(self.step_dir)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        from megatron.core import dist_checkpointing
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
         from megatron.core.dist_checkpointing.dict_utils import nested_values
         from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-        from megatron.core.dist_checkpointing.validation import StrictHandling
+        from megatron.core.dist_checkpointing.strategies.torch import (
+            MCoreLoadPlanner,
+            _replace_state_dict_keys_with_sharded_keys,
+            mcore_to_pyt_state_dict,
+        )
 
         out, request = {}, {}
         for name in names:
@@ -198,10 +211,14 @@ class WeightsReader:
         apply_factories(request)
         for key, value in list(request.items()):
             request[key] = _without_prepended_axes(value, ShardedTensor)
-        assert all(not isinstance(v, ShardedTensor) or v.prepend_axis_num == 0 for v in nested_values(request))
-        # a subset of the checkpoint: the full-coverage check does not apply
-        dist_checkpointing.load({"model": request}, str(self.step_dir), validate_access_integrity=False,
-                                strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+        by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(request)
+        tensors = [v for v in nested_values(by_key) if isinstance(v, ShardedTensor)]
+        assert all(v.prepend_axis_num == 0 for v in tensors)
+        # torch's DCP load on this process alone (megatron's load would re-read the metadata and the common
+        # state, and plan through collectives, on every call); a subset of the checkpoint is read, each
+        # tensor's global shape checked against the checkpoint's
+        _load_state_dict(mcore_to_pyt_state_dict(by_key, True), self.storage, no_dist=True,
+                         planner=MCoreLoadPlanner(shapes_validation_sharded_tensors=tensors))
         return out
 
 
