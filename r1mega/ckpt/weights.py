@@ -32,10 +32,12 @@ from r1mega.ckpt.dist_ckpt import (
     _model_names,
     _param_shapes,
     _rank,
+    _world,
     atomic_save,
 )
 from r1mega.ckpt.errors import CheckpointError
 from r1mega.ckpt.state import architecture, make_meta
+from r1mega.platform.cpu_emulation import redirect_suspended
 from r1mega.platform.megatron_compat import ensure_megatron
 
 log = logging.getLogger(__name__)
@@ -112,9 +114,11 @@ def _streaming_strategy(materialize: _Materializer | None):
             state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
             pyt_state = mcore_to_pyt_state_dict(state, False)
             planner = LazyPlanner(dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False)
-            with _without_crc32():
+            # one process plans alone (no pickled plans through the process group); the data path
+            # places nothing on CUDA, so it runs without the CPU emulation's torch-function mode
+            with _without_crc32(), redirect_suspended():
                 dcp_save(pyt_state, storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=WRITER_THREADS),
-                         planner=planner)
+                         planner=planner, no_dist=_world() == 1)
 
     return StreamingSave("torch_dist", 1, thread_count=WRITER_THREADS)
 
@@ -217,8 +221,9 @@ class WeightsReader:
         # torch's DCP load on this process alone (megatron's load would re-read the metadata and the common
         # state, and plan through collectives, on every call); a subset of the checkpoint is read, each
         # tensor's global shape checked against the checkpoint's
-        _load_state_dict(mcore_to_pyt_state_dict(by_key, True), self.storage, no_dist=True,
-                         planner=MCoreLoadPlanner(shapes_validation_sharded_tensors=tensors))
+        with redirect_suspended():
+            _load_state_dict(mcore_to_pyt_state_dict(by_key, True), self.storage, no_dist=True,
+                             planner=MCoreLoadPlanner(shapes_validation_sharded_tensors=tensors))
         return out
 
 
