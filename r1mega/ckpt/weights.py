@@ -90,7 +90,7 @@ class _Materializer:
 def _streaming_strategy(materialize: _Materializer | None):
     """megatron's torch_dist save strategy, written item by item by torch's ``FileSystemWriter``."""
     from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
     from megatron.core.dist_checkpointing.strategies.torch import (
         MCoreSavePlanner,
@@ -114,11 +114,12 @@ def _streaming_strategy(materialize: _Materializer | None):
             state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
             pyt_state = mcore_to_pyt_state_dict(state, False)
             planner = LazyPlanner(dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False)
-            # one process plans alone (no pickled plans through the process group); the data path
-            # places nothing on CUDA, so it runs without the CPU emulation's torch-function mode
+            # torch's DCP save less its per-key Stateful pass (none here). One process plans alone (no
+            # pickled plans through the process group); the data path places nothing on CUDA, so it runs
+            # without the CPU emulation's torch-function mode.
             with _without_crc32(), redirect_suspended():
-                dcp_save(pyt_state, storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=WRITER_THREADS),
-                         planner=planner, no_dist=_world() == 1)
+                _save_state_dict(pyt_state, FileSystemWriter(str(checkpoint_dir), thread_count=WRITER_THREADS),
+                                 planner=planner, no_dist=_world() == 1)
 
     return StreamingSave("torch_dist", 1, thread_count=WRITER_THREADS)
 
