@@ -112,15 +112,18 @@ def _streaming_strategy(materialize: _Materializer | None):
 
     class StreamingSave(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
-            state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
-            pyt_state = mcore_to_pyt_state_dict(state, False)
-            planner = LazyPlanner(dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False)
-            # torch's DCP save less its per-key Stateful pass (none here). One process plans alone (no
-            # pickled plans through the process group); the data path places nothing on CUDA, so it runs
-            # without the CPU emulation's torch-function mode.
-            with _without_crc32(), redirect_suspended(), _gc_paused():
-                _save_state_dict(pyt_state, FileSystemWriter(str(checkpoint_dir), thread_count=WRITER_THREADS),
-                                 planner=planner, no_dist=_world() == 1)
+            # nothing here places tensors on CUDA: no CPU-emulation torch-function mode
+            with redirect_suspended(), _gc_paused():
+                state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict,
+                                                                         self.keep_only_main_replica)
+                pyt_state = mcore_to_pyt_state_dict(state, False)
+                planner = LazyPlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                      flatten_state_dict=False)
+                # torch's DCP save less its per-key Stateful pass (none here); one process plans alone
+                # (no pickled plans through the process group)
+                with _without_crc32():
+                    _save_state_dict(pyt_state, FileSystemWriter(str(checkpoint_dir), thread_count=WRITER_THREADS),
+                                     planner=planner, no_dist=_world() == 1)
 
     return StreamingSave("torch_dist", 1, thread_count=WRITER_THREADS)
 
@@ -208,6 +211,11 @@ class WeightsReader:
         self.storage = CachedMetadataFileSystemReader(self.step_dir)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        # nothing here places tensors on CUDA: no CPU-emulation torch-function mode
+        with redirect_suspended(), _gc_paused():
+            return self._read(names)
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
         from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -237,9 +245,8 @@ class WeightsReader:
         # torch's DCP load on this process alone (megatron's load would re-read the metadata and the common
         # state, and plan through collectives, on every call); a subset of the checkpoint is read, each
         # tensor's global shape checked against the checkpoint's
-        with redirect_suspended(), _gc_paused():
-            _load_state_dict(mcore_to_pyt_state_dict(by_key, True), self.storage, no_dist=True,
-                             planner=MCoreLoadPlanner(shapes_validation_sharded_tensors=tensors))
+        _load_state_dict(mcore_to_pyt_state_dict(by_key, True), self.storage, no_dist=True,
+                         planner=MCoreLoadPlanner(shapes_validation_sharded_tensors=tensors))
         return out
 
 
