@@ -53,6 +53,15 @@ out["device"] = str(t.device)
 out["type"] = t.type()
 out["current_device"] = str(torch.cuda.current_device())
 
+# redirect_suspended: the mode is off inside (a CUDA allocation reaches torch and fails), back on after
+with cpu_emulation.redirect_suspended():
+    try:
+        torch.empty(3, device="cuda")
+        out["suspended"] = "allocated"
+    except (RuntimeError, AssertionError) as e:
+        out["suspended"] = type(e).__name__
+out["after_suspended"] = str(torch.empty(3, device="cuda").device)
+
 with open(sys.argv[1] + f".{rank}", "w") as f:
     json.dump(out, f)
 dist.destroy_process_group()

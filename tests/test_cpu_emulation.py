@@ -52,3 +52,9 @@ def test_cuda_allocations_redirected(results):
     assert results[0]["device"] == "cpu"
     assert results[0]["type"] == "torch.cuda.FloatTensor"
     assert results[0]["current_device"] == "cpu"
+
+
+@pytest.mark.timeout(180)
+def test_redirect_suspended_turns_the_redirect_off_in_its_block_only(results):
+    assert results[0]["suspended"] != "allocated"  # torch itself saw the CUDA device
+    assert results[0]["after_suspended"] == "cpu"

@@ -112,10 +112,12 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def write_safetensors(path: str | Path, tensors: list[tuple[str, torch.Tensor]],
-                      metadata: dict[str, str] | None = None, written=None) -> int:
+                      metadata: dict[str, str] | None = None, written=None, sync: bool = True) -> int:
     """Write ``tensors`` (in order) as one safetensors file, durably (fsync); returns the bytes of tensor data.
 
     ``written(name)`` is called after each tensor's bytes went out (e.g. to release a mapped source).
+    ``sync=False``: the caller makes the file durable later (:class:`ShardedWriter` fsyncs all its files
+    at once, so the disk writes one shard while the next is produced).
     """
     header: dict[str, dict] = {}
     offset = 0
@@ -138,7 +140,8 @@ def write_safetensors(path: str | Path, tensors: list[tuple[str, torch.Tensor]],
             if written is not None:
                 written(name)
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     return offset
 
 
@@ -152,6 +155,7 @@ class ShardedWriter:
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
         self._written = 0
+        self._unsynced: list[Path] = []  # written, made durable by close()
 
     def write(self, tensors: list[tuple[str, torch.Tensor]], written=None) -> None:
         self._written += 1
@@ -160,11 +164,20 @@ class ShardedWriter:
             if name in self.weight_map:
                 raise ValueError(f"tensor {name} written twice")
             self.weight_map[name] = fname
-        self.total_size += write_safetensors(self.out / fname, tensors, written=written)
+        self.total_size += write_safetensors(self.out / fname, tensors, written=written, sync=False)
+        self._unsynced.append(self.out / fname)
 
     def close(self) -> None:
+        """Write the index; every file is durable (fsync) when this returns."""
         if self._written != self.num_files:
             raise RuntimeError(f"wrote {self._written} of {self.num_files} safetensors files")
+        for path in self._unsynced:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._unsynced.clear()
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         with open(self.out / INDEX, "w") as f:
             f.write(json.dumps(index, indent=2) + "\n")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import threading
 from pathlib import Path
@@ -32,10 +33,12 @@ from r1mega.ckpt.dist_ckpt import (
     _model_names,
     _param_shapes,
     _rank,
+    _world,
     atomic_save,
 )
 from r1mega.ckpt.errors import CheckpointError
 from r1mega.ckpt.state import architecture, make_meta
+from r1mega.platform.cpu_emulation import redirect_suspended
 from r1mega.platform.megatron_compat import ensure_megatron
 
 log = logging.getLogger(__name__)
@@ -88,7 +91,7 @@ class _Materializer:
 def _streaming_strategy(materialize: _Materializer | None):
     """megatron's torch_dist save strategy, written item by item by torch's ``FileSystemWriter``."""
     from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
     from megatron.core.dist_checkpointing.strategies.torch import (
         MCoreSavePlanner,
@@ -109,12 +112,18 @@ def _streaming_strategy(materialize: _Materializer | None):
 
     class StreamingSave(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
-            state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
-            pyt_state = mcore_to_pyt_state_dict(state, False)
-            planner = LazyPlanner(dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False)
-            with _without_crc32():
-                dcp_save(pyt_state, storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=WRITER_THREADS),
-                         planner=planner)
+            # nothing here places tensors on CUDA: no CPU-emulation torch-function mode
+            with redirect_suspended(), _gc_paused():
+                state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict,
+                                                                         self.keep_only_main_replica)
+                pyt_state = mcore_to_pyt_state_dict(state, False)
+                planner = LazyPlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                      flatten_state_dict=False)
+                # torch's DCP save less its per-key Stateful pass (none here); one process plans alone
+                # (no pickled plans through the process group)
+                with _without_crc32():
+                    _save_state_dict(pyt_state, FileSystemWriter(str(checkpoint_dir), thread_count=WRITER_THREADS),
+                                     planner=planner, no_dist=_world() == 1)
 
     return StreamingSave("torch_dist", 1, thread_count=WRITER_THREADS)
 
@@ -136,6 +145,20 @@ def _without_crc32():
         yield
     finally:
         config.save.compute_crc32 = before
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """No cyclic garbage collection in a block that allocates DCP's many small objects (write items, chunk
+    and storage metadata for every tensor): its collections would rescan the model's objects again and
+    again, about a tenth of a conversion's CPU time. Reference counting still frees every tensor."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def save_weights(module: torch.nn.Module, config, root: str | Path, *, step: int = 0, model_cfg=None,
@@ -174,16 +197,34 @@ class WeightsReader:
 
     def __init__(self, step_dir: str | Path, module: torch.nn.Module):
         ensure_megatron()
+        from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
+            CachedMetadataFileSystemReader,
+        )
+        from megatron.core.dist_checkpointing.validation import verify_checkpoint_and_load_strategy
+
         self.step_dir = Path(step_dir)
+        verify_checkpoint_and_load_strategy(str(self.step_dir))  # a torch_dist checkpoint, checked once
         self.template = module.sharded_state_dict()
         self.meta = dict(module.named_parameters())
         self.meta.update(module.named_buffers())
+        # the checkpoint's metadata is read once for every read, not once per call
+        self.storage = CachedMetadataFileSystemReader(self.step_dir)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        from megatron.core import dist_checkpointing
+        # nothing here places tensors on CUDA: no CPU-emulation torch-function mode
+        with redirect_suspended(), _gc_paused():
+            return self._read(names)
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
         from megatron.core.dist_checkpointing.dict_utils import nested_values
         from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-        from megatron.core.dist_checkpointing.validation import StrictHandling
+        from megatron.core.dist_checkpointing.strategies.torch import (
+            MCoreLoadPlanner,
+            _replace_state_dict_keys_with_sharded_keys,
+            mcore_to_pyt_state_dict,
+        )
 
         out, request = {}, {}
         for name in names:
@@ -198,10 +239,14 @@ class WeightsReader:
         apply_factories(request)
         for key, value in list(request.items()):
             request[key] = _without_prepended_axes(value, ShardedTensor)
-        assert all(not isinstance(v, ShardedTensor) or v.prepend_axis_num == 0 for v in nested_values(request))
-        # a subset of the checkpoint: the full-coverage check does not apply
-        dist_checkpointing.load({"model": request}, str(self.step_dir), validate_access_integrity=False,
-                                strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+        by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(request)
+        tensors = [v for v in nested_values(by_key) if isinstance(v, ShardedTensor)]
+        assert all(v.prepend_axis_num == 0 for v in tensors)
+        # torch's DCP load on this process alone (megatron's load would re-read the metadata and the common
+        # state, and plan through collectives, on every call); a subset of the checkpoint is read, each
+        # tensor's global shape checked against the checkpoint's
+        _load_state_dict(mcore_to_pyt_state_dict(by_key, True), self.storage, no_dist=True,
+                         planner=MCoreLoadPlanner(shapes_validation_sharded_tensors=tensors))
         return out
 
 
