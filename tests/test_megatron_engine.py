@@ -158,9 +158,9 @@ def _same(ref: dict, got: dict) -> None:
     assert got["plain"]["routes"] == ref["plain"]["routes"]
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1500)
-@pytest.mark.parametrize("preset", ["qwen3_moe", "deepseek_v3"])
+# CI: qwen3_moe (the engine's multi-process path: EP lock step, one group idle, TP); MLA's is `slow`
+@pytest.mark.parametrize("preset", ["qwen3_moe", pytest.param("deepseek_v3", marks=pytest.mark.slow)])
 def test_ep2_and_tp2_generate_what_world1_generates(tmp_path, preset):
     ref = _run(tmp_path, "tp1", 1, preset)
     for layout in ("ep2", "tp2"):
