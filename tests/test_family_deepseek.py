@@ -204,3 +204,18 @@ def test_convert_cli_round_trip_with_default_flags(tmp_path):
         assert ref.keys() == got.keys(), name
         differ = [k for k in ref if not torch.equal(ref[k], got[k])]
         assert not differ, (name, differ)
+
+
+@pytest.mark.slow  # the learner's TP2xEP2 parity in CI: qwen3_moe's and deepseek_v3's layouts (test_parallel_parity)
+@pytest.mark.timeout(900)
+def test_deepseek_v2_grpo_step_under_tp2ep2_equals_one_process():
+    """DeepSeek-V2 (MLA without q-LoRA, softmax router): a GRPO step at TP2xEP2 equals one process. Measured
+    on an AMX Xeon: grads 7.5e-6, params 1.7e-4 relative (limits as test_parallel_parity)."""
+    from r1mega.config.schema import RLConfig
+    from r1mega.train.parallel_check import CheckSpec, Layout, compare, run_layout
+
+    spec = CheckSpec(model=ModelConfig(preset="deepseek_v2"), objective="grpo",
+                     rl=RLConfig(kl_coef=0.01, entropy_coef=0.01, tis_cap=2.0))
+    ref = run_layout(spec, Layout(), 600)
+    loss_err, grad_err, param_err = compare(ref, run_layout(spec, Layout.parse("tp2ep2"), 600))
+    assert max(loss_err, grad_err) < 1e-4 and param_err < 1e-3, (loss_err, grad_err, param_err)
