@@ -60,8 +60,12 @@ def main(spec: dict) -> None:
                                                         top_p=0.9))
     # one prompt: at EP2 the other data-parallel group has nothing to generate and answers every forward
     single = engine.generate(prompts[:1], 3, SamplingSpec(max_new_tokens=new, seed=13, stop_token_ids=STOP_IDS))
+    # long prompts on one data-parallel group, short ones on the other (round robin at EP2): the long ones need
+    # more prefill forwards, so the other group answers some with dummy forwards while its batch is under way
+    staggered = engine.generate([prompts[0] + prompts[1], [7, 8, 9, 10]] * 2, 3,
+                                SamplingSpec(max_new_tokens=new, seed=14, stop_token_ids=STOP_IDS))
     flat = {name: [g for row in rows for g in row]
-            for name, rows in (("plain", plain), ("filtered", filtered), ("single", single))}
+            for name, rows in (("plain", plain), ("filtered", filtered), ("single", single), ("staggered", staggered))}
     report = {name: {"tokens": [g.token_ids for g in gens], "logprobs": [g.logprobs for g in gens],
                      "finish": [g.finish_reason for g in gens], "prompts": [g.prompt_index for g in gens]}
               for name, gens in flat.items()}

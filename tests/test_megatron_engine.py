@@ -151,7 +151,7 @@ def test_world1_samples_score_the_same_in_the_learner(tmp_path):
 
 
 def _same(ref: dict, got: dict) -> None:
-    for mode in ("plain", "filtered", "single"):
+    for mode in ("plain", "filtered", "single", "staggered"):
         assert got[mode]["tokens"] == ref[mode]["tokens"] and got[mode]["finish"] == ref[mode]["finish"]
         worst = max(abs(a - b) for x, y in zip(ref[mode]["logprobs"], got[mode]["logprobs"]) for a, b in zip(x, y))
         assert worst <= 1e-5

@@ -334,8 +334,9 @@ class MegatronEngine:
         context = wrapper.inference_context
         context.materialize_only_last_token_logits = True
         start, end = 0, batch.prompt_end
-        with batch.rope(self.model):
-            logits = self._prefill(wrapper, batch, routes)
+        logits = self._prefill(wrapper, batch, routes)
+        idle = False
+        with batch.rope(self.model):  # this batch's forwards only: a dummy forward has a rotary table of its own
             while True:
                 if start > 0:
                     logits = self._forward(wrapper, batch.window(start, end, device))[:, -1, :].cpu()
@@ -348,9 +349,11 @@ class MegatronEngine:
                 if not self._any(active):
                     break
                 if not active:  # this group is finished; others still run the all-to-alls
-                    self._idle()
+                    idle = True
                     break
                 batch.drop(draws.done[batch.rows], context)
+        if idle:
+            self._idle()
         out = []
         for k, r in enumerate(rows):
             m = int(draws.generated[k])
@@ -374,15 +377,15 @@ class MegatronEngine:
         per = max(1, self.prefill_tokens // end)
         groups = [slice(i, min(i + per, len(batch))) for i in range(0, len(batch), per)]
         out = []
-        for g in range(self._most(len(groups))):
-            if g >= len(groups):
-                self._dummy_forward()
-                continue
-            rows = groups[g]
-            context.batch_size_offset, context.sequence_len_offset = rows.start, 0
-            out.append(self._forward(wrapper, batch.window(0, end, self._device(), rows))[:, -1, :].cpu())
-            if routes is not None:
-                routes[batch.rows[rows], :end] = self._recorded(rows.stop - rows.start, end)
+        forwards = self._most(len(groups))
+        with batch.rope(self.model):
+            for rows in groups:
+                context.batch_size_offset, context.sequence_len_offset = rows.start, 0
+                out.append(self._forward(wrapper, batch.window(0, end, self._device(), rows))[:, -1, :].cpu())
+                if routes is not None:
+                    routes[batch.rows[rows], :end] = self._recorded(rows.stop - rows.start, end)
+        for _ in range(forwards - len(groups)):  # outside the hooks: a dummy forward's rotary table is its own
+            self._dummy_forward()
         context.batch_size_offset = 0  # sequence_len_offset: end, after the last group's forward
         return torch.cat(out)
 
