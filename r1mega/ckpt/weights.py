@@ -37,6 +37,7 @@ from r1mega.ckpt.dist_ckpt import (
     atomic_save,
 )
 from r1mega.ckpt.errors import CheckpointError
+from r1mega.ckpt.record_reader import direct_record_reader
 from r1mega.ckpt.state import architecture, make_meta
 from r1mega.platform.cpu_emulation import redirect_suspended
 from r1mega.platform.megatron_compat import ensure_megatron
@@ -197,9 +198,6 @@ class WeightsReader:
 
     def __init__(self, step_dir: str | Path, module: torch.nn.Module):
         ensure_megatron()
-        from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
-            CachedMetadataFileSystemReader,
-        )
         from megatron.core.dist_checkpointing.validation import verify_checkpoint_and_load_strategy
 
         self.step_dir = Path(step_dir)
@@ -207,8 +205,9 @@ class WeightsReader:
         self.template = module.sharded_state_dict()
         self.meta = dict(module.named_parameters())
         self.meta.update(module.named_buffers())
-        # the checkpoint's metadata is read once for every read, not once per call
-        self.storage = CachedMetadataFileSystemReader(self.step_dir)
+        # the checkpoint's metadata is read once for every read, not once per call; tensor records are
+        # read straight into the requested tensors
+        self.storage = direct_record_reader(self.step_dir)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         # nothing here places tensors on CUDA: no CPU-emulation torch-function mode
