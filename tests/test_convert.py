@@ -70,11 +70,11 @@ def test_trainer_loads_converted_checkpoint_in_every_layout(qwen3_moe_hf, tmp_pa
 
 
 @pytest.mark.timeout(600)
-def test_converted_checkpoint_is_weights_only_and_loads_at_tp2(qwen3_moe_hf, tmp_path):
-    """from-hf on one process writes model tensors only; the trainer loads them at TP2; resuming from
-    the converted checkpoint (optimizer state) is refused with the fix."""
+def test_converted_checkpoint_is_weights_only_and_loads_in_another_layout(qwen3_moe_hf, tmp_path):
+    """from-hf at TP2 (each rank writes its halves of the SwiGLU experts straight from HF's gate and up
+    tensors) writes model tensors only; the trainer loads them at EP2, every weight equal to the source."""
     ckpt = tmp_path / "ckpt"
-    _run({"mode": "from_hf", "hf": str(qwen3_moe_hf), "out": str(ckpt)}, 1, "from-hf")
+    _run({"mode": "from_hf", "hf": str(qwen3_moe_hf), "out": str(ckpt), "tp": 2}, 2, "from-hf tp2")
     step = ckpt / "step_000000"
     meta = json.loads((step / "meta.json").read_text())
     assert meta["contents"] == "weights" and meta["optimizer"] is None
@@ -84,7 +84,7 @@ def test_converted_checkpoint_is_weights_only_and_loads_at_tp2(qwen3_moe_hf, tmp
     assert keys and all(k.startswith(("decoder.", "embedding.", "output_layer.")) or k.endswith("_extra_state")
                         for k in keys), sorted(k for k in keys if "optimizer" in k or "rng" in k)[:5]
     out = tmp_path / "loaded"
-    _run({"mode": "trainer_load", "layout": "tp2", "ckpt": str(ckpt), "out": str(out)}, 2, "trainer load tp2")
+    _run({"mode": "trainer_load", "layout": "ep2", "ckpt": str(ckpt), "out": str(out)}, 2, "trainer load ep2")
     _assert_same_tensors(qwen3_moe_hf, out)
 
 

@@ -209,7 +209,8 @@ def from_hf(hf: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, ep: in
 
     stage = build_policy(model_cfg, parallel, meta=True)
     importer = HFImporter(stage.model, stage.config, model_cfg, source)
-    path = save_weights(stage.model, stage.config, out, model_cfg=model_cfg, resolve=importer.tensor)
+    path = save_weights(stage.model, stage.config, out, model_cfg=model_cfg, resolve=importer.tensor,
+                        resolve_rows=importer.rows)
     unused = importer.unused()
     import torch.distributed as dist
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from r1mega.bridge.export import local_tensors
 from r1mega.bridge.hf_config import dims_of
 from r1mega.bridge.hf_source import HFSource
-from r1mega.bridge.rules import BridgeError
+from r1mega.bridge.rules import BridgeError, Gated
 from r1mega.models.registry import architecture
 from r1mega.models.sharding import ShardInfo, shard_of
 
@@ -101,6 +101,32 @@ class HFImporter:
         """A new tensor: this rank's shard of ``local_name`` in the model's dtype."""
         _, shell = self.local[local_name]
         return self._load(local_name, None, shell.dtype)
+
+    @torch.no_grad()
+    def rows(self, local_name: str, start: int, stop: int) -> torch.Tensor | None:
+        """Rows ``start:stop`` of ``local_name``'s shard when they are one half of a SwiGLU ``[gate; up]``
+        shard: made from that half's HF tensor alone (no concatenation); None for anything else."""
+        info, shell = self.local[local_name]
+        rule, _ = self.arch.rule_for(self._canonical(info), self.dims)
+        half_rows = shell.shape[0] // 2 if shell.dim() else 0
+        if type(rule) is not Gated or info.tp_dim not in (None, 0) or (info.tp_dim == 0) != info.gated \
+                or not half_rows or (start, stop) not in ((0, half_rows), (half_rows, 2 * half_rows)):
+            return None
+        name = self.hf_names(info)[start // half_rows]
+        hf = self.source.get(name, shell.dtype)
+        full_half = (info.full_shape[0] // 2, *info.full_shape[1:])
+        if tuple(hf.shape) != full_half:
+            raise BridgeError(f"{info.canonical_name}: HF tensor {name} has shape {tuple(hf.shape)}, the megatron "
+                              f"model expects {full_half} (one half of {tuple(info.full_shape)})")
+        piece = hf if info.tp_dim is None else hf.chunk(info.tp_size, dim=0)[info.tp_rank]
+        mapped = not self.source.is_quantized(name) and self.source.reader.dtype(name) == shell.dtype  # a file view
+        whole = piece.untyped_storage().nbytes() == piece.numel() * piece.element_size()
+        if mapped or not piece.is_contiguous() or not whole:
+            piece = piece.clone(memory_format=torch.contiguous_format)
+        del hf
+        self.source.release(name)
+        self.used.add(name)
+        return piece
 
     @torch.no_grad()
     def load_into_model(self) -> int:

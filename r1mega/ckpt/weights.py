@@ -45,6 +45,8 @@ from r1mega.platform.megatron_compat import ensure_megatron
 log = logging.getLogger(__name__)
 
 Resolve = Callable[[str], torch.Tensor]
+# rows start:stop (dim 0) of a tensor, as a tensor of its own, or None where only the whole one is made
+ResolveRows = Callable[[str, int, int], "torch.Tensor | None"]
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -59,8 +61,9 @@ class _Materializer:
     last owner is kept so the two halves of one SwiGLU weight cost one ``resolve``.
     """
 
-    def __init__(self, module: torch.nn.Module, resolve: Resolve):
+    def __init__(self, module: torch.nn.Module, resolve: Resolve, resolve_rows: ResolveRows | None = None):
         self.resolve = resolve
+        self.resolve_rows = resolve_rows
         self.owners: dict[int, tuple[str, torch.Tensor]] = {}
         for name, t in [*module.named_parameters(), *module.named_buffers()]:
             self.owners.setdefault(_storage_key(t), (name, t))
@@ -76,6 +79,9 @@ class _Materializer:
             raise CheckpointError(f"a {tuple(view.shape)} tensor of the model's sharded state dict belongs to "
                                   "no parameter or buffer, so it cannot be produced for a weights-only save")
         name, meta = owner
+        rows = self._rows(name, meta, view)
+        if rows is not None:
+            return rows
         last = getattr(self._local, "last", None)
         if last is None or last[0] != name:
             real = self.resolve(name)
@@ -87,6 +93,26 @@ class _Materializer:
         real = last[1]
         offset = view.storage_offset() - meta.storage_offset()
         return real.as_strided(view.size(), view.stride(), real.storage_offset() + offset)
+
+    def _rows(self, name: str, meta: torch.Tensor, view: torch.Tensor) -> torch.Tensor | None:
+        """A view that is a block of whole rows of its owner (a SwiGLU half), from ``resolve_rows``: a
+        tensor of its own, so the owner is not built whole and the writer does not copy the view out."""
+        if self.resolve_rows is None or view.dim() == 0 or view.shape[1:] != meta.shape[1:] \
+                or not view.is_contiguous() or not meta.is_contiguous():
+            return None
+        row = meta[0].numel() if meta.shape[0] else 0
+        offset = view.storage_offset() - meta.storage_offset()
+        if not row or offset % row:
+            return None
+        start = offset // row
+        real = self.resolve_rows(name, start, start + view.shape[0])
+        if real is None:
+            return None
+        if tuple(real.shape) != tuple(view.shape) or real.dtype != meta.dtype:
+            raise CheckpointError(f"{name} rows {start}:{start + view.shape[0]}: produced {tuple(real.shape)} "
+                                  f"{real.dtype}, the model has {tuple(view.shape)} {meta.dtype}")
+        self.resolved += 1
+        return real
 
 
 def _streaming_strategy(materialize: _Materializer | None):
@@ -163,16 +189,19 @@ def _gc_paused():
 
 
 def save_weights(module: torch.nn.Module, config, root: str | Path, *, step: int = 0, model_cfg=None,
-                 resolve: Resolve | None = None, keep_last: int | None = None) -> Path:
+                 resolve: Resolve | None = None, resolve_rows: ResolveRows | None = None,
+                 keep_last: int | None = None) -> Path:
     """Write ``<root>/step_<step>`` with the model's tensors only, atomically (collective).
 
     ``module`` is this rank's model chunk; on the meta device ``resolve(name)`` must return each
-    parameter / buffer (this rank's shard, the module's shape and dtype) when it is written.
+    parameter / buffer (this rank's shard, the module's shape and dtype) when it is written, and
+    ``resolve_rows(name, start, stop)`` may return a block of its rows alone (the SwiGLU halves that
+    megatron saves as separate tensors).
     """
     ensure_megatron()
     from megatron.core import dist_checkpointing
 
-    materialize = _Materializer(module, resolve) if resolve is not None else None
+    materialize = _Materializer(module, resolve, resolve_rows) if resolve is not None else None
 
     def write(tmp: Path) -> dict | None:
         state = {"model": module.sharded_state_dict(), "r1mega": {"step": int(step), "extra": {}}}

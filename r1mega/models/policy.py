@@ -172,9 +172,13 @@ def build_policy(model: ModelConfig, parallel: ParallelConfig, *, meta: bool = F
     if not meta:
         gpt = _gpt_model(config, use_te, model, parallel.tp)
     else:
-        # megatron allocates on CUDA unless told to initialise on the CPU, where a device context applies
+        # megatron allocates on CUDA unless told to initialise on the CPU, where a device context applies.
+        # Its initialisation computes nothing on the meta device, but it is where megatron marks each weight's
+        # tensor-parallel split (``tensor_model_parallel``, ``partition_dim``), which ``models.sharding``
+        # reads: without it a TP>1 model's shards look like whole tensors. At TP1 nothing is split.
         config.use_cpu_initialization = True
-        config.perform_initialization = False
+        config.perform_initialization = config.tensor_model_parallel_size > 1 or \
+            (config.expert_tensor_parallel_size or 1) > 1
         with torch.device("meta"):
             gpt = _gpt_model(config, use_te, model, parallel.tp)
     return PolicyStage(model=gpt, config=config, use_te=use_te, model_cfg=model, parallel=parallel)
