@@ -2,8 +2,9 @@
 
 Each rank reads only the HF tensors its own parameters are made of (safetensors are memory-mapped;
 one full tensor at a time, blockwise-FP8 weights dequantised to the parameter's dtype, see
-``hf_source``), rebuilds the canonical megatron tensor with the architecture's rules and takes its TP
-slice (one expert's slice of an HF tensor that packs a layer's experts, gpt-oss). :class:`HFImporter` hands out one local tensor at a time (a weights-only checkpoint is written
+``hf_source``; from an HF tensor that packs a layer's experts, gpt-oss, only one expert's slice),
+rebuilds the canonical megatron tensor with the architecture's rules and takes its TP slice.
+:class:`HFImporter` hands out one local tensor at a time (a weights-only checkpoint is written
 from a meta-device model that way); :func:`import_hf` copies all of them into a live model. No
 communication except a final check of which HF tensors no rank used.
 """

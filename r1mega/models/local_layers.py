@@ -22,9 +22,9 @@ from r1mega.platform.megatron_compat import ensure_megatron
 
 ensure_megatron()
 
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes  # noqa: E402
 from megatron.core.transformer.attention import SelfAttention  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
-from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes  # noqa: E402
 from megatron.core.transformer.module import MegatronModule  # noqa: E402
 from megatron.core.transformer.utils import is_layer_window_attention  # noqa: E402
 from megatron.core.utils import divide  # noqa: E402

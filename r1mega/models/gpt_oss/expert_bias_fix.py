@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from megatron.core.tensor_parallel.layers import RowParallelLinear  # noqa: E402
 from megatron.core.transformer.moe.experts import SequentialMLP  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
-
-import torch
 
 
 class ExpertRowParallelLinear(RowParallelLinear):
