@@ -4,7 +4,6 @@ cannot be represented, FLOPs with windowed layers and the recipe."""
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -21,7 +20,10 @@ from r1mega.config.schema import ModelConfig
 from r1mega.platform.spawn import spawn_ranks
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))  # bridge_worker's transformers-model helper
+sys.path.insert(0, str(HERE))  # bridge_worker's helpers, test_hf_configs' _set
+from bridge_worker import _tensors  # noqa: E402
+from test_hf_configs import _set  # noqa: E402
+
 WORKER = str(HERE / "bridge_worker.py")
 FIXTURES = HERE / "fixtures" / "hf_configs"
 REAL = {"gpt-oss-20b": "20b", "gpt-oss-120b": "120b"}
@@ -30,15 +32,6 @@ NOT_ARCHITECTURE = {"preset", "size", "precision", "fp8_recipe", "seq_length", "
 
 def _fixture(name: str) -> dict:
     return json.loads((FIXTURES / f"{name}.json").read_text())
-
-
-def _tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(hf_dir.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 @pytest.mark.parametrize("name", sorted(REAL))
@@ -75,16 +68,6 @@ def test_published_config_fields_are_transformers_fields(name):
                 "vocab_size", "tie_word_embeddings", "router_aux_loss_coef"):
         assert getattr(back, key) == getattr(cfg, key), key
     assert back.rope_parameters == cfg.rope_parameters
-
-
-def _set(cfg: dict, dotted: str, value) -> dict:
-    cfg = copy.deepcopy(cfg)
-    *path, key = dotted.split(".")
-    target = cfg
-    for part in path:
-        target = target[part]
-    target[key] = value
-    return cfg
 
 
 @pytest.mark.parametrize("field,value", [
