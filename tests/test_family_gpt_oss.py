@@ -261,3 +261,61 @@ def test_vllm_cpu_engine_parity_and_refit(tmp_path):
     assert r["after_push_vs_a"]["max_abs"] > 0.1
     assert r["decode_after_push_vs_b"]["max_abs"] < 1e-4, r["decode_after_push_vs_b"]
     assert max(r["cycle_max_abs"]) < 1e-4, r["cycle_max_abs"]
+
+
+def _sink_window_attention(window: int):
+    """r1mega's local core attention of a layer with sinks and a sliding window of ``window`` tokens."""
+    from r1mega.models.local_layers import SDPAttention
+
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    class _PG:
+        class tp:
+            @staticmethod
+            def size():
+                return 1
+
+    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                               kv_channels=8, attention_dropout=0.0, softmax_type="learnable",
+                               window_size=(window - 1, 0), window_attn_skip_freq=2)
+    attn = SDPAttention(config, 1, AttnMaskType.causal, "self", pg_collection=_PG)
+    with torch.no_grad():
+        attn.softmax_offset.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    assert SDPAttention(config, 2, AttnMaskType.causal, "self", pg_collection=_PG).window is None  # full layer
+    return attn
+
+
+def _eager_reference(q, k, v, sinks, window: int):
+    """transformers' gpt-oss eager attention: [s, b, h, d] in, [s, b, h*d] out."""
+    s = q.size(0)
+    k, v = (x.repeat_interleave(q.size(2) // x.size(2), dim=2) for x in (k, v))
+    scores = torch.einsum("sbhd,tbhd->bhst", q, k) / q.size(-1) ** 0.5
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    scores = scores.masked_fill(~((j <= i) & (i - j < window)), float("-inf"))
+    logits = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)], dim=-1)
+    probs = logits.softmax(-1)[..., :-1]
+    return torch.einsum("bhst,tbhd->sbhd", probs, v).reshape(s, q.size(1), -1)
+
+
+def test_local_attention_sinks_and_window_in_every_path():
+    """The windowed sink layer equals transformers' eager math on a batch, packed sequences equal separate
+    ones, and the explicit-mask path (the megatron rollout engine's) equals the causal one, decode step
+    included."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    torch.manual_seed(0)
+    attn = _sink_window_attention(window=3)
+    q, k, v = torch.randn(7, 2, 4, 8), torch.randn(7, 2, 2, 8), torch.randn(7, 2, 2, 8)
+    full = attn(q, k, v, None)
+    torch.testing.assert_close(full, _eager_reference(q, k, v, attn.softmax_offset.detach(), 3))
+    assert not torch.allclose(full, _eager_reference(q, k, v, attn.softmax_offset.detach(), 4))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    q1, k1, v1 = q[:, :1], k[:, :1], v[:, :1]
+    packed = attn(q1, k1, v1, None, packed_seq_params=PackedSeqParams(cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                                                        qkv_format="thd"))
+    for a, b in ((0, 3), (3, 7)):
+        torch.testing.assert_close(packed[a:b], attn(q1[a:b], k1[a:b], v1[a:b], None))
+    causal_mask = ~torch.ones(7, 7, dtype=torch.bool).tril()  # megatron: True = masked
+    torch.testing.assert_close(attn(q, k, v, causal_mask[None, None]), full)
+    torch.testing.assert_close(attn(q[-1:], k, v, causal_mask[None, None, -1:]), full[-1:])
