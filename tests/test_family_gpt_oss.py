@@ -320,3 +320,17 @@ def test_local_attention_sinks_and_window_in_every_path():
     causal_mask = ~torch.ones(7, 7, dtype=torch.bool).tril()  # megatron: True = masked
     torch.testing.assert_close(attn(q, k, v, causal_mask[None, None]), full)
     torch.testing.assert_close(attn(q[-1:], k, v, causal_mask[None, None, -1:]), full[-1:])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.tp=2"], "parallel.etp=2 with model.add_bias_linear=true"),  # etp defaults to tp
+    (["model.activation=gelu"], "model.activation='gelu'"),
+    (["model.softmax_type=sink"], "model.softmax_type='sink'"),
+])
+def test_config_validation_names_what_gpt_oss_cannot_run(overrides, message):
+    from r1mega.config import load_config
+    from r1mega.config.loader import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(overrides=["model.preset=gpt_oss", *overrides])
+    load_config(overrides=["model.preset=gpt_oss", "parallel.tp=2", "parallel.ep=2", "parallel.etp=1"])

@@ -285,6 +285,9 @@ def _check_model(m: ModelConfig) -> Problems:
                         ROUTER_SCORE_FUNCTIONS),
         lambda: _one_of("model.moe_router_load_balancing_type", m.moe_router_load_balancing_type,
                         LOAD_BALANCING_TYPES),
+        lambda: _one_of("model.activation", m.activation, ("silu", "quick_gelu")),
+        lambda: _one_of("model.softmax_type", m.softmax_type, ("vanilla", "off-by-one", "learnable")),
+        lambda: _at_least("model.window_size", m.window_size or None, 1),
     ])
 
 
