@@ -296,6 +296,12 @@ def parity(spec: dict) -> None:
             plain = dict(read_hf_config(src)["rope_parameters"], rope_type="default")
             report[key]["unscaled_rope_logit_diff"] = float(
                 (imported_logits - hf_logits(src, tokens, rope_parameters=plain)).abs().max())
+        if model_cfg.window_size:  # the window and YaRN's unrounded correction range matter at these positions
+            report[key]["wider_window_logit_diff"] = float(
+                (imported_logits - hf_logits(src, tokens, sliding_window=model_cfg.window_size + 1)).abs().max())
+            rounded = dict(read_hf_config(src)["rope_parameters"], truncate=True)
+            report[key]["truncated_yarn_logit_diff"] = float(
+                (imported_logits - hf_logits(src, tokens, rope_parameters=rounded)).abs().max())
         print(key, report[key], flush=True)
     json.dump(report, open(spec["report"], "w"), indent=1)
     from r1mega.platform.distributed import shutdown

@@ -33,9 +33,18 @@ TINY_DEEPSEEK_V2 = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256
                         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                          "original_max_position_embeddings": 256, "beta_fast": 32.0,
                                          "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707})
+# gpt-oss: attention sinks, a sliding window (8) shorter than the probes alternating with full attention
+TINY_GPT_OSS = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=64, num_local_experts=8,
+                    num_experts_per_tok=2, max_position_embeddings=1024, tie_word_embeddings=False,
+                    sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                    rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                                     "original_max_position_embeddings": 256, "beta_fast": 32.0,
+                                     "beta_slow": 1.0, "truncate": False})
 PRESETS = {"qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", TINY_QWEN3),
            "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", TINY_DEEPSEEK_V3),
-           "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", TINY_DEEPSEEK_V2)}
+           "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", TINY_DEEPSEEK_V2),
+           "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", TINY_GPT_OSS)}
 
 
 def write_tokenizer(out: Path, vocab_size: int = VOCAB) -> None:

@@ -37,6 +37,8 @@ CONFIG_WORLD_SIZES = {
     "distill_tiny_cpu.yaml": 1,
     "r1_zero_deepseek_v2_lite.yaml": 16,
     "r1_zero_moonlight_16b_a3b.yaml": 16,
+    "r1_zero_gpt_oss_20b.yaml": 16,
+    "demo_gpt_oss_cpu.yaml": 1,
 }
 
 

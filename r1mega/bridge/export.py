@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from r1mega.bridge.rules import Architecture, Dims
+from r1mega.bridge.rules import Architecture, Dims, packed_tensors
 from r1mega.models.registry import architecture
 from r1mega.models.sharding import ShardInfo, canonical_name, merge_shards, shard_infos
 
@@ -99,14 +99,18 @@ def _plan(local: list[tuple[ShardInfo, torch.Tensor]]) -> list[_Entry]:
     return [entries[n] for n in sorted(entries, key=_sort_key)]
 
 
-def _buckets(entries: list[_Entry], bucket_bytes: int) -> list[list[_Entry]]:
-    out, cur, size = [], [], 0
+def _buckets(entries: list[_Entry], bucket_bytes: int, group=None) -> list[list[_Entry]]:
+    """Consecutive entries in buckets of about ``bucket_bytes``; entries with the same non-None
+    ``group(entry)`` (the experts of an HF tensor that packs them all) share a bucket."""
+    out, cur, size, last = [], [], 0, None
     for e in entries:
-        if cur and size + e.nbytes > bucket_bytes:
+        key = group(e) if group is not None else None
+        if cur and size + e.nbytes > bucket_bytes and (key is None or key != last):
             out.append(cur)
             cur, size = [], 0
         cur.append(e)
         size += e.nbytes
+        last = key
     if cur:
         out.append(cur)
     return out
@@ -148,7 +152,13 @@ class StreamingExporter:
         self.read = read
 
     def hf_names(self) -> list[str]:
-        return [n for e in self.entries for n in self.arch.hf_names(e.name, self.dims)]
+        names = [n for e in self.entries for n in self.arch.hf_names(e.name, self.dims)]
+        unpacked = {n: self.arch.unpack(n) for n in names}
+        return list(dict.fromkeys(unpacked[n][0] if unpacked[n] else n for n in names))
+
+    def plan(self) -> list[list[_Entry]]:
+        """The buckets :meth:`buckets` yields, in order (a packed expert tensor's experts share one)."""
+        return _buckets(self.entries, self.bucket_bytes, lambda e: self.arch.packed_layer(e.name, self.dims))
 
     def total_bytes(self) -> int:
         return sum(e.nbytes for e in self.entries)
@@ -192,7 +202,7 @@ class StreamingExporter:
         return full
 
     def buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        for bucket in _buckets(self.entries, self.bucket_bytes):
+        for bucket in self.plan():
             full = self._gather_bucket(bucket)
             out = []
             for e in bucket:
@@ -200,8 +210,10 @@ class StreamingExporter:
                     if self.dtype is not None and t.dtype != self.dtype:
                         t = t.to(self.dtype)
                     out.append((name, t))
-                    self.stats.tensors += 1
-                    self.stats.bytes += t.numel() * t.element_size()
+            out = packed_tensors(self.arch, out, self.dims.num_experts)
+            for _, t in out:
+                self.stats.tensors += 1
+                self.stats.bytes += t.numel() * t.element_size()
             self.stats.buckets += 1
             yield out
             del full, out

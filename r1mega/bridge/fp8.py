@@ -59,6 +59,12 @@ def block_size(quant: dict | None, where: str) -> tuple[int, int] | None:
     if not quant:
         return None
     method = quant.get("quant_method")
+    if method == "mxfp4":  # gpt-oss as published: MXFP4 expert weights (*_blocks / *_scales)
+        raise ValueError(f"{where}: quantization_config.quant_method='mxfp4' (MXFP4 expert weights, *_blocks / "
+                         "*_scales) is not read by r1mega. Dequantise once with transformers: "
+                         "AutoModelForCausalLM.from_pretrained(dir, quantization_config=Mxfp4Config(dequantize=True), "
+                         "dtype=torch.bfloat16).save_pretrained(out), or use a BF16 copy of the checkpoint; then "
+                         "convert that directory")
     if method != "fp8":
         raise ValueError(f"{where}: quantization_config.quant_method={method!r} is not supported; r1mega reads "
                          "blockwise FP8 (quant_method 'fp8' with weight_block_size) or unquantised weights")

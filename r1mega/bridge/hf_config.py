@@ -23,7 +23,7 @@ def dims_of(model: ModelConfig) -> Dims:
                 num_query_groups=model.num_query_groups or model.num_attention_heads,
                 head_dim=model.kv_channels or model.hidden_size // model.num_attention_heads,
                 hidden_size=model.hidden_size, num_layers=model.num_layers,
-                mtp_num_layers=model.mtp_num_layers or 0)
+                mtp_num_layers=model.mtp_num_layers or 0, num_experts=model.num_experts or 0)
 
 
 def to_hf_config(model: ModelConfig) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from r1mega.bridge.export import DEFAULT_BUCKET_BYTES, StreamingExporter, _buckets
+from r1mega.bridge.export import DEFAULT_BUCKET_BYTES, StreamingExporter
 from r1mega.bridge.hf_config import to_hf_config
 from r1mega.bridge.hf_source import read_hf_config  # noqa: F401  (re-exported)
 from r1mega.bridge.importer import import_hf
@@ -55,7 +55,7 @@ def save_hf(model, config, model_cfg, out_dir: str | Path, *, bucket_bytes: int 
     bar = None
     if _rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        writer = ShardedWriter(out, len(_buckets(exporter.entries, exporter.bucket_bytes)) + (passthrough is not None))
+        writer = ShardedWriter(out, len(exporter.plan()) + (passthrough is not None))
         bar = _progress(exporter.total_bytes(), "export", progress)
     # rank 0 writes each bucket in a background thread while the next one is read / gathered: one
     # bucket in flight, so about two buckets are alive at once

@@ -2,8 +2,9 @@
 
 Each rank reads only the HF tensors its own parameters are made of (safetensors are memory-mapped;
 one full tensor at a time, blockwise-FP8 weights dequantised to the parameter's dtype, see
-``hf_source``), rebuilds the canonical megatron tensor with the architecture's rules and takes its TP
-slice. :class:`HFImporter` hands out one local tensor at a time (a weights-only checkpoint is written
+``hf_source``; from an HF tensor that packs a layer's experts, gpt-oss, only one expert's slice),
+rebuilds the canonical megatron tensor with the architecture's rules and takes its TP slice.
+:class:`HFImporter` hands out one local tensor at a time (a weights-only checkpoint is written
 from a meta-device model that way); :func:`import_hf` copies all of them into a live model. No
 communication except a final check of which HF tensors no rank used.
 """
@@ -50,6 +51,7 @@ class HFImporter:
         missing: dict[str, list[str]] = {}
         for info, _ in self.local.values():
             for n in self.hf_names(info):
+                n = self._stored(n)[0]
                 if n not in self.source:
                     missing.setdefault(n, []).append(info.canonical_name)
         if not missing:
@@ -67,6 +69,22 @@ class HFImporter:
     def hf_names(self, info: ShardInfo) -> list[str]:
         return self.arch.hf_names(self._canonical(info), self.dims)
 
+    def _stored(self, hf_name: str) -> tuple[str, int | None]:
+        """The stored HF tensor holding ``hf_name``, and the expert index when it packs all experts."""
+        hit = self.arch.unpack(hf_name)
+        return hit if hit is not None else (hf_name, None)
+
+    def _get(self, hf_name: str, dtype: torch.dtype) -> torch.Tensor:
+        stored, expert = self._stored(hf_name)
+        if expert is None:
+            return self.source.get(stored, dtype)
+        # slice before any dtype conversion: only this expert's rows are converted
+        packed = self.source.get(stored, self.source.reader.dtype(stored)) if not self.source.is_quantized(
+            stored) else self.source.get(stored, dtype)
+        if packed.shape[0] != self.dims.num_experts:
+            raise BridgeError(f"{stored}: {packed.shape[0]} experts, the model has {self.dims.num_experts}")
+        return packed[expert].to(dtype)
+
     def _canonical(self, info: ShardInfo) -> str:
         name = info.canonical_name
         return "embedding.word_embeddings.weight" if self.tie and name == "output_layer.weight" else name
@@ -76,13 +94,14 @@ class HFImporter:
         tensor itself when the conversion made a new one, so it is not copied a second time)."""
         info, shell = self.local[local_name]
         names = self.hf_names(info)
-        hf = [self.source.get(n, dtype) for n in names]
+        hf = [self._get(n, dtype) for n in names]
         full = self.arch.to_megatron(self._canonical(info), hf, self.dims, info.full_shape)
         piece = shard_of(full, info)
         if tuple(piece.shape) != tuple(shell.shape):
             raise BridgeError(f"{info.canonical_name}: shard shape {tuple(piece.shape)} != parameter "
                               f"{tuple(shell.shape)}")
         mapped = {h.untyped_storage().data_ptr() for h in hf}  # views of the memory-mapped files
+        names = list(dict.fromkeys(self._stored(n)[0] for n in names))
         if out is None and piece.is_contiguous() and piece.dtype == dtype and \
                 piece.untyped_storage().data_ptr() not in mapped and piece.untyped_storage().nbytes() == \
                 piece.numel() * piece.element_size():

@@ -9,7 +9,13 @@ with ``{layer}`` and ``{expert}`` placeholders; the transform is one of a few ki
   with zeros on import;
 * :class:`QKV`     - megatron's fused ``linear_qkv`` (per query group ``[q heads..., k, v]``) <->
   ``q_proj``, ``k_proj``, ``v_proj`` (weights, and biases for Qwen2);
-* :class:`Gated`   - SwiGLU ``linear_fc1`` ``[gate; up]`` <-> two HF tensors.
+* :class:`Gated`   - SwiGLU ``linear_fc1`` ``[gate; up]`` <-> two HF tensors;
+* :class:`InterleavedGateUp` / :class:`Transposed` - one expert of HF's packed ``[in, out]`` expert
+  tensors (gpt-oss), gate and up interleaved.
+
+HF architectures that store all experts of a layer in one tensor (gpt-oss: ``mlp.experts.gate_up_proj``
+``[E, ...]``) name each expert's slice with an ``{expert}`` template and declare a :class:`PackedExperts`:
+export stacks the slices (``packed_tensors``), import reads slice ``e`` of the packed tensor.
 
 This module is the rule engine and the rule lists families share; each family
 (``r1mega/models/<family>/rules.py``) declares its :class:`Architecture` from them, and
@@ -47,6 +53,7 @@ class Dims:
     hidden_size: int
     num_layers: int = 0  # decoder layers: the HF index of MTP layer m is num_layers + m
     mtp_num_layers: int = 0
+    num_experts: int = 0  # routed experts per MoE layer (the packed HF expert tensors' first dim)
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,73 @@ class Gated(Rule):
         return torch.cat(tensors, dim=0)
 
 
+@dataclass(frozen=True)
+class InterleavedGateUp(Rule):
+    """``linear_fc1`` ``[gate; up]`` (weight ``[2I, H]`` or bias ``[2I]``) <-> one expert of HF's
+    ``gate_up_proj`` ``[H, 2I]`` / ``gate_up_proj_bias`` ``[2I]``: gate and up alternate (gate = ``[..., 0::2]``),
+    the weight stored ``[in, out]``."""
+
+    def to_hf(self, tensor, dims):
+        gate, up = tensor.chunk(2, dim=0)
+        rows = torch.stack((gate, up), dim=1).reshape(tensor.shape)
+        return [rows.t() if rows.dim() == 2 else rows]
+
+    def to_megatron(self, tensors, dims, full_shape):
+        (hf,) = tensors
+        rows = hf.t() if hf.dim() == 2 else hf
+        return torch.cat((rows[0::2], rows[1::2]), dim=0)
+
+
+@dataclass(frozen=True)
+class Transposed(Rule):
+    """A linear weight that HF stores ``[in, out]`` (gpt-oss's ``down_proj``)."""
+
+    def to_hf(self, tensor, dims):
+        return [tensor.t()]
+
+    def to_megatron(self, tensors, dims, full_shape):
+        return tensors[0].t()
+
+
+@dataclass(frozen=True)
+class PackedExperts:
+    """HF stores every expert of a layer in one tensor ``packed`` (template with ``{layer}``), expert ``e``
+    at index ``e`` of its first dimension; the rules name expert ``e``'s slice ``per_expert`` (``{layer}``
+    and ``{expert}``)."""
+
+    per_expert: str
+    packed: str
+
+
+def packed_tensors(arch: "Architecture", named: list[tuple[str, torch.Tensor]], num_experts: int
+                   ) -> list[tuple[str, torch.Tensor]]:
+    """``named`` with every packed architecture's per-expert slices stacked into their HF tensors (at the
+    place of the first slice). All ``num_experts`` slices of a packed tensor must be in ``named``."""
+    if not arch.packed:
+        return named
+    out: list = []
+    slots: dict[str, dict[int, torch.Tensor]] = {}
+    for name, t in named:
+        hit = arch.unpack(name)
+        if hit is None:
+            out.append((name, t))
+            continue
+        packed, expert = hit
+        if packed not in slots:
+            slots[packed] = {}
+            out.append((packed, None))
+        slots[packed][expert] = t
+    result = []
+    for name, t in out:
+        if t is None:
+            experts = slots[name]
+            if sorted(experts) != list(range(num_experts)):
+                raise BridgeError(f"{name}: got experts {sorted(experts)} of {num_experts} to pack")
+            t = torch.stack([experts[e] for e in range(num_experts)])
+        result.append((name, t))
+    return result
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -154,7 +228,29 @@ class Architecture:
     mtp_own: dict[str, str] = field(default_factory=dict)
     # megatron tensor -> its HF copy under model.layers.{N+m}. in each MTP layer
     mtp_copies: dict[str, str] = field(default_factory=dict)
+    # HF tensors that hold all experts of a layer (gpt-oss); the rules name one expert's slice
+    packed: tuple[PackedExperts, ...] = ()
     _compiled: list = field(default_factory=list, repr=False)
+    _unpack: list = field(default_factory=list, repr=False)
+
+    def unpack(self, hf_name: str) -> tuple[str, int] | None:
+        """(packed HF tensor, expert index) when ``hf_name`` is one expert's slice of a packed tensor."""
+        if self.packed and not self._unpack:
+            self._unpack = [(p, _template_regex(p.per_expert)) for p in self.packed]
+        for p, regex in self._unpack:
+            m = regex.fullmatch(hf_name)
+            if m:
+                return p.packed.format(layer=m["layer"]), int(m["expert"])
+        return None
+
+    def packed_layer(self, megatron_name: str, dims: Dims | None = None) -> int | None:
+        """The decoder layer whose packed expert tensors ``megatron_name`` is part of (None: not packed):
+        export keeps all such tensors of a layer in one bucket."""
+        if not self.packed:
+            return None
+        rule, fields_ = self.rule_for(megatron_name, dims)
+        hit = next((self.unpack(h.format(**fields_)) for h in rule.hf), None)
+        return int(fields_["layer"]) if hit is not None else None
 
     def compiled(self):
         if not self._compiled:

@@ -15,7 +15,7 @@ from typing import Optional
 class ModelConfig:
     """Architecture of the policy. ``preset``/``size`` pick a family; any field set here wins."""
 
-    preset: str = "qwen3_moe"  # MoE: qwen3_moe | deepseek_v3 | mixtral; dense: qwen2 | qwen3 | llama3
+    preset: str = "qwen3_moe"  # MoE: qwen3_moe | deepseek_v3 | mixtral | gpt_oss; dense: qwen2 | qwen3 | llama3
     size: str = "tiny"
     precision: str = "fp32"  # fp32 | bf16 | fp8 (fp8 needs Transformer Engine on an FP8 GPU)
     fp8_recipe: str = "delayed"  # with precision=fp8: delayed | tensorwise | blockwise (Hopper) | mxfp8 (Blackwell)
@@ -42,8 +42,23 @@ class ModelConfig:
     yarn_beta_slow: Optional[float] = None
     yarn_mscale: Optional[float] = None
     yarn_mscale_all_dim: Optional[float] = None
+    # yarn: False = no rounding of the correction range (transformers' truncate: false; gpt-oss). None: rounded
+    yarn_truncate: Optional[bool] = None
     qk_layernorm: Optional[bool] = None
     add_qkv_bias: Optional[bool] = None  # bias on the q/k/v projections only (Qwen2)
+    # biases on every linear layer: q/k/v and attention output, router, expert MLPs (megatron add_bias_linear; gpt-oss)
+    add_bias_linear: Optional[bool] = None
+    # attention softmax (megatron softmax_type): vanilla | learnable (a learned per-head sink logit; gpt-oss)
+    softmax_type: Optional[str] = None
+    # sliding-window attention: a query sees the last window_size tokens, itself included (HF sliding_window);
+    # window_attn_skip_freq k (megatron's): every k-th layer (1-based) attends in full, the others windowed
+    window_size: Optional[int] = None
+    window_attn_skip_freq: Optional[int] = None
+    # gated MLP activation: silu (SwiGLU) | quick_gelu (x * sigmoid(1.702 x), gpt-oss); act(clamp(gate)) * (
+    # clamp(up) + glu_linear_offset), clamps at +-activation_func_clamp_value (megatron's fields; None: no clamp)
+    activation: Optional[str] = None
+    glu_linear_offset: Optional[float] = None
+    activation_func_clamp_value: Optional[float] = None
     tie_word_embeddings: Optional[bool] = None
     init_method_std: Optional[float] = None
     # --- MoE ---

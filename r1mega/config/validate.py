@@ -285,6 +285,9 @@ def _check_model(m: ModelConfig) -> Problems:
                         ROUTER_SCORE_FUNCTIONS),
         lambda: _one_of("model.moe_router_load_balancing_type", m.moe_router_load_balancing_type,
                         LOAD_BALANCING_TYPES),
+        lambda: _one_of("model.activation", m.activation, ("silu", "quick_gelu")),
+        lambda: _one_of("model.softmax_type", m.softmax_type, ("vanilla", "off-by-one", "learnable")),
+        lambda: _at_least("model.window_size", m.window_size or None, 1),
     ])
 
 
@@ -402,7 +405,16 @@ def _check_model_vs_parallel(m: ModelConfig, p: ParallelConfig) -> Problems:
         lambda: _check_experts_vs_ep(m, p),
         lambda: _check_sequence_parallel(m, p),
         lambda: _check_context_parallel(m, p),
+        lambda: _check_biased_experts(m, p),
     ])
+
+
+def _check_biased_experts(m: ModelConfig, p: ParallelConfig) -> Problems:
+    """megatron-core supports biases on expert linears (add_bias_linear, gpt-oss) only unsplit over TP."""
+    if m.add_bias_linear and m.num_experts and p.etp > 1:
+        return [f"parallel.etp={p.etp} with model.add_bias_linear=true (biased experts, {m.preset}): megatron-core "
+                "supports expert biases only with expert tensor parallelism 1; set parallel.etp=1"]
+    return []
 
 
 def _must_divide(key: str, value: Optional[int], size_key: str, size: int) -> Problems:

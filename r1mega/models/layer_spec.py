@@ -44,7 +44,12 @@ def build_block_spec(config, use_te: bool, grouped_experts: bool = False):
     if use_te:
         return spec
     replacements = {**_LOCAL_REPLACEMENTS, **(_GROUPED_EXPERTS if grouped_experts else {})}
-    return _swap_modules(spec, replacements, {})
+    spec = _swap_modules(spec, replacements, {})
+    if config.add_bias_linear and config.num_moe_experts:  # gpt-oss: megatron's in-place expert bias add
+        from r1mega.models.gpt_oss.expert_bias_fix import with_owned_expert_outputs
+
+        spec = with_owned_expert_outputs(spec)
+    return spec
 
 
 def build_mtp_block_spec(config, block_spec, use_te: bool):

@@ -3,7 +3,8 @@
 megatron-core's own local modules fall short for r1mega in three places: ``WrappedTorchNorm`` refuses
 sequence parallelism (mandatory for MoE with TP > 1), ``DotProductAttention`` rejects the
 separate q/k and v head sizes that multi-latent attention passes, materialises [b, h, s, s] scores
-and can do neither packed (padding-free) sequences nor context parallelism, and ``SelfAttention``
+and can do neither packed (padding-free) sequences nor context parallelism (``SDPAttention`` keeps its
+sliding windows and attention sinks, megatron's ``window_size`` / ``softmax_type``), and ``SelfAttention``
 rotates its whole static-inference KV cache again at every decode step. These replacements fix
 all of that.
 """
@@ -21,9 +22,11 @@ from r1mega.platform.megatron_compat import ensure_megatron
 
 ensure_megatron()
 
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes  # noqa: E402
 from megatron.core.transformer.attention import SelfAttention  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 from megatron.core.transformer.module import MegatronModule  # noqa: E402
+from megatron.core.transformer.utils import is_layer_window_attention  # noqa: E402
 from megatron.core.utils import divide  # noqa: E402
 
 
@@ -55,6 +58,12 @@ class SDPAttention(MegatronModule):
     never attend to each other and no [T, T] mask is built) and context parallelism (this rank's
     queries against K/V all-gathered over the CP group, masked by global position; see
     ``models.context_parallel``).
+
+    As megatron's ``DotProductAttention`` it honours ``window_size`` per layer (``window_attn_skip_freq``;
+    ``(left, right)`` tokens around the query, right = 0) and ``softmax_type``: ``learnable`` adds a per-head
+    logit ``softmax_offset`` (attention sinks, gpt-oss) to the softmax denominator, ``off-by-one`` a fixed 0.
+    Those layers compute their scores explicitly (``_windowed_or_sink``), not with flash-style SDPA; context
+    parallelism is refused there.
     """
 
     def __init__(
@@ -88,6 +97,23 @@ class SDPAttention(MegatronModule):
         self.groups_per_partition = divide(config.num_query_groups or config.num_attention_heads, tp_size)
         self.softmax_scale = softmax_scale if softmax_scale is not None else self.k_channels ** -0.5
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.window = config.window_size if is_layer_window_attention(
+            config.window_size, config.window_attn_skip_freq, layer_number) else None
+        if self.window is not None and self.window[1] != 0:
+            raise ValueError(f"window_size={config.window_size}: causal attention sees no tokens to the right; "
+                             "set (left, 0)")
+        self.softmax_type = config.softmax_type
+        if config.softmax_type == "learnable":  # megatron's name and TP split (dim 0, heads)
+            self.softmax_offset = torch.nn.Parameter(torch.zeros(self.heads_per_partition, dtype=config.params_dtype))
+            set_tensor_model_parallel_attributes(self.softmax_offset, True, 0, 1)
+            if config.perform_initialization:
+                config.init_method(self.softmax_offset)
+        elif config.softmax_type == "off-by-one":
+            self.register_buffer("softmax_offset", torch.zeros(self.heads_per_partition), persistent=False)
+        elif config.softmax_type == "vanilla":
+            self.softmax_offset = None
+        else:
+            raise ValueError(f"softmax_type={config.softmax_type!r}: vanilla, off-by-one or learnable")
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -101,7 +127,12 @@ class SDPAttention(MegatronModule):
         cp = 1 if self.cp_group is None else self.cp_group.size()
         bounds = packed_seq_params.cu_seqlens_q if packed else [0, query.size(0) * cp]
         dropout = self.dropout_p if self.training else 0.0
-        if cp > 1:
+        if self.window is not None or self.softmax_offset is not None:
+            if cp > 1:
+                raise ValueError("context parallelism with sliding-window attention or attention sinks is not "
+                                 "supported by the local core attention: set parallel.cp=1 (or use TE)")
+            out = self._windowed_or_sink(query, key, value, None if packed else attention_mask, bounds, dropout)
+        elif cp > 1:
             if not causal:
                 raise ValueError("context parallelism supports causal self-attention only")
             if self.recompute_cp_core:
@@ -122,6 +153,43 @@ class SDPAttention(MegatronModule):
         out = out.permute(2, 0, 1, 3).contiguous()
         out = out.view(out.size(0), out.size(1), -1)
         return out.squeeze(1) if thd else out
+
+    def _windowed_or_sink(self, query, key, value, attention_mask, bounds, dropout: float) -> torch.Tensor:
+        """[s, b, h, d] inputs -> [b, h, s_q, dv] with explicit scores: the causal (or given) mask, this
+        layer's window, and the sink logit as an extra softmax column that is dropped afterwards."""
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        if self._gqa(k):
+            k, v = (x.repeat_interleave(q.size(1) // x.size(1), dim=1) for x in (k, v))
+        if attention_mask is not None:  # megatron's convention, True = masked; queries end at the last key
+            allowed = ~attention_mask.bool()
+            qpos = torch.arange(k.size(2) - q.size(2), k.size(2), device=q.device)
+            return self._attend(q, k, v, allowed & self._in_window(qpos, torch.arange(k.size(2), device=q.device)),
+                                dropout)
+        outs = []
+        for piece in causal_pieces(bounds):
+            qpos = torch.arange(piece.start, piece.end, device=q.device)
+            kpos = torch.arange(piece.segment_start, piece.end, device=q.device)
+            allowed = (kpos[None, :] <= qpos[:, None]) & self._in_window(qpos, kpos)
+            keys = slice(piece.segment_start, piece.end)
+            outs.append(self._attend(q[:, :, piece.rows], k[:, :, keys], v[:, :, keys], allowed, dropout))
+        return torch.cat(outs, dim=2)
+
+    def _in_window(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        if self.window is None:
+            return torch.ones(qpos.numel(), kpos.numel(), dtype=torch.bool, device=qpos.device)
+        return (qpos[:, None] - kpos[None, :]) <= self.window[0]
+
+    def _attend(self, q, k, v, allowed: torch.Tensor, dropout: float) -> torch.Tensor:
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.softmax_scale
+        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        if self.softmax_offset is not None:
+            sink = self.softmax_offset.float().reshape(1, -1, 1, 1).expand(scores.size(0), -1, scores.size(2), 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        if dropout:
+            probs = F.dropout(probs, p=dropout)
+        return torch.matmul(probs.to(v.dtype), v)
 
     def _gqa(self, k: torch.Tensor) -> bool:
         """Grouped K/V heads ([b, h, s, d]): SDPA shares them itself (enable_gqa), without copies."""

@@ -21,6 +21,7 @@ from r1mega.models.layer_spec import build_block_spec, build_mtp_block_spec, use
 from r1mega.models.mtp import MTPGPTModel
 
 from megatron.core import parallel_state  # noqa: E402
+from megatron.core.activations import quick_gelu  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.transformer.enums import AttnBackend  # noqa: E402
 from megatron.core.transformer.transformer_block import get_num_layers_to_build  # noqa: E402
@@ -78,6 +79,37 @@ def _mtp_kwargs(model: ModelConfig) -> dict:
     return dict(mtp_num_layers=model.mtp_num_layers, mtp_loss_scaling_factor=float(model.mtp_loss_scale or 0.0))
 
 
+_ACTIVATIONS = {"silu": F.silu, "quick_gelu": quick_gelu}
+
+
+def _attention_mlp_kwargs(model: ModelConfig) -> dict:
+    """Biases, attention sinks, sliding windows and the gated activation (megatron's own fields)."""
+    activation = model.activation or "silu"
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"model.activation={activation!r}: use one of {sorted(_ACTIVATIONS)}")
+    return dict(
+        add_bias_linear=bool(model.add_bias_linear),
+        softmax_type=model.softmax_type or "vanilla",
+        # HF sliding_window w: a query sees itself and the w - 1 tokens before it
+        window_size=(model.window_size - 1, 0) if model.window_size else None,
+        window_attn_skip_freq=model.window_attn_skip_freq,
+        activation_func=_ACTIVATIONS[activation],
+        glu_linear_offset=float(model.glu_linear_offset or 0.0),
+        activation_func_clamp_value=model.activation_func_clamp_value,
+    )
+
+
+def _set_yarn(config: TransformerConfig, model: ModelConfig) -> None:
+    """YaRN for standard attention: megatron's ``GPTModel`` reads these ``yarn_*`` attributes from the config
+    (they are not ``TransformerConfig`` fields in 0.16); MLA takes its own fields."""
+    constants = yarn_constants(model)
+    config.yarn_rotary_scaling_factor = model.rotary_scaling_factor
+    config.yarn_original_max_position_embeddings = model.original_max_position_embeddings
+    config.yarn_beta_fast, config.yarn_beta_slow = constants["beta_fast"], constants["beta_slow"]
+    config.yarn_mscale, config.yarn_mscale_all_dim = constants["mscale"], constants["mscale_all_dim"]
+    config.yarn_correction_range_round_to_int = model.yarn_truncate is not False
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
     """The megatron ``TransformerConfig`` (``MLATransformerConfig`` for MLA) of a resolved model."""
     use_te = use_transformer_engine(model.precision, model.fp8_recipe)
@@ -92,8 +124,6 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
         add_qkv_bias=bool(model.add_qkv_bias),
         qk_layernorm=bool(model.qk_layernorm),
         hidden_dropout=0.0,
@@ -128,11 +158,15 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         recompute_method=parallel.recompute_method,
         recompute_num_layers=parallel.recompute_num_layers,
         moe_token_dispatcher_type="alltoall",  # megatron checks it even for dense models (variable lengths)
+        **_attention_mlp_kwargs(model),
         **_moe_kwargs(model),
         **_mtp_kwargs(model),
     )
     if not model.multi_latent_attention:
-        return TransformerConfig(**kwargs)
+        config = TransformerConfig(**kwargs)
+        if model.rope_type == "yarn":
+            _set_yarn(config, model)
+        return config
     mla = dict(
         multi_latent_attention=True,
         q_lora_rank=model.q_lora_rank or None,  # 0: no q compression
@@ -228,7 +262,7 @@ def _gpt_model(config, use_te: bool, model: ModelConfig, tp: int) -> GPTModel:
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=bool(model.tie_word_embeddings),
-        position_embedding_type="rope",
+        position_embedding_type="yarn" if model.rope_type == "yarn" and not model.multi_latent_attention else "rope",
         rotary_base=model.rotary_base,
         # Llama-3.1 frequency scaling (megatron: low/high frequency factors 1/4, original context 8192)
         rope_scaling=model.rope_type == "llama3",

@@ -26,6 +26,8 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 _SCALED_INIT = ("linear_proj.weight", "linear_fc2.weight")
+# vectors megatron draws at random (the others start at 1 or 0): drawn per name like the matrices
+_DRAWN_VECTORS = ("core_attention.softmax_offset", "mlp.router.bias")
 
 
 @dataclass(frozen=True)
@@ -115,12 +117,13 @@ def _init_std(canonical: str, config) -> float:
 def init_layout_invariant(model: torch.nn.Module, config, seed: int) -> None:
     """Re-draw every matrix from a per-name generator so all layouts start identical.
 
-    Vectors (norm weights = 1, biases = 0) are already layout independent and stay as built.
+    Vectors (norm weights = 1, biases = 0) are already layout independent and stay as built, except the
+    attention sinks and router biases megatron draws (``_DRAWN_VECTORS``).
     """
     params = dict(model.named_parameters())
     for info in shard_infos(model, config):
         param = params[info.local_name]
-        if param.dim() < 2:
+        if param.dim() < 2 and not info.canonical_name.endswith(_DRAWN_VECTORS):
             continue
         gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(info.canonical_name.encode()))
         full = torch.randn(info.full_shape, generator=gen, dtype=torch.float32)

