@@ -10,6 +10,7 @@ from r1mega.bridge.rules import Architecture, BridgeError
 from r1mega.models.deepseek_v2.hf_config import FAMILY as DEEPSEEK_V2
 from r1mega.models.deepseek_v3.hf_config import FAMILY as DEEPSEEK_V3
 from r1mega.models.family import Family
+from r1mega.models.glm4_moe.hf_config import FAMILY as GLM4_MOE
 from r1mega.models.llama3.hf_config import FAMILY as LLAMA3
 from r1mega.models.mixtral.hf_config import FAMILY as MIXTRAL
 from r1mega.models.qwen2.hf_config import FAMILY as QWEN2
@@ -18,6 +19,7 @@ from r1mega.models.qwen3_moe.hf_config import FAMILY as QWEN3_MOE
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN3_MOE, DEEPSEEK_V3, DEEPSEEK_V2, MIXTRAL, QWEN2,
                                                        QWEN3, LLAMA3)}
+FAMILIES[GLM4_MOE.name] = GLM4_MOE
 
 
 def family(preset: str) -> Family:
