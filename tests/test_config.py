@@ -37,6 +37,7 @@ CONFIG_WORLD_SIZES = {
     "distill_tiny_cpu.yaml": 1,
     "r1_zero_deepseek_v2_lite.yaml": 16,
     "r1_zero_moonlight_16b_a3b.yaml": 16,
+    "r1_zero_glm45_air.yaml": 64,
 }
 
 

@@ -21,14 +21,16 @@ from r1mega.models.hf_common import base_from_hf, moe_to_hf
 DEFAULT_PARTIAL_ROTARY = 0.5  # Glm4MoeConfig and vLLM's glm4_moe when config.json has no partial_rotary_factor
 
 
-def _check_router(topk: int, groups: int, group_topk: int, where: str) -> None:
+def _check_router(topk: int, groups: int, group_topk: int) -> None:
+    """Names both spellings (config.json's, then the model's) of each field it refuses."""
     if topk < 2:
-        raise BridgeError(f"{where}: glm4_moe with top-1 routing is not supported (transformers renormalises the "
-                          "one weight to 1, megatron's sigmoid router keeps the score)")
+        raise BridgeError(f"glm4_moe with top-1 routing (num_experts_per_tok / moe_router_topk = {topk}) is not "
+                          "supported: transformers renormalises the one weight to 1, megatron's sigmoid router "
+                          "keeps the score")
     if groups > 1 and topk // group_topk != 2:
-        raise BridgeError(f"{where}: glm4_moe with n_group={groups}, topk_group={group_topk}, top-{topk} is not "
-                          "supported: transformers scores a group by its top 2 experts, megatron by its top "
-                          "topk // topk_group (keep topk // topk_group == 2, or one group)")
+        raise BridgeError(f"glm4_moe with n_group={groups}, topk_group={group_topk}, top-{topk} (moe_router_num_groups"
+                          " / moe_router_group_topk) is not supported: transformers scores a group by its top 2 "
+                          "experts, megatron by its top topk // topk_group (keep that 2, or one group)")
 
 
 def to_hf(model: ModelConfig) -> dict:
@@ -40,7 +42,7 @@ def to_hf(model: ModelConfig) -> dict:
     if model.rope_type not in ("rope", None):
         raise BridgeError(f"glm4_moe: rope_type={model.rope_type!r} is not supported by the bridge (plain rope)")
     groups, group_topk = model.moe_router_num_groups or 1, model.moe_router_group_topk or 1
-    _check_router(model.moe_router_topk, groups, group_topk, "model")
+    _check_router(model.moe_router_topk, groups, group_topk)
     shared = model.moe_shared_expert_intermediate_size or 0
     if not shared or shared % model.moe_ffn_hidden_size:
         raise BridgeError(f"glm4_moe always has shared experts of n x moe_ffn_hidden_size: "
@@ -69,7 +71,7 @@ def from_hf(hf: dict) -> dict:
         raise BridgeError("glm4_moe with n_shared_experts=0 is not supported (transformers always builds the "
                           "shared expert)")
     groups, group_topk = hf.get("n_group") or 1, hf.get("topk_group") or 1
-    _check_router(hf["num_experts_per_tok"], groups, group_topk, "config.json")
+    _check_router(hf["num_experts_per_tok"], groups, group_topk)
     fields_ = base_from_hf(hf, allow_attention_bias=True)  # q/k/v biases (o_proj has none)
     if fields_["rope_type"] != "rope":
         raise BridgeError(f"glm4_moe with rope_scaling of type {fields_['rope_type']!r} is not supported "
