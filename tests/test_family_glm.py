@@ -102,6 +102,28 @@ def test_group_limited_routing_maps_when_megatron_scores_groups_as_transformers(
         to_hf_config(resolve_model(ModelConfig(preset="glm4_moe", moe_router_score_function="softmax")))
 
 
+@pytest.mark.parametrize("size", ["glm45_air", "glm45", "tiny"])
+@pytest.mark.parametrize("seq", [1, 4096])
+def test_flops_match_megatron_and_published_active_parameters(size, seq):
+    """``bench_mfu --flops-only`` counts GLM-4-MoE as megatron-LM's formula does (GQA with head_dim 128 !=
+    hidden/heads, dense first layers, a shared expert; q/k/v biases and rotary are not counted, so the
+    rotary share changes nothing), and the forward matmuls at seq 1 are 2 x the published active
+    parameters: GLM-4.5-Air 12B, GLM-4.5 32B (without embedding and output head, as published)."""
+    from test_flops import _megatron_args, megatron_num_floating_point_operations
+
+    from r1mega.train.flops import flops_breakdown
+
+    m = resolve_model(ModelConfig(preset="glm4_moe", size=size))
+    b = flops_breakdown(m, seq)
+    want = megatron_num_floating_point_operations(_megatron_args(m, seq), batch_size=1) / seq
+    assert b.megatron_total == pytest.approx(want, rel=1e-12)
+    full_rotary = flops_breakdown(resolve_model(ModelConfig(preset="glm4_moe", size=size, rotary_percent=1.0)), seq)
+    assert full_rotary.terms == b.terms
+    if seq == 1 and size != "tiny":
+        active = (b.forward - b.terms["output_layer"]) / 2
+        assert active == pytest.approx({"glm45_air": 12e9, "glm45": 32e9}[size], rel=0.02)
+
+
 @pytest.mark.timeout(480)
 def test_logits_match_transformers(tmp_path):
     """Exported tiny models give transformers' logits, transformers-made ones import with them, and
