@@ -168,20 +168,29 @@ def test_round_trip_bit_identical(overrides, layout, vs_one, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_mtp_layer_round_trips_at_pp2(tmp_path):
+@pytest.mark.parametrize("copies", [True, False], ids=["glm45_layout", "glm46_layout"])
+def test_mtp_layer_round_trips_at_pp2(copies, tmp_path):
     """A GLM checkpoint with its MTP layer (``model.layers.{N}``: enorm, hnorm, eh_proj, shared_head, a full
     decoder layer) imports into a PP2 model's MTP block on the last stage and exports bit-identically; the
-    main model's logits are transformers' (which ignores the MTP layer)."""
+    main model's logits are transformers' (which ignores the MTP layer). GLM-4.5 stores copies of the
+    embedding and output head in the MTP layer, GLM-4.6 none: both import; export writes the copies."""
     from bridge_worker import hf_logits, mtp_checkpoint
+    from safetensors.torch import save_file
 
     src = tmp_path / "src"
     made = mtp_checkpoint("glm4_moe", {"num_layers": 4}, str(src), seed=4)
+    copy_names = {"model.layers.4.embed_tokens.weight", "model.layers.4.shared_head.head.weight"}
+    assert copy_names <= set(made["mtp_tensors"])
+    if not copies:
+        save_file({k: v for k, v in _tensors(src).items() if k not in copy_names}, str(src / "model.safetensors"))
     out = tmp_path / "out"
     spawn_ranks([WORKER, json.dumps({"mode": "mtp", "layout": "pp2", "src": str(src), "out": str(out)})], 2,
                 timeout_s=540, name="mtp-pp2")
     ref, got = _tensors(src), _tensors(out)
-    assert ref.keys() == got.keys() and made["mtp_tensors"]
+    assert set(got) == set(ref) | copy_names
     assert all(torch.equal(ref[k], got[k]) for k in ref), [k for k in ref if not torch.equal(ref[k], got[k])]
+    assert torch.equal(got["model.layers.4.embed_tokens.weight"], got["model.embed_tokens.weight"])
+    assert torch.equal(got["model.layers.4.shared_head.head.weight"], got["lm_head.weight"])
     saved = torch.load(f"{out}_logits.pt", weights_only=True)
     assert saved["mtp_on_last_stage"]
     assert float((saved["logits"] - hf_logits(str(src), saved["tokens"])).abs().max()) < 1e-5
