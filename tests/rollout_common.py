@@ -172,3 +172,29 @@ def draw_expert_biases(module: torch.nn.Module, std: float, seed: int) -> int:
             buf.copy_(torch.randn(buf.shape, generator=gen) * std)
             n += 1
     return n
+
+
+def engine_refit_report(root: Path, preset: str, timeout_s: int = 540) -> dict:
+    """``rollout_engine_check.py`` on the tiny ``preset`` (parity checks only, no sampling): its report."""
+    import sys
+
+    from r1mega.platform.spawn import spawn_ranks
+
+    report = root / "report.json"
+    spec = {"root": str(root), "report": str(report), "bucket_bytes": 400_000, "preset": preset, "sampling": False}
+    spawn_ranks([str(Path(__file__).with_name("rollout_engine_check.py")), json.dumps(spec)], 1,
+                timeout_s=timeout_s, name=f"engine-{preset}")
+    r = json.loads(report.read_text())
+    print(json.dumps(r, indent=1), file=sys.stderr)
+    return r
+
+
+def assert_refit_parity(r: dict, tol: float = 1e-5) -> None:
+    """The engine matched transformers fresh, after a push of other weights (prefill and decode) and over
+    A->B->A, and each weight set really differed from the other."""
+    assert r["fresh_vs_a"]["max_abs"] < tol, r["fresh_vs_a"]
+    assert r["fresh_vs_b"]["max_abs"] > 0.1
+    assert r["after_push_vs_b"]["max_abs"] < tol, r["after_push_vs_b"]
+    assert r["after_push_vs_a"]["max_abs"] > 0.1
+    assert r["decode_after_push_vs_b"]["max_abs"] < tol, r["decode_after_push_vs_b"]
+    assert max(r["cycle_max_abs"]) < tol, r["cycle_max_abs"]

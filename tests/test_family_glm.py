@@ -21,25 +21,12 @@ from r1mega.platform.spawn import spawn_ranks
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))  # bridge_worker's transformers-model helper, test_hf_configs' field setter
 from test_bridge import check_logit_parity  # noqa: E402
+from test_family_deepseek import _fixture, _tensors  # noqa: E402
 from test_hf_configs import _set  # noqa: E402
 
 WORKER = str(HERE / "bridge_worker.py")
-FIXTURES = HERE / "fixtures" / "hf_configs"
 AIR = {"qk_layernorm": False, "moe_router_topk_scaling_factor": 1.0}  # GLM-4.5-Air: no q/k norms, no scaling
 PUBLISHED = ("GLM-4.5-Air", "GLM-4.5", "GLM-4.6")
-
-
-def _fixture(name: str) -> dict:
-    return json.loads((FIXTURES / f"{name}.json").read_text())
-
-
-def _tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(hf_dir.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 @pytest.mark.parametrize("name", PUBLISHED)
@@ -215,18 +202,10 @@ def test_vllm_cpu_engine_refit_parity_glm4_moe(tmp_path):
     the fresh engine, a pushed other weight set (bridge-like buckets), A->B->A and a push of only other
     router biases match transformers' log-probs, prefill and decode."""
     pytest.importorskip("vllm")
-    report = tmp_path / "report.json"
-    spec = {"root": str(tmp_path), "report": str(report), "bucket_bytes": 400_000, "preset": "glm4_moe",
-            "sampling": False}
-    spawn_ranks([str(HERE / "rollout_engine_check.py"), json.dumps(spec)], 1, timeout_s=540, name="engine-glm")
-    r = json.loads(report.read_text())
-    print(json.dumps(r, indent=1), file=sys.stderr)
-    assert r["fresh_vs_a"]["max_abs"] < 1e-5, r["fresh_vs_a"]
-    assert r["fresh_vs_b"]["max_abs"] > 0.1
-    assert r["after_push_vs_b"]["max_abs"] < 1e-5, r["after_push_vs_b"]
-    assert r["after_push_vs_a"]["max_abs"] > 0.1
-    assert r["decode_after_push_vs_b"]["max_abs"] < 1e-5, r["decode_after_push_vs_b"]
-    assert max(r["cycle_max_abs"]) < 1e-5, r["cycle_max_abs"]
+    from rollout_common import assert_refit_parity, engine_refit_report
+
+    r = engine_refit_report(tmp_path, "glm4_moe")
+    assert_refit_parity(r)
     assert r["bias_only_hf_a2_vs_a"]["max_abs"] > 1e-3  # the router bias changes the expert choice
     assert r["bias_push_vs_a2"]["max_abs"] < 1e-5, r["bias_push_vs_a2"]
 

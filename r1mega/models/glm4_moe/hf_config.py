@@ -83,7 +83,8 @@ def from_hf(hf: dict) -> dict:
         raise BridgeError(f"glm4_moe with partial_rotary_factor={partial} is not supported: it must give an even "
                           f"number of rotary dims of head_dim {head_dim}")
     moe = hf["moe_intermediate_size"]
-    return dict(fields_, moe_router_topk=hf["num_experts_per_tok"], num_query_groups=hf["num_key_value_heads"], kv_channels=head_dim, rotary_percent=partial,
+    return dict(fields_, moe_router_topk=hf["num_experts_per_tok"], num_query_groups=hf["num_key_value_heads"],
+                kv_channels=head_dim, rotary_percent=partial,
                 ffn_hidden_size=hf["intermediate_size"], moe_ffn_hidden_size=moe, num_experts=hf["n_routed_experts"],
                 moe_shared_expert_intermediate_size=hf.get("n_shared_experts", 1) * moe,
                 first_k_dense_layers=hf.get("first_k_dense_replace", 1),
