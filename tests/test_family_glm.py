@@ -221,6 +221,21 @@ def test_vllm_cpu_engine_refit_parity_glm4_moe(tmp_path):
     assert r["bias_push_vs_a2"]["max_abs"] < 1e-5, r["bias_push_vs_a2"]
 
 
+@pytest.mark.slow  # test_megatron_engine keeps the engine's checks for qwen3_moe in CI
+@pytest.mark.timeout(1500)
+def test_megatron_engine_generates_what_the_learner_scores(tmp_path):
+    """The in-learner megatron engine (KV cache of keys rotated on their first half) samples tokens whose
+    log-probs and expert choices the learner's training forward reproduces, and TP2 generates what one
+    process does."""
+    from test_megatron_engine import _run, _same
+
+    ref = _run(tmp_path, "tp1", 1, "glm4_moe", check=True)
+    c = ref["check"]
+    assert c["learner_logp_max_abs"] <= 1e-5 and c["filtered_logp_max_abs"] <= 1e-5, c
+    assert c["routing_positions_differing"] == 0 and c["routing_positions"] > 0, c
+    _same(ref, _run(tmp_path, "tp2", 2, "glm4_moe"))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_convert_cli_round_trip_with_default_flags(tmp_path):
