@@ -78,6 +78,13 @@ def test_unrepresentable_fields_are_refused_by_name(name, field, value):
         from_hf_config(_set(_fixture(name), field, value))
 
 
+def test_partial_rotary_is_refused_for_families_whose_hf_model_rotates_every_dim():
+    with pytest.raises(BridgeError, match="partial_rotary_factor"):
+        from_hf_config(dict(_fixture("Qwen3-30B-A3B"), partial_rotary_factor=0.5))
+    with pytest.raises(BridgeError, match="rotary_percent"):
+        to_hf_config(resolve_model(ModelConfig(preset="qwen3_moe", rotary_percent=0.5)))
+
+
 def test_group_limited_routing_maps_when_megatron_scores_groups_as_transformers():
     """Eight groups, top-4 groups of top-8 experts: both score a group by its top 2, so it maps and writes back."""
     model = from_hf_config(dict(_fixture("GLM-4.5"), n_group=8, topk_group=4))
