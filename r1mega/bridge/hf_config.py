@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, fields, replace
 
-from r1mega.bridge.rules import Dims
+from r1mega.bridge.rules import BridgeError, Dims
 from r1mega.config.presets import PRESETS, resolve_model
 from r1mega.config.schema import ModelConfig
 from r1mega.models.registry import family, family_for_model_type
@@ -30,6 +30,9 @@ def to_hf_config(model: ModelConfig) -> dict:
     """``config.json`` contents for a resolved r1mega model."""
     fam = family(model.preset)
     body = fam.to_hf(model)
+    if (model.rotary_percent or 1.0) != 1.0 and "partial_rotary_factor" not in body:
+        raise BridgeError(f"{model.preset} in HF rotates every dim of a head: unset model.rotary_percent "
+                          f"(={model.rotary_percent})")
     return {"architectures": [fam.architecture.hf_class], "model_type": fam.architecture.model_type, **body}
 
 
@@ -55,6 +58,11 @@ def from_hf_config(hf: dict, precision: str = "fp32") -> ModelConfig:
     """
     fam = family_for_model_type(hf.get("model_type", "?"))
     fields_ = fam.from_hf(hf)
+    partial = (hf.get("rope_parameters") or hf.get("rope_scaling") or {}).get("partial_rotary_factor",
+                                                                             hf.get("partial_rotary_factor", 1.0))
+    if "rotary_percent" not in fields_ and float(partial) != 1.0:
+        raise BridgeError(f"config.json partial_rotary_factor={partial} is not supported for {fam.name} (its HF "
+                          "model rotates every dim of a head)")
     base = ModelConfig(preset=fam.name, size="tiny", precision=precision)
     model = resolve_model(replace(base, **fields_))
     return replace(model, size=matching_size(model) or model.size)

@@ -67,7 +67,10 @@ class HFImporter:
                           f"{f' ... {len(missing) - 10} more' if len(missing) > 10 else ''}")
 
     def hf_names(self, info: ShardInfo) -> list[str]:
-        return self.arch.hf_names(self._canonical(info), self.dims)
+        names = self.arch.hf_names(self._canonical(info), self.dims)
+        if self.arch.mtp_copies_optional:  # the copies the files hold are read (and checked equal)
+            names = [n for n in names if n in self.source or not self.arch.is_mtp_copy(n, self.dims)]
+        return names
 
     def _stored(self, hf_name: str) -> tuple[str, int | None]:
         """The stored HF tensor holding ``hf_name``, and the expert index when it packs all experts."""

@@ -228,6 +228,9 @@ class Architecture:
     mtp_own: dict[str, str] = field(default_factory=dict)
     # megatron tensor -> its HF copy under model.layers.{N+m}. in each MTP layer
     mtp_copies: dict[str, str] = field(default_factory=dict)
+    # checkpoints may leave those copies out (GLM-4.6; GLM-4.5 has them): import reads the ones present,
+    # export writes them all
+    mtp_copies_optional: bool = False
     # HF tensors that hold all experts of a layer (gpt-oss); the rules name one expert's slice
     packed: tuple[PackedExperts, ...] = ()
     _compiled: list = field(default_factory=list, repr=False)
@@ -285,6 +288,12 @@ class Architecture:
                            for i in range(dims.mtp_num_layers))
             rule = SharedCopy(rule, copies)
         return rule, fields_
+
+    def is_mtp_copy(self, hf_name: str, dims: Dims) -> bool:
+        """``hf_name`` is an MTP layer's copy of the embedding or output head."""
+        layer, _, rest = hf_name.removeprefix("model.layers.").partition(".")
+        return (hf_name.startswith("model.layers.") and layer.isdigit() and int(layer) >= dims.num_layers
+                and rest in self.mtp_copies.values())
 
     def hf_names(self, megatron_name: str, dims: Dims | None = None) -> list[str]:
         rule, fields_ = self.rule_for(megatron_name, dims)

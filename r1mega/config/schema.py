@@ -37,6 +37,9 @@ class ModelConfig:
     rope_type: Optional[str] = None
     rotary_scaling_factor: Optional[float] = None  # yarn / llama3 factor
     original_max_position_embeddings: Optional[int] = None  # yarn / llama3
+    # share of each head's dims that rotary covers (the first ones, half-split as Llama; megatron's
+    # rotary_percent, HF partial_rotary_factor). None: 1.0; GLM-4.5: 0.5
+    rotary_percent: Optional[float] = None
     # yarn constants (MLA); None: DeepSeek-V3's (config.presets.YARN_DEFAULTS). Kimi-K2 and DeepSeek-V2 differ
     yarn_beta_fast: Optional[float] = None
     yarn_beta_slow: Optional[float] = None

@@ -34,6 +34,7 @@ ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
 ROPE_TYPES = ("rope", "yarn", "llama3")
 LLAMA3_ORIGINAL_CONTEXT = 8192  # fixed in megatron's llama3 RoPE scaling (rotary_pos_embedding.py)
+MTP_PRESETS = ("deepseek_v3", "glm4_moe")  # families whose checkpoints carry multi-token prediction layers
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Names registered in r1mega.rl (listed here because config must not import torch; a test keeps
 # them equal to the registries).
@@ -374,9 +375,10 @@ def _check_mla(m: ModelConfig) -> Problems:
 def _check_mtp(m: ModelConfig) -> Problems:
     out = _at_least("model.mtp_num_layers", m.mtp_num_layers, 0)
     out += _at_least("model.mtp_loss_scale", m.mtp_loss_scale, 0)
-    if m.mtp_num_layers and m.preset != "deepseek_v3":
+    if m.mtp_num_layers and m.preset not in MTP_PRESETS:
         out.append(f"model.mtp_num_layers={m.mtp_num_layers} with preset {m.preset}: r1mega carries multi-token "
-                   "prediction layers for deepseek_v3 (its checkpoints have them); set model.mtp_num_layers=0")
+                   f"prediction layers for {', '.join(MTP_PRESETS)} (their checkpoints have them); set "
+                   "model.mtp_num_layers=0")
     if (m.mtp_loss_scale or 0) > 0 and not m.mtp_num_layers:
         out.append(f"model.mtp_loss_scale={m.mtp_loss_scale} without MTP layers: set model.mtp_num_layers "
                    "(DeepSeek-V3: 1) or model.mtp_loss_scale=0")
@@ -385,6 +387,12 @@ def _check_mtp(m: ModelConfig) -> Problems:
 
 def _check_rope(m: ModelConfig) -> Problems:
     out = _one_of("model.rope_type", m.rope_type, ROPE_TYPES)
+    if m.rotary_percent is not None and not 0 < m.rotary_percent <= 1:
+        out.append(f"model.rotary_percent={m.rotary_percent} must be in (0, 1] (the share of each head's dims "
+                   "that rotary covers; GLM-4.5: 0.5)")
+    elif m.rotary_percent not in (None, 1.0) and m.multi_latent_attention:
+        out.append(f"model.rotary_percent={m.rotary_percent} with multi_latent_attention: MLA has its own rope "
+                   "dims (model.qk_pos_emb_head_dim); unset model.rotary_percent")
     if m.rope_type == "llama3":
         if m.original_max_position_embeddings != LLAMA3_ORIGINAL_CONTEXT:
             out.append(f"model.original_max_position_embeddings={m.original_max_position_embeddings} with "

@@ -264,6 +264,7 @@ def _gpt_model(config, use_te: bool, model: ModelConfig, tp: int) -> GPTModel:
         share_embeddings_and_output_weights=bool(model.tie_word_embeddings),
         position_embedding_type="yarn" if model.rope_type == "yarn" and not model.multi_latent_attention else "rope",
         rotary_base=model.rotary_base,
+        rotary_percent=model.rotary_percent or 1.0,
         # Llama-3.1 frequency scaling (megatron: low/high frequency factors 1/4, original context 8192)
         rope_scaling=model.rope_type == "llama3",
         rope_scaling_factor=model.rotary_scaling_factor or 8.0,

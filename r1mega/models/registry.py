@@ -10,6 +10,7 @@ from r1mega.bridge.rules import Architecture, BridgeError
 from r1mega.models.deepseek_v2.hf_config import FAMILY as DEEPSEEK_V2
 from r1mega.models.deepseek_v3.hf_config import FAMILY as DEEPSEEK_V3
 from r1mega.models.family import Family
+from r1mega.models.glm4_moe.hf_config import FAMILY as GLM4_MOE
 from r1mega.models.gpt_oss.hf_config import FAMILY as GPT_OSS
 from r1mega.models.llama3.hf_config import FAMILY as LLAMA3
 from r1mega.models.mixtral.hf_config import FAMILY as MIXTRAL
@@ -17,9 +18,8 @@ from r1mega.models.qwen2.hf_config import FAMILY as QWEN2
 from r1mega.models.qwen3.hf_config import FAMILY as QWEN3
 from r1mega.models.qwen3_moe.hf_config import FAMILY as QWEN3_MOE
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN3_MOE, DEEPSEEK_V3, DEEPSEEK_V2, MIXTRAL, QWEN2,
-                                                       QWEN3, LLAMA3)}
-FAMILIES[GPT_OSS.name] = GPT_OSS
+FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN3_MOE, DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE, GPT_OSS, MIXTRAL,
+                                                       QWEN2, QWEN3, LLAMA3)}
 
 
 def family(preset: str) -> Family:
