@@ -44,6 +44,7 @@ class HFImporter:
         self.tie = bool(model_cfg.tie_word_embeddings)
         self.local = {info.local_name: (info, t) for info, t in local_tensors(model, config)}
         self.used: set[str] = set()
+        self._pending: list[str] = []  # read, to be released (see _done)
         self._check_present()
 
     def _check_present(self) -> None:
@@ -103,20 +104,29 @@ class HFImporter:
         if tuple(piece.shape) != tuple(shell.shape):
             raise BridgeError(f"{info.canonical_name}: shard shape {tuple(piece.shape)} != parameter "
                               f"{tuple(shell.shape)}")
-        mapped = {h.untyped_storage().data_ptr() for h in hf}  # views of the memory-mapped files
         names = list(dict.fromkeys(self._stored(n)[0] for n in names))
-        if out is None and piece.is_contiguous() and piece.dtype == dtype and \
-                piece.untyped_storage().data_ptr() not in mapped and piece.untyped_storage().nbytes() == \
-                piece.numel() * piece.element_size():
-            out = piece  # a new tensor of exactly this shard: no second copy
+        if out is None and _exact(piece, dtype):
+            # a tensor of exactly this shard (converted, or a stored tensor's view of its file): no copy
+            out = piece
         else:
             out = torch.empty(shell.shape, dtype=dtype) if out is None else out
             out.copy_(piece)
         del hf, full, piece
-        for n in names:
-            self.source.release(n)
-        self.used.update(names)
+        self._done(names)
         return out
+
+    def _done(self, names: list[str]) -> None:
+        """``names`` were read. Their mapped pages leave the resident set when the next tensor is asked for:
+        by then the checkpoint writer has written a file view handed out for this one (its pages would fault
+        back in if released earlier), and a view stays valid after a release (it re-reads the file)."""
+        self._release_pending()
+        self._pending = names
+        self.used.update(names)
+
+    def _release_pending(self) -> None:
+        for n in self._pending:
+            self.source.release(n)
+        self._pending = []
 
     @torch.no_grad()
     def tensor(self, local_name: str) -> torch.Tensor:
@@ -141,19 +151,17 @@ class HFImporter:
             raise BridgeError(f"{info.canonical_name}: HF tensor {name} has shape {tuple(hf.shape)}, the megatron "
                               f"model expects {full_half} (one half of {tuple(info.full_shape)})")
         piece = hf if info.tp_dim is None else hf.chunk(info.tp_size, dim=0)[info.tp_rank]
-        mapped = not self.source.is_quantized(name) and self.source.reader.dtype(name) == shell.dtype  # a file view
-        whole = piece.untyped_storage().nbytes() == piece.numel() * piece.element_size()
-        if mapped or not piece.is_contiguous() or not whole:
+        if not _exact(piece, shell.dtype):  # a TP slice of the HF tensor: a tensor of its own
             piece = piece.clone(memory_format=torch.contiguous_format)
         del hf
-        self.source.release(name)
-        self.used.add(name)
+        self._done([name])
         return piece
 
     @torch.no_grad()
     def load_into_model(self) -> int:
         for local_name, (_, target) in self.local.items():
             self._load(local_name, target, target.dtype)
+        self._release_pending()
         return len(self.local)
 
     def unused(self) -> list[str]:
@@ -165,6 +173,13 @@ class HFImporter:
             dist.all_gather_object(parts, sorted(used))
             used = set().union(*map(set, parts))
         return sorted(set(self.source.names()) - used)
+
+
+def _exact(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """``t`` is contiguous, of ``dtype``, and its storage holds exactly its elements (a writer saves the
+    whole storage of what it is given, so anything else would be copied out first)."""
+    return t.dtype == dtype and t.is_contiguous() and t.storage_offset() == 0 and \
+        t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 @torch.no_grad()
