@@ -3,6 +3,10 @@ presets file that names a field ModelConfig lacks is refused (a typo would other
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from r1mega.config import presets
@@ -36,3 +40,20 @@ def test_a_bad_presets_file_is_refused_by_name(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
         presets._load_family(path)
+
+
+@pytest.mark.parametrize("recipe,nodes,layout,model", [
+    ("r1_zero_deepseek_v2_lite.yaml", 2, "tp=2 pp=1 ep=8 etp=1 dp=8", "deepseek_v2/lite"),
+    ("r1_zero_moonlight_16b_a3b.yaml", 2, "tp=2 pp=1 ep=8 etp=1 dp=8", "deepseek_v3/moonlight_16b_a3b"),
+    ("r1_zero_glm45_air.yaml", 8, "tp=2 pp=4 ep=16 etp=1 dp=8", "glm4_moe/glm45_air"),
+    ("r1_zero_gpt_oss_20b.yaml", 2, "tp=2 pp=1 ep=8 etp=1 dp=8", "gpt_oss/20b"),
+])
+def test_family_recipe_validates_for_its_cluster(recipe, nodes, layout, model, tmp_path):
+    """Each new family's R1-Zero recipe is a valid job at its node count: the launcher's dry run validates it
+    and resolves the layout and model the recipe names."""
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "launch.slurm", str(repo / "configs" / recipe), "--nodes", str(nodes),
+                           "--dry-run", "--output-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"# layout: {layout}" in proc.stdout and f"model {model}" in proc.stdout

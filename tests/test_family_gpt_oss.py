@@ -195,14 +195,7 @@ def test_bench_mfu_flops_only_counts_gpt_oss():
     assert "18 layers windowed to 128 keys" in proc.stdout
 
 
-def test_recipe_validates_for_two_nodes(tmp_path):
-    """The recipe is a valid 2-node (16 GPU) job: the launcher's dry run validates it."""
-    repo = HERE.parent
-    proc = subprocess.run([sys.executable, "-m", "launch.slurm", str(repo / "configs" / "r1_zero_gpt_oss_20b.yaml"),
-                           "--nodes", "2", "--dry-run", "--output-dir", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120, cwd=repo)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "# layout: tp=2 pp=1 ep=8 etp=1 dp=8" in proc.stdout and "model gpt_oss/20b" in proc.stdout
+
 
 
 @pytest.mark.timeout(600)
