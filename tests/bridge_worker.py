@@ -237,6 +237,25 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor, **config_changes) -> torch.Tens
     return hf(input_ids=tokens).logits.float()
 
 
+def cli_convert_round_trip(src, work) -> list[str]:
+    """``r1mega convert from-hf`` then ``to-hf`` of the HF directory ``src`` with default flags, each in a
+    fresh process; the names of the tensors that differ from ``src`` (or are missing / extra), for a test's
+    assertion."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    ckpt, out = Path(work) / "ckpt", Path(work) / "out"
+    for args in (["from-hf", "--hf", str(src), "--out", str(ckpt)], ["to-hf", "--ckpt", str(ckpt), "--out", str(out)]):
+        r = subprocess.run([sys.executable, "-m", "r1mega.cli", "--log-level", "WARNING", "convert", *args],
+                           capture_output=True, text=True, timeout=280, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+    ref, got = _tensors(str(src)), _tensors(str(out))
+    return sorted(set(ref) ^ set(got)) + [k for k in ref if k in got and not torch.equal(ref[k], got[k])]
+
+
 def _random_hf_model(model_cfg, out: str, seed: int) -> None:
     """A randomly initialised transformers model (noisy norms / router bias) saved with save_pretrained."""
     import transformers
