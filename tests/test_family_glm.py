@@ -201,7 +201,6 @@ def test_mtp_layer_round_trips_at_pp2(copies, tmp_path):
     assert float((saved["logits"] - hf_logits(str(src), saved["tokens"])).abs().max()) < 1e-5
 
 
-@pytest.mark.slow  # vLLM start-up; test_rollout_vllm keeps the qwen3_moe / DeepSeek-V3 engine checks in CI
 @pytest.mark.timeout(600)
 def test_vllm_cpu_engine_refit_parity_glm4_moe(tmp_path):
     """vLLM-CPU runs GLM-4-MoE (a transformers-made GLM-4.5-shaped model, head_dim 64 with 32 rotary dims):
