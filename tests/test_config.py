@@ -223,6 +223,25 @@ BAD_OVERRIDES = [
 ]
 
 
+def test_an_mla_policy_vllm_cannot_build_is_refused_before_any_stage():
+    """The demo (a GRPO stage, vLLM engine) on tiny DeepSeek-V2: its latent + rope width (40) is not one vLLM's
+    MLA takes; refused at load, naming the engine that can run it. SFT-only recipes are not concerned."""
+    demo = str(CONFIGS / "demo_cpu.yaml")
+    message = str(config_error(path=demo, overrides=["model.preset=deepseek_v2"]))
+    assert "model.kv_lora_rank + model.qk_pos_emb_head_dim = 40: vLLM's MLA attention takes 320 / 512 / 576" \
+        in message and "use rollout.engine=megatron" in message
+    load_config(path=demo, overrides=["model.preset=deepseek_v2", "rollout.engine=megatron"])
+    load_config(path=demo, overrides=["model.preset=deepseek_v2", "stages=[{name: sft, kind: sft}]",
+                                      "data.eval_path=null"])
+
+
+def test_vllm_mla_head_sizes_are_the_installed_vllms():
+    mla = pytest.importorskip("vllm.model_executor.layers.attention.mla_attention")
+    from r1mega.config.validate import VLLM_MLA_HEAD_SIZES
+
+    assert tuple(mla.MLACommonBackend.get_supported_head_sizes()) == VLLM_MLA_HEAD_SIZES
+
+
 @pytest.mark.parametrize("preset", ["qwen2", "qwen3", "llama3"])
 def test_dense_presets_resolve_without_moe_fields(preset):
     for size in PRESETS[preset]:

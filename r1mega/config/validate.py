@@ -50,6 +50,9 @@ STAGE_FIXED_SECTIONS = ("model", "parallel", "stages", "checkpoint")
 ROUTING_REPLAY_NAMES = ("none", "r2", "r3")
 ROLLOUT_MODES = ("colocated", "one_step_off")
 ROLLOUT_ENGINES = ("vllm", "megatron")
+# kv_lora_rank + qk_pos_emb_head_dim that vLLM's MLA attention takes (MLACommonBackend.get_supported_head_sizes;
+# a test keeps this equal to the installed vLLM's)
+VLLM_MLA_HEAD_SIZES = (320, 512, 576)
 SANDBOX_FILESYSTEMS = ("auto", "bwrap", "unshare", "none")  # == ("auto", *rewards.sandbox_fs.FILESYSTEMS, "none")
 RECOMPUTE_GRANULARITIES = ("selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
@@ -126,6 +129,7 @@ def validate_config(cfg: R1Config, world_size: Optional[int] = None) -> None:
     problems += _check_routing_replay(cfg, model)
     problems += _check_recompute(parallel, model, cfg.rl.routing_replay)
     problems += _check_rollout_mode(cfg, world_size)
+    problems += _check_engine_model(cfg, model)
     problems += _check_distill(cfg)
     if problems:
         raise ConfigError(problems)
@@ -665,6 +669,20 @@ def check_stage_token_budget(cfg: R1Config, kind: str) -> Problems:
             f"data.max_prompt_length + rollout.max_new_tokens = {cfg.data.max_prompt_length} + "
             f"{cfg.rollout.max_new_tokens} tokens{over_cp}: raise it to at least {need}, or shorten the prompts "
             f"or responses"]
+
+
+def _check_engine_model(cfg: R1Config, m: ModelConfig) -> Problems:
+    """A policy the vLLM engine cannot build is refused before any stage runs (vLLM would fail at its first
+    generation, after the stages before it)."""
+    generates = cfg.data.eval_path or any(st.kind in ("grpo", "rejection_sampling") for st in cfg.stages)
+    if cfg.rollout.engine != "vllm" or not generates or not m.multi_latent_attention:
+        return []
+    head = (m.kv_lora_rank or 0) + (m.qk_pos_emb_head_dim or 0)
+    if head in VLLM_MLA_HEAD_SIZES:
+        return []
+    return [f"model.kv_lora_rank + model.qk_pos_emb_head_dim = {head}: vLLM's MLA attention takes "
+            f"{' / '.join(map(str, VLLM_MLA_HEAD_SIZES))} (DeepSeek's 512 + 64): use rollout.engine=megatron "
+            "(generation in the learner) or such sizes"]
 
 
 def _check_rollout_mode(cfg: R1Config, world_size: Optional[int] = None) -> Problems:
