@@ -8,7 +8,7 @@ in-place push of other weights (bridge-like buckets that split layers), an A->B-
 log-probs of generated tokens (the decode path) after the push, and (``spec["sampling"]``, default on)
 repeatability of seeded generation, stop strings and max lengths. ``spec["preset"]``: the tiny model
 (``rollout_common.PRESETS``); for DeepSeek-V3 also a push that changes only the router's
-score-correction biases. ``spec["refit_refused"]``: only the fresh engine, then the push's error.
+score-correction biases.
 """
 
 from __future__ import annotations
@@ -38,13 +38,6 @@ def main(spec: dict) -> None:
     rep["fresh_vs_a"] = vars(compare(engine.prompt_logprobs(probe), la))
     rep["fresh_vs_b"] = vars(compare(engine.prompt_logprobs(probe), lb))
     ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
-    if spec.get("refit_refused"):  # a model whose in-place update vLLM cannot take: refused by name
-        try:
-            engine.update_weights(as_buckets(tb, spec["bucket_bytes"]))
-        except Exception as e:  # noqa: BLE001  (the engine's error, whatever transport raised it)
-            rep["refit_error"] = str(e)
-        Path(spec["report"]).write_text(json.dumps(rep, indent=1))
-        return
     stats = engine.update_weights(as_buckets(tb, spec["bucket_bytes"]))
     rep["push"] = {"seconds": stats.seconds, "engine_calls": stats.buckets, "bytes": stats.bytes,
                    "input_buckets": len(as_buckets(tb, spec["bucket_bytes"]))}

