@@ -12,7 +12,8 @@ set (``ru_maxrss`` of that child, from ``wait4``) is measured:
   checkpoint and an exported model are).
 
 Times are measured inside each child after its imports (interpreter and megatron start-up are not
-conversion); every child runs one thread (``OMP_NUM_THREADS=1``). Ratios: ``rss_over_weights`` = peak
+conversion); every child runs one thread (``OMP_NUM_THREADS=1``); the file system is synced before each
+timed step, so none pays for writing back another's files (transformers does not fsync what it saves). Ratios: ``rss_over_weights`` = peak
 RSS / bytes of weights; ``vs_io`` = baseline time / conversion time (1.0 = as fast as reading and
 writing the bytes with safetensors).
 
@@ -135,8 +136,13 @@ def measure(root: Path, gb: float, bucket_mb: float) -> dict:
     src, ckpt, out, io = (root / f"{gb}gb_{n}" for n in ("hf", "ckpt", "hf_out", "io"))
     _run_child("make", str(src), str(layers))
     weights = _weights_bytes(src)
+    # each timed step starts with nothing of the previous steps' left to write back: the model just saved
+    # (not fsynced by transformers) would otherwise be flushed during whichever step comes next
+    os.sync()
     io_run = _run_child("io", str(src), str(io))
+    os.sync()
     from_run = _run_child("from_hf", str(src), str(ckpt))
+    os.sync()
     to_run = _run_child("to_hf", str(ckpt), str(out), str(bucket_mb))
     res = {
         "gb": gb, "layers": layers, "weights_bytes": weights, "bucket_mb": bucket_mb,
