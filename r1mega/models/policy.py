@@ -198,7 +198,7 @@ def build_policy(model: ModelConfig, parallel: ParallelConfig, *, meta: bool = F
     """This rank's pipeline stage of the policy (needs ``parallel_state`` initialised).
 
     ``meta=True`` builds it on the meta device: names, shapes, sharding and the sharded state dict,
-    no storage and no initialisation. Checkpoint conversion streams tensors through such a model.
+    no storage and no values. Checkpoint conversion streams tensors through such a model.
     """
     config = transformer_config(model, parallel)
     _check_pipeline_split(config, parallel)
