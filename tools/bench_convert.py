@@ -13,11 +13,12 @@ set (``ru_maxrss`` of that child, from ``wait4``) is measured:
 
 Times are measured inside each child after its imports (interpreter and megatron start-up are not
 conversion); every child runs one thread (``OMP_NUM_THREADS=1``); the file system is synced before each
-timed step, so none pays for writing back another's files (transformers does not fsync what it saves). Ratios: ``rss_over_weights`` = peak
-RSS / bytes of weights; ``vs_io`` = baseline time / conversion time (1.0 = as fast as reading and
-writing the bytes with safetensors).
+timed step, so none pays for writing back another's files (transformers does not fsync what it saves).
+The three steps run ``--repeat`` rounds, interleaved, and each time is the median over the rounds.
+Ratios: ``rss_over_weights`` = peak RSS / bytes of weights; ``vs_io`` = baseline time / conversion time
+(1.0 = as fast as reading and writing the bytes with safetensors).
 
-    python tools/bench_convert.py [--gb 0.5 1.0] [--bucket-mb 64] [--keep DIR]
+    python tools/bench_convert.py [--gb 0.5 1.0] [--bucket-mb 64] [--repeat 3] [--keep DIR]
 
 Last line (the larger model): ``from_hf_rss_over_weights=<x> to_hf_rss_over_weights=<y>
 from_hf_vs_io=<r> to_hf_vs_io=<s>``.
@@ -29,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -131,29 +133,41 @@ def _weights_bytes(hf_dir: Path) -> int:
     return sum(f.stat().st_size for f in hf_dir.glob("*.safetensors"))
 
 
-def measure(root: Path, gb: float, bucket_mb: float) -> dict:
+def measure(root: Path, gb: float, bucket_mb: float, repeat: int) -> dict:
+    """``repeat`` rounds of io, from-hf, to-hf on one source; each figure is the median over the rounds.
+
+    The rounds interleave the baseline with the conversions, so a slow spell of the machine or its disk hits
+    both. Nothing is deleted before the last round ends: on a file system mounted with ``discard`` a
+    deletion's discards slow the writes that follow it.
+    """
     layers = _layers_for(gb)
-    src, ckpt, out, io = (root / f"{gb}gb_{n}" for n in ("hf", "ckpt", "hf_out", "io"))
+    src = root / f"{gb}gb_hf"
     _run_child("make", str(src), str(layers))
     weights = _weights_bytes(src)
-    # each timed step starts with nothing of the previous steps' left to write back: the model just saved
-    # (not fsynced by transformers) would otherwise be flushed during whichever step comes next
-    os.sync()
-    io_run = _run_child("io", str(src), str(io))
-    os.sync()
-    from_run = _run_child("from_hf", str(src), str(ckpt))
-    os.sync()
-    to_run = _run_child("to_hf", str(ckpt), str(out), str(bucket_mb))
-    res = {
-        "gb": gb, "layers": layers, "weights_bytes": weights, "bucket_mb": bucket_mb,
-        "io_s": io_run["seconds"], "from_hf_s": from_run["seconds"], "to_hf_s": to_run["seconds"],
-        "io_rss": io_run["peak_rss"], "from_hf_rss": from_run["peak_rss"], "to_hf_rss": to_run["peak_rss"],
-    }
+    runs: dict[str, list[dict]] = {"io": [], "from_hf": [], "to_hf": []}
+    made: list[Path] = []
+    for r in range(repeat):
+        ckpt, out, io = (root / f"{gb}gb_{n}_{r}" for n in ("ckpt", "hf_out", "io"))
+        made += [ckpt, out, io]
+        # each timed step starts with nothing of the previous steps' left to write back: the model just saved
+        # (not fsynced by transformers) would otherwise be flushed during whichever step comes next
+        os.sync()
+        runs["io"].append(_run_child("io", str(src), str(io)))
+        os.sync()
+        runs["from_hf"].append(_run_child("from_hf", str(src), str(ckpt)))
+        os.sync()
+        runs["to_hf"].append(_run_child("to_hf", str(ckpt), str(out), str(bucket_mb)))
+    res = {"gb": gb, "layers": layers, "weights_bytes": weights, "bucket_mb": bucket_mb, "repeat": repeat}
+    for task, rs in runs.items():
+        res[f"{task}_s"] = statistics.median(x["seconds"] for x in rs)
+        res[f"{task}_rss"] = max(x["peak_rss"] for x in rs)
+        res[f"{task}_all_s"] = [round(x["seconds"], 2) for x in rs]
+    res["io_s"], res["io_rss"] = res.pop("io_s"), res.pop("io_rss")
     res["from_hf_rss_over_weights"] = res["from_hf_rss"] / weights
     res["to_hf_rss_over_weights"] = res["to_hf_rss"] / weights
     res["from_hf_vs_io"] = res["io_s"] / res["from_hf_s"]
     res["to_hf_vs_io"] = res["io_s"] / res["to_hf_s"]
-    for d in (ckpt, out, io):
+    for d in made:
         shutil.rmtree(d, ignore_errors=True)
     return res
 
@@ -162,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gb", type=float, nargs="+", default=[0.5, 1.0], help="model sizes (GB of bf16 weights)")
     parser.add_argument("--bucket-mb", type=float, default=64.0, help="to-hf bucket (one safetensors shard each)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of io / from-hf / to-hf; medians are reported")
     parser.add_argument("--keep", default=None, help="work directory to keep (default: a temporary one)")
     args = parser.parse_args(argv)
     root = Path(args.keep or tempfile.mkdtemp(prefix="r1mega-bench-convert-"))
@@ -169,14 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for gb in args.gb:
-            r = measure(root, gb, args.bucket_mb)
+            r = measure(root, gb, args.bucket_mb, args.repeat)
             results.append(r)
             print(f"{r['weights_bytes'] / 1e9:.2f} GB ({r['layers']} layers): "
                   f"from-hf {r['from_hf_s']:.1f} s, peak RSS {r['from_hf_rss'] / 1e9:.2f} GB "
                   f"({r['from_hf_rss_over_weights']:.2f}x weights) | "
                   f"to-hf {r['to_hf_s']:.1f} s, peak RSS {r['to_hf_rss'] / 1e9:.2f} GB "
                   f"({r['to_hf_rss_over_weights']:.2f}x) | safetensors read+write {r['io_s']:.1f} s, "
-                  f"peak RSS {r['io_rss'] / 1e9:.2f} GB", flush=True)
+                  f"peak RSS {r['io_rss'] / 1e9:.2f} GB (medians of {r['repeat']} rounds, s: from-hf "
+                  f"{r['from_hf_all_s']}, to-hf {r['to_hf_all_s']}, read+write {r['io_all_s']})", flush=True)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
