@@ -95,6 +95,20 @@ def _by_hand(cfg, advantages_from, constant_norm: float):
     return learner_step(tm, batch, settings, replace(cfg.rl, kl_coef=0.0))
 
 
+# The demo's GRPO step at world 1, learner side (the samples are fixed here; the engine's round trips are
+# budgeted with a real engine in tests/test_resume.py): megatron's gradient reduce-scatter, grad-norm
+# all-reduce and parameter all-gather, nothing else. A collective or host round trip added to every step
+# fails here, not in a timing.
+LEARNER_COLLECTIVES = 3
+
+
+@pytest.mark.timeout(300)
+def test_demo_step_stays_within_its_collective_budget(single_process_megatron, tmp_path):
+    record, _, _ = _step(_cfg(), tmp_path, reference=False)
+    assert record["calls/collectives"] == LEARNER_COLLECTIVES, record
+    assert record["calls/engine_round_trips"] == 0, record
+
+
 def test_kl_penalty_in_the_reward_is_the_summed_estimate():
     from r1mega.train.grpo import kl_reward_penalty
 

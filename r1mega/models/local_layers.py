@@ -199,7 +199,8 @@ class SDPAttention(MegatronModule):
         """[s, b, h, d] inputs (keys in global order) -> [b, h, s_q, dv], one causal SDPA per piece."""
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         gqa = self._gqa(k)
-        return torch.cat([self._causal_piece(q, k, v, piece, dropout, gqa) for piece in pieces], dim=2)
+        outs = [self._causal_piece(q, k, v, piece, dropout, gqa) for piece in pieces]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # padded rows: one piece, no copy
 
     def _context_parallel(self, query, key, value, bounds, dropout: float) -> torch.Tensor:
         key, value = self._gather_global(key, bounds), self._gather_global(value, bounds)

@@ -52,6 +52,8 @@ def ensure_megatron() -> None:
         _patch_megatron_for_cpu()
     if not have_transformer_engine():
         _patch_megatron_without_te()
+    _skip_identity_chunk_sort()
+    _skip_empty_rope_pass_through()
     _READY = True
 
 
@@ -109,3 +111,56 @@ def _patch_megatron_without_te() -> None:
     # multi_latent_attention.py believes TE is present when megatron's TE extension module imports
     # (it does, with placeholders), then calls isinstance(x, None).
     mla.HAVE_TE = False
+
+
+def _skip_identity_chunk_sort() -> None:
+    """The alltoall dispatcher's (un)sort of token chunks by local expert returns its input when the order
+    is the identity (one TP x EP rank holds every expert: ``moe_utils.sort_chunks_by_idxs``).
+
+    Why: megatron then still splits the tokens into a chunk per expert and concatenates them back in the
+    same order, a copy of every routed token (and of its gradient) twice per MoE layer, behind two host
+    syncs (``.tolist()``). The result is the same tensor values either way.
+    """
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.sort_chunks_by_idxs
+    if getattr(original, "_r1mega_identity_skip", False):
+        return
+
+    def sort_chunks_by_idxs(input, split_sizes, sorted_idxs, probs=None, fused=False):
+        if not fused and sorted_idxs.device.type == "cpu":
+            order = sorted_idxs.tolist()
+            if order == list(range(len(order))):
+                return input, probs
+        return original(input, split_sizes, sorted_idxs, probs=probs, fused=fused)
+
+    sort_chunks_by_idxs._r1mega_identity_skip = True
+    moe_utils.sort_chunks_by_idxs = sort_chunks_by_idxs
+    token_dispatcher.sort_chunks_by_idxs = sort_chunks_by_idxs
+
+
+def _skip_empty_rope_pass_through() -> None:
+    """megatron's unfused rotary embedding (``rope_utils._apply_rotary_pos_emb_bshd``) without its final
+    ``torch.cat((t, t_pass))`` when the rotation covers every dim of the head (``t_pass`` empty).
+
+    Why: that concatenation with an empty tensor is a copy of every query and key per layer, forward and
+    backward. The rotation itself is megatron's, op for op, so the values are the same; partial rotary
+    (GLM-4.5) and MLA's de-interleaving keep megatron's own function.
+    """
+    from megatron.core.models.common.embeddings import rope_utils
+
+    original = rope_utils._apply_rotary_pos_emb_bshd
+    if getattr(original, "_r1mega_no_empty_cat", False):
+        return
+
+    def _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False,
+                                   mscale=1.0):
+        if multi_latent_attention or t.shape[-1] != freqs.shape[-1]:
+            return original(t, freqs, rotary_interleaved=rotary_interleaved,
+                            multi_latent_attention=multi_latent_attention, mscale=mscale)
+        cos_ = (torch.cos(freqs) * mscale).to(t.dtype)
+        sin_ = (torch.sin(freqs) * mscale).to(t.dtype)
+        return (t * cos_) + (rope_utils._rotate_half(t, rotary_interleaved) * sin_)
+
+    _apply_rotary_pos_emb_bshd._r1mega_no_empty_cat = True
+    rope_utils._apply_rotary_pos_emb_bshd = _apply_rotary_pos_emb_bshd

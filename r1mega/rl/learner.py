@@ -282,8 +282,9 @@ def _reduce_metrics(per_micro: list[dict]) -> dict[str, float]:
     number of reporting TP copies (tp size).
     """
     keys = sorted({k for d in per_micro for k in d}) if per_micro else []
-    names = [None] * 1
-    if dist.is_initialized():
+    # one rank has nothing to agree on or sum with: two collectives per step fewer (the step's budget)
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    if several:
         names = [None] * dist.get_world_size()
         dist.all_gather_object(names, keys)
         keys = sorted({k for ks in names for k in ks})
@@ -292,7 +293,7 @@ def _reduce_metrics(per_micro: list[dict]) -> dict[str, float]:
         for i, k in enumerate(keys):
             if k in d:
                 vec[i] += float(d[k])
-    if dist.is_initialized():
+    if several:
         dist.all_reduce(vec)
     vec /= parallel_state.get_tensor_model_parallel_world_size()
     totals = dict(zip(keys, vec.tolist()))
