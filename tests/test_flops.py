@@ -86,6 +86,9 @@ def _megatron_args(m: ModelConfig, seq: int) -> SimpleNamespace:
     ModelConfig(preset="deepseek_v3", size="671b"),
     ModelConfig(preset="deepseek_v3", size="tiny"),
     ModelConfig(preset="deepseek_v3", size="671b", q_lora_rank=0),  # no q compression (V2-Lite style)
+    ModelConfig(preset="deepseek_v3", size="moonlight_16b_a3b"),
+    ModelConfig(preset="deepseek_v3", size="kimi_k2"),
+    ModelConfig(preset="deepseek_v2", size="lite"),
 ], ids=lambda m: f"{m.preset}-{m.size}{'-noqlora' if m.q_lora_rank == 0 else ''}")
 @pytest.mark.parametrize("seq", [1, 4096, 32768])
 def test_moe_and_mla_match_megatron(model, seq):
