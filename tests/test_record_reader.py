@@ -25,9 +25,8 @@ def _state() -> dict:
     }
 
 
-def _load(path, reader, like: dict, dtype_of=None) -> dict:
-    out = {k: torch.full_like(v, 0, dtype=(dtype_of or {}).get(k, v.dtype)) if v.dtype != torch.float8_e4m3fn
-           else torch.empty_like(v) for k, v in like.items()}
+def _load(path, reader, like: dict) -> dict:
+    out = {k: torch.zeros_like(v) if v.dtype != torch.float8_e4m3fn else torch.empty_like(v) for k, v in like.items()}
     dcp.load(out, storage_reader=reader, no_dist=True)
     return out
 

@@ -162,7 +162,6 @@ def measure(root: Path, gb: float, bucket_mb: float, repeat: int) -> dict:
         res[f"{task}_s"] = statistics.median(x["seconds"] for x in rs)
         res[f"{task}_rss"] = max(x["peak_rss"] for x in rs)
         res[f"{task}_all_s"] = [round(x["seconds"], 2) for x in rs]
-    res["io_s"], res["io_rss"] = res.pop("io_s"), res.pop("io_rss")
     res["from_hf_rss_over_weights"] = res["from_hf_rss"] / weights
     res["to_hf_rss_over_weights"] = res["to_hf_rss"] / weights
     res["from_hf_vs_io"] = res["io_s"] / res["from_hf_s"]
