@@ -29,6 +29,8 @@ from typing import NamedTuple
 import torch
 from torch.distributed.checkpoint.planner import LoadItemType
 
+from r1mega.ckpt.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 _EOCD = struct.Struct("<IHHHHIIH")  # end of central directory record
@@ -162,20 +164,21 @@ def _entry(entries: dict, suffix: str) -> tuple[int, int]:
     return found[0]
 
 
+def _small_entry(entries: dict, suffix: str, head: bytes, f, base: int) -> bytes:
+    """A small entry's bytes, from the record's first bytes when they hold it."""
+    local, size = _entry(entries, suffix)
+    start = _data_start(head, f, base, local)
+    return head[start: start + size] if start + size <= len(head) else _read_at(f, base + start, size)
+
+
 def parse_record(f, base: int, length: int) -> tuple[TensorRecord, int]:
     """The tensor a record holds and the file offset of its storage's first byte."""
     entries = _entries(f, base, length)
     head = _read_at(f, base, min(length, _HEAD))
-    local, size = _entry(entries, "/data.pkl")
-    start = _data_start(head, f, base, local)
-    pkl = head[start: start + size] if start + size <= len(head) else _read_at(f, base + start, size)
-    record = _RecordUnpickler(io.BytesIO(pkl)).load()
+    record = _RecordUnpickler(io.BytesIO(_small_entry(entries, "/data.pkl", head, f, base))).load()
     if not isinstance(record, TensorRecord):
         raise NotPlain("not a single tensor")
-    order_local, order_size = _entry(entries, "/byteorder")
-    order_start = _data_start(head, f, base, order_local)
-    order = (head[order_start: order_start + order_size] if order_start + order_size <= len(head)
-             else _read_at(f, base + order_start, order_size))
+    order = _small_entry(entries, "/byteorder", head, f, base)
     if order.decode() != sys.byteorder:
         raise NotPlain(f"byte order {order!r}")
     local, size = _entry(entries, f"/data/{record.storage.key}")
@@ -207,12 +210,13 @@ def read_into(f, record: TensorRecord, data_at: int, offsets, lengths, target: t
         buf = _bytes_of(target)
         f.seek(data_at + record.offset * dtype.itemsize)
         if f.readinto(buf) != len(buf):
-            raise NotPlain("a record shorter than its tensor")
+            raise CheckpointError(f"a checkpoint record ends before its tensor's {len(buf)} bytes")
         return True
     storage = torch.empty(record.storage.numel, dtype=dtype)
     f.seek(data_at)
     if f.readinto(_bytes_of(storage)) != record.storage.numel * dtype.itemsize:
-        raise NotPlain("a record shorter than its storage")
+        raise CheckpointError("a checkpoint record ends before its storage's "
+                              f"{record.storage.numel * dtype.itemsize} bytes")
     tensor = storage.as_strided(record.size, record.stride, record.offset)
     for dim, (o, n) in enumerate(zip(offsets, lengths)):
         tensor = tensor.narrow(dim, o, n)
