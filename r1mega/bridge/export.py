@@ -153,8 +153,7 @@ class StreamingExporter:
 
     def hf_names(self) -> list[str]:
         names = [n for e in self.entries for n in self.arch.hf_names(e.name, self.dims)]
-        unpacked = {n: self.arch.unpack(n) for n in names}
-        return list(dict.fromkeys(unpacked[n][0] if unpacked[n] else n for n in names))
+        return list(dict.fromkeys(self.arch.stored(n)[0] for n in names))
 
     def plan(self) -> list[list[_Entry]]:
         """The buckets :meth:`buckets` yields, in order (a packed expert tensor's experts share one)."""

@@ -52,7 +52,7 @@ class HFImporter:
         missing: dict[str, list[str]] = {}
         for info, _ in self.local.values():
             for n in self.hf_names(info):
-                n = self._stored(n)[0]
+                n = self.arch.stored(n)[0]
                 if n not in self.source:
                     missing.setdefault(n, []).append(info.canonical_name)
         if not missing:
@@ -73,13 +73,8 @@ class HFImporter:
             names = [n for n in names if n in self.source or not self.arch.is_mtp_copy(n, self.dims)]
         return names
 
-    def _stored(self, hf_name: str) -> tuple[str, int | None]:
-        """The stored HF tensor holding ``hf_name``, and the expert index when it packs all experts."""
-        hit = self.arch.unpack(hf_name)
-        return hit if hit is not None else (hf_name, None)
-
     def _get(self, hf_name: str, dtype: torch.dtype) -> torch.Tensor:
-        stored, expert = self._stored(hf_name)
+        stored, expert = self.arch.stored(hf_name)
         if expert is None:
             return self.source.get(stored, dtype)
         # slice before any dtype conversion: only this expert's rows are converted
@@ -104,7 +99,7 @@ class HFImporter:
         if tuple(piece.shape) != tuple(shell.shape):
             raise BridgeError(f"{info.canonical_name}: shard shape {tuple(piece.shape)} != parameter "
                               f"{tuple(shell.shape)}")
-        names = list(dict.fromkeys(self._stored(n)[0] for n in names))
+        names = list(dict.fromkeys(self.arch.stored(n)[0] for n in names))
         if out is None and _exact(piece, dtype):
             # a tensor of exactly this shard (converted, or a stored tensor's view of its file): no copy
             out = piece

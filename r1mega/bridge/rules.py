@@ -246,6 +246,11 @@ class Architecture:
                 return p.packed.format(layer=m["layer"]), int(m["expert"])
         return None
 
+    def stored(self, hf_name: str) -> tuple[str, int | None]:
+        """The HF tensor on disk that holds ``hf_name``, and the expert index when it packs all experts."""
+        hit = self.unpack(hf_name)
+        return hit if hit is not None else (hf_name, None)
+
     def packed_layer(self, megatron_name: str, dims: Dims | None = None) -> int | None:
         """The decoder layer whose packed expert tensors ``megatron_name`` is part of (None: not packed):
         export keeps all such tensors of a layer in one bucket."""
