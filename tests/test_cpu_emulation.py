@@ -10,6 +10,7 @@ import pytest
 from r1mega.platform.spawn import spawn_ranks
 
 WORKER = Path(__file__).with_name("emulation_worker.py")
+ALONE_WORKER = Path(__file__).with_name("gloo_alone_worker.py")
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +59,15 @@ def test_cuda_allocations_redirected(results):
 def test_redirect_suspended_turns_the_redirect_off_in_its_block_only(results):
     assert results[0]["suspended"] != "allocated"  # torch itself saw the CUDA device
     assert results[0]["after_suspended"] == "cpu"
+
+
+@pytest.mark.timeout(120)
+def test_collectives_of_a_one_process_job_stay_in_the_calling_thread(tmp_path):
+    # gloo makes a collective's copies in its own thread; at 2 OpenMP threads that thread's first large
+    # copy started a second OpenMP pool, which made libgomp throttle the spin-wait of every pool (the
+    # learner step of a one-process run was a quarter slower). Over a group of one they are copies here.
+    out = tmp_path / "alone.json"
+    spawn_ranks([str(ALONE_WORKER), str(out)], world_size=1, timeout_s=90, name="gloo-alone")
+    got = json.loads(out.read_text())
+    assert got.pop("new_gloo_threads") == 0
+    assert got == {k: True for k in got} and len(got) == 7, got

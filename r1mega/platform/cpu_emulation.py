@@ -17,6 +17,7 @@ import types
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as distributed_c10d
 from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger(__name__)
@@ -165,13 +166,23 @@ def _patch_torch_cuda() -> None:
 
 
 def _patch_collectives() -> None:
-    """gloo lacks uneven all_to_all_single and the *_tensor collectives megatron uses."""
+    """gloo lacks uneven all_to_all_single and the *_tensor collectives megatron uses.
+
+    Over a group of one process the gathers and reduce-scatters are copies, made here in the calling
+    thread. gloo would make them in its own worker thread, whose first large copy starts a second
+    OpenMP thread pool in the process. libgomp then counts more OpenMP threads than cores and cuts every
+    pool's spin-wait to a few iterations, so each parallel op of the learner has to wake its worker
+    thread through the kernel: a one-process learner step ran about a quarter slower on 2 threads.
+    """
     orig_all_to_all_single = dist.all_to_all_single
     orig_all_gather_into_tensor = dist.all_gather_into_tensor
     orig_reduce_scatter_tensor = dist.reduce_scatter_tensor
 
     def _is_gloo(group) -> bool:
         return dist.get_backend(group) == "gloo"
+
+    def _alone(group) -> bool:
+        return dist.get_world_size(group) == 1
 
     def _done(async_op):
         if not async_op:
@@ -198,6 +209,9 @@ def _patch_collectives() -> None:
     def all_gather_into_tensor(output, input, group=None, async_op=False):
         if not _is_gloo(group):
             return orig_all_gather_into_tensor(output, input, group=group, async_op=async_op)
+        if _alone(group):
+            output.copy_(input.reshape(output.shape))
+            return _done(async_op)
         world = dist.get_world_size(group)
         chunks = list(output.chunk(world)) if output.dim() else [output]
         if output.shape[0] != input.shape[0] * world:
@@ -217,6 +231,9 @@ def _patch_collectives() -> None:
     def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
         if not _is_gloo(group):
             return orig_reduce_scatter_tensor(output, input, op=op, group=group, async_op=async_op)
+        if _alone(group):  # any reduction over one rank is its input
+            output.copy_(input.reshape(output.shape))
+            return _done(async_op)
         world = dist.get_world_size(group)
         rank = dist.get_rank(group)
         full = input.contiguous().clone()
@@ -229,6 +246,9 @@ def _patch_collectives() -> None:
 
     @functools.wraps(orig_all_gather)
     def all_gather(tensor_list, tensor, group=None, async_op=False):
+        if _is_gloo(group) and _alone(group):
+            tensor_list[0].copy_(tensor)
+            return _done(async_op)
         shapes = {tuple(t.shape) for t in tensor_list}
         if not _is_gloo(group) or len(shapes) == 1 and tuple(tensor.shape) in shapes:
             return orig_all_gather(tensor_list, tensor, group=group, async_op=async_op)
@@ -246,6 +266,9 @@ def _patch_collectives() -> None:
     def reduce_scatter(output, input_list, op=dist.ReduceOp.SUM, group=None, async_op=False):
         if not _is_gloo(group):
             return orig_reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+        if _alone(group):
+            output.copy_(input_list[0])
+            return _done(async_op)
         # gloo has no reduce_scatter: all-reduce everything, keep this rank's part.
         sizes = [t.shape[0] for t in input_list]
         full = torch.cat([t.contiguous() for t in input_list])
@@ -265,8 +288,21 @@ def _patch_collectives() -> None:
         with orig_coalescing_manager(group, device, async_ops) as cm:
             yield cm
 
+    orig_gather = dist.gather
+
+    @functools.wraps(orig_gather)
+    def gather(tensor, gather_list=None, dst=None, group=None, async_op=False, **kwargs):
+        if _is_gloo(group) and _alone(group):
+            if gather_list:
+                gather_list[0].copy_(tensor)
+            return _done(async_op)
+        return orig_gather(tensor, gather_list, dst, group=group, async_op=async_op, **kwargs)
+
     dist._coalescing_manager = _coalescing_manager
-    dist.all_gather = all_gather
+    # torch's object collectives (all_gather_object, gather_object) call these module functions of
+    # distributed_c10d, not the package's attributes: both get the group-of-one path
+    dist.gather = distributed_c10d.gather = gather
+    dist.all_gather = distributed_c10d.all_gather = all_gather
     dist.reduce_scatter = reduce_scatter
     dist.all_to_all_single = all_to_all_single
     dist.all_gather_into_tensor = all_gather_into_tensor
