@@ -160,3 +160,50 @@ def test_worker_failure_reports_rank_log(tmp_path):
     bad = CheckSpec(model=ModelConfig(preset="qwen3_moe"), steps=1, global_batch=3)  # 3 % dp2
     with pytest.raises(RuntimeError, match=r"rank \d failed"):
         run_layout(bad, Layout.parse("dp2"), timeout_s=60)
+
+
+def _adam_run(initial: dict, grads: dict, lr: float = 1e-3, eps: float = 1e-8) -> dict:
+    """A run_layout-like result of one Adam step (bias-corrected first step: lr * g / (|g| + eps))."""
+    final = {n: p - lr * grads[n] / (grads[n].abs() + eps) for n, p in initial.items()}
+    return {"losses": [1.0], "initial": initial, "grads": grads, "final": final}
+
+
+def test_compare_ignores_adam_noise_in_tiny_gradients_but_catches_wrong_updates():
+    """Gradients from 1e-1 down to 1e-11 with 1e-7 float noise (a token-sum loss in another reduction
+    order): Adam flips the sign of the step on the tiny ones, which the weighted param error ignores; a
+    missing, doubled, scaled or misplaced update is still ~1 or more."""
+    import torch
+
+    from r1mega.train.parallel_check import compare
+
+    gen = torch.Generator().manual_seed(0)
+    initial = {"a": torch.randn(64, 32, generator=gen), "b": torch.randn(128, generator=gen)}
+    grads = {n: torch.randn(p.shape, generator=gen).sign() * 10 ** (-10 * torch.rand(p.shape, generator=gen) - 1)
+             for n, p in initial.items()}
+    ref = _adam_run(initial, grads)
+    noisy_grads = {n: g + 1e-7 * torch.randn(g.shape, generator=gen) for n, g in grads.items()}
+    noisy = _adam_run(initial, noisy_grads)
+    _, grad_err, param_err = compare(ref, noisy)
+    flipped = sum(int((noisy["final"][n] - ref["final"][n]).abs().gt(1e-3).sum()) for n in grads)
+    unweighted = max(float((noisy["final"][n] - f).norm() / (f - initial[n]).norm()) for n, f in ref["final"].items())
+    assert flipped > 100 and unweighted > 0.1, "the noise case must flip many Adam steps"
+    assert grad_err < 1e-5 and param_err < TOL, (grad_err, param_err)  # half the elements lie in the noise
+    assert compare(ref, ref) == (0.0, 0.0, 0.0)
+
+    def with_final(name: str, tensor):
+        return dict(noisy, final=dict(noisy["final"], **{name: tensor}))
+
+    update = noisy["final"]["a"] - initial["a"]
+    half = initial["a"].size(0) // 2
+    wrong = {
+        "missing step": with_final("a", initial["a"]),
+        "doubled step": with_final("a", initial["a"] + 2 * update),
+        "lr off by 2%": with_final("b", initial["b"] + 1.02 * (noisy["final"]["b"] - initial["b"])),
+        "shards swapped": with_final("a", torch.cat([noisy["final"]["a"][half:], noisy["final"]["a"][:half]])),
+    }
+    # gradient shards mixed up before the step: the noise estimate is as large as the gradients themselves
+    swapped_grads = dict(noisy_grads, a=torch.cat([noisy_grads["a"][half:], noisy_grads["a"][:half]]))
+    wrong["step on swapped gradient shards"] = _adam_run(initial, swapped_grads)
+    for what, got in wrong.items():
+        _, _, param_err = compare(ref, got)
+        assert param_err > (1e-2 if what.startswith("lr") else 0.5), f"{what}: param error {param_err:.2e}"
