@@ -9,7 +9,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
-from r1mega.ckpt.lean_writer import LeanWriter, _bytes_of, _framer, _Framer, _serialization_id
+from r1mega.ckpt.lean_writer import LeanWriter, _bytes_of, _Framer, _framer, _serialization_id
 from r1mega.ckpt.record_reader import direct_record_reader
 
 
@@ -103,9 +103,9 @@ def test_weights_only_save_loads_as_megatrons_writer(single_process_megatron, tm
     """A real model (SwiGLU halves are views of fc1) saved by save_weights and by megatron's own torch_dist
     writer loads the same tensors, bit for bit, through megatron's loader and through WeightsReader."""
     from r1mega.ckpt.weights import WeightsReader, save_weights
+    from r1mega.config.presets import resolve_model
     from r1mega.config.schema import ModelConfig, ParallelConfig
     from r1mega.models.policy import build_policy
-    from r1mega.config.presets import resolve_model
 
     from megatron.core import dist_checkpointing
 
