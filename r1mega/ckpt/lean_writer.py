@@ -14,15 +14,15 @@ checkpoint is a standard one that torch's reader, megatron's loader and
 :mod:`r1mega.ckpt.record_reader` read.
 
 Whether this process's torch writes exactly these bytes is checked once, against ``torch.save`` of a
-few small tensors; if not, every item goes through torch's own ``torch.save`` path (logged once). Items
-the lean path does not frame (serialized objects, non-contiguous tensors, dtypes without a legacy storage
-class, tensors near the 4 GiB zip64 limit) always go through torch's path, logged once with the reason.
+few small tensors; if not, every item goes through torch's own ``torch.save`` path (logged once). Tensors
+the lean path does not frame (non-contiguous ones, dtypes without a legacy storage class, tensors near the
+4 GiB zip64 limit) go through torch's path, logged once with the reason. Objects (megatron's
+``ShardedObject`` items) are serialized by the planner already; their bytes are written as torch's writer does.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import io
 import logging
@@ -33,7 +33,7 @@ import sys
 
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.filesystem import _StorageInfo, _write_item
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
@@ -198,11 +198,9 @@ def _framer() -> _Framer | None:
         config.save.compute_crc32 = crc32
 
 
-def _why_not_lean(item, data, framer: _Framer | None) -> str | None:
+def _why_not_lean(data: torch.Tensor, framer: _Framer | None) -> str | None:
     if framer is None:
         return "torch's record format differs"
-    if item.type == WriteItemType.BYTE_IO or not isinstance(data, torch.Tensor):
-        return "a serialized object"
     if data.dtype not in framer.storage_types:
         return f"dtype {data.dtype} has no legacy storage class"
     if not data.is_contiguous():
@@ -212,9 +210,10 @@ def _why_not_lean(item, data, framer: _Framer | None) -> str | None:
     return None
 
 
-def _write_all(fd: int, buffers: list) -> None:
-    """``writev`` until every byte is written (a single call may write part of them)."""
+def _write_all(fd: int, buffers: list) -> int:
+    """``writev`` until every byte is written (a single call may write part of them); the bytes written."""
     views = [memoryview(b).cast("B") for b in buffers]
+    total = sum(len(v) for v in views)
     while views:
         n = os.writev(fd, views)
         while views and n >= len(views[0]):
@@ -222,6 +221,24 @@ def _write_all(fd: int, buffers: list) -> None:
             views.pop(0)
         if views and n:
             views[0] = views[0][n:]
+    return total
+
+
+def _record(data, item, framer: _Framer | None, reasons: collections.Counter) -> list:
+    """The bytes of one item's record in a DCP data file, as torch's writer writes them."""
+    if item.type == WriteItemType.BYTE_IO:  # an object, serialized by the planner already
+        return [data.getbuffer()]
+    data = data.detach().cpu()
+    why = _why_not_lean(data, framer)
+    if why is None:
+        header, trailer = framer.frames(data)
+        return [header, _bytes_of(data), trailer]
+    reasons[why] += 1
+    if data.untyped_storage().size() != data.nbytes:
+        data = data.clone()  # as torch's writer: only the tensor's own bytes
+    buf = io.BytesIO()
+    torch.save(data, buf)
+    return [buf.getbuffer()]
 
 
 _LOGGED: set[str] = set()
@@ -247,26 +264,9 @@ class LeanWriter(FileSystemWriter):
             try:
                 offset = 0
                 for item in items:
-                    data = planner.resolve_data(item)
-                    if isinstance(data, torch.Tensor):
-                        data = data.detach().cpu()
-                    why = _why_not_lean(item, data, framer)
-                    if why is None:
-                        header, trailer = framer.frames(data)
-                        _write_all(fd, [header, _bytes_of(data), trailer])
-                        length = len(header) + data.nbytes + len(trailer)
-                        results.append(WriteResult(index=item.index, size_in_bytes=length,
-                                                   storage_data=_StorageInfo(file_name, offset, length)))
-                    else:
-                        reasons[why] += 1
-                        if isinstance(data, torch.Tensor) and data.untyped_storage().size() != data.nbytes:
-                            data = data.clone()  # as torch's loader: only the tensor's own bytes
-                        buf = io.BytesIO()
-                        result = _write_item(self.transforms, buf, data, item, file_name, self.serialization_format)
-                        _write_all(fd, [buf.getbuffer()])
-                        length = result.storage_data.length
-                        results.append(dataclasses.replace(
-                            result, storage_data=dataclasses.replace(result.storage_data, offset=offset)))
+                    length = _write_all(fd, _record(planner.resolve_data(item), item, framer, reasons))
+                    results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                               storage_data=_StorageInfo(file_name, offset, length)))
                     offset += length
                 os.fsync(fd)
             finally:
