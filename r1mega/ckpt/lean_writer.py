@@ -52,15 +52,16 @@ _ARCHIVE = b"archive/"  # the archive name torch.save gives a stream without a f
 _LIMIT = 0xFFFFFFFF - (1 << 16)  # entries and offsets stay 32-bit below this (no zip64 extra fields)
 
 
-def _pad(cursor: int, name: bytes, alignment: int) -> bytes:
-    """A local header's extra field: ``FB``, its length, then ``Z`` up to the next aligned byte."""
-    start = cursor + _LOCAL.size + len(name) + 4
-    pad = -start % alignment
-    return b"FB" + struct.pack("<H", pad) + b"Z" * pad
-
-
 def _local(cursor: int, name: bytes, alignment: int, flags: int = _FLAGS) -> bytes:
-    extra = _pad(cursor, name, alignment)
+    """An entry's local header at ``cursor``; its extra field (``FB``, its length, then ``Z``) pads the
+    entry's bytes to the next aligned offset."""
+    return _aligned_local(cursor % alignment, name, alignment, flags)
+
+
+@functools.lru_cache(maxsize=1024)
+def _aligned_local(phase: int, name: bytes, alignment: int, flags: int) -> bytes:
+    pad = -(phase + _LOCAL.size + len(name) + 4) % alignment
+    extra = b"FB" + struct.pack("<H", pad) + b"Z" * pad
     return _LOCAL.pack(0x04034B50, 0, flags, 0, 0, 0, 0, 0, 0, len(name), len(extra)) + name + extra
 
 
