@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import math
 import threading
 from pathlib import Path
 from typing import Callable
@@ -104,7 +105,7 @@ class _Materializer:
         if self.resolve_rows is None or not shape or len(shape) != meta.dim() or shape[1:] != tuple(meta.shape[1:]) \
                 or not view.is_contiguous() or not meta.is_contiguous():
             return None
-        row = meta[0].numel() if meta.shape[0] else 0
+        row = math.prod(meta.shape[1:]) if meta.shape[0] else 0
         offset = view.storage_offset() - meta.storage_offset()
         if not row or offset % row:
             return None
