@@ -9,8 +9,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
-from r1mega.ckpt.lean_writer import LeanWriter, _bytes_of, _Framer, _framer, _serialization_id
-from r1mega.ckpt.record_reader import direct_record_reader
+from r1mega.ckpt.lean_writer import LeanWriter, _Framer, _framer, _serialization_id
+from r1mega.ckpt.record_reader import _bytes_of, direct_record_reader
 
 
 def _tensors() -> dict[str, torch.Tensor]:

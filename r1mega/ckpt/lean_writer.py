@@ -14,7 +14,7 @@ checkpoint is a standard one that torch's reader, megatron's loader and
 :mod:`r1mega.ckpt.record_reader` read.
 
 Whether this process's torch writes exactly these bytes is checked once, against ``torch.save`` of a
-few small tensors; if not, every item goes through torch's own ``torch.save`` path (logged once). Tensors
+few small tensors; if not, every tensor goes through torch's own ``torch.save`` path (logged once). Tensors
 the lean path does not frame (non-contiguous ones, dtypes without a legacy storage class, tensors near the
 4 GiB zip64 limit) go through torch's path, logged once with the reason. Objects (megatron's
 ``ShardedObject`` items) are serialized by the planner already; their bytes are written as torch's writer does.
@@ -37,6 +37,8 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
+
+from r1mega.ckpt.record_reader import _bytes_of
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ class _Framer:
         self.tail = [(b"version", b"3\n"), (b".data/serialization_id", serialization_id)]
         self.storage_types = {dtype: getattr(torch, name)
                               for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
-        self._heads: dict[tuple, tuple[bytes, list[tuple[bytes, int, int]]]] = {}
+        self._heads: dict[tuple, tuple[bytes, list[tuple]]] = {}
 
     def frames(self, t: torch.Tensor) -> tuple[bytes, bytes]:
         """(header, trailer) of the archive of ``t`` (contiguous, a storage type of its dtype)."""
@@ -153,10 +155,6 @@ class _Rebuild:
 class _TensorPickler(pickle.Pickler):
     def persistent_id(self, obj):
         return obj.pid if type(obj) is _PersistentId else None
-
-
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
 def _torch_save_bytes(t: torch.Tensor) -> bytes:
