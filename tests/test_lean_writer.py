@@ -133,3 +133,22 @@ def test_weights_only_save_loads_as_megatrons_writer(single_process_megatron, tm
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
+
+
+def test_another_record_format_goes_through_torch_save(tmp_path, no_crc32, caplog, monkeypatch):
+    """Where the framing differs from this torch's torch.save (here: another pickle protocol for data.pkl),
+    every tensor goes through torch.save, with a warning, and the checkpoint loads the same."""
+    monkeypatch.setattr(torch.serialization, "DEFAULT_PROTOCOL", 4)  # torch.save's default is bound already
+    _framer.cache_clear()
+    monkeypatch.setattr("r1mega.ckpt.lean_writer._LOGGED", set())
+    state = _tensors()
+    try:
+        with caplog.at_level(logging.INFO, logger="r1mega.ckpt.lean_writer"):
+            dcp.save(state, storage_writer=LeanWriter(str(tmp_path)), no_dist=True)
+    finally:
+        _framer.cache_clear()
+    assert "frames a tensor record differently" in caplog.text
+    assert f"{len(state)} record(s) through torch.save ({len(state)} torch's record format differs)" in caplog.text
+    out = {k: torch.zeros_like(v) for k, v in state.items()}
+    dcp.load(out, storage_reader=FileSystemReader(str(tmp_path)), no_dist=True)
+    assert all(torch.equal(_raw(out[k]), _raw(v)) for k, v in state.items())
