@@ -61,11 +61,11 @@ def test_checkpoint_equals_torch_writers(tmp_path, no_crc32, caplog):
     apart from the records' serialization ids, and torch's reader and the direct reader load the same
     tensors from both. Tensors the lean writer does not frame go through torch.save (logged)."""
     state = dict(_tensors(), transposed=torch.randn(5, 7).t(), fp8=torch.randn(4, 8).to(torch.float8_e4m3fn),
-                 step=7)
+                 conj=torch.randn(3, 2, dtype=torch.complex64).conj(), step=7)
     with caplog.at_level(logging.INFO, logger="r1mega.ckpt.lean_writer"):
         dcp.save(state, storage_writer=LeanWriter(str(tmp_path / "lean")), no_dist=True)
-    assert "2 record(s) through torch.save" in caplog.text
-    for why in ("a non-contiguous tensor", "has no legacy storage class"):
+    assert "3 record(s) through torch.save" in caplog.text
+    for why in ("2 a non-contiguous, conjugate or negated view", "has no legacy storage class"):
         assert why in caplog.text
     dcp.save(state, storage_writer=FileSystemWriter(str(tmp_path / "torch")), no_dist=True)
 
@@ -132,7 +132,7 @@ def test_weights_only_save_loads_as_megatrons_writer(single_process_megatron, tm
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).view(torch.uint8)
+    return t.resolve_conj().reshape(-1).view(torch.uint8)
 
 
 def test_another_record_format_goes_through_torch_save(tmp_path, no_crc32, caplog, monkeypatch):

@@ -14,10 +14,11 @@ checkpoint is a standard one that torch's reader, megatron's loader and
 :mod:`r1mega.ckpt.record_reader` read.
 
 Whether this process's torch writes exactly these bytes is checked once, against ``torch.save`` of a
-few small tensors; if not, every tensor goes through torch's own ``torch.save`` path (logged once). Tensors
-the lean path does not frame (non-contiguous ones, dtypes without a legacy storage class, tensors near the
-4 GiB zip64 limit) go through torch's path, logged once with the reason. Objects (megatron's
-``ShardedObject`` items) are serialized by the planner already; their bytes are written as torch's writer does.
+few small tensors; if not, every tensor goes through torch's own ``torch.save`` path (logged once).
+Tensors the lean path does not frame (non-contiguous, conjugate or negated views, dtypes without a
+legacy storage class, tensors near the 4 GiB zip64 limit) go through torch's path, logged once with the
+reason. Objects (megatron's ``ShardedObject`` items) are serialized by the planner already; their bytes
+are written as torch's writer writes them.
 """
 
 from __future__ import annotations
@@ -202,8 +203,8 @@ def _why_not_lean(data: torch.Tensor, framer: _Framer | None) -> str | None:
         return "torch's record format differs"
     if data.dtype not in framer.storage_types:
         return f"dtype {data.dtype} has no legacy storage class"
-    if not data.is_contiguous():
-        return "a non-contiguous tensor"
+    if not data.is_contiguous() or data.is_conj() or data.is_neg():
+        return "a non-contiguous, conjugate or negated view"
     if data.nbytes >= _LIMIT:
         return "a tensor of 4 GiB or more (zip64 entries)"
     return None
