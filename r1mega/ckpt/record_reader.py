@@ -30,6 +30,7 @@ import torch
 from torch.distributed.checkpoint.planner import LoadItemType
 
 from r1mega.ckpt.errors import CheckpointError
+from r1mega.platform.megatron_compat import ensure_megatron
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ def read_into(f, record: TensorRecord, data_at: int, offsets, lengths, target: t
 
 @functools.cache
 def _reader_class():
+    ensure_megatron()  # megatron's CPU emulation goes in before megatron is imported
     from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
         CachedMetadataFileSystemReader,
     )

@@ -7,8 +7,8 @@ initial weights (``meta.json`` says ``"contents": "weights"``; resuming from it 
 Memory stays bounded on both sides:
 
 * **Writing.** The model may be built on the meta device (shapes, names and sharding only). Every
-  tensor is produced by ``resolve(name)`` at the moment torch's ``FileSystemWriter`` writes it and is
-  dropped right after, so a rank never holds more than a few of its tensors. (megatron's own writer
+  tensor is produced by ``resolve(name)`` at the moment :class:`~r1mega.ckpt.lean_writer.LeanWriter`
+  writes it and is dropped right after, so a rank never holds more than a few of its tensors. (megatron's own writer
   stages every tensor of the rank first and copies views such as the SwiGLU gate/up halves.)
 * **Reading.** :class:`WeightsReader` loads a few full (TP1/PP1/EP1) tensors at a time from a
   checkpoint saved in any layout (training or weights-only), through megatron's loader and the
@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import math
 import threading
 from pathlib import Path
 from typing import Callable
@@ -37,6 +38,7 @@ from r1mega.ckpt.dist_ckpt import (
     atomic_save,
 )
 from r1mega.ckpt.errors import CheckpointError
+from r1mega.ckpt.lean_writer import LeanWriter
 from r1mega.ckpt.record_reader import direct_record_reader
 from r1mega.ckpt.state import architecture, make_meta
 from r1mega.platform.cpu_emulation import redirect_suspended
@@ -103,7 +105,7 @@ class _Materializer:
         if self.resolve_rows is None or not shape or len(shape) != meta.dim() or shape[1:] != tuple(meta.shape[1:]) \
                 or not view.is_contiguous() or not meta.is_contiguous():
             return None
-        row = meta[0].numel() if meta.shape[0] else 0
+        row = math.prod(meta.shape[1:]) if meta.shape[0] else 0
         offset = view.storage_offset() - meta.storage_offset()
         if not row or offset % row:
             return None
@@ -119,8 +121,8 @@ class _Materializer:
 
 
 def _streaming_strategy(materialize: _Materializer | None):
-    """megatron's torch_dist save strategy, written item by item by torch's ``FileSystemWriter``."""
-    from torch.distributed.checkpoint import FileSystemWriter
+    """megatron's torch_dist save strategy, written item by item by :class:`LeanWriter` (torch's
+    ``FileSystemWriter`` less ``torch.save`` framing)."""
     from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
     from megatron.core.dist_checkpointing.strategies.torch import (
@@ -152,23 +154,17 @@ def _streaming_strategy(materialize: _Materializer | None):
                 # torch's DCP save less its per-key Stateful pass (none here); one process plans alone
                 # (no pickled plans through the process group)
                 with _without_crc32():
-                    _save_state_dict(pyt_state, FileSystemWriter(str(checkpoint_dir), thread_count=WRITER_THREADS),
-                                     planner=planner, no_dist=_world() == 1)
+                    _save_state_dict(pyt_state, LeanWriter(str(checkpoint_dir)), planner=planner,
+                                     no_dist=_world() == 1)
 
-    return StreamingSave("torch_dist", 1, thread_count=WRITER_THREADS)
-
-
-# Writer threads of a weights-only save. One: producing a tensor (reading, converting) and torch.save's
-# framing of it are Python, so a second thread mostly waits for the interpreter lock, and the switching
-# costs more CPU than the overlapped writes gain (measured with tools/bench_convert.py: 1 GB from-hf took
-# 2.6-2.7 s with one thread, 2.9-3.2 s with two, same peak RSS).
-WRITER_THREADS = 1
+    return StreamingSave("torch_dist", 1, thread_count=1)
 
 
 @contextlib.contextmanager
 def _without_crc32():
     """torch.save without a CRC32 of every record (torch.load does not check it; the checkpoint's commit
-    fsyncs the files): computing it is a second pass over every byte written."""
+    fsyncs the files): computing it is a second pass over every byte written. The lean writer's own
+    records have none either; this is for the items it leaves to torch.save."""
     from torch.utils.serialization import config
 
     before = config.save.compute_crc32
