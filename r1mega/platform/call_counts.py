@@ -3,8 +3,10 @@
 Why: an extra host sync or engine round trip per step costs little on a CPU timing and a lot on GPUs
 at small batches; counted per step (``calls/*`` in each GRPO metrics line), a regression fails a test
 (``tests/test_step_budget.py``) instead of hiding in noise. Collectives are counted where code calls
-them through ``torch.distributed``'s module attributes (megatron and r1mega both do); a collective
-that an emulated one is built from (CPU: gloo lacks some) counts once, as the call the code made.
+them through ``torch.distributed``'s module attributes (megatron and r1mega both do), and where they call
+the CPU emulation's replacements (megatron keeps references to some from its import, before
+:func:`install`): those are counted themselves (:func:`counted`). A collective that an emulated one is
+built from counts once, as the call the code made.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ _counts: Counter = Counter()
 _depth = threading.local()
 
 
-def _counted(fn):
+def counted(fn):
+    """``fn`` counting one collective per outermost call (calls made inside it are not counted)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         outer = not getattr(_depth, "n", 0)
@@ -47,7 +50,7 @@ def install() -> None:
     for name in COLLECTIVES:
         fn = getattr(dist, name, None)
         if fn is not None and not getattr(fn, "_r1mega_counted", False):
-            setattr(dist, name, _counted(fn))
+            setattr(dist, name, counted(fn))
 
 
 def count(kind: str, n: int = 1) -> None:

@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as distributed_c10d
 from torch.overrides import TorchFunctionMode
 
+from r1mega.platform import call_counts
+
 log = logging.getLogger(__name__)
 
 _INSTALLED = False
@@ -298,6 +300,10 @@ def _patch_collectives() -> None:
             return _done(async_op)
         return orig_gather(tensor, gather_list, dst, group=group, async_op=async_op, **kwargs)
 
+    # megatron keeps references to some of these from its import: each counts as the collective the code made
+    all_gather, reduce_scatter, all_to_all_single, all_gather_into_tensor, reduce_scatter_tensor, gather = (
+        call_counts.counted(f) for f in (all_gather, reduce_scatter, all_to_all_single, all_gather_into_tensor,
+                                         reduce_scatter_tensor, gather))
     dist._coalescing_manager = _coalescing_manager
     # torch's object collectives (all_gather_object, gather_object) call these module functions of
     # distributed_c10d, not the package's attributes: both get the group-of-one path
