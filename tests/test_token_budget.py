@@ -124,7 +124,10 @@ def fixed_count_reference():
 def _check_budget_layout(reference: dict, layout: str) -> None:
     budget = run_layout(_budget_spec(max_tokens_per_micro_batch=34), Layout.parse(layout), TIMEOUT_S)
     loss_err, grad_err, param_err = compare(reference, budget)
-    assert loss_err < 1e-5 and grad_err < 1e-4 and param_err < 2e-3, (layout, loss_err, grad_err, param_err)
+    # the gradients compared are the second step's, taken at weights where Adam's first step turned float
+    # noise in near-zero gradients into lr-sized differences (after one step grads agree to 5e-7 at tp2; after
+    # two, 1.0e-4 in the q/k norms on an AMX Xeon): 2e-4
+    assert loss_err < 1e-5 and grad_err < 2e-4 and param_err < 2e-3, (layout, loss_err, grad_err, param_err)
     assert reference["losses"][0] != reference["losses"][1]
 
 
