@@ -39,16 +39,24 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from r1mega.ckpt.record_reader import _bytes_of
+from r1mega.ckpt.record_reader import (
+    _CENTRAL,
+    _CENTRAL_SIG,
+    _EOCD,
+    _EOCD_SIG,
+    _LOCAL,
+    _LOCAL_SIG,
+    NotPlain,
+    _bytes_of,
+    _entries,
+    _small_entry,
+)
 
 log = logging.getLogger(__name__)
 
-_LOCAL = struct.Struct("<IHHHHHIIIHH")  # local file header
 _DESCRIPTOR = struct.Struct("<IIII")  # data descriptor: signature, CRC32, sizes (32-bit)
-_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")  # central directory file header
 _EOCD64 = struct.Struct("<IQHHIIQQQQ")  # zip64 end of central directory record
 _LOCATOR64 = struct.Struct("<IIQI")  # zip64 end of central directory locator
-_EOCD = struct.Struct("<IHHHHIIH")  # end of central directory record
 _FLAGS = 0x0808  # sizes in a data descriptor, UTF-8 names
 _EMPTY_FLAGS = 0x0800  # an empty entry: no data descriptor
 _ARCHIVE = b"archive/"  # the archive name torch.save gives a stream without a file name
@@ -65,7 +73,7 @@ def _local(cursor: int, name: bytes, alignment: int, flags: int = _FLAGS) -> byt
 def _aligned_local(phase: int, name: bytes, alignment: int, flags: int) -> bytes:
     pad = -(phase + _LOCAL.size + len(name) + 4) % alignment
     extra = b"FB" + struct.pack("<H", pad) + b"Z" * pad
-    return _LOCAL.pack(0x04034B50, 0, flags, 0, 0, 0, 0, 0, 0, len(name), len(extra)) + name + extra
+    return _LOCAL.pack(_LOCAL_SIG, 0, flags, 0, 0, 0, 0, 0, 0, len(name), len(extra)) + name + extra
 
 
 class _Framer:
@@ -97,13 +105,13 @@ class _Framer:
             cursor = self._entry(parts, entries, cursor, name, data)
         cd_start = cursor
         for name, offset, size, flags in entries:
-            parts += [_CENTRAL.pack(0x02014B50, 0, 0, flags, 0, 0, 0, 0, size, size, len(name), 0, 0, 0, 0, 0,
+            parts += [_CENTRAL.pack(_CENTRAL_SIG, 0, 0, flags, 0, 0, 0, 0, size, size, len(name), 0, 0, 0, 0, 0,
                                     offset), name]
             cursor += _CENTRAL.size + len(name)
         n, cd_size = len(entries), cursor - cd_start
         parts += [_EOCD64.pack(0x06064B50, _EOCD64.size - 12, 0x031E, 45, 0, 0, n, n, cd_size, cd_start),
                   _LOCATOR64.pack(0x07064B50, 0, cursor, 1),
-                  _EOCD.pack(0x06054B50, 0, 0, n, n, cd_size, cd_start, 0)]
+                  _EOCD.pack(_EOCD_SIG, 0, 0, n, n, cd_size, cd_start, 0)]
         return header, b"".join(parts)
 
     def _entry(self, parts: list, entries: list, cursor: int, name: bytes, data: bytes) -> int:
@@ -165,14 +173,12 @@ def _torch_save_bytes(t: torch.Tensor) -> bytes:
 
 
 def _serialization_id(archive: bytes) -> bytes:
-    """The ``.data/serialization_id`` entry of a torch.save archive (40 digits)."""
-    name = _ARCHIVE + b".data/serialization_id"
-    at = archive.find(_LOCAL.pack(0x04034B50, 0, _FLAGS, 0, 0, 0, 0, 0, 0, len(name), 0)[:-2])
-    if at < 0 or archive[at + _LOCAL.size: at + _LOCAL.size + len(name)] != name:
+    """The ``.data/serialization_id`` entry of a torch.save archive (40 digits; empty if it has none)."""
+    f = io.BytesIO(archive)
+    try:
+        return _small_entry(_entries(f, 0, len(archive)), "/.data/serialization_id", archive, f, 0)
+    except NotPlain:
         return b""
-    extra = _LOCAL.unpack_from(archive, at)[-1]
-    start = at + _LOCAL.size + len(name) + extra
-    return archive[start: archive.index(struct.pack("<I", 0x08074B50), start)]
 
 
 @functools.cache
