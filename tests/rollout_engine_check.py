@@ -73,6 +73,8 @@ def decode_parity(engine, prompts: list[list[int]], hf_dir: Path) -> dict:
 
 
 def sampling_checks(engine) -> dict:
+    from dataclasses import replace
+
     from r1mega.rollout import SamplingSpec
 
     rep = {}
@@ -104,6 +106,12 @@ def sampling_checks(engine) -> dict:
                 for ids, lps, t, lp in zip(s.top_ids, s.top_logprobs, s.token_ids, s.logprobs))
         for s in g5[0])
     rep["top_k_off_by_default"] = g1[0][0].top_ids is None
+    # text only on request (vLLM's detokenizer off otherwise), and it does not change what is sampled; vLLM's
+    # incremental detokenizer holds back a trailing partial UTF-8 character, so the text starts the full decode
+    gt = engine.generate(prompts, 3, replace(sp, return_text=True))
+    decoded = lambda s: engine.tokenizer.decode(s.token_ids, skip_special_tokens=True)  # noqa: E731
+    rep["text_only_on_request"] = (all(s.text == "" for row in g1 for s in row) and ids(gt) == ids(g1)
+                                   and all(s.text and decoded(s).startswith(s.text) for row in gt for s in row))
     engine.sleep()
     engine.wake()
     return rep

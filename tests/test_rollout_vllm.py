@@ -32,7 +32,7 @@ def test_engine_refit_parity_and_sampling(tmp_path):
     assert max(r["cycle_max_abs"]) < 1e-4
     assert r["decode_after_push_vs_b"]["max_abs"] < 1e-4, "generated tokens' log-probs (decode path) after the push"
     for k in ("repeatable", "samples_differ", "other_seed_differs", "shapes_ok", "logprobs_finite_negative",
-              "stop_token_ok", "max_len_ok", "top_k_ok", "top_k_off_by_default"):
+              "stop_token_ok", "max_len_ok", "top_k_ok", "top_k_off_by_default", "text_only_on_request"):
         assert r[k], k
 
 

@@ -78,7 +78,8 @@ class JudgeScorer:
         from r1mega.rollout.protocol import SamplingSpec
 
         sampling = SamplingSpec(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                seed=0, logprobs_mode=getattr(self.engine, "logprobs_mode", "processed"))
+                                seed=0, logprobs_mode=getattr(self.engine, "logprobs_mode", "processed"),
+                                return_text=True)
         requests = [judge_prompt(self.cfg, p, t) for p, t in zip(prompts, texts)]
         out: list[str] = []
         step = max(1, self.cfg.batch_size)

