@@ -53,14 +53,26 @@ out["device"] = str(t.device)
 out["type"] = t.type()
 out["current_device"] = str(torch.cuda.current_device())
 
-# redirect_suspended: the mode is off inside (a CUDA allocation reaches torch and fails), back on after
-with cpu_emulation.redirect_suspended():
-    try:
-        torch.empty(3, device="cuda")
-        out["suspended"] = "allocated"
-    except (RuntimeError, AssertionError) as e:
-        out["suspended"] = type(e).__name__
-out["after_suspended"] = str(torch.empty(3, device="cuda").device)
+# every tensor-placing function and method (found from the ATen schemas), a CUDA device in any form
+placed = {
+    "zeros_like": torch.zeros_like(t, device="cuda:0"),
+    "arange": torch.arange(4, device=torch.device("cuda")),
+    "randn": torch.randn(2, device=0),
+    "tensor": torch.tensor([1.0], device="cuda"),
+    "full": torch.full((2,), 1.0, device="cuda", pin_memory=True),
+    "new_zeros": t.new_zeros(2, device="cuda"),
+    "new_tensor": t.new_tensor([1.0], device="cuda"),
+    "to": t.to("cuda"),
+    "to_device_kw": t.to(device="cuda", dtype=torch.float64),
+    "cuda": t.cuda(),
+    "module_cuda": next(torch.nn.Linear(2, 2).cuda().parameters()),
+    "module_to": next(torch.nn.Linear(2, 2).to("cuda").parameters()),
+}
+out["placed"] = {k: str(v.device) for k, v in placed.items()}
+# ...without a torch-function mode, whose Python hook every other torch call would pay
+out["function_modes"] = torch._C._len_torch_function_stack()
+out["to_dtype"] = str(t.to(torch.float16).dtype)
+out["type_cast"] = t.type(torch.float64).type()
 
 with open(sys.argv[1] + f".{rank}", "w") as f:
     json.dump(out, f)

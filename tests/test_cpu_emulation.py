@@ -56,9 +56,11 @@ def test_cuda_allocations_redirected(results):
 
 
 @pytest.mark.timeout(180)
-def test_redirect_suspended_turns_the_redirect_off_in_its_block_only(results):
-    assert results[0]["suspended"] != "allocated"  # torch itself saw the CUDA device
-    assert results[0]["after_suspended"] == "cpu"
+def test_every_way_of_placing_a_tensor_on_cuda_lands_on_the_cpu(results):
+    assert results[0]["placed"] == {k: "cpu" for k in results[0]["placed"]} and len(results[0]["placed"]) == 12
+    assert results[0]["function_modes"] == 0
+    assert results[0]["to_dtype"] == "torch.float16"  # .to(dtype) is still a cast
+    assert results[0]["type_cast"] == "torch.cuda.DoubleTensor"  # .type(dtype) casts, .type() names it "CUDA"
 
 
 @pytest.mark.timeout(120)

@@ -41,7 +41,6 @@ from r1mega.ckpt.errors import CheckpointError
 from r1mega.ckpt.lean_writer import LeanWriter
 from r1mega.ckpt.record_reader import direct_record_reader
 from r1mega.ckpt.state import architecture, make_meta
-from r1mega.platform.cpu_emulation import redirect_suspended
 from r1mega.platform.megatron_compat import ensure_megatron
 
 log = logging.getLogger(__name__)
@@ -144,8 +143,7 @@ def _streaming_strategy(materialize: _Materializer | None):
 
     class StreamingSave(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
-            # nothing here places tensors on CUDA: no CPU-emulation torch-function mode
-            with redirect_suspended(), _gc_paused():
+            with _gc_paused():
                 state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict,
                                                                          self.keep_only_main_replica)
                 pyt_state = mcore_to_pyt_state_dict(state, False)
@@ -240,8 +238,7 @@ class WeightsReader:
         self.storage = direct_record_reader(self.step_dir)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        # nothing here places tensors on CUDA: no CPU-emulation torch-function mode
-        with redirect_suspended(), _gc_paused():
+        with _gc_paused():
             return self._read(names)
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:

@@ -18,7 +18,6 @@ import types
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as distributed_c10d
-from torch.overrides import TorchFunctionMode
 
 from r1mega.platform import call_counts
 
@@ -49,47 +48,69 @@ def _to_cpu_device(device):
     return device
 
 
-class _CudaToCpuMode(TorchFunctionMode):
-    """Redirects tensors that megatron places on CUDA to the CPU."""
+def _cpu_placed(fn):
+    """``fn`` with a CUDA ``device`` argument mapped to the CPU and ``pin_memory`` off (megatron stages its CP
+    rope indices in pinned memory, which needs CUDA)."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    @functools.wraps(fn)
+    def placed(*args, **kwargs):
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
-        if kwargs.get("pin_memory"):  # staging for a host-to-device copy (e.g. megatron's CP rope indices)
+        if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            # megatron asserts e.g. `param.type() == 'torch.cuda.FloatTensor'`: every emulated
-            # tensor is a "CUDA" tensor, so report it as one.
-            name = func(*args)
-            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
-        if func is torch.Tensor.to and len(args) > 1:
-            target = args[1]
-            if isinstance(target, (str, int, torch.device)) and not isinstance(target, bool):
-                args = (args[0], _to_cpu_device(target)) + tuple(args[2:])
-        return func(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return placed
 
 
-@contextlib.contextmanager
-def redirect_suspended():
-    """The CUDA-to-CPU redirect off in this thread for a block that places nothing on CUDA.
+def _placing_names() -> tuple[list[str], list[str]]:
+    """The public torch functions and ``Tensor.new_*`` methods that take a ``device`` or ``pin_memory``
+    argument: from the ATen schemas (a newer torch's new factories are found too), plus the Python-level
+    constructors that have none."""
+    names = {schema.name.split("::", 1)[1] for schema in torch._C._jit_get_all_schemas()
+             if any(a.name in ("device", "pin_memory") for a in schema.arguments)}
+    names = {n for n in names if not n.startswith("_")} | {"tensor", "as_tensor", "asarray", "new_tensor"}
+    functions = sorted(n for n in names if n != "Generator" and callable(getattr(torch, n, None)))
+    methods = sorted(n for n in names if n.startswith("new_") and hasattr(torch.Tensor, n))
+    return functions, methods
 
-    Every torch call under the mode pays a Python dispatch (a few microseconds); a checkpoint's data
-    path makes ~100k of them (tensor views, sizes, DCP's planning). No-op where the mode is not on top
-    of this thread's stack (no emulation, or another mode entered above it).
+
+def _patch_placement() -> None:
+    """Tensors megatron places on CUDA land on the CPU: every torch function and ``Tensor`` method that
+    places a tensor maps a CUDA device to the CPU, ``.cuda()`` is the tensor itself, and ``.type()`` names
+    the "CUDA" type megatron asserts (``torch.cuda.FloatTensor``).
+
+    Why not a ``TorchFunctionMode``: a mode calls into Python for every torch call of every op (about
+    2.5 us each, ~6k calls in a demo GRPO step, ~10% of a tiny model's learner step), while only these
+    functions can place a tensor; they are patched where megatron looks them up, on ``torch`` and
+    ``torch.Tensor``, before megatron is imported.
     """
-    from torch.overrides import _get_current_function_mode, _pop_mode, _push_mode
+    functions, methods = _placing_names()
+    for name in functions:
+        setattr(torch, name, _cpu_placed(getattr(torch, name)))
+    for name in methods:
+        setattr(torch.Tensor, name, _cpu_placed(getattr(torch.Tensor, name)))
+    orig_to, orig_type = torch.Tensor.to, torch.Tensor.type
 
-    if not isinstance(_get_current_function_mode(), _CudaToCpuMode):
-        yield
-        return
-    mode = _pop_mode()
-    try:
-        yield
-    finally:
-        _push_mode(mode)
+    @functools.wraps(orig_to)
+    def to(self, *args, **kwargs):
+        if args and isinstance(args[0], (str, int, torch.device)) and not isinstance(args[0], bool):
+            args = (_to_cpu_device(args[0]),) + args[1:]
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        return orig_to(self, *args, **kwargs)
+
+    @functools.wraps(orig_type)
+    def type_(self, *args, **kwargs):
+        if args or kwargs:
+            return orig_type(self, *args, **kwargs)
+        # megatron asserts e.g. `param.type() == 'torch.cuda.FloatTensor'`: every emulated tensor is "CUDA"
+        name = orig_type(self)
+        return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.to = to
+    torch.Tensor.type = type_
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 
 class _NullStream:
@@ -369,9 +390,9 @@ def install() -> bool:
             "r1mega.models (or call r1mega.platform.megatron_compat.ensure_megatron()) first."
         )
     _patch_torch_cuda()
+    _patch_placement()
     _patch_collectives()
     _disable_compile()
-    _CudaToCpuMode().__enter__()
     _INSTALLED = True
     log.warning("CUDA unavailable: running megatron-core on CPU through r1mega's emulation layer (gloo).")
     return True
