@@ -9,12 +9,14 @@ loop that does the same work.
   after the warm-up are read back from ``metrics.jsonl``: ``time/step`` split into generate
   (``time/rollout``), score (``time/reward``), old/reference log-probs (``time/logprobs``), learner
   (``time/train`` less the log-probs), sync (``time/refit``, parity probes included) and other.
-- **reference**: the weights the GRPO stage started from (the engine's own HF export,
-  ``<run>/hf_engine``) in transformers; per step the same 8 prompts of the stage's prompt stream,
-  ``generate`` with the same sampling (temperature, top-p, top-k, max new tokens, EOS), the same
-  reward terms, GRPO advantages, r1mega's token-level PPO-clip loss at the same clip range, averaged
-  over response tokens, and plain ``torch.optim.Adam`` at the stage's learning rate. Its log-probs
-  for the ratio come from ``generate``'s processed scores, as the engine's do.
+- **reference**: the weights the GRPO stage started from (the SFT stage's last checkpoint, converted by
+  ``r1mega convert to-hf``) in transformers, in this process, which never imports megatron (so never
+  installs r1mega's CPU emulation, whose per-call hook would slow the plain loop too); per step the
+  same 8 prompts of the stage's prompt stream, ``generate`` with the same sampling (temperature,
+  top-p, top-k, max new tokens, EOS), the same reward terms, GRPO advantages, r1mega's token-level
+  PPO-clip loss at the same clip range, averaged over response tokens, and plain ``torch.optim.Adam``
+  at the stage's learning rate. Its log-probs for the ratio come from ``generate``'s processed scores,
+  as the engine's do.
 
     PYTHONPATH=. python tools/bench_step.py [--sft-steps 150] [--warmup 3] [--steps 10] [--engine vllm]
 
@@ -42,6 +44,11 @@ sys.path.insert(0, str(ROOT))
 PARTS = ("generate", "score", "logprobs", "learner", "sync", "other")
 
 
+def child_env() -> dict:
+    """This environment with the repository on ``PYTHONPATH`` (for the ``r1mega`` subprocesses)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
 def run_r1mega(args, out: Path) -> list[dict]:
     """The GRPO step records after the warm-up, from a real ``r1mega train`` of the demo recipe."""
     steps = args.warmup + args.steps
@@ -49,9 +56,8 @@ def run_r1mega(args, out: Path) -> list[dict]:
            f"trainer.output_dir={out}", "data.eval_path=null", f"rollout.engine={args.engine}",
            f"stages.cold_start_sft.steps={args.sft_steps}", f"stages.grpo.steps={steps}", *args.override]
     print("r1mega:", " ".join(cmd[1:]), flush=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+    proc = subprocess.run(cmd, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         raise SystemExit(f"r1mega train failed with exit code {proc.returncode}")
@@ -75,19 +81,22 @@ def split_record(r: dict) -> dict[str, float]:
 class ReferenceLoop:
     """The plain loop: transformers ``generate``, the same rewards and GRPO loss, ``torch.optim.Adam``."""
 
-    def __init__(self, cfg, run_dir: Path):
+    def __init__(self, cfg, hf_dir: Path, tokenizer_dir: Path):
         from transformers import AutoModelForCausalLM
 
         from r1mega.data.tokenizer import HFTokenizer
+        from r1mega.platform import cpu_emulation
         from r1mega.rewards import RewardComputer
         from r1mega.rl.policy_loss import clip_range
         from r1mega.train.evaluate import make_problems
-        from r1mega.train.grpo import Prompt
         from r1mega.train.run_data import stage_examples
 
+        if cpu_emulation.is_installed():  # every torch call would pay its Python hook: not a plain loop
+            raise SystemExit("the reference loop must run without r1mega's CPU emulation of megatron: do not import "
+                             "megatron (r1mega.models, r1mega.train.grpo, ...) into this process")
         self.cfg = cfg
-        self.tok = HFTokenizer(run_dir / "tokenizer")
-        self.model = AutoModelForCausalLM.from_pretrained(run_dir / "hf_engine", dtype=torch.float32)
+        self.tok = HFTokenizer(tokenizer_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
         self.model.train()
         grpo = next(s for s in cfg.stages if s.kind == "grpo")
         self.opt = torch.optim.Adam(self.model.parameters(), lr=grpo.lr or cfg.optimizer.lr,
@@ -95,13 +104,14 @@ class ReferenceLoop:
                                     eps=cfg.optimizer.adam_eps)
         problems = make_problems(stage_examples(cfg.data.train_path, cfg.data.seed), self.tok,
                                  cfg.data.chat_template, cfg.data.max_prompt_length)
-        self.prompts = [Prompt.of(p.example, p.text, p.ids) for p in problems]
+        self.prompts = problems  # .example, .text (the rendered prompt), .ids
         self.order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(cfg.data.seed)).tolist()
         self.per_step = max(1, cfg.trainer.global_batch_size // cfg.rollout.n)
         self.rewarder = RewardComputer(cfg.reward)
         self.eps_low, self.eps_high = clip_range(cfg.rl)
 
     def step(self, step: int) -> dict[str, float]:
+        from r1mega.rewards import reward_input_from_example
         from r1mega.rl.advantages import compute_advantages
         from r1mega.rl.policy_loss import policy_loss
 
@@ -132,7 +142,8 @@ class ReferenceLoop:
         samples = []
         for i in range(new.size(0)):
             ids = [int(t) for t, m in zip(new[i], resp_mask[i]) if m and int(t) != self.tok.eos_id]
-            samples.append(prompts[i // n].reward_input(self.tok.decode(ids), int(resp_mask[i].sum())))
+            p = prompts[i // n]
+            samples.append(reward_input_from_example(p.example, self.tok.decode(ids), p.text, int(resp_mask[i].sum())))
         rewards = torch.tensor([r.total for r in self.rewarder.compute(samples)], dtype=torch.float32)
         t2 = time.monotonic()
         groups = torch.arange(len(prompts)).repeat_interleave(n)
@@ -156,6 +167,20 @@ class ReferenceLoop:
 
     def close(self) -> None:
         self.rewarder.close()
+
+
+def starting_weights_hf(out: Path) -> Path:
+    """The weights the GRPO stage started from (the cold-start SFT stage's last checkpoint) as an HF directory,
+    converted by ``r1mega convert to-hf`` in a subprocess (this process stays free of megatron)."""
+    done = json.loads((out / "cold_start_sft" / "done.json").read_text())
+    hf = out / "hf_reference"
+    cmd = [sys.executable, "-m", "r1mega.cli", "convert", "to-hf", "--ckpt", done["checkpoint"], "--out", str(hf),
+           "--tokenizer", str(out / "tokenizer"), "--no-progress"]
+    proc = subprocess.run(cmd, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"converting {done['checkpoint']} to HF failed with exit code {proc.returncode}")
+    return hf
 
 
 def summarize(name: str, rows: list[dict]) -> dict[str, float]:
@@ -183,7 +208,7 @@ def main(argv=None) -> None:
         records = run_r1mega(args, out)
         ours = summarize("r1mega", [split_record(r) for r in records])
         cfg = load_config(str(ROOT / "configs/demo_cpu.yaml"), [f"trainer.output_dir={out}", *args.override])
-        ref = ReferenceLoop(cfg, out)
+        ref = ReferenceLoop(cfg, starting_weights_hf(out), out / "tokenizer")
         try:
             first = args.warmup + 1
             for s in range(1, first):
