@@ -69,6 +69,10 @@ placed = {
     "module_to": next(torch.nn.Linear(2, 2).to("cuda").parameters()),
 }
 out["placed"] = {k: str(v.device) for k, v in placed.items()}
+# a device context still places the factories it wraps (transformers builds models under the meta device)
+with torch.device("meta"):
+    out["meta_context"] = sorted({str(x.device) for x in (torch.tensor([1.0]), torch.zeros(2), torch.arange(3),
+                                                          torch.nn.Linear(2, 2).weight)})
 # ...without a torch-function mode, whose Python hook every other torch call would pay
 out["function_modes"] = torch._C._len_torch_function_stack()
 out["to_dtype"] = str(t.to(torch.float16).dtype)

@@ -59,6 +59,7 @@ def test_cuda_allocations_redirected(results):
 def test_every_way_of_placing_a_tensor_on_cuda_lands_on_the_cpu(results):
     assert results[0]["placed"] == {k: "cpu" for k in results[0]["placed"]} and len(results[0]["placed"]) == 12
     assert results[0]["function_modes"] == 0
+    assert results[0]["meta_context"] == ["meta"]
     assert results[0]["to_dtype"] == "torch.float16"  # .to(dtype) is still a cast
     assert results[0]["type_cast"] == "torch.cuda.DoubleTensor"  # .type(dtype) casts, .type() names it "CUDA"
 

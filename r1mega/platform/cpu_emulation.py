@@ -85,6 +85,12 @@ def _patch_placement() -> None:
     functions can place a tensor; they are patched where megatron looks them up, on ``torch`` and
     ``torch.Tensor``, before megatron is imported.
     """
+    from torch.utils._device import _device_constructors
+
+    # `with torch.device(...)` (transformers' meta-device init, vLLM's model loader) puts its device into the
+    # factory calls it finds in this lazily built table: built after the wrapping, it would hold the wrappers,
+    # never see the original calls they make, and build those models on the CPU with no error
+    _device_constructors()
     functions, methods = _placing_names()
     for name in functions:
         setattr(torch, name, _cpu_placed(getattr(torch, name)))
