@@ -81,7 +81,7 @@ def _patch_placement() -> None:
     the "CUDA" type megatron asserts (``torch.cuda.FloatTensor``).
 
     Why not a ``TorchFunctionMode``: a mode calls into Python for every torch call of every op (about
-    2.5 us each, ~6k calls in a demo GRPO step, ~10% of a tiny model's learner step), while only these
+    2.5 us each, ~6k calls in a demo GRPO step, 5-8% of a tiny model's learner step), while only these
     functions can place a tensor; they are patched where megatron looks them up, on ``torch`` and
     ``torch.Tensor``, before megatron is imported.
     """
