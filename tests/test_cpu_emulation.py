@@ -64,6 +64,12 @@ def test_every_way_of_placing_a_tensor_on_cuda_lands_on_the_cpu(results):
     assert results[0]["type_cast"] == "torch.cuda.DoubleTensor"  # .type(dtype) casts, .type() names it "CUDA"
 
 
+@pytest.mark.timeout(180)
+def test_compile_runs_eagerly_without_importing_dynamo(results):
+    assert results[0]["compile_eager"] == [True, True]
+    assert results[0]["compilers_imported"] == []
+
+
 @pytest.mark.timeout(120)
 def test_collectives_of_a_one_process_job_stay_in_the_calling_thread(tmp_path):
     # gloo makes a collective's copies in its own thread; at 2 OpenMP threads that thread's first large
