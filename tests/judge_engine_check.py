@@ -12,7 +12,6 @@ the verdict texts of the same requests (greedy, so compute() saw the same ones).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def main(spec: dict) -> None:
     root = Path(spec["root"])
-    os.environ["VLLM_CACHE_ROOT"] = str(root / "vllm-cache")
     from rollout_common import tiny_hf_dir
 
     from r1mega.config.schema import ModelRewardConfig, RewardConfig, RewardTermConfig

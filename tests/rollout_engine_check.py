@@ -14,7 +14,6 @@ score-correction biases.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def main(spec: dict) -> None:
     root = Path(spec["root"])
-    os.environ["VLLM_CACHE_ROOT"] = str(root / "vllm-cache")
     from rollout_common import VOCAB, as_buckets, checkpoint_tensors, hf_logprobs, tiny_hf_dir
 
     from r1mega.rollout import compare, probe_batch

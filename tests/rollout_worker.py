@@ -37,8 +37,7 @@ def main(spec: dict) -> None:
     if rank == 0:
         from r1mega.rollout.vllm_engine import EngineProcess
 
-        engine = EngineProcess(root / "w0", seed=0, env={"VLLM_CACHE_ROOT": str(root / "vllm-cache"),
-                                                         "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"})
+        engine = EngineProcess(root / "w0", seed=0, env={"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"})
         atexit.register(engine.close)  # a failing check must not leave the rank waiting on its engine child
 
     settings = LearnerSettings(micro_batch_size=1, valid_vocab=model_cfg.vocab_size)

@@ -12,7 +12,6 @@ an in-place weight push (the capture must follow the new weights). Writes ``repo
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -52,7 +51,6 @@ def compare(gens, ref) -> dict:
 
 def main(spec: dict) -> None:
     root = Path(spec["root"])
-    os.environ["VLLM_CACHE_ROOT"] = str(root / "vllm-cache")
     from rollout_common import as_buckets, checkpoint_tensors, tiny_hf_dir
 
     from r1mega.rollout import SamplingSpec

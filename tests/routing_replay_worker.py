@@ -42,8 +42,7 @@ def main(spec: dict) -> None:
         from r1mega.rollout.vllm_engine import EngineProcess
 
         engine = EngineProcess(root / "w0", seed=0, dtype=spec["engine_dtype"], return_routed_experts=True,
-                               env={"VLLM_CACHE_ROOT": str(root / "vllm-cache"), "VLLM_CPU_KVCACHE_SPACE": "1",
-                                    "OMP_NUM_THREADS": "1"})
+                               env={"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"})
         gen = torch.Generator().manual_seed(5)
         prompts = [torch.randint(3, model_cfg.vocab_size, (n,), generator=gen).tolist() for n in spec["prompt_lengths"]]
         sampling = SamplingSpec(max_new_tokens=spec["max_new_tokens"], seed=11, ignore_eos=True)

@@ -253,7 +253,7 @@ def test_engine_process_pushes_gpt_oss(tmp_path):
     probe = probe_batch(VOCAB, batch=2, length=24, seed=0, low=3)
     la, lb = hf_logprobs(a, probe), hf_logprobs(b, probe)
     ba, bb = as_buckets(checkpoint_tensors(a), 150_000), as_buckets(checkpoint_tensors(b), 150_000)
-    env = {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
     with EngineProcess(a, seed=0, env=env, call_timeout_s=200) as engine:
         stats = engine.update_weights(bb)
         assert stats.buckets >= 2

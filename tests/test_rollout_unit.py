@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from r1mega.config.schema import RolloutConfig
-from r1mega.rollout import ParityError, SamplingSpec, check_parity, compare, layer_complete_batches, probe_batch
+from r1mega.rollout import (
+    ParityError,
+    SamplingSpec,
+    check_parity,
+    compare,
+    engine_env,
+    layer_complete_batches,
+    probe_batch,
+)
 from r1mega.rollout.refit import layer_of
 
 
@@ -173,3 +181,11 @@ def test_fp32_mla_engines_ask_vllm_cpu_for_its_reference_mla_backend(tmp_path):
     assert mla_attention_backend(mla, "float32") == "CPU_MLA"
     assert mla_attention_backend(mla, "bfloat16") is None  # the AMX backend's own dtype: vLLM chooses
     assert mla_attention_backend(dense, "float32") is None
+
+
+def test_engine_env_puts_the_vllm_cache_in_the_run_only_for_a_compiling_engine(tmp_path):
+    # an eager engine shares vLLM's own cache root, where vLLM keeps what it learned of a model class (a
+    # fresh per-run root made every engine start inspect it again in a subprocess, ~7 s)
+    assert engine_env(tmp_path, RolloutConfig()) == {"OMP_NUM_THREADS": "1"}
+    compiled = engine_env(tmp_path, RolloutConfig(enforce_eager=False))
+    assert compiled == {"OMP_NUM_THREADS": "1", "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}

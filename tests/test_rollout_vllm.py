@@ -124,7 +124,7 @@ def test_engine_process_streamed_push_recovers_from_failures(tmp_path):
         yield from buckets[:3]
         raise RuntimeError("bridge failed mid-stream")
 
-    env = {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
     with EngineProcess(a, seed=0, env=env) as engine:
         with pytest.raises(RuntimeError, match="bridge failed mid-stream"):
             engine.update_weights(failing(bb))
@@ -173,7 +173,7 @@ def test_seeded_generate_over_the_batched_token_budget(tmp_path):
     prompts = [torch.randint(3, VOCAB, (length,), generator=g).tolist() for _ in range(prompts_n)]
     seeds = tuple(range(100, 100 + prompts_n))
     spec = dict(max_new_tokens=4, temperature=1.0, ignore_eos=True)
-    env = {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
     with EngineProcess(tiny_hf_dir(tmp_path / "a", seed=1), seed=0, env=env, call_timeout_s=90) as engine:
         whole = engine.generate(prompts, 2, SamplingSpec(**spec, prompt_seeds=seeds))  # first: no cached prefix
         parts = [row for i in range(0, prompts_n, group)
@@ -211,7 +211,7 @@ def test_engine_process_with_two_tp_workers(tmp_path):
     a, b = tiny_hf_dir(tmp_path / "a", seed=1), tiny_hf_dir(tmp_path / "b", seed=2)
     probe = probe_batch(VOCAB, batch=2, length=24, seed=0, low=3)
     la, lb = hf_logprobs(a, probe), hf_logprobs(b, probe)
-    env = {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
     with EngineProcess(a, seed=0, tp=2, env=env, call_timeout_s=200) as engine:
         pgid = engine._proc.pid
         assert compare(engine.prompt_logprobs(probe), la).max_abs < 1e-4, "fresh TP2 engine"
@@ -243,7 +243,7 @@ from r1mega.rollout.vllm_engine import EngineProcess
 if __name__ == "__main__":
     root = Path({str(tmp_path)!r})
     engine = EngineProcess(tiny_hf_dir(root / "a", seed=1), seed=0,
-                           env={{"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(root / "cache")}})
+                           env={{"VLLM_CPU_KVCACHE_SPACE": "1"}})
     print("ENGINE_PID", engine._proc.pid, flush=True)
     raise RuntimeError("the learner failed with its engine open")
 """)

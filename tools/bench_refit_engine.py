@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         stage = build_policy(model_cfg, parallel)
     train_hf_bpe(demo_corpus(300), tmp / "tok" / "tokenizer.json", vocab_size=512)
     save_hf(stage.model, stage.config, model_cfg, tmp / "hf", tokenizer_dir=tmp / "tok")
-    env = {"VLLM_CACHE_ROOT": str(tmp / "vllm-cache"), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
     bucket_bytes = int(args.bucket_mb * 2**20)
     nbytes = StreamingExporter(stage.model, stage.config, model_cfg).total_bytes()
     src = torch.empty(nbytes // 4, dtype=torch.float32).normal_()

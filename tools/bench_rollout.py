@@ -140,8 +140,7 @@ def measure_engines(engine_counts: list[int], args) -> list[float]:
         engines = []
         for e in range(count):
             mine = [cores[(e * (threads // count) + i) % len(cores)] for i in range(threads // count)]
-            env = {"OMP_NUM_THREADS": str(len(mine)), "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, mine)),
-                   "VLLM_CACHE_ROOT": str(root / "vllm-cache")}
+            env = {"OMP_NUM_THREADS": str(len(mine)), "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, mine))}
             engines.append(EngineProcess(model, seed=0, max_model_len=256, env=env))
         shares = [plan.prompts_of(e, len(prompts)) for e in range(count)]
 
@@ -234,7 +233,7 @@ def measure_engine_pair(args) -> dict[str, dict]:
 
     build_tokenizer(tok, synthetic_examples("synthetic:addition:2", "train", args.seed)[:400], cfg.model.vocab_size)
     save_hf(tm.module, tm.config, cfg.model, root / "hf", tokenizer_dir=tok)
-    env = {"OMP_NUM_THREADS": str(args.threads), "VLLM_CACHE_ROOT": str(root / "vllm-cache"),
+    env = {"OMP_NUM_THREADS": str(args.threads),
            "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(os.sched_getaffinity(0))[: args.threads]))}
     with EngineProcess(root / "hf", seed=0, max_model_len=256, env=env) as vllm:
         _timed(vllm, prompts[:2], 1, 2)

@@ -93,12 +93,12 @@ def teacher_sampling(scfg: R1Config, tok):
 
 def _teacher_generate(tr, stage: StageConfig, scfg: R1Config, teacher_dir: Path, problems, store) -> tuple:
     """Rank 0: start the teacher's engine, evaluate it once, generate the missing chunks. -> (complete, eval)."""
-    from r1mega.rollout import build_engine
+    from r1mega.rollout import build_engine, engine_env
     from r1mega.train.evaluate import eval_sampling, generate_and_score
 
     d, tok = scfg.distill, tr.tokenizer
     engine = build_engine(teacher_dir, replace(scfg.rollout, logprobs_mode="raw"), in_process=False,
-                          env={"VLLM_CACHE_ROOT": str(tr.out / "vllm-cache"), "OMP_NUM_THREADS": "1"})
+                          env=engine_env(tr.out, scfg.rollout))
     try:
         saved, teacher_eval = store.root / "teacher_eval.json", {}
         if saved.exists():  # evaluated by an earlier (interrupted) run

@@ -54,10 +54,11 @@ def run_recipe(cfg: R1Config, only: Optional[list[StageConfig]] = None) -> Optio
             world = launch_env()
             role = split_world(cfg.rollout.engine_ranks, timeout_minutes=cfg.parallel.timeout_minutes, env=world)
             if not role.is_learner:
+                from r1mega.rollout import engine_env
                 from r1mega.train.offpolicy import serve_engine
 
                 out = Path(cfg.trainer.output_dir)
-                serve_engine(cfg, role, engine_env={"VLLM_CACHE_ROOT": str(out / "vllm-cache"), "OMP_NUM_THREADS": "1"})
+                serve_engine(cfg, role, engine_env=engine_env(out, cfg.rollout))
                 return None
         else:
             init_process_group(timeout_minutes=cfg.parallel.timeout_minutes)

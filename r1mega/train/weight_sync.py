@@ -137,9 +137,9 @@ class WeightSync:
         self.started, self.stale = True, False
 
     def _build(self, hf_dir: Path):
-        from r1mega.rollout import build_engine
+        from r1mega.rollout import build_engine, engine_env
 
-        env = {"VLLM_CACHE_ROOT": str(self.out / "vllm-cache"), "OMP_NUM_THREADS": "1"}
+        env = engine_env(self.out, self.cfg.rollout)
         if torch.cuda.is_available() and self.cfg.rollout.tp > 1:  # the group's GPUs (TP1: the rank's own)
             local = int(os.environ.get("LOCAL_WORLD_SIZE", _world()))
             env["CUDA_VISIBLE_DEVICES"] = ",".join(
