@@ -334,13 +334,28 @@ def _rng_object(world: int, offset: int, data, replica: int = 0):
 # ----------------------------------------------------------------------------- save
 
 
-def _start_writer_queue() -> None:
-    """megatron's checkpoint writer reports through a ``multiprocessing`` Manager process that it spawns on
+def _writer_queue_server_init(guard) -> None:
+    """First thing in the writer queue's Manager process: die with the trainer (``guard``), then import
+    ``torch.distributed.checkpoint`` in a thread while the server already serves. Every write result the
+    queue receives unpickles into those classes; imported on the first ``put`` instead, that import (torch
+    with it, ~1.7 s) stalled the first checkpoint save of every process."""
+    import importlib
+    import threading
+
+    guard()
+    threading.Thread(target=importlib.import_module, args=("torch.distributed.checkpoint",), daemon=True).start()
+
+
+def start_writer_queue() -> None:
+    """Start megatron's checkpoint-writer result queue now (idempotent; collective-free, every process its own).
+
+    megatron's checkpoint writer reports through a ``multiprocessing`` Manager process that it spawns on
     the first save. Slurm and torchrun send SIGTERM to the whole process group on preemption, which killed
-    that process, so the checkpoint the signal asks for failed with a BrokenPipeError. Start it here, in
+    that process, so the checkpoint the signal asks for failed with a BrokenPipeError. It is started here, in
     megatron's place, with the stop signals ignored (an ignored signal stays ignored in the spawned process)
     and bound to this process's lifetime: it ignores SIGTERM, so it must die with its parent on its own
-    (``r1mega.platform.lifetime``)."""
+    (``r1mega.platform.lifetime``). A run that will checkpoint starts it early (``r1mega train`` does, before
+    its first stage), so that the Manager's imports are done by the first save."""
     import multiprocessing
     import signal
     import threading
@@ -348,6 +363,7 @@ def _start_writer_queue() -> None:
 
     from r1mega.platform.lifetime import child_guard
 
+    ensure_megatron()
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if (not hasattr(filesystem_async, "_get_write_results_queue")  # a megatron that starts no Manager
@@ -356,7 +372,7 @@ def _start_writer_queue() -> None:
 
     def start() -> None:  # what megatron's _get_write_results_queue does, plus the initializer
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=child_guard())
+        manager.start(initializer=_writer_queue_server_init, initargs=(child_guard(),))
         filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
 
     if threading.current_thread() is not threading.main_thread():
@@ -406,7 +422,7 @@ def save_checkpoint(tm, root: str | Path, step: int, extra: dict | None = None, 
             state["r1mega"]["optimizer_param_groups"] = _all_param_groups(tm.optimizer)
         layout = _layout(_uses_dist_opt(tm), tm.config)
         shapes = _param_shapes(tm.module, tm.config)
-        _start_writer_queue()
+        start_writer_queue()
         dist_checkpointing.save(state, str(tmp))
         if _rank() != 0:
             return None

@@ -93,6 +93,7 @@ def _resume_point(tr, cfg: R1Config, done: dict) -> tuple[Optional[Path], Option
 def _run(cfg: R1Config, stop, role) -> dict:
     import torch.distributed as dist
 
+    from r1mega.ckpt.dist_ckpt import start_writer_queue
     from r1mega.train.metrics import run_summary
     from r1mega.train.resilience import cut_metrics
     from r1mega.train.stages import weights_fingerprint
@@ -106,6 +107,8 @@ def _run(cfg: R1Config, stop, role) -> dict:
         save_config(cfg, out / "config.yaml")
     done = {s.name: json.loads(_done_path(out, s).read_text()) for s in cfg.stages if _done_path(out, s).exists()}
     resume_path, resume, keep_lines, global_step = _resume_point(tr, cfg, done)
+    if any(s.name not in done for s in cfg.stages):  # a stage to run saves: its writer is ready by then
+        start_writer_queue()
     if rank == 0:
         cut_metrics(out / "metrics.jsonl", keep_lines)
     dist.barrier()
