@@ -4,6 +4,8 @@ the megatron engine that generates inside the learner (``megatron_engine``).
 ``vllm_engine`` imports vLLM lazily (only when an engine is built), so this package imports without it.
 """
 
+from pathlib import Path
+
 from r1mega.rollout.parity import ParityError, ParityReport, check_parity, compare, probe_batch
 from r1mega.rollout.protocol import Generation, RefitStats, RolloutEngine, SamplingSpec
 from r1mega.rollout.refit import layer_complete_batches
@@ -24,9 +26,7 @@ def engine_env(run_dir, rollout) -> dict[str, str]:
     the hash of vLLM's model file). Under an empty per-run root every engine start repeated that
     subprocess: about 7 s of a demo's 20 s engine start on a 2-core machine."""
     env = {"OMP_NUM_THREADS": "1"}
-    if not getattr(rollout, "enforce_eager", True):
-        from pathlib import Path
-
+    if not rollout.enforce_eager:
         env["VLLM_CACHE_ROOT"] = str(Path(run_dir) / "vllm-cache")
     return env
 

@@ -50,13 +50,12 @@ log = logging.getLogger(__name__)
 _MODES = {"processed": "processed_logprobs", "raw": "raw_logprobs"}
 
 
-def cpu_env_defaults(cache_root: Optional[str] = None, kv_cache_gib: float = 1.0) -> None:
-    """Environment vLLM-CPU needs (set before ``import vllm``; existing values win)."""
+def cpu_env_defaults(kv_cache_gib: float = 1.0) -> None:
+    """Environment vLLM-CPU needs (set before ``import vllm``; existing values win). Where vLLM keeps its
+    caches is the caller's choice (``rollout.engine_env`` for a run's engine process)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    if cache_root:
-        os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_root))
 
 
 def cpu_thread_binding(tp: int, cpus: Optional[Sequence[int]] = None) -> str:
@@ -91,12 +90,12 @@ class VLLMEngine:
                  logprobs_mode: str = "processed", enforce_eager: bool = True, max_model_len: int = 1024,
                  gpu_memory_utilization: float = 0.5, kv_cache_gib: float = 1.0,
                  enable_prefix_caching: bool = True, enable_sleep_mode: Optional[bool] = None,
-                 cache_root: Optional[str] = None, return_routed_experts: bool = False):
+                 return_routed_experts: bool = False):
         if logprobs_mode not in _MODES:
             raise ValueError(f"logprobs_mode={logprobs_mode!r}: choose one of {sorted(_MODES)}")
         self.on_gpu = torch.cuda.is_available()
         if not self.on_gpu:
-            cpu_env_defaults(cache_root, kv_cache_gib)
+            cpu_env_defaults(kv_cache_gib)
         if tp > 1:
             # refit and capture send r1mega's functions and WorkerBatch objects to vLLM's worker processes
             # through its RPC, which pickles them only with this set (existing values win)
