@@ -117,3 +117,48 @@ def test_expert_bias_counts_skip_padding_tokens(tokens):
     TopKRouter._apply_expert_bias(router, routing_map, padding_mask=padding)
     expected = torch.tensor([1.0 if tokens == 4 else 0.0, 1.0, 0.0, 1.0])  # the padding token's expert 2 not counted
     assert torch.equal(router.local_tokens_per_expert, expected)
+
+
+def test_one_rank_mappings_hand_back_their_input_and_its_gradient(single_process_megatron):
+    """At one rank megatron's reduce-from / gather-from region and MoE all-to-all are identities: the
+    compat layer returns the input itself (no autograd Function entered), and gradients flow unchanged."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import mappings
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    assert group.size() == 1
+    x = torch.randn(3, 4, requires_grad=True)
+    outs = [mappings.reduce_from_tensor_model_parallel_region(x, group),
+            mappings.gather_from_tensor_model_parallel_region(x, group),
+            mappings.all_to_all(group, x)]
+    assert all(o is x for o in outs)  # megatron's Function.apply hands back a new view object
+    sum(o * (i + 1) for i, o in enumerate(outs)).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 6.0))
+    # the copy-to region keeps megatron's Function (see megatron_compat._SINGLE_RANK_IDENTITIES)
+    assert mappings.copy_to_tensor_model_parallel_region(x, group) is not x
+
+
+def test_rotary_cos_sin_are_reused_only_for_the_same_table_memory_and_version():
+    """The rotation's cos/sin are kept for the last table (every layer rotates by the same one); a write to
+    the table, another slice of it, another mscale or dtype computes them again, with megatron's values."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from r1mega.platform.megatron_compat import _LastRotation
+
+    last = _LastRotation()
+    table = torch.randn(6, 1, 1, 8)
+    cos_, sin_ = last.cos_sin(table[:4], 1.0, torch.float32)
+    assert torch.equal(cos_, torch.cos(table[:4])) and torch.equal(sin_, torch.sin(table[:4]))
+    assert last.cos_sin(table[:4], 1.0, torch.float32)[0] is cos_  # another view of the same memory: kept
+    assert torch.equal(last.cos_sin(table[2:], 1.0, torch.float32)[0], torch.cos(table[2:]))  # other slots
+    assert torch.equal(last.cos_sin(table[2:], 0.5, torch.float32)[1], torch.sin(table[2:]) * 0.5)
+    assert last.cos_sin(table[2:], 0.5, torch.float64)[0].dtype == torch.float64
+    before = last.cos_sin(table[2:], 0.5, torch.float64)[0]
+    table.mul_(2.0)  # an in-place write bumps the version counter every view shares
+    after = last.cos_sin(table[2:], 0.5, torch.float64)[0]
+    assert after is not before and torch.equal(after, (torch.cos(table[2:]) * 0.5).double())
+    # the patched megatron function, applied twice to one table, gives megatron's rotation
+    t = torch.randn(4, 2, 3, 8)
+    expected = t * torch.cos(table[:4]) + rope_utils._rotate_half(t, False) * torch.sin(table[:4])
+    for _ in range(2):
+        assert torch.equal(rope_utils._apply_rotary_pos_emb_bshd(t, table[:4]), expected)

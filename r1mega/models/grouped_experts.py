@@ -48,8 +48,10 @@ class _DenseGrad(torch.autograd.Function):
 
 
 def grouped_linear(x: torch.Tensor, weights: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """``x[rows of group g] @ weights[g].T`` for every group; ``offs``: int32 cumulative row counts."""
-    return _DenseGrad.apply(torch._grouped_mm(x, weights.transpose(1, 2), offs=offs))
+    """``x[rows of group g] @ weights[g].T`` for every group; ``offs``: int32 cumulative row counts. Without a
+    gradient to flow back (the rollout engine's ``no_grad`` forwards) the output is returned as it is."""
+    out = torch._grouped_mm(x, weights.transpose(1, 2), offs=offs)
+    return _DenseGrad.apply(out) if out.requires_grad else out
 
 
 class GroupedSequentialMLP(SequentialMLP):

@@ -53,6 +53,7 @@ def ensure_megatron() -> None:
     if not have_transformer_engine():
         _patch_megatron_without_te()
     _skip_identity_chunk_sort()
+    _skip_single_rank_mappings()
     _skip_empty_rope_pass_through()
     _READY = True
 
@@ -139,6 +140,43 @@ def _skip_identity_chunk_sort() -> None:
     token_dispatcher.sort_chunks_by_idxs = sort_chunks_by_idxs
 
 
+# megatron's communication Functions that return their input when their group has one rank:
+# (class name in tensor_parallel/mappings.py, position of the group argument, position of the input).
+# Not _CopyToModelParallelRegion: skipping it changed a frozen reference policy's log-probs in the last bits
+# (test_learner's KL of exactly 0 at the first GRPO step), so it keeps megatron's path.
+_SINGLE_RANK_IDENTITIES = (
+    ("_ReduceFromModelParallelRegion", 1, 0),
+    ("_GatherFromModelParallelRegion", 1, 0),
+    ("_AllToAll", 0, 1),
+)
+
+
+def _skip_single_rank_mappings() -> None:
+    """megatron's reduce-from / gather-from tensor-parallel region and its MoE all-to-all
+    (``tensor_parallel/mappings.py``) are not entered when their group has one rank.
+
+    Why: each is an autograd Function whose forward and backward return their input at one rank, yet every
+    call pays ``Function.apply`` and, with gradients on, a graph node: 10 calls per forward of the demo's
+    two-layer MoE policy (TP = EP = 1). The values are the same either way; groups of two or more ranks
+    take megatron's own path. A class a newer megatron no longer has is left alone.
+    """
+    from megatron.core.tensor_parallel import mappings
+
+    for name, group_at, input_at in _SINGLE_RANK_IDENTITIES:
+        cls = getattr(mappings, name, None)
+        if cls is None or getattr(cls.apply, "_r1mega_single_rank_skip", False):
+            continue
+
+        def apply(*args, _original=cls.apply, _group_at=group_at, _input_at=input_at):
+            group = args[_group_at] if len(args) > _group_at else None
+            if group is not None and group.size() == 1:
+                return args[_input_at]
+            return _original(*args)
+
+        apply._r1mega_single_rank_skip = True
+        cls.apply = apply
+
+
 def _skip_empty_rope_pass_through() -> None:
     """megatron's unfused rotary embedding (``rope_utils._apply_rotary_pos_emb_bshd``) without its final
     ``torch.cat((t, t_pass))`` when the rotation covers every dim of the head (``t_pass`` empty).
@@ -146,21 +184,54 @@ def _skip_empty_rope_pass_through() -> None:
     Why: that concatenation with an empty tensor is a copy of every query and key per layer, forward and
     backward. The rotation itself is megatron's, op for op, so the values are the same; partial rotary
     (GLM-4.5) and MLA's de-interleaving keep megatron's own function.
+
+    The cosine and sine of the last table are kept (:class:`_LastRotation`): every layer rotates its queries
+    and keys by the same table, so a forward computes them once instead of twice per layer (about 2% of a
+    megatron-engine decode step on the demo policy). ``* mscale`` is skipped at 1.0 (the same values).
     """
     from megatron.core.models.common.embeddings import rope_utils
 
     original = rope_utils._apply_rotary_pos_emb_bshd
     if getattr(original, "_r1mega_no_empty_cat", False):
         return
+    last = _LastRotation()
 
     def _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False,
                                    mscale=1.0):
         if multi_latent_attention or t.shape[-1] != freqs.shape[-1]:
             return original(t, freqs, rotary_interleaved=rotary_interleaved,
                             multi_latent_attention=multi_latent_attention, mscale=mscale)
-        cos_ = (torch.cos(freqs) * mscale).to(t.dtype)
-        sin_ = (torch.sin(freqs) * mscale).to(t.dtype)
+        cos_, sin_ = last.cos_sin(freqs, mscale, t.dtype)
         return (t * cos_) + (rope_utils._rotate_half(t, rotary_interleaved) * sin_)
 
     _apply_rotary_pos_emb_bshd._r1mega_no_empty_cat = True
     rope_utils._apply_rotary_pos_emb_bshd = _apply_rotary_pos_emb_bshd
+
+
+class _LastRotation:
+    """``cos(freqs) * mscale`` and ``sin(freqs) * mscale`` in a dtype, for the last rotary table asked for.
+
+    A hit needs the same memory (storage, offset, shape, strides) at the same version counter (which a view
+    shares with its base, so an in-place write to the table is a miss) and the same ``mscale`` and dtype.
+    The table itself is held, so its memory cannot be freed and reused by another tensor while it is the
+    key. A table with a gradient, or one being traced by ``torch.compile``, is never kept.
+    """
+
+    def __init__(self):
+        self.key, self.table, self.value = None, None, None
+
+    def cos_sin(self, freqs: torch.Tensor, mscale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if freqs.requires_grad or torch.compiler.is_compiling():
+            return self._compute(freqs, mscale, dtype)
+        key = (freqs.untyped_storage().data_ptr(), freqs.device, freqs.storage_offset(), freqs.shape,
+               freqs.stride(), freqs.dtype, freqs._version, mscale, dtype)
+        if key != self.key:
+            self.key, self.table, self.value = key, freqs, self._compute(freqs, mscale, dtype)
+        return self.value
+
+    @staticmethod
+    def _compute(freqs: torch.Tensor, mscale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cos_, sin_ = torch.cos(freqs), torch.sin(freqs)
+        if mscale != 1.0:
+            cos_, sin_ = cos_ * mscale, sin_ * mscale
+        return cos_.to(dtype), sin_.to(dtype)

@@ -61,7 +61,7 @@ def filtered_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p:
     """``logits`` [B, V] of the distribution actually sampled from: divided by the temperature, then
     everything outside the top ``top_k`` (-1: off) and outside the smallest set whose probability reaches
     ``top_p`` (1: off) set to -inf (vLLM's order: top-k, then top-p; the most likely token always stays)."""
-    x = logits / temperature if temperature != 1.0 else logits.clone()
+    x = logits / temperature if temperature != 1.0 else logits  # every step below makes a new tensor
     if 0 < top_k < x.size(-1):
         kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -403,10 +403,9 @@ class MegatronEngine:
             if early.any():
                 raw = raw.clone()
                 raw[early.nonzero().squeeze(-1).unsqueeze(-1), stop.unsqueeze(0)] = float("-inf")
-        proc = filtered_logits(raw, sampling.temperature, sampling.top_k, sampling.top_p)
+        proc = filtered_logits(raw, sampling.temperature, sampling.top_k, sampling.top_p).double()
         chosen = pick(proc, uniforms[who, step])
-        basis = proc if self.logprobs_mode == "processed" else raw
-        lp = torch.log_softmax(basis.double(), -1)
+        lp = torch.log_softmax(proc if self.logprobs_mode == "processed" else raw.double(), -1)
         draws.logps[who, step] = lp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
         if sampling.top_logprobs:
             best = lp.topk(sampling.top_logprobs, dim=-1)
