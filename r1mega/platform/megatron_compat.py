@@ -142,8 +142,10 @@ def _skip_identity_chunk_sort() -> None:
 
 # megatron's communication Functions that return their input when their group has one rank:
 # (class name in tensor_parallel/mappings.py, position of the group argument, position of the input).
-# Not _CopyToModelParallelRegion: skipping it changed a frozen reference policy's log-probs in the last bits
-# (test_learner's KL of exactly 0 at the first GRPO step), so it keeps megatron's path.
+# Not _CopyToModelParallelRegion: its output is a view, and torch.matmul of a 3-D view ([s, 1, h] with strides
+# (h, s*h, 1)) rounds differently from the same tensor that is not a view. The copy-to view puts a frozen
+# reference policy's linear_qkv input on the policy's path; skipped, the reference's log-probs moved in the last
+# bits (test_learner's KL of exactly 0 at the first GRPO step), so it keeps megatron's path.
 _SINGLE_RANK_IDENTITIES = (
     ("_ReduceFromModelParallelRegion", 1, 0),
     ("_GatherFromModelParallelRegion", 1, 0),
