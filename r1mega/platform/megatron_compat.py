@@ -142,10 +142,11 @@ def _skip_identity_chunk_sort() -> None:
 
 # megatron's communication Functions that return their input when their group has one rank:
 # (class name in tensor_parallel/mappings.py, position of the group argument, position of the input).
-# Not _CopyToModelParallelRegion: its output is a view, and torch.matmul of a 3-D view ([s, 1, h] with strides
-# (h, s*h, 1)) rounds differently from the same tensor that is not a view. The copy-to view puts a frozen
-# reference policy's linear_qkv input on the policy's path; skipped, the reference's log-probs moved in the last
-# bits (test_learner's KL of exactly 0 at the first GRPO step), so it keeps megatron's path.
+# Not _CopyToModelParallelRegion: autograd hands its returned input back as ``view_as``, which re-strides a
+# size-1 batch dim ([s, 1, h] with strides (h, s*h, 1) -> (h, h, 1)), and torch.matmul then folds the input into
+# one mm instead of a batched matmul, which rounds differently. Skipped, a frozen reference policy's linear_qkv
+# took the other path and its log-probs moved in the last bits (test_learner's KL of exactly 0 at the first GRPO
+# step), so copy-to keeps megatron's Function.
 _SINGLE_RANK_IDENTITIES = (
     ("_ReduceFromModelParallelRegion", 1, 0),
     ("_GatherFromModelParallelRegion", 1, 0),
