@@ -157,3 +157,17 @@ def test_nonfinite_gradient_with_finite_loss_skips_the_update(tiny_policy):
     good = learner_step(tm, batch, settings, None)
     assert not good.skipped and math.isfinite(good.grad_norm)
     assert all(torch.isfinite(p).all() for p in tm.module.parameters())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("at", [0, 17, -1])
+def test_all_finite_finds_one_bad_value_anywhere(bad, at):
+    import torch
+
+    from r1mega.rl.learner import all_finite
+
+    x = (torch.rand(1000) * 2 - 1) * 3e38  # huge but finite
+    x[5] = 3.4e38
+    assert all_finite(x) and all_finite(torch.empty(0))
+    x[at] = bad
+    assert not all_finite(x)

@@ -464,10 +464,19 @@ class ReferencePolicy:
         return compute_logprobs(self.module, self.module, batch, settings)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite: its smallest and largest are (``aminmax`` propagates NaN).
+    One pass and no mask the size of ``t``: ``isfinite(t).all()`` took ~1.9 ms of a demo learner step."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def _grads_finite(tm) -> bool:
     """Collective: no rank's gradient buffers hold a NaN/Inf (after megatron's reduction of the grads)."""
     buffers = tm.ddp.buffers + tm.ddp.expert_parallel_buffers
-    local = all(bool(torch.isfinite(b.grad_data).all()) for b in buffers)
+    local = all(all_finite(b.grad_data) for b in buffers)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return local
     flag = torch.tensor([0.0 if local else 1.0], device=buffers[0].grad_data.device if buffers else "cpu")
