@@ -141,13 +141,9 @@ def _skip_identity_chunk_sort() -> None:
 
 
 # megatron's communication Functions that return their input when their group has one rank:
-# (class name in tensor_parallel/mappings.py, position of the group argument, position of the input).
-# Not _CopyToModelParallelRegion: autograd hands its returned input back as ``view_as``, which re-strides a
-# size-1 batch dim ([s, 1, h] with strides (h, s*h, 1) -> (h, h, 1)), and torch.matmul then folds the input into
-# one mm instead of a batched matmul, which rounds differently. Skipped, a frozen reference policy's linear_qkv
-# took the other path and its log-probs moved in the last bits (test_learner's KL of exactly 0 at the first GRPO
-# step), so copy-to keeps megatron's Function.
+# (class name in tensor_parallel/mappings.py, position of the group argument, position of the input)
 _SINGLE_RANK_IDENTITIES = (
+    ("_CopyToModelParallelRegion", 1, 0),
     ("_ReduceFromModelParallelRegion", 1, 0),
     ("_GatherFromModelParallelRegion", 1, 0),
     ("_AllToAll", 0, 1),
@@ -155,13 +151,17 @@ _SINGLE_RANK_IDENTITIES = (
 
 
 def _skip_single_rank_mappings() -> None:
-    """megatron's reduce-from / gather-from tensor-parallel region and its MoE all-to-all
-    (``tensor_parallel/mappings.py``) are not entered when their group has one rank.
+    """megatron's copy-to / reduce-from / gather-from tensor-parallel region and its MoE all-to-all
+    (``tensor_parallel/mappings.py``) are not entered when their group has one rank: the input comes back as
+    ``input.view_as(input)``, which is what autograd hands back for a Function that returns its input.
 
-    Why: each is an autograd Function whose forward and backward return their input at one rank, yet every
-    call pays ``Function.apply`` and, with gradients on, a graph node: 10 calls per forward of the demo's
-    two-layer MoE policy (TP = EP = 1). The values are the same either way; groups of two or more ranks
-    take megatron's own path. A class a newer megatron no longer has is left alone.
+    Why: at one rank each Function's forward and backward return their input, yet every call paid
+    ``Function.apply`` and, with gradients on, a Python backward node: 13 calls per forward of the demo's
+    two-layer MoE policy (TP = EP = 1), about 3% of a megatron-engine decode step. The view keeps everything
+    the same, strides included: ``view_as`` re-strides a size-1 dim, and torch.matmul folds a 3-D input into
+    one mm or runs a batched matmul depending on those strides, which rounds differently (returning the bare
+    input moved a frozen reference's log-probs and made world-1 samples differ from EP2 ones). Groups of two or
+    more ranks take megatron's own path; a class a newer megatron no longer has is left alone.
     """
     from megatron.core.tensor_parallel import mappings
 
@@ -173,7 +173,7 @@ def _skip_single_rank_mappings() -> None:
         def apply(*args, _original=cls.apply, _group_at=group_at, _input_at=input_at):
             group = args[_group_at] if len(args) > _group_at else None
             if group is not None and group.size() == 1:
-                return args[_input_at]
+                return args[_input_at].view_as(args[_input_at])
             return _original(*args)
 
         apply._r1mega_single_rank_skip = True
