@@ -119,27 +119,6 @@ def test_expert_bias_counts_skip_padding_tokens(tokens):
     assert torch.equal(router.local_tokens_per_expert, expected)
 
 
-def test_one_rank_mappings_hand_back_their_input_and_its_gradient(single_process_megatron):
-    """At one rank megatron's copy-to / reduce-from / gather-from region and MoE all-to-all are identities: the
-    compat layer hands back ``input.view_as(input)`` (as autograd does for megatron's Functions, strides
-    included) without entering the Function, and gradients flow unchanged."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import mappings
-
-    group = parallel_state.get_tensor_model_parallel_group()
-    assert group.size() == 1
-    x = torch.randn(4, 3, 8).transpose(0, 1)[:, :1].detach().requires_grad_()  # size-1 dim, stride (8, 24, 1)
-    outs = [mappings.copy_to_tensor_model_parallel_region(x, group),
-            mappings.reduce_from_tensor_model_parallel_region(x, group),
-            mappings.gather_from_tensor_model_parallel_region(x, group),
-            mappings.all_to_all(group, x)]
-    for o in outs:
-        assert o._base is x and o.stride() == x.view_as(x).stride() != x.stride()
-        assert type(o.grad_fn).__name__ == "ViewBackward0"  # not megatron's Python backward node
-    sum(o * (i + 1) for i, o in enumerate(outs)).sum().backward()
-    assert torch.equal(x.grad, torch.full_like(x, 10.0))
-
-
 def test_rotary_cos_sin_are_reused_only_for_the_same_table_memory_and_version():
     """The rotation's cos/sin are kept for the last table (every layer rotates by the same one); a write to
     the table, another slice of it, another mscale or dtype computes them again, with megatron's values."""

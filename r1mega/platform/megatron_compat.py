@@ -53,7 +53,6 @@ def ensure_megatron() -> None:
     if not have_transformer_engine():
         _patch_megatron_without_te()
     _skip_identity_chunk_sort()
-    _skip_single_rank_mappings()
     _skip_empty_rope_pass_through()
     _READY = True
 
@@ -138,46 +137,6 @@ def _skip_identity_chunk_sort() -> None:
     sort_chunks_by_idxs._r1mega_identity_skip = True
     moe_utils.sort_chunks_by_idxs = sort_chunks_by_idxs
     token_dispatcher.sort_chunks_by_idxs = sort_chunks_by_idxs
-
-
-# megatron's communication Functions that return their input when their group has one rank:
-# (class name in tensor_parallel/mappings.py, position of the group argument, position of the input)
-_SINGLE_RANK_IDENTITIES = (
-    ("_CopyToModelParallelRegion", 1, 0),
-    ("_ReduceFromModelParallelRegion", 1, 0),
-    ("_GatherFromModelParallelRegion", 1, 0),
-    ("_AllToAll", 0, 1),
-)
-
-
-def _skip_single_rank_mappings() -> None:
-    """megatron's copy-to / reduce-from / gather-from tensor-parallel region and its MoE all-to-all
-    (``tensor_parallel/mappings.py``) are not entered when their group has one rank: the input comes back as
-    ``input.view_as(input)``, which is what autograd hands back for a Function that returns its input.
-
-    Why: at one rank each Function's forward and backward return their input, yet every call paid
-    ``Function.apply`` and, with gradients on, a Python backward node: 13 calls per forward of the demo's
-    two-layer MoE policy (TP = EP = 1), about 3% of a megatron-engine decode step. The view keeps everything
-    the same, strides included: ``view_as`` re-strides a size-1 dim, and torch.matmul folds a 3-D input into
-    one mm or runs a batched matmul depending on those strides, which rounds differently (returning the bare
-    input moved a frozen reference's log-probs and made world-1 samples differ from EP2 ones). Groups of two or
-    more ranks take megatron's own path; a class a newer megatron no longer has is left alone.
-    """
-    from megatron.core.tensor_parallel import mappings
-
-    for name, group_at, input_at in _SINGLE_RANK_IDENTITIES:
-        cls = getattr(mappings, name, None)
-        if cls is None or getattr(cls.apply, "_r1mega_single_rank_skip", False):
-            continue
-
-        def apply(*args, _original=cls.apply, _group_at=group_at, _input_at=input_at):
-            group = args[_group_at] if len(args) > _group_at else None
-            if group is not None and group.size() == 1:
-                return args[_input_at].view_as(args[_input_at])
-            return _original(*args)
-
-        apply._r1mega_single_rank_skip = True
-        cls.apply = apply
 
 
 def _skip_empty_rope_pass_through() -> None:
