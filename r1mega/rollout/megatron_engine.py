@@ -60,8 +60,9 @@ def sample_seed(prompt_seed: int, sample: int) -> int:
 def filtered_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """``logits`` [B, V] of the distribution actually sampled from: divided by the temperature, then
     everything outside the top ``top_k`` (-1: off) and outside the smallest set whose probability reaches
-    ``top_p`` (1: off) set to -inf (vLLM's order: top-k, then top-p; the most likely token always stays)."""
-    x = logits / temperature if temperature != 1.0 else logits  # every step below makes a new tensor
+    ``top_p`` (1: off) set to -inf (vLLM's order: top-k, then top-p; the most likely token always stays).
+    With nothing to apply it is ``logits`` itself, not a copy."""
+    x = logits / temperature if temperature != 1.0 else logits  # no step below writes in place
     if 0 < top_k < x.size(-1):
         kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
         x = x.masked_fill(x < kth, float("-inf"))
