@@ -290,6 +290,17 @@ def test_mismatch_error_is_a_value_error():
     assert issubclass(CheckpointMismatchError, ValueError)
 
 
+def test_writer_queue_process_starts_without_importing_torch():
+    """The writer Manager is a spawned process that imports its initializer's module: that import must not pull
+    torch (and with it megatron), or every run that checkpoints waits ~2 s for the Manager at its start."""
+    import subprocess
+    import sys
+
+    code = ("import pickle, sys; import r1mega.platform.writer_queue as w; pickle.dumps(w._server_init); "
+            "sys.exit(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron')) != [])")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
 # ----------------------------------------------------------------------------- spawn helper
 
 

@@ -32,6 +32,7 @@ from r1mega.ckpt.errors import CheckpointError, CheckpointMismatchError, Incompl
 from r1mega.ckpt.state import architecture, capture_rng, check_loadable, make_meta, restore_rng
 from r1mega.platform.distributed import barrier, broadcast_from_rank0
 from r1mega.platform.megatron_compat import ensure_megatron
+from r1mega.platform.writer_queue import start_writer_queue
 
 log = logging.getLogger(__name__)
 
@@ -332,58 +333,6 @@ def _rng_object(world: int, offset: int, data, replica: int = 0):
 
 
 # ----------------------------------------------------------------------------- save
-
-
-def _writer_queue_server_init(guard) -> None:
-    """First thing in the writer queue's Manager process: die with the trainer (``guard``), then import
-    ``torch.distributed.checkpoint`` in a thread while the server already serves. Every write result the
-    queue receives unpickles into those classes; imported on the first ``put`` instead, that import (torch
-    with it, ~1.7 s) stalled the first checkpoint save of every process."""
-    import importlib
-    import threading
-
-    guard()
-    threading.Thread(target=importlib.import_module, args=("torch.distributed.checkpoint",), daemon=True).start()
-
-
-def start_writer_queue() -> None:
-    """Start megatron's checkpoint-writer result queue now (idempotent; collective-free, every process its own).
-
-    megatron's checkpoint writer reports through a ``multiprocessing`` Manager process that it spawns on
-    the first save. Slurm and torchrun send SIGTERM to the whole process group on preemption, which killed
-    that process, so the checkpoint the signal asks for failed with a BrokenPipeError. It is started here, in
-    megatron's place, with the stop signals ignored (an ignored signal stays ignored in the spawned process)
-    and bound to this process's lifetime: it ignores SIGTERM, so it must die with its parent on its own
-    (``r1mega.platform.lifetime``). A run that will checkpoint starts it early (``r1mega train`` does, before
-    its first stage), so that the Manager's imports are done by the first save."""
-    import multiprocessing
-    import signal
-    import threading
-    from multiprocessing.managers import SyncManager
-
-    from r1mega.platform.lifetime import child_guard
-
-    ensure_megatron()
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if (not hasattr(filesystem_async, "_get_write_results_queue")  # a megatron that starts no Manager
-            or getattr(filesystem_async, "_results_queue", None) is not None):
-        return
-
-    def start() -> None:  # what megatron's _get_write_results_queue does, plus the initializer
-        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=_writer_queue_server_init, initargs=(child_guard(),))
-        filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
-
-    if threading.current_thread() is not threading.main_thread():
-        start()
-        return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        start()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def save_checkpoint(tm, root: str | Path, step: int, extra: dict | None = None, *,

@@ -93,7 +93,7 @@ def _resume_point(tr, cfg: R1Config, done: dict) -> tuple[Optional[Path], Option
 def _run(cfg: R1Config, stop, role) -> dict:
     import torch.distributed as dist
 
-    from r1mega.ckpt.dist_ckpt import start_writer_queue
+    from r1mega.platform.writer_queue import start_writer_queue
     from r1mega.train.metrics import run_summary
     from r1mega.train.resilience import cut_metrics
     from r1mega.train.stages import weights_fingerprint
