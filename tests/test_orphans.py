@@ -174,12 +174,13 @@ def _grpo_steps(run: Run) -> int:
 
 
 def _engine_busy(run: Run) -> bool:
-    """The rollout engine (the main process's newest spawned child) is computing."""
-    children = [pid for pid, cmd in run.processes().items()
-                if "multiprocessing.spawn" in cmd and int(_stat(pid)[1]) == run.proc.pid]
-    if not children:
+    """The rollout engine (the main process's spawned child that leads a process group of its own: the writer
+    Manager and the reward pool do not) is computing."""
+    engines = [pid for pid, cmd in run.processes().items()
+               if "multiprocessing.spawn" in cmd and int(_stat(pid)[1]) == run.proc.pid and int(_stat(pid)[2]) == pid]
+    if not engines:
         return False
-    engine = max(children, key=lambda pid: int(_stat(pid)[19]))  # start time
+    (engine,) = engines
     cpu = int(_stat(engine)[11]) + int(_stat(engine)[12])
     time.sleep(0.1)
     return int(_stat(engine)[11]) + int(_stat(engine)[12]) - cpu >= 0.05 * os.sysconf("SC_CLK_TCK")

