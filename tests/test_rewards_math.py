@@ -97,6 +97,42 @@ def test_math_equivalence(answer, reference, expected):
     assert math_equal(answer, reference) is expected
 
 
+def test_integer_answers_get_math_verifys_verdict_without_parsing(monkeypatch):
+    """Plain integers on both sides are compared as integers, skipping math-verify's parse (about 1 ms a sample):
+    the verdicts equal math-verify's own, and anything else (spaces, decimals, LaTeX) still goes through it."""
+    import random
+
+    from r1mega.rewards import accuracy
+
+    rng = random.Random(0)
+    pairs = [(a, b) for a, b in [("41", "42"), ("042", "42"), ("+7", "7"), ("-0", "0"), ("-5", "5"), ("7", "-7"),
+                                 ("123456789012345678", "123456789012345678"), ("10", "1"), ("0", "00")]]
+    pairs += [(str(rng.randint(-200, 200)), str(rng.randint(-200, 200))) for _ in range(60)]
+    pairs += [(str(v), str(v).zfill(4)) for v in rng.sample(range(100), 5)]
+
+    def verify(answer: str, reference: str) -> bool:  # math-verify's verdict on the same normalised texts
+        mv = accuracy._mv()
+        gold = accuracy._parse(accuracy._normalise(reference), 5)
+        return bool(mv.verify(gold, accuracy._parse(accuracy._normalise(answer), 5)))
+
+    parses = []
+    real_parse = accuracy._parse
+    monkeypatch.setattr(accuracy, "_parse", lambda answer, t: parses.append(answer) or real_parse(answer, t))
+    accuracy._parse_reference.cache_clear()
+    for answer, reference in pairs:
+        accuracy._parse_reference(reference, 5)  # the reference is parsed once per run (cached)
+        parses.clear()
+        got = math_equal(answer, reference)
+        assert parses == [], f"{answer!r} was parsed"
+        assert got is verify(answer, reference), (answer, reference)
+    for answer, reference in [("4 2", "8"), ("0.50", "0.5"), ("\\frac{84}{2}", "42")]:  # not plain integers
+        parses.clear()
+        got = math_equal(answer, reference)
+        assert answer in parses
+        assert got is verify(answer, reference), (answer, reference)
+    accuracy._parse_reference.cache_clear()
+
+
 ACCURACY = get_reward("accuracy").fn
 CFG = RewardConfig()
 

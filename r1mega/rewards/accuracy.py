@@ -69,16 +69,25 @@ def answer_key(answer: str) -> str:
     return _plain(_normalise(answer))
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
+
+
+def _integer(answer: str):
+    """The value of a normalised answer written as a plain integer ("42", "-7", "007"), else None."""
+    return int(answer) if _INTEGER.fullmatch(answer) else None
+
+
 @lru_cache(maxsize=4096)
-def _parse_reference(reference: str, timeout_s: int) -> tuple[str, tuple]:
-    """``(plain text, parsed)`` of a reference; a full solution is reduced to its boxed answer."""
+def _parse_reference(reference: str, timeout_s: int) -> tuple[str, tuple, object]:
+    """``(plain text, parsed, integer value or None)`` of a reference; a full solution is reduced to its boxed
+    answer."""
     boxed = last_boxed(reference)
     answer = _normalise(boxed if boxed is not None else reference)
     parsed = tuple(_parse(answer, timeout_s))
     if not parsed:
         log.warning("reference answer %r is not parsable by math-verify: only an exact text match scores",
                     reference)
-    return _plain(answer), parsed
+    return _plain(answer), parsed, _integer(answer)
 
 
 def math_equal(answer: str, reference: str, timeout_s: int = 5) -> bool:
@@ -91,11 +100,16 @@ def math_equal(answer: str, reference: str, timeout_s: int = 5) -> bool:
     if not answer or len(answer) > MAX_ANSWER_CHARS:
         return False
     try:
-        gold_text, gold = _parse_reference(reference, timeout_s)
+        gold_text, gold, gold_int = _parse_reference(reference, timeout_s)
         if gold_text and _plain(answer) == gold_text:
             return True
         if not gold:
             return False
+        pred_int = _integer(answer)
+        if gold_int is not None and pred_int is not None:
+            # two plain integers: math-verify's verdict (exact equality) without its parse, about 1 ms a sample
+            # (most of a GRPO step's scoring on integer-answer data)
+            return pred_int == gold_int
         pred = _parse(answer, timeout_s)
         return bool(pred) and bool(_mv().verify(list(gold), pred, timeout_seconds=_timeout(timeout_s)))
     except Exception as exc:  # a bad response must never kill a batch
