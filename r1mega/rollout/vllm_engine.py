@@ -15,6 +15,7 @@ independent of the trainer's since it receives full HF tensors from the bridge).
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import time
@@ -541,6 +542,13 @@ def _discard(proc, conn) -> None:
 _SPARES: dict[tuple, tuple] = {}  # engine children started ahead, by key, until an EngineProcess adopts one
 
 
+@functools.lru_cache(maxsize=None)
+def _discard_at_exit() -> None:
+    """Once per process: stop unadopted children at exit (registered after multiprocessing's own exit hook, so it
+    runs before that hook joins them; they ignore SIGTERM)."""
+    atexit.register(discard_spares)
+
+
 def discard_spares() -> None:
     """Stop every engine child started ahead and not adopted (a run's end; also at interpreter exit)."""
     while _SPARES:
@@ -596,8 +604,7 @@ class EngineProcess:
             kwargs.pop(name, None)
         key = _child_key(env, kwargs)
         if key not in _SPARES:
-            if not _SPARES:
-                atexit.register(discard_spares)  # after multiprocessing's own exit hook: runs before it
+            _discard_at_exit()
             _SPARES[key] = _spawn(key)
 
     @property
