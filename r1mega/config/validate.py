@@ -671,11 +671,15 @@ def check_stage_token_budget(cfg: R1Config, kind: str) -> Problems:
             f"or responses"]
 
 
+def generates(cfg: R1Config) -> bool:
+    """Whether a run samples its policy with the rollout engine: a GRPO or rejection-sampling stage, or evals."""
+    return bool(cfg.data.eval_path) or any(st.kind in ("grpo", "rejection_sampling") for st in cfg.stages)
+
+
 def _check_engine_model(cfg: R1Config, m: ModelConfig) -> Problems:
     """A policy the vLLM engine cannot build is refused before any stage runs (vLLM would fail at its first
     generation, after the stages before it)."""
-    generates = cfg.data.eval_path or any(st.kind in ("grpo", "rejection_sampling") for st in cfg.stages)
-    if cfg.rollout.engine != "vllm" or not generates or not m.multi_latent_attention:
+    if cfg.rollout.engine != "vllm" or not generates(cfg) or not m.multi_latent_attention:
         return []
     head = (m.kv_lora_rank or 0) + (m.qk_pos_emb_head_dim or 0)
     if head in VLLM_MLA_HEAD_SIZES:

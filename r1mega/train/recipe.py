@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -51,8 +50,9 @@ def run_recipe(cfg: R1Config, only: Optional[list[StageConfig]] = None) -> Optio
         try:
             return _start(cfg, stop)
         finally:
-            if "r1mega.rollout.vllm_engine" in sys.modules:  # an engine child started ahead that nothing adopted
-                sys.modules["r1mega.rollout.vllm_engine"].discard_spares()
+            from r1mega.rollout.vllm_engine import discard_spares
+
+            discard_spares()  # an engine child started ahead that nothing adopted
 
 
 def _start(cfg: R1Config, stop) -> Optional[dict]:

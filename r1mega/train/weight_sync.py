@@ -83,10 +83,10 @@ def start_engine_ahead(cfg) -> None:
     export) instead of following it. ``WeightSync.start`` adopts it; ``rollout.vllm_engine.discard_spares``
     stops it if nothing did. CPU only: on GPU a TP1 engine's device is this rank's current one, which is set
     later (with the process group)."""
+    from r1mega.config.validate import generates
+
     r = cfg.rollout
-    if r.engine != "vllm" or r.mode != "colocated" or torch.cuda.is_available():
-        return
-    if not (cfg.data.eval_path or any(s.kind in ("grpo", "rejection_sampling") for s in cfg.stages)):
+    if r.engine != "vllm" or r.mode != "colocated" or torch.cuda.is_available() or not generates(cfg):
         return
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     plan = EnginePlan(world, r.tp)
