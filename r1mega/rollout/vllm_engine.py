@@ -627,10 +627,11 @@ class EngineProcess:
         """The child's answer; polls so that a dead child raises instead of blocking forever."""
         call_counts.count("engine_round_trips")
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._conn.poll(1.0):
+        # a poll ends at the deadline at the latest: an answer that comes after it is too late, however soon after
+        while not self._conn.poll(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))):
             if not self._proc.is_alive() and not self._conn.poll(0):
                 raise self._dead(what)
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() >= deadline:
                 self._kill()
                 raise TimeoutError(f"rollout engine process gave no answer to {what} within {timeout}s (killed; "
                                    "the limit of a call is rollout.engine_call_timeout_s)")
