@@ -18,6 +18,7 @@ import atexit
 import functools
 import logging
 import os
+import sys
 import time
 import weakref
 from pathlib import Path
@@ -375,12 +376,11 @@ def _child_main(conn, kwargs, env, guard) -> None:
 
         method, model_dir = conn.recv()
         if method == "close":  # a child started ahead that no engine adopted
-            conn.send(("ok", None))
-            return
+            _exit_now(conn=conn)
         engine = VLLMEngine(model_dir, **kwargs)
         conn.send(("ok", (engine.startup_s, engine.on_gpu)))
     except EOFError:  # the learner is gone before it sent the model
-        return
+        _exit_now()
     except BaseException as e:  # noqa: BLE001 - report any start-up failure to the parent
         conn.send(("error", repr(e)))
         return
@@ -393,12 +393,9 @@ def _child_main(conn, kwargs, env, guard) -> None:
             method, args = recv_message(conn)
             t_recv = time.perf_counter() - t0
         except EOFError:  # the learner is gone
-            engine.shutdown()
-            return
+            _exit_now(engine)
         if method == "close":
-            engine.shutdown()
-            conn.send(("ok", None))
-            return
+            _exit_now(engine, conn)
         try:
             if method == "stream_update":
                 receiver = None
@@ -426,6 +423,25 @@ def _child_main(conn, kwargs, env, guard) -> None:
             conn.send(("error", f"{e!r}\n{traceback.format_exc()}"))
             if receiver is not None and method == "stream_update":  # the parent still sends the rest
                 receiver.drain()
+
+
+def _exit_now(engine: Optional[VLLMEngine] = None, conn=None) -> None:
+    """End the engine child: vLLM's worker processes stopped (when it has any), ``conn`` answered, output
+    flushed, then ``os._exit``. The learner's ``close`` waits for this process, and a normal exit would first
+    tear down every module vLLM imported (about 1.8 s on 2 cores, measured on a process that only imported
+    vLLM) and, in-process, vLLM's own teardown of memory it is about to lose anyway (about 0.9 s). Nothing
+    else is left to release: the transport buffers belong to the learner."""
+    if engine is not None and not engine.inproc_worker:
+        engine.shutdown()
+    if conn is not None:
+        conn.send(("ok", None))
+    logging.shutdown()  # flushes every handler (vLLM's loggers have their own)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 def _child_stream_update(engine: VLLMEngine, receiver: StreamReceiver, profile: bool):
