@@ -59,6 +59,9 @@ def _start(cfg: R1Config, stop) -> Optional[dict]:
     """The process group and megatron's parallel state around the stages (or this rank's engine service)."""
     from r1mega.models.policy import padded_vocab_size  # noqa: F401  (readies megatron)
     from r1mega.platform.distributed import init_model_parallel, init_process_group, launch_env, shutdown
+    from r1mega.platform.gc_freeze import freeze_imported_objects
+
+    freeze_imported_objects()  # megatron and torch are in: later full collections skip their objects
 
     role = None
     if cfg.rollout.mode == "one_step_off":
