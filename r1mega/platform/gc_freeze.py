@@ -10,12 +10,16 @@ Objects made later (models, optimizers, KV caches) stay collectable.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gc
 
 
 @functools.lru_cache(maxsize=None)
 def freeze_imported_objects() -> None:
-    """Once per process, after its heavy imports and before it builds anything it will drop again."""
+    """Once per process, after its heavy imports and before it builds anything it will drop again. Unfrozen at
+    exit, so that the interpreter's last collection still finalises them (extension modules report what it
+    does not)."""
     gc.collect()
     gc.freeze()
+    atexit.register(gc.unfreeze)

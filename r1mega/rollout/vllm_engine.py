@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import weakref
+from multiprocessing import util as multiprocessing_util
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -437,6 +438,11 @@ def _exit_now(engine: Optional[VLLMEngine] = None, conn=None) -> None:
         engine.shutdown()
     if conn is not None:
         conn.send(("ok", None))
+    # multiprocessing's exit-time finalizers (those a normal exit runs first): they unlink the named semaphores
+    # that vLLM's executor and tqdm created, which the resource tracker would otherwise report as leaked
+    run_finalizers = getattr(multiprocessing_util, "_run_finalizers", None)
+    if run_finalizers is not None:
+        run_finalizers(0)
     logging.shutdown()  # flushes every handler (vLLM's loggers have their own)
     for stream in (sys.stdout, sys.stderr):
         try:
