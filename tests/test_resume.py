@@ -21,7 +21,9 @@ import pytest
 
 pytest.importorskip("vllm")
 
-SFT, RL, RL2 = 20, 5, 2  # cold-start SFT, reasoning RL (where the runs are interrupted), a second RL stage
+# cold-start SFT, reasoning RL (where the runs are interrupted), a second RL stage. RL leaves room: a step takes
+# about 0.25 s on a fast CPU, so a signal sent on seeing step 2 may land a step or two later
+SFT, RL, RL2 = 20, 8, 2
 STAGES = (f"stages=[{{name: cold_start_sft, kind: sft, steps: {SFT}, lr: 0.002}}, "
           f"{{name: reasoning_rl, kind: grpo, steps: {RL}}}, {{name: all_scenario_rl, kind: grpo, steps: {RL2}}}]")
 TIMING = ("time/", "tokens_per_s")
