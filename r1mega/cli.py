@@ -316,7 +316,8 @@ def run() -> None:
     """The ``r1mega`` command: :func:`main`, then the process ends as Python would end it, less the teardown
     of every module (torch, megatron, transformers: about 1 s on 2 cores, after the run's work is all done).
     Non-daemon threads are joined and the exit hooks run (multiprocessing's joins and finalizers, the
-    checkpoint writer's Manager, logging's flush) before ``os._exit``. An exception takes the normal exit."""
+    checkpoint writer's Manager, logging's flush) before ``lifetime.exit_now``. An exception takes the normal
+    exit."""
     import atexit
     import threading
 
@@ -328,12 +329,7 @@ def run() -> None:
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
     run_exit_hooks()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(rc or 0)
+    lifetime.exit_now(rc or 0)
 
 
 if __name__ == "__main__":

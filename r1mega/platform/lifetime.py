@@ -134,3 +134,19 @@ def forked_children_die_with_this_process() -> None:
     _libc()  # loaded now, not in a forked child of a process with threads
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
     _fork_hook_installed = True
+
+
+def exit_now(code: int = 0) -> None:
+    """End this process once its work is done and its exit handling has run: logging and the standard
+    streams flushed, then ``os._exit``, without Python's teardown of every imported module (about 1 s with
+    torch imported, 1.8 s with vLLM, on 2 cores), which whoever waits for the process would wait through.
+    The caller runs whatever exit handling the process needs first (see ``r1mega.cli.run``)."""
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -15,16 +15,17 @@ def _server_init(guard) -> None:
     queue receives unpickles into those classes; imported on the first ``put`` instead, that import (torch
     with it, ~1.7 s) stalled the first checkpoint save of every process.
 
-    The process ends without Python's module teardown (``os._exit`` as its last exit hook, after
+    The process ends without Python's module teardown (``lifetime.exit_now`` as its last exit hook, after
     multiprocessing's own exit handling): with torch imported, that teardown took about 0.6 s, which the
     trainer's exit spent waiting for its Manager to stop."""
     import atexit
     import importlib
-    import os
     import threading
 
+    from r1mega.platform.lifetime import exit_now
+
     guard()
-    atexit.register(os._exit, 0)
+    atexit.register(exit_now, 0)
     threading.Thread(target=importlib.import_module, args=("torch.distributed.checkpoint",), daemon=True).start()
 
 

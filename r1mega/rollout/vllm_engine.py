@@ -18,7 +18,6 @@ import atexit
 import functools
 import logging
 import os
-import sys
 import time
 import weakref
 from multiprocessing import util as multiprocessing_util
@@ -29,7 +28,7 @@ import torch
 
 from r1mega.platform import call_counts
 from r1mega.platform.gc_freeze import freeze_imported_objects
-from r1mega.platform.lifetime import child_guard, die_with_parent
+from r1mega.platform.lifetime import child_guard, die_with_parent, exit_now
 from r1mega.rollout import routing_capture, vllm_cpu
 from r1mega.rollout.protocol import MAX_TOP_LOGPROBS, Bucket, Generation, Prompt, RefitStats, SamplingSpec, log_once
 from r1mega.rollout.refit import (
@@ -429,11 +428,11 @@ def _child_main(conn, kwargs, env, guard) -> None:
 
 
 def _exit_now(engine: Optional[VLLMEngine] = None, conn=None) -> None:
-    """End the engine child: vLLM's worker processes stopped (when it has any), ``conn`` answered, output
-    flushed, then ``os._exit``. The learner's ``close`` waits for this process, and a normal exit would first
-    tear down every module vLLM imported (about 1.8 s on 2 cores, measured on a process that only imported
-    vLLM) and, in-process, vLLM's own teardown of memory it is about to lose anyway (about 0.9 s). Nothing
-    else is left to release: the transport buffers belong to the learner."""
+    """End the engine child: vLLM's worker processes stopped (when it has any), ``conn`` answered, then
+    ``lifetime.exit_now``. The learner's ``close`` waits for this process, and a normal exit would first tear
+    down every module vLLM imported (about 1.8 s on 2 cores, measured on a process that only imported vLLM)
+    and, in-process, vLLM's own teardown of memory it is about to lose anyway (about 0.9 s). Nothing else is
+    left to release: the transport buffers belong to the learner."""
     if engine is not None and not engine.inproc_worker:
         engine.shutdown()
     if conn is not None:
@@ -443,13 +442,7 @@ def _exit_now(engine: Optional[VLLMEngine] = None, conn=None) -> None:
     run_finalizers = getattr(multiprocessing_util, "_run_finalizers", None)
     if run_finalizers is not None:
         run_finalizers(0)
-    logging.shutdown()  # flushes every handler (vLLM's loggers have their own)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(0)
+    exit_now(0)
 
 
 def _child_stream_update(engine: VLLMEngine, receiver: StreamReceiver, profile: bool):
