@@ -32,6 +32,14 @@ void check_logprob_args(const at::Tensor& hidden, const at::Tensor& weight, cons
 
 namespace {
 
+void check_block_args(const at::Tensor& z, const at::Tensor& target) {
+  TORCH_CHECK(z.dim() == 2 && target.dim() == 1 && z.size(0) == target.size(0),
+              "fused_logprob block: expected logits [T, V] and target [T]; got ", z.sizes(), ", ", target.sizes());
+  TORCH_CHECK(z.is_contiguous() && (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble),
+              "fused_logprob block: logits must be contiguous float32 or float64, got ", z.scalar_type());
+  TORCH_CHECK(target.scalar_type() == at::kLong, "fused_logprob block: target must be int64");
+}
+
 // exp for float that GCC vectorises (std::exp stays a scalar libm call): Cody-Waite range
 // reduction x = n ln2 + r and Cephes' degree-6 polynomial for e^r; about 2 ulp, inputs clamped to
 // the finite range (the softmax only ever evaluates exp(z - max) <= 1).
@@ -144,6 +152,40 @@ std::tuple<at::Tensor, at::Tensor> fused_logprob_backward_cpu(
   return grads;
 }
 
+// The whole op as one block whose logits the caller computed and keeps (CPU, a block no larger than the
+// chunks): the same statistics and in-place gradient as the two ops above, without recomputing the block.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_logprob_block_stats_cpu(const at::Tensor& z,
+                                                                                        const at::Tensor& target,
+                                                                                        int64_t vocab_start) {
+  check_block_args(z, target);
+  const at::Tensor tgt = target.contiguous();
+  auto opts = z.options();
+  at::Tensor m = at::full({z.size(0)}, -std::numeric_limits<double>::infinity(), opts), s = at::zeros({z.size(0)}, opts),
+             u = at::zeros({z.size(0)}, opts), t = at::zeros({z.size(0)}, opts);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fused_logprob_block_stats_cpu", [&] {
+    update_stats<scalar_t>(z, tgt.data_ptr<int64_t>(), vocab_start, m.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
+                           u.data_ptr<scalar_t>(), t.data_ptr<scalar_t>());
+  });
+  return {m, s, u, t};
+}
+
+void fused_logprob_block_grad_cpu(const at::Tensor& z_inout, const at::Tensor& target, int64_t vocab_start,
+                                  const at::Tensor& log_z_in, const at::Tensor& entropy_in,
+                                  const at::Tensor& grad_logp_in, const at::Tensor& grad_entropy_in,
+                                  double temperature) {
+  at::Tensor z = z_inout;  // the same tensor: its logits become dL/dz in place
+  check_block_args(z, target);
+  TORCH_CHECK(temperature > 0, "fused_logprob_block_grad_: temperature must be > 0");
+  const auto acc = z.scalar_type();
+  const at::Tensor tgt = target.contiguous();
+  const at::Tensor log_z = log_z_in.to(acc).contiguous(), ent = entropy_in.to(acc).contiguous();
+  const at::Tensor g_lp = grad_logp_in.to(acc).contiguous(), g_h = grad_entropy_in.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc, "fused_logprob_block_grad_cpu", [&] {
+    block_grad<scalar_t>(z, tgt.data_ptr<int64_t>(), vocab_start, log_z.data_ptr<scalar_t>(), ent.data_ptr<scalar_t>(),
+                         g_lp.data_ptr<scalar_t>(), g_h.data_ptr<scalar_t>(), static_cast<scalar_t>(1.0 / temperature));
+  });
+}
+
 // ---- blockwise FP8 (e4m3, block x block scales) -------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> fp8_blockwise_quantize_cpu(const at::Tensor& x_in, int64_t block) {
@@ -205,6 +247,9 @@ TORCH_LIBRARY(r1mega, m) {
   m.def("fused_logprob_backward(Tensor hidden, Tensor weight, Tensor target, int vocab_start, Tensor log_z, "
         "Tensor entropy, Tensor grad_logp, Tensor grad_entropy, float temperature, int token_chunk, "
         "int vocab_chunk) -> (Tensor, Tensor)");
+  m.def("fused_logprob_block_stats(Tensor z, Tensor target, int vocab_start) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("fused_logprob_block_grad_(Tensor(a!) z, Tensor target, int vocab_start, Tensor log_z, Tensor entropy, "
+        "Tensor grad_logp, Tensor grad_entropy, float temperature) -> ()");
   m.def("fp8_blockwise_quantize(Tensor x, int block) -> (Tensor, Tensor)");
   m.def("fp8_blockwise_dequantize(Tensor q, Tensor scale_inv, int block, ScalarType out_dtype) -> Tensor");
 }
@@ -212,6 +257,8 @@ TORCH_LIBRARY(r1mega, m) {
 TORCH_LIBRARY_IMPL(r1mega, CPU, m) {
   m.impl("fused_logprob_forward", &r1mega::fused_logprob_forward_cpu);
   m.impl("fused_logprob_backward", &r1mega::fused_logprob_backward_cpu);
+  m.impl("fused_logprob_block_stats", &r1mega::fused_logprob_block_stats_cpu);
+  m.impl("fused_logprob_block_grad_", &r1mega::fused_logprob_block_grad_cpu);
   m.impl("fp8_blockwise_quantize", &r1mega::fp8_blockwise_quantize_cpu);
   m.impl("fp8_blockwise_dequantize", &r1mega::fp8_blockwise_dequantize_cpu);
 }

@@ -83,6 +83,38 @@ def test_cpu_op_tiles_the_vocabulary():
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_a_single_block_kept_for_backward_gives_the_recomputed_values_bit_for_bit(dtype, temperature):
+    """One block (tokens <= token_chunk, vocabulary <= vocab_chunk: the demo's 512): the forward keeps its
+    logits and the backward turns them into the gradient, one GEMM fewer. The forward equals the op's without
+    a gradient, and the gradients equal a second backward's, which recomputes the block, bit for bit."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from r1mega.kernels.fused_logprob import fused_logprob_and_entropy
+
+    hidden, weight, target, g = _case(37, 16, 100, dtype)
+    target = target % 90
+    shard = VocabShard(0, 100, None, 90)  # padded vocabulary rows too
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        lp, ent = fused_logprob_and_entropy(h, w, target, shard, 90, temperature)
+        loss = (lp * g[0].to(lp.dtype) + ent * g[1].to(ent.dtype)).sum()
+        kept = torch.autograd.grad(loss, (h, w), retain_graph=True)
+    ops = {e.name for e in prof.events()}
+    assert {"r1mega::fused_logprob_block_stats", "r1mega::fused_logprob_block_grad_"} <= ops
+    assert not {"r1mega::fused_logprob_forward", "r1mega::fused_logprob_backward"} & ops
+    recomputed = torch.autograd.grad(loss, (h, w))
+    for a, b in zip(kept, recomputed):
+        assert torch.equal(a, b)
+    assert kept[1][90:].abs().max() == 0
+    with torch.no_grad():
+        lp0, ent0 = fused_logprob_and_entropy(hidden, weight, target, shard, 90, temperature)
+    assert torch.equal(lp.detach(), lp0) and torch.equal(ent.detach(), ent0)
+    with pytest.raises(RuntimeError, match="logits must be contiguous"):
+        torch.ops.r1mega.fused_logprob_block_stats(torch.zeros(4, 6).t(), torch.zeros(6, dtype=torch.long), 0)
+
+
 def test_cpu_op_float32_and_bfloat16_agree_with_torch_fallback():
     hidden, weight, target, g = _case(64, 32, 500, torch.float32)
     shard = VocabShard(0, 500)
