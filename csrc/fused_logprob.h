@@ -85,20 +85,25 @@ void for_each_logit_block(const LogprobInputs& in, double temperature, int64_t t
 }
 
 // Backward driver: for each block, grad_block(z, t0, rows, v0) turns z into dL/dz in place, then the
-// two GEMMs accumulate dL/dhidden and dL/dweight in the statistics dtype.
+// two GEMMs accumulate dL/dhidden and dL/dweight in the statistics dtype. ``kept``: the whole call's one
+// block of logits, kept by the forward (CPU), used instead of recomputing it.
 template <typename GradBlock>
 std::tuple<at::Tensor, at::Tensor> logprob_backward_driver(const LogprobInputs& in, double temperature,
                                                            int64_t token_chunk, int64_t vocab_chunk,
-                                                           GradBlock&& grad_block) {
+                                                           GradBlock&& grad_block, at::Tensor* kept = nullptr) {
   at::Tensor grad_hidden = at::zeros({in.tokens, in.hidden.size(1)}, in.hidden.options().dtype(in.acc));
   at::Tensor grad_weight = at::zeros({in.vocab, in.weight.size(1)}, in.weight.options().dtype(in.acc));
-  for_each_logit_block(in, temperature, token_chunk, vocab_chunk,
-                       [&](at::Tensor& z, int64_t t0, int64_t rows, int64_t v0, const at::Tensor& w,
-                           const at::Tensor& h) {
-                         grad_block(z, t0, rows, v0);
-                         grad_hidden.narrow(0, t0, rows).addmm_(z, w.to(in.acc));
-                         grad_weight.narrow(0, v0, w.size(0)).addmm_(z.t(), h.to(in.acc));
-                       });
+  auto one_block = [&](at::Tensor& z, int64_t t0, int64_t rows, int64_t v0, const at::Tensor& w,
+                       const at::Tensor& h) {
+    grad_block(z, t0, rows, v0);
+    grad_hidden.narrow(0, t0, rows).addmm_(z, w.to(in.acc));
+    grad_weight.narrow(0, v0, w.size(0)).addmm_(z.t(), h.to(in.acc));
+  };
+  if (kept != nullptr) {
+    one_block(*kept, 0, in.tokens, 0, in.weight, in.hidden);
+  } else {
+    for_each_logit_block(in, temperature, token_chunk, vocab_chunk, one_block);
+  }
   return {grad_hidden, grad_weight};
 }
 

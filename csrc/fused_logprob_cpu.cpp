@@ -32,14 +32,6 @@ void check_logprob_args(const at::Tensor& hidden, const at::Tensor& weight, cons
 
 namespace {
 
-void check_block_args(const at::Tensor& z, const at::Tensor& target) {
-  TORCH_CHECK(z.dim() == 2 && target.dim() == 1 && z.size(0) == target.size(0),
-              "fused_logprob block: expected logits [T, V] and target [T]; got ", z.sizes(), ", ", target.sizes());
-  TORCH_CHECK(z.is_contiguous() && (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble),
-              "fused_logprob block: logits must be contiguous float32 or float64, got ", z.scalar_type());
-  TORCH_CHECK(target.scalar_type() == at::kLong, "fused_logprob block: target must be int64");
-}
-
 // exp for float that GCC vectorises (std::exp stays a scalar libm call): Cody-Waite range
 // reduction x = n ln2 + r and Cephes' degree-6 polynomial for e^r; about 2 ulp, inputs clamped to
 // the finite range (the softmax only ever evaluates exp(z - max) <= 1).
@@ -111,12 +103,11 @@ void block_grad(at::Tensor& z, const int64_t* tgt, int64_t col0, const acc_t* lo
   });
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_logprob_forward_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target, int64_t vocab_start,
-    double temperature, int64_t token_chunk, int64_t vocab_chunk) {
-  const LogprobInputs in = prepare_logprob_inputs(hidden, weight, target, temperature, token_chunk, vocab_chunk);
+// The statistics of every block (forward); ``keep``: receives the last block of logits (the only one when the
+// chunks cover the whole call).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprob_stats(const LogprobInputs& in, int64_t vocab_start,
+                                                                         double temperature, int64_t token_chunk,
+                                                                         int64_t vocab_chunk, at::Tensor* keep) {
   at::Tensor m, s, u, t;  // not a structured binding: lambdas capture those only from C++20
   std::tie(m, s, u, t) = empty_stats(in);
   AT_DISPATCH_FLOATING_TYPES(in.acc, "fused_logprob_forward_cpu", [&] {
@@ -125,16 +116,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_logprob_forward
                            update_stats<scalar_t>(z, in.target.data_ptr<int64_t>() + t0, vocab_start + v0,
                                                   m.data_ptr<scalar_t>() + t0, s.data_ptr<scalar_t>() + t0,
                                                   u.data_ptr<scalar_t>() + t0, t.data_ptr<scalar_t>() + t0);
+                           if (keep != nullptr) *keep = z;
                          });
   });
   return {m, s, u, t};
 }
 
-std::tuple<at::Tensor, at::Tensor> fused_logprob_backward_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target, int64_t vocab_start,
-    const at::Tensor& log_z_in, const at::Tensor& entropy_in, const at::Tensor& grad_logp_in,
-    const at::Tensor& grad_entropy_in, double temperature, int64_t token_chunk, int64_t vocab_chunk) {
-  const LogprobInputs in = prepare_logprob_inputs(hidden, weight, target, temperature, token_chunk, vocab_chunk);
+// dL/dhidden and dL/dweight (backward), from the recomputed blocks or the ``kept`` one.
+std::tuple<at::Tensor, at::Tensor> logprob_grads(const LogprobInputs& in, int64_t vocab_start,
+                                                 const at::Tensor& log_z_in, const at::Tensor& entropy_in,
+                                                 const at::Tensor& grad_logp_in, const at::Tensor& grad_entropy_in,
+                                                 double temperature, int64_t token_chunk, int64_t vocab_chunk,
+                                                 at::Tensor* kept) {
   const at::Tensor log_z = log_z_in.to(in.acc).contiguous(), ent = entropy_in.to(in.acc).contiguous();
   const at::Tensor g_lp = grad_logp_in.to(in.acc).contiguous(), g_h = grad_entropy_in.to(in.acc).contiguous();
   std::tuple<at::Tensor, at::Tensor> grads;
@@ -147,43 +140,55 @@ std::tuple<at::Tensor, at::Tensor> fused_logprob_backward_cpu(
                                                            ent.data_ptr<scalar_t>() + t0,
                                                            g_lp.data_ptr<scalar_t>() + t0,
                                                            g_h.data_ptr<scalar_t>() + t0, inv_temp);
-                                    });
+                                    },
+                                    kept);
   });
   return grads;
 }
 
-// The whole op as one block whose logits the caller computed and keeps (CPU, a block no larger than the
-// chunks): the same statistics and in-place gradient as the two ops above, without recomputing the block.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_logprob_block_stats_cpu(const at::Tensor& z,
-                                                                                        const at::Tensor& target,
-                                                                                        int64_t vocab_start) {
-  check_block_args(z, target);
-  const at::Tensor tgt = target.contiguous();
-  auto opts = z.options();
-  at::Tensor m = at::full({z.size(0)}, -std::numeric_limits<double>::infinity(), opts), s = at::zeros({z.size(0)}, opts),
-             u = at::zeros({z.size(0)}, opts), t = at::zeros({z.size(0)}, opts);
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fused_logprob_block_stats_cpu", [&] {
-    update_stats<scalar_t>(z, tgt.data_ptr<int64_t>(), vocab_start, m.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
-                           u.data_ptr<scalar_t>(), t.data_ptr<scalar_t>());
-  });
-  return {m, s, u, t};
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_logprob_forward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target, int64_t vocab_start,
+    double temperature, int64_t token_chunk, int64_t vocab_chunk) {
+  const LogprobInputs in = prepare_logprob_inputs(hidden, weight, target, temperature, token_chunk, vocab_chunk);
+  return logprob_stats(in, vocab_start, temperature, token_chunk, vocab_chunk, nullptr);
 }
 
-void fused_logprob_block_grad_cpu(const at::Tensor& z_inout, const at::Tensor& target, int64_t vocab_start,
-                                  const at::Tensor& log_z_in, const at::Tensor& entropy_in,
-                                  const at::Tensor& grad_logp_in, const at::Tensor& grad_entropy_in,
-                                  double temperature) {
-  at::Tensor z = z_inout;  // the same tensor: its logits become dL/dz in place
-  check_block_args(z, target);
-  TORCH_CHECK(temperature > 0, "fused_logprob_block_grad_: temperature must be > 0");
-  const auto acc = z.scalar_type();
-  const at::Tensor tgt = target.contiguous();
-  const at::Tensor log_z = log_z_in.to(acc).contiguous(), ent = entropy_in.to(acc).contiguous();
-  const at::Tensor g_lp = grad_logp_in.to(acc).contiguous(), g_h = grad_entropy_in.to(acc).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(acc, "fused_logprob_block_grad_cpu", [&] {
-    block_grad<scalar_t>(z, tgt.data_ptr<int64_t>(), vocab_start, log_z.data_ptr<scalar_t>(), ent.data_ptr<scalar_t>(),
-                         g_lp.data_ptr<scalar_t>(), g_h.data_ptr<scalar_t>(), static_cast<scalar_t>(1.0 / temperature));
-  });
+std::tuple<at::Tensor, at::Tensor> fused_logprob_backward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target, int64_t vocab_start,
+    const at::Tensor& log_z_in, const at::Tensor& entropy_in, const at::Tensor& grad_logp_in,
+    const at::Tensor& grad_entropy_in, double temperature, int64_t token_chunk, int64_t vocab_chunk) {
+  const LogprobInputs in = prepare_logprob_inputs(hidden, weight, target, temperature, token_chunk, vocab_chunk);
+  return logprob_grads(in, vocab_start, log_z_in, entropy_in, grad_logp_in, grad_entropy_in, temperature,
+                       token_chunk, vocab_chunk, nullptr);
+}
+
+// The two ops above as one block covering the whole call, whose logits the forward returns for the caller to
+// keep and hand to the backward instead of recomputing them (CPU; the same code, so the same values).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_logprob_block_forward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target, int64_t vocab_start,
+    double temperature) {
+  const LogprobInputs in = prepare_logprob_inputs(hidden, weight, target, temperature, 1, 1);
+  TORCH_CHECK(in.tokens > 0 && in.vocab > 0, "fused_logprob_block_forward: needs tokens and vocabulary rows, got ",
+              in.tokens, " and ", in.vocab);
+  at::Tensor block;
+  auto stats = logprob_stats(in, vocab_start, temperature, in.tokens, in.vocab, &block);
+  return {std::get<0>(stats), std::get<1>(stats), std::get<2>(stats), std::get<3>(stats), block};
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_logprob_block_backward_cpu(
+    const at::Tensor& block_in, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+    int64_t vocab_start, const at::Tensor& log_z, const at::Tensor& entropy, const at::Tensor& grad_logp,
+    const at::Tensor& grad_entropy, double temperature) {
+  const LogprobInputs in = prepare_logprob_inputs(hidden, weight, target, temperature, 1, 1);
+  at::Tensor block = block_in;  // the same tensor: its logits become dL/dz in place
+  TORCH_CHECK(block.dim() == 2 && block.size(0) == in.tokens && block.size(1) == in.vocab && block.is_contiguous() &&
+                  block.scalar_type() == in.acc,
+              "fused_logprob_block_backward: expected the forward's contiguous ", in.acc, " block [", in.tokens, ", ",
+              in.vocab, "], got ", block.scalar_type(), " ", block.sizes());
+  return logprob_grads(in, vocab_start, log_z, entropy, grad_logp, grad_entropy, temperature, in.tokens, in.vocab,
+                       &block);
 }
 
 // ---- blockwise FP8 (e4m3, block x block scales) -------------------------------------------------
@@ -247,9 +252,10 @@ TORCH_LIBRARY(r1mega, m) {
   m.def("fused_logprob_backward(Tensor hidden, Tensor weight, Tensor target, int vocab_start, Tensor log_z, "
         "Tensor entropy, Tensor grad_logp, Tensor grad_entropy, float temperature, int token_chunk, "
         "int vocab_chunk) -> (Tensor, Tensor)");
-  m.def("fused_logprob_block_stats(Tensor z, Tensor target, int vocab_start) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("fused_logprob_block_grad_(Tensor(a!) z, Tensor target, int vocab_start, Tensor log_z, Tensor entropy, "
-        "Tensor grad_logp, Tensor grad_entropy, float temperature) -> ()");
+  m.def("fused_logprob_block_forward(Tensor hidden, Tensor weight, Tensor target, int vocab_start, float temperature) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("fused_logprob_block_backward(Tensor(a!) block, Tensor hidden, Tensor weight, Tensor target, int vocab_start, "
+        "Tensor log_z, Tensor entropy, Tensor grad_logp, Tensor grad_entropy, float temperature) -> (Tensor, Tensor)");
   m.def("fp8_blockwise_quantize(Tensor x, int block) -> (Tensor, Tensor)");
   m.def("fp8_blockwise_dequantize(Tensor q, Tensor scale_inv, int block, ScalarType out_dtype) -> Tensor");
 }
@@ -257,8 +263,8 @@ TORCH_LIBRARY(r1mega, m) {
 TORCH_LIBRARY_IMPL(r1mega, CPU, m) {
   m.impl("fused_logprob_forward", &r1mega::fused_logprob_forward_cpu);
   m.impl("fused_logprob_backward", &r1mega::fused_logprob_backward_cpu);
-  m.impl("fused_logprob_block_stats", &r1mega::fused_logprob_block_stats_cpu);
-  m.impl("fused_logprob_block_grad_", &r1mega::fused_logprob_block_grad_cpu);
+  m.impl("fused_logprob_block_forward", &r1mega::fused_logprob_block_forward_cpu);
+  m.impl("fused_logprob_block_backward", &r1mega::fused_logprob_block_backward_cpu);
   m.impl("fp8_blockwise_quantize", &r1mega::fp8_blockwise_quantize_cpu);
   m.impl("fp8_blockwise_dequantize", &r1mega::fp8_blockwise_dequantize_cpu);
 }

@@ -102,7 +102,7 @@ def test_a_single_block_kept_for_backward_gives_the_recomputed_values_bit_for_bi
         loss = (lp * g[0].to(lp.dtype) + ent * g[1].to(ent.dtype)).sum()
         kept = torch.autograd.grad(loss, (h, w), retain_graph=True)
     ops = {e.name for e in prof.events()}
-    assert {"r1mega::fused_logprob_block_stats", "r1mega::fused_logprob_block_grad_"} <= ops
+    assert {"r1mega::fused_logprob_block_forward", "r1mega::fused_logprob_block_backward"} <= ops
     assert not {"r1mega::fused_logprob_forward", "r1mega::fused_logprob_backward"} & ops
     recomputed = torch.autograd.grad(loss, (h, w))
     for a, b in zip(kept, recomputed):
@@ -111,8 +111,9 @@ def test_a_single_block_kept_for_backward_gives_the_recomputed_values_bit_for_bi
     with torch.no_grad():
         lp0, ent0 = fused_logprob_and_entropy(hidden, weight, target, shard, 90, temperature)
     assert torch.equal(lp.detach(), lp0) and torch.equal(ent.detach(), ent0)
-    with pytest.raises(RuntimeError, match="logits must be contiguous"):
-        torch.ops.r1mega.fused_logprob_block_stats(torch.zeros(4, 6).t(), torch.zeros(6, dtype=torch.long), 0)
+    with pytest.raises(RuntimeError, match="expected the forward's contiguous"):
+        torch.ops.r1mega.fused_logprob_block_backward(torch.zeros(100, 37, dtype=dtype).t(), hidden, weight, target, 0,
+                                                     *(torch.zeros(37, dtype=dtype),) * 4, 1.0)
 
 
 def test_cpu_op_float32_and_bfloat16_agree_with_torch_fallback():

@@ -28,31 +28,22 @@ def _combine(shard, m, s, u, t):
     return target_logit - log_z, log_z - p_dot_z, log_z
 
 
-def _one_block(hidden: torch.Tensor, w: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The op's only block of logits, computed as its CPU driver computes it (``for_each_logit_block``)."""
-    w = w.contiguous()
-    z = torch.mm(hidden.to(w.dtype).contiguous(), w.t())
-    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-    z = z if z.dtype == acc else z.to(acc)
-    return z.div_(temperature) if temperature != 1.0 else z
-
-
 class FusedLogprobEntropy(torch.autograd.Function):
     """On CPU, when the whole op is one block (tokens <= ``token_chunk``, shard vocabulary <= ``vocab_chunk``:
     small vocabularies such as the demo's 512) and a gradient will flow, the block of logits is kept from the
-    forward for the backward instead of being recomputed: one GEMM fewer per micro-batch, the same values bit
-    for bit (the same GEMM on the same inputs, the same statistics and gradient code), and no more memory than
-    one block, which the recomputing backward allocates anyway."""
+    forward for the backward instead of being recomputed (``fused_logprob_block_forward/backward``: the C++
+    ops' own driver over that one block): one GEMM fewer per micro-batch, the same values bit for bit, and
+    no more memory than one block, which the recomputing backward allocates anyway."""
 
     @staticmethod
     def forward(ctx, hidden, weight, valid_rows: int, target, shard, temperature: float, token_chunk: int,
                 vocab_chunk: int):
         w = weight[:valid_rows]
         ctx.block = None
-        if (hidden.device.type == "cpu" and temperature > 0 and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-                and hidden.size(0) <= token_chunk and valid_rows <= vocab_chunk):
-            ctx.block = _one_block(hidden, w, temperature)
-            m, s, u, t = torch.ops.r1mega.fused_logprob_block_stats(ctx.block, target, shard.start)
+        if (hidden.device.type == "cpu" and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+                and 0 < hidden.size(0) <= token_chunk and 0 < valid_rows <= vocab_chunk):
+            m, s, u, t, ctx.block = torch.ops.r1mega.fused_logprob_block_forward(hidden, w, target, shard.start,
+                                                                                 temperature)
         else:
             m, s, u, t = torch.ops.r1mega.fused_logprob_forward(hidden, w, target, shard.start, temperature,
                                                                  token_chunk, vocab_chunk)
@@ -68,13 +59,9 @@ class FusedLogprobEntropy(torch.autograd.Function):
         valid_rows, start, temperature, token_chunk, vocab_chunk = ctx.settings
         z, ctx.block = ctx.block, None  # turned into dL/dz in place: a second backward recomputes
         if z is not None:
-            torch.ops.r1mega.fused_logprob_block_grad_(z, target, start, log_z, entropy, grad_logp.contiguous(),
-                                                       grad_entropy.contiguous(), temperature)
-            w = weight[:valid_rows].contiguous()
-            h = hidden.to(w.dtype).contiguous()
-            # the CPU driver's two GEMMs (logprob_backward_driver), accumulated into zeros as there
-            grad_hidden = torch.zeros(h.shape, dtype=z.dtype).addmm_(z, w.to(z.dtype))
-            grad_w = torch.zeros(w.shape, dtype=z.dtype).addmm_(z.t(), h.to(z.dtype))
+            grad_hidden, grad_w = torch.ops.r1mega.fused_logprob_block_backward(
+                z, hidden, weight[:valid_rows], target, start, log_z, entropy, grad_logp.contiguous(),
+                grad_entropy.contiguous(), temperature)
         else:
             grad_hidden, grad_w = torch.ops.r1mega.fused_logprob_backward(
                 hidden, weight[:valid_rows], target, start, log_z, entropy, grad_logp.contiguous(),
